@@ -1,0 +1,1 @@
+"""shopguide's ML steps: plain, typed Python that never imports Airflow."""

