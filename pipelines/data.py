@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,7 @@ def simulate_events(
     rng = np.random.default_rng(seed)
     by_term = {t: g for t, g in judgments.groupby(judgments["search_term"].map(normalize_term), sort=True)}
     terms = list(by_term)
-    end = end.astimezone(timezone.utc)
+    end = end.astimezone(UTC)
     span = timedelta(days=days).total_seconds()
     rows: list[tuple[int, int, str, float, str]] = []
     for user in range(1, n_users + 1):

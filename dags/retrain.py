@@ -1,0 +1,125 @@
+"""Retrain: snapshot -> validate -> fine-tune -> export -> index -> evaluate -> gate -> register -> promote."""
+
+from __future__ import annotations
+
+import pendulum
+from airflow.sdk import (
+    AssetOrTimeSchedule,
+    CronTriggerTimetable,
+    Param,
+    dag,
+    get_current_context,
+    task,
+)
+
+from dags.assets import USER_EVENTS
+
+PARAMS = {
+    "profile": Param("default", type="string", enum=["default", "tiny"],
+                     description="Config profile (configs/<profile>.yaml) every other value starts from."),
+    "max_steps": Param(None, type=["null", "integer"], minimum=0, maximum=100_000,
+                       description="Contrastive training steps; empty = the profile's value; 0 = base model."),
+    "auto_promote": Param(None, type=["null", "boolean"],
+                          description="Move @champion when the gate passes; empty = the profile's value."),
+    "min_ndcg_at_10": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                            description="Gate floor on held-out nDCG@10; empty = the profile's value."),
+    "min_category_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                                   description="Gate floor on held-out category accuracy."),
+    "max_regression": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                            description="Allowed drop vs the champion on each quality metric."),
+}
+
+
+def _run() -> tuple[dict, str, str, dict]:
+    """(params, run key, as-of time, lineage tags) of the running DAG run: every path and record is keyed to it."""
+    ctx = get_current_context()
+    dag_run = ctx["dag_run"]
+    as_of = ctx.get("logical_date") or dag_run.run_after
+    lineage = {"airflow_dag_id": dag_run.dag_id, "airflow_run_id": dag_run.run_id}
+    return dict(ctx["params"]), f"{dag_run.dag_id}__{dag_run.run_id}", as_of.isoformat(), lineage
+
+
+@dag(
+    dag_id="shopguide_retrain",
+    # weekly, and whenever the features DAG lands a new event log
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[USER_EVENTS]),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    params=PARAMS,
+    tags=["shopguide", "training"],
+    doc_md=__doc__,
+)
+def shopguide_retrain():
+    @task
+    def snapshot() -> dict:
+        from pipelines.retrain import snapshot
+
+        params, run_key, as_of, lineage = _run()
+        return snapshot(params, run_key, as_of, lineage)
+
+    @task
+    def validate(snap: dict) -> dict:
+        from pipelines.retrain import validate
+
+        return validate(snap)
+
+    @task
+    def finetune(snap: dict, validated: dict) -> dict:
+        from pipelines.retrain import finetune
+
+        return finetune(_run()[0], snap)
+
+    @task
+    def export_onnx(snap: dict, trained: dict) -> dict:
+        from pipelines.retrain import export
+
+        return export(_run()[0], snap, trained)
+
+    @task
+    def build_index(snap: dict, exported: dict) -> dict:
+        from pipelines.retrain import build_index
+
+        return build_index(snap, exported)
+
+    @task
+    def evaluate(snap: dict, exported: dict, indexed: dict) -> dict:
+        from pipelines.retrain import evaluate
+
+        return evaluate(_run()[0], snap, exported)
+
+    @task
+    def gate(snap: dict, report: dict) -> dict:
+        from pipelines.retrain import gate
+
+        return gate(_run()[0], snap, report)
+
+    @task
+    def register(snap: dict, exported: dict, report: dict, decision: dict) -> dict:
+        from pipelines.retrain import register
+
+        params, run_key, _, lineage = _run()
+        return register(params, snap, exported, report, decision, lineage, run_key)
+
+    @task
+    def promote(snap: dict, registered: dict, decision: dict) -> dict:
+        from pipelines.retrain import promote
+
+        return promote(_run()[0], snap, registered, decision)
+
+    @task
+    def conclude(decision: dict, outcome: dict) -> dict:
+        from pipelines.retrain import conclude
+
+        return conclude(decision, outcome)
+
+    snap = snapshot()
+    trained = finetune(snap, validate(snap))
+    exported = export_onnx(snap, trained)
+    report = evaluate(snap, exported, build_index(snap, exported))
+    decision = gate(snap, report)
+    registered = register(snap, exported, report, decision)
+    conclude(decision, promote(snap, registered, decision))
+
+
+shopguide_retrain()

@@ -1,0 +1,87 @@
+"""Feast objects for shopguide: user and product entities, their activity views and the versioned feature services."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.types import Array, Float32, Int64
+
+# Same rule as pipelines.config.Paths.from_env; repeated here because `feast apply` imports this file on its own.
+SHOPGUIDE_HOME = Path(os.environ.get("SHOPGUIDE_HOME", Path(__file__).resolve().parents[1] / ".shopguide")).resolve()
+OFFLINE_DATA = SHOPGUIDE_HOME / "feast" / "data"
+
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.INT64,
+    description="A shopper (simulated in the event log: the real data has no users).",
+)
+
+product = Entity(
+    name="product",
+    join_keys=["product_id"],
+    value_type=ValueType.INT64,
+    description="A catalog product (Home Depot product_uid).",
+)
+
+user_activity_source = FileSource(
+    name="user_activity_source",
+    path=str(OFFLINE_DATA / "user_activity.parquet"),
+    timestamp_field="event_timestamp",
+    description="Daily point-in-time snapshots of per-user activity, built by pipelines.features.",
+)
+
+product_popularity_source = FileSource(
+    name="product_popularity_source",
+    path=str(OFFLINE_DATA / "product_popularity.parquet"),
+    timestamp_field="event_timestamp",
+    description="Daily point-in-time snapshots of per-product popularity, built by pipelines.features.",
+)
+
+user_activity = FeatureView(
+    name="user_activity",
+    entities=[user],
+    # A user idle for longer than a month carries no useful intent for personalisation.
+    ttl=timedelta(days=30),
+    schema=[
+        Field(name="events_7d", dtype=Int64, description="Events in the 7 days up to the row time."),
+        Field(name="clicks_7d", dtype=Int64, description="Clicks in the 7 days up to the row time."),
+        Field(name="purchases_30d", dtype=Int64, description="Purchases in the 30 days up to the row time."),
+        Field(name="events_30d", dtype=Int64, description="Events in the 30 days up to the row time."),
+        Field(name="last_event_ts", dtype=Int64, description="Unix seconds of the user's newest event."),
+        Field(name="recent_products", dtype=Array(Int64), description="Last distinct products, most recent first."),
+    ],
+    online=True,
+    source=user_activity_source,
+    tags={"owner": "shopguide", "simulated": "true"},
+)
+
+product_popularity = FeatureView(
+    name="product_popularity",
+    entities=[product],
+    ttl=timedelta(days=30),
+    schema=[
+        Field(name="views_30d", dtype=Int64, description="Views in the 30 days up to the row time."),
+        Field(name="clicks_30d", dtype=Int64, description="Clicks in the 30 days up to the row time."),
+        Field(name="ctr", dtype=Float32, description="clicks_30d / views_30d (0 without views)."),
+    ],
+    online=True,
+    source=product_popularity_source,
+    tags={"owner": "shopguide", "simulated": "true"},
+)
+
+# Versioned feature lists: serving asks for a service by name, never for loose feature references.
+search_v1 = FeatureService(
+    name="search_v1",
+    features=[user_activity],
+    description="User features that personalise search and recommendations.",
+)
+
+product_v1 = FeatureService(
+    name="product_v1",
+    features=[product_popularity],
+    description="Product popularity features.",
+)

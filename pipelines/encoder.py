@@ -1,0 +1,93 @@
+"""The served encoder: `tokenizers` + an ONNX Runtime session over a model bundle; no torch, shared by eval and serving."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+# The files of a self-contained model bundle (one registered version).
+ONNX_FILE = "model.onnx"
+TOKENIZER_FILE = "tokenizer.json"
+LABELS_FILE = "labels.json"
+ENCODER_FILE = "encoder.json"
+
+
+def session_options(threads: int = 0):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.intra_op_num_threads = threads  # 0 = one per physical core
+    opts.inter_op_num_threads = 1
+    return opts
+
+
+def load_tokenizer(path: str | Path, max_length: int):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.enable_truncation(max_length=max_length)
+    tok.enable_padding(pad_id=0, pad_token="[PAD]")  # pads each batch to its longest text
+    return tok
+
+
+@dataclass
+class OnnxEncoder:
+    """Encodes texts to (L2-normalised embedding, category logits) with the bundle's ONNX graph."""
+
+    session: object
+    tokenizer: object
+    labels: list[str]
+    max_seq_length: int
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, onnx_file: str = ONNX_FILE, threads: int = 0) -> OnnxEncoder:
+        import onnxruntime as ort
+
+        bundle = Path(bundle_dir)
+        meta = json.loads((bundle / ENCODER_FILE).read_text())
+        session = ort.InferenceSession(
+            str(bundle / onnx_file), sess_options=session_options(threads), providers=["CPUExecutionProvider"]
+        )
+        return cls(
+            session=session,
+            tokenizer=load_tokenizer(bundle / TOKENIZER_FILE, meta["max_seq_length"]),
+            labels=json.loads((bundle / LABELS_FILE).read_text()),
+            max_seq_length=meta["max_seq_length"],
+        )
+
+    def _run(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encs = self.tokenizer.encode_batch(texts)
+        ids = np.asarray([e.ids for e in encs], dtype=np.int64)
+        mask = np.asarray([e.attention_mask for e in encs], dtype=np.int64)
+        emb, logits = self.session.run(["embedding", "category_logits"], {"input_ids": ids, "attention_mask": mask})
+        return emb, logits
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Batches sorted by length so padding stays small; results come back in input order."""
+        if not texts:
+            return np.zeros((0, 0), np.float32), np.zeros((0, len(self.labels)), np.float32)
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        embs, logits = [], []
+        for start in range(0, len(texts), batch_size):
+            e, lg = self._run([texts[i] for i in order[start : start + batch_size]])
+            embs.append(e)
+            logits.append(lg)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        return np.concatenate(embs)[inverse], np.concatenate(logits)[inverse]
+
+    def query_latency_ms(self, queries: list[str]) -> dict[str, float]:
+        """Batch-1 latency, tokenisation included, after a short warm-up."""
+        for q in queries[:5]:
+            self._run([q])
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            self._run([q])
+            times.append((time.perf_counter() - t0) * 1000)
+        return {"latency_p50_ms": float(np.percentile(times, 50)), "latency_p99_ms": float(np.percentile(times, 99))}

@@ -1,0 +1,399 @@
+"""Point-in-time feature tables from the event log, and the Feast steps: apply, materialize, freshness, retrieval."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+import yaml
+
+from pipelines.config import FEATURE_REPO, Paths
+
+if TYPE_CHECKING:
+    from feast import FeatureStore, RepoConfig
+
+FEATURE_STORE_YAML = FEATURE_REPO / "feature_store.yaml"
+DEFINITIONS = FEATURE_REPO / "definitions.py"
+USER_VIEW = "user_activity"
+PRODUCT_VIEW = "product_popularity"
+USER_SERVICE = "search_v1"
+PRODUCT_SERVICE = "product_v1"
+VIEWS = (USER_VIEW, PRODUCT_VIEW)
+# The production switch: same code, the online store picked by the environment.
+ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redis"
+REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
+DEFAULT_REDIS = "127.0.0.1:6379"
+EVENT_COLUMNS = ("user_id", "product_id", "event_type", "event_timestamp")
+USER_COLUMNS = ("events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts", "recent_products")
+PRODUCT_COLUMNS = ("views_30d", "clicks_30d", "ctr")
+SHORT_WINDOW = pd.Timedelta(days=7)
+LONG_WINDOW = pd.Timedelta(days=30)
+
+
+def import_feast() -> ModuleType:
+    """Import feast without letting it import torch.
+
+    feast.torch_wrapper imports torch eagerly (only `to_tensor` needs it): ~3 s and ~180 MB that the ONNX-only
+    service never uses. Blocking the name for the duration of the import makes Feast record torch as unavailable;
+    the block is lifted afterwards, so a later `import torch` elsewhere in the process still works.
+    """
+    if "feast" in sys.modules or "torch" in sys.modules:
+        import feast
+
+        return feast
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import feast
+        import feast.feature_store  # noqa: F401  (the heavy submodules, imported while the block holds)
+    finally:
+        if sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+    return feast
+
+
+def offline_paths(paths: Paths) -> dict[str, Path]:
+    """Where each feature view's offline parquet lives; feature_repo/definitions.py points its FileSources here."""
+    return {view: paths.feast_dir / "data" / f"{view}.parquet" for view in VIEWS}
+
+
+def online_store_config() -> dict[str, Any]:
+    """The online store selected by SHOPGUIDE_FEAST_ONLINE_STORE; None means the yaml's SQLite default."""
+    kind = os.environ.get(ONLINE_STORE_ENV, "sqlite").strip().lower() or "sqlite"
+    if kind == "sqlite":
+        return {}
+    if kind == "redis":
+        return {"type": "redis", "connection_string": os.environ.get(REDIS_ENV, DEFAULT_REDIS)}
+    raise ValueError(f"{ONLINE_STORE_ENV}={kind!r}: expected 'sqlite' or 'redis'")
+
+
+def repo_config(paths: Paths) -> RepoConfig:
+    """feature_repo/feature_store.yaml with ${SHOPGUIDE_HOME} set to `paths.home` and the online store switch applied.
+
+    The yaml stays the single description of the store (the `feast` CLI reads it too); here the home comes from the
+    caller instead of the process environment, so one process can drive several homes (tests, CLI --home).
+    """
+    feast = import_feast()
+    text = FEATURE_STORE_YAML.read_text().replace("${SHOPGUIDE_HOME}", str(paths.home))
+    raw = yaml.safe_load(os.path.expandvars(text))
+    online = online_store_config()
+    if online:
+        raw["online_store"] = online
+    config = feast.RepoConfig(**raw)
+    # Relative paths in Feast resolve against repo_path: keep anything relative inside the home, out of the repo.
+    config.repo_path = paths.feast_dir
+    return config
+
+
+def feature_store(paths: Paths) -> FeatureStore:
+    """A FeatureStore on `paths.home` (registry, SQLite online store and offline parquet under home/feast)."""
+    feast = import_feast()
+    (paths.feast_dir / "data").mkdir(parents=True, exist_ok=True)
+    return feast.FeatureStore(config=repo_config(paths))
+
+
+def _as_utc(when: datetime) -> pd.Timestamp:
+    ts = pd.Timestamp(when)
+    if ts.tzinfo is None:
+        raise ValueError(f"{when!r} is naive; feature times must be timezone-aware (UTC)")
+    return ts.tz_convert("UTC")
+
+
+def _check_events(events: pd.DataFrame) -> pd.DataFrame:
+    missing = [c for c in EVENT_COLUMNS if c not in events.columns]
+    if missing:
+        raise ValueError(f"event log lacks columns {missing}")
+    ts = events["event_timestamp"]
+    if not isinstance(ts.dtype, pd.DatetimeTZDtype):
+        raise ValueError(f"event_timestamp must be timezone-aware, got {ts.dtype}")
+    out = events[list(EVENT_COLUMNS)].copy()
+    out["event_timestamp"] = ts.dt.tz_convert("UTC")
+    return out.astype({"user_id": "int64", "product_id": "int64", "event_type": "string"})
+
+
+def snapshot_times(events: pd.DataFrame, as_of: datetime, freq: str = "1D") -> list[pd.Timestamp]:
+    """Feature row times: every `freq` boundary after the first event and before `as_of`, then `as_of` itself."""
+    end = _as_utc(as_of)
+    if events.empty:
+        return [end]
+    first = events["event_timestamp"].min().tz_convert("UTC")
+    grid = pd.date_range(first.floor(freq) + pd.Timedelta(freq), end, freq=freq, inclusive="left")
+    return [*grid, end]
+
+
+def _user_rows(window: pd.DataFrame, at: pd.Timestamp, recent_n: int) -> pd.DataFrame:
+    short = window[window["event_timestamp"] > at - SHORT_WINDOW]
+    by_user = window.groupby("user_id", sort=True)
+    out = pd.DataFrame({
+        "events_30d": by_user.size(),
+        "purchases_30d": (window["event_type"] == "purchase").groupby(window["user_id"]).sum(),
+        "last_event_ts": by_user["event_timestamp"].max(),
+    })
+    out["events_7d"] = short.groupby("user_id").size().reindex(out.index, fill_value=0)
+    out["clicks_7d"] = (short["event_type"] == "click").groupby(short["user_id"]).sum().reindex(out.index, fill_value=0)
+    # Newest first; ties in time keep the log's later row first, so the order is deterministic.
+    newest = window.iloc[::-1].sort_values("event_timestamp", ascending=False, kind="stable")
+    distinct = newest.drop_duplicates(["user_id", "product_id"])
+    recent = distinct.groupby("user_id", sort=False).head(recent_n).groupby("user_id", sort=False)["product_id"]
+    out["recent_products"] = recent.agg(lambda s: [int(v) for v in s]).reindex(out.index)
+    out["last_event_ts"] = out["last_event_ts"].map(lambda t: int(t.timestamp()))
+    out["event_timestamp"] = at
+    return out.reset_index()
+
+
+def _product_rows(window: pd.DataFrame, at: pd.Timestamp) -> pd.DataFrame:
+    kind = window["event_type"]
+    out = pd.DataFrame({
+        "views_30d": (kind == "view").groupby(window["product_id"]).sum(),
+        "clicks_30d": (kind == "click").groupby(window["product_id"]).sum(),
+    })
+    views = out["views_30d"].to_numpy()
+    out["ctr"] = (out["clicks_30d"] / views.clip(min=1)).where(views > 0, 0.0)
+    out["event_timestamp"] = at
+    return out.reset_index()
+
+
+def build_feature_tables(
+    events: pd.DataFrame, as_of: datetime, recent_n: int = 10, freq: str = "1D"
+) -> dict[str, pd.DataFrame]:
+    """Per-user and per-product feature rows, point-in-time correct, as a series of snapshots up to `as_of`.
+
+    A row stamped t is computed only from events with event_timestamp <= t (windows are (t - 7d, t] and
+    (t - 30d, t]), so a historical join that picks the newest row <= an entity's time never sees its future.
+    Rows are emitted at every `freq` boundary and at `as_of`, for the users and products active in the 30-day
+    window; events after `as_of` are ignored, so a run keyed to its own as_of is reproducible.
+    """
+    if recent_n < 1:
+        raise ValueError("recent_n must be >= 1")
+    end = _as_utc(as_of)
+    log = _check_events(events)
+    log = log[log["event_timestamp"] <= end].sort_values("event_timestamp", kind="stable")
+    users, products = [], []
+    for at in snapshot_times(log, end.to_pydatetime(), freq):
+        window = log[(log["event_timestamp"] > at - LONG_WINDOW) & (log["event_timestamp"] <= at)]
+        if window.empty:
+            continue
+        users.append(_user_rows(window, at, recent_n))
+        products.append(_product_rows(window, at))
+    user_table = pd.concat(users, ignore_index=True) if users else pd.DataFrame(columns=["user_id", *USER_COLUMNS])
+    product_table = (
+        pd.concat(products, ignore_index=True) if products else pd.DataFrame(columns=["product_id", *PRODUCT_COLUMNS])
+    )
+    user_table = user_table.astype({c: "int64" for c in ("user_id", *USER_COLUMNS[:-1])})
+    product_table = product_table.astype({"product_id": "int64", "views_30d": "int64", "clicks_30d": "int64",
+                                          "ctr": "float32"})
+    for table in (user_table, product_table):
+        table["event_timestamp"] = pd.to_datetime(table["event_timestamp"], utc=True)
+    return {
+        USER_VIEW: user_table[["user_id", "event_timestamp", *USER_COLUMNS]],
+        PRODUCT_VIEW: product_table[["product_id", "event_timestamp", *PRODUCT_COLUMNS]],
+    }
+
+
+def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[str, str]:
+    """Write each table to its offline parquet (atomically: a reader never sees half a file); returns the paths."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schemas = {
+        USER_VIEW: pa.schema([
+            ("user_id", pa.int64()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            *[(c, pa.int64()) for c in USER_COLUMNS[:-1]], ("recent_products", pa.list_(pa.int64())),
+        ]),
+        PRODUCT_VIEW: pa.schema([
+            ("product_id", pa.int64()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            ("views_30d", pa.int64()), ("clicks_30d", pa.int64()), ("ctr", pa.float32()),
+        ]),
+    }
+    targets = offline_paths(paths)
+    unknown = set(tables) - set(targets)
+    if unknown:
+        raise ValueError(f"no feature view for tables {sorted(unknown)}; known: {sorted(targets)}")
+    written = {}
+    for name, df in tables.items():
+        target = targets[name]
+        target.parent.mkdir(parents=True, exist_ok=True)
+        table = pa.Table.from_pandas(df, schema=schemas[name], preserve_index=False, safe=False)
+        partial = target.with_suffix(".parquet.tmp")
+        pq.write_table(table, partial)
+        os.replace(partial, target)
+        written[name] = str(target)
+    return written
+
+
+@contextmanager
+def _home_env(home: Path) -> Iterator[None]:
+    """definitions.py reads SHOPGUIDE_HOME (as `feast apply` would); point it at `home` while it loads."""
+    previous = os.environ.get("SHOPGUIDE_HOME")
+    os.environ["SHOPGUIDE_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("SHOPGUIDE_HOME", None)
+        else:
+            os.environ["SHOPGUIDE_HOME"] = previous
+
+
+def load_definitions(paths: Paths) -> list[Any]:
+    """The Feast objects declared in feature_repo/definitions.py, with their FileSources under `paths.home`."""
+    feast = import_feast()
+    spec = importlib.util.spec_from_file_location("shopguide_feature_definitions", DEFINITIONS)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    with _home_env(paths.home):
+        spec.loader.exec_module(module)
+    kinds = (feast.Entity, feast.FileSource, feast.FeatureView, feast.FeatureService)
+    objects: list[Any] = []
+    for value in vars(module).values():
+        if isinstance(value, kinds) and not any(value is o for o in objects):
+            objects.append(value)
+    expected = {str(p) for p in offline_paths(paths).values()}
+    sources = {o.path for o in objects if isinstance(o, feast.FileSource)}
+    if sources != expected:
+        raise RuntimeError(f"definitions.py sources {sorted(sources)} differ from {sorted(expected)}")
+    return objects
+
+
+def apply_feature_repo(paths: Paths) -> list[str]:
+    """`feast apply` in code: register the declared objects, drop registered ones no longer declared."""
+    store = feature_store(paths)
+    objects = load_definitions(paths)
+    declared = {(type(o).__name__, o.name) for o in objects}
+    registered = [
+        *store.list_entities(), *store.list_feature_views(), *store.list_feature_services(),
+        *store.list_data_sources(),
+    ]
+    stale = [o for o in registered if (type(o).__name__, o.name) not in declared and o.name != "__dummy"]
+    store.apply(objects, objects_to_delete=stale, partial=False)
+    return [o.name for o in objects]
+
+
+def _source_rows(paths: Paths, view: str, start: datetime | None, end: datetime) -> dict[str, Any]:
+    """Rows, entities and newest row time of a view's offline source within [start, end] (what materialize pushes)."""
+    source = offline_paths(paths)[view]
+    if not source.is_file():
+        return {"rows": 0, "entities": 0, "newest_row": None}
+    key = "user_id" if view == USER_VIEW else "product_id"
+    df = pd.read_parquet(source, columns=[key, "event_timestamp"])
+    ts = df["event_timestamp"]
+    keep = ts <= _as_utc(end)
+    if start is not None:
+        keep &= ts >= _as_utc(start)
+    df = df[keep]
+    newest = df["event_timestamp"].max() if len(df) else None
+    return {"rows": len(df), "entities": int(df[key].nunique()),
+            "newest_row": newest.isoformat() if newest is not None else None}
+
+
+def materialize(paths: Paths, end: datetime) -> dict[str, Any]:
+    """Push the offline rows up to `end` into the online store; returns per view the interval pushed and its rows.
+
+    Views already materialized go through materialize_incremental (from their last end). A view's first run covers
+    (end - ttl, end]: Feast's own first incremental run starts at wall-clock now - ttl, which misses everything when
+    `end` is a run's as_of in the past (a backfill or a replay). An `end` at or before the last one is a no-op.
+    """
+    store = feature_store(paths)
+    end_utc = _as_utc(end).to_pydatetime()
+    views = {fv.name: fv for fv in store.list_feature_views() if fv.name in VIEWS}
+    first = sorted(name for name, fv in views.items() if fv.most_recent_end_time is None)
+    later = sorted(name for name, fv in views.items()
+                   if fv.most_recent_end_time is not None and fv.most_recent_end_time < end_utc)
+    for name in first:
+        ttl = views[name].ttl or LONG_WINDOW.to_pytimedelta()
+        store.materialize(start_date=end_utc - ttl, end_date=end_utc, feature_views=[name])
+    if later:
+        store.materialize_incremental(end_date=end_utc, feature_views=later)
+    pushed = {}
+    for name, fv in sorted(views.items()):
+        if name in first:
+            start: datetime | None = end_utc - (fv.ttl or LONG_WINDOW.to_pytimedelta())
+        elif name in later:
+            start = fv.most_recent_end_time
+        else:
+            pushed[name] = {"start": None, "end": None, "rows": 0, "entities": 0, "newest_row": None,
+                            "skipped": "already materialized to " + fv.most_recent_end_time.isoformat()}
+            continue
+        pushed[name] = {"start": start.isoformat() if start else None, "end": end_utc.isoformat(),
+                        **_source_rows(paths, name, start, end_utc)}
+    return {"views": sorted(views), "end": end_utc.isoformat(), "materialized": pushed}
+
+
+def freshness(paths: Paths, now: datetime | None = None) -> dict[str, Any]:
+    """Per view: how far materialization reached, the newest row it pushed online, and their ages in seconds."""
+    now_utc = _as_utc(now or datetime.now(UTC))
+    store = feature_store(paths)
+    out: dict[str, Any] = {}
+    for fv in store.list_feature_views():
+        until = fv.most_recent_end_time
+        newest = _source_rows(paths, fv.name, None, until)["newest_row"] if until else None
+        out[fv.name] = {
+            "materialized_until": until.isoformat() if until else None,
+            "newest_row": newest,
+            "materialized_age_s": (now_utc - _as_utc(until)).total_seconds() if until else None,
+            "newest_row_age_s": (now_utc - pd.Timestamp(newest)).total_seconds() if newest else None,
+        }
+    return out
+
+
+def historical_user_features(paths: Paths, entity_df: pd.DataFrame) -> pd.DataFrame:
+    """Point-in-time join of the search_v1 features onto (user_id, event_timestamp) rows, for training sets.
+
+    Every entity row comes back, in order, with missing features as nulls: Feast's file (dask) store drops an entity
+    row whose user has feature rows but none in [t - ttl, t] (it filters after its left join), which would silently
+    bias a training set towards active users.
+    """
+    missing = {"user_id", "event_timestamp"} - set(entity_df.columns)
+    if missing:
+        raise ValueError(f"entity_df lacks columns {sorted(missing)}")
+    store = feature_store(paths)
+    service = store.get_feature_service(USER_SERVICE)
+    rows = entity_df.reset_index(drop=True).assign(_shopguide_row=lambda d: range(len(d)))
+    joined = store.get_historical_features(entity_df=rows, features=service).to_df()
+    feature_columns = [c for c in joined.columns if c not in rows.columns]
+    out = rows.merge(joined[["_shopguide_row", *feature_columns]], on="_shopguide_row", how="left", validate="1:1")
+    return out.sort_values("_shopguide_row").drop(columns="_shopguide_row").reset_index(drop=True)
+
+
+def load_events(snapshot_or_events_path: str | Path) -> pd.DataFrame:
+    """The event log from a run snapshot folder (its events.parquet) or from a parquet file."""
+    path = Path(snapshot_or_events_path)
+    if path.is_dir():
+        path = path / "events.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"no event log at {path}")
+    return pd.read_parquet(path)
+
+
+def refresh_features(
+    snapshot_or_events_path: str | Path, as_of: datetime, recent_n: int = 10, paths: Paths | None = None
+) -> dict[str, Any]:
+    """The features DAG's one step: build -> write -> apply -> materialize up to `as_of`; small JSON values back."""
+    paths = paths or Paths.from_env()
+    as_of_utc = _as_utc(as_of).to_pydatetime()
+    events = load_events(snapshot_or_events_path)
+    tables = build_feature_tables(events, as_of_utc, recent_n)
+    written = write_feature_tables(tables, paths)
+    applied = apply_feature_repo(paths)
+    result = materialize(paths, as_of_utc)
+    return {
+        "as_of": as_of_utc.isoformat(),
+        "events": len(events),
+        "tables": {name: {"path": written[name], "rows": len(df)} for name, df in tables.items()},
+        "applied": applied,
+        **result,
+    }
+
+
+__all__ = [
+    "PRODUCT_SERVICE", "USER_SERVICE", "apply_feature_repo", "build_feature_tables", "feature_store", "freshness",
+    "historical_user_features", "import_feast", "load_events", "materialize", "refresh_features", "repo_config",
+    "write_feature_tables",
+]

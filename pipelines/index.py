@@ -1,0 +1,77 @@
+"""Product embedding index: built once per model version with the served ONNX graph, stored inside the bundle."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+INDEX_DIR = "index"
+EMBEDDINGS_FILE = "embeddings.npy"
+PRODUCTS_FILE = "products.parquet"
+
+
+@dataclass
+class ProductIndex:
+    """Brute-force cosine search over unit vectors: one matmul + argpartition is ~ms for ~50k x 384 on 2 cores."""
+
+    product_ids: np.ndarray  # int64, row order of embeddings
+    titles: np.ndarray  # object (str)
+    embeddings: np.ndarray  # float32, L2-normalised rows
+
+    def __len__(self) -> int:
+        return len(self.product_ids)
+
+    def search(self, query: np.ndarray, k: int, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k rows for one (dim,) or many (n, dim) queries; `extra` is added to the scores (personalisation)."""
+        scores = np.atleast_2d(query).astype(np.float32) @ self.embeddings.T
+        if extra is not None:
+            scores = scores + extra
+        k = min(k, scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+
+    def rows_of(self, product_ids: list[int]) -> np.ndarray:
+        """Row numbers of the given product ids that are in the index (unknown ids are dropped)."""
+        lookup = getattr(self, "_lookup", None)
+        if lookup is None:
+            lookup = self._lookup = {int(p): i for i, p in enumerate(self.product_ids)}
+        return np.asarray([lookup[p] for p in map(int, product_ids) if p in lookup], dtype=np.int64)
+
+    def save(self, bundle_dir: str | Path) -> Path:
+        out = Path(bundle_dir) / INDEX_DIR
+        out.mkdir(parents=True, exist_ok=True)
+        # float16 halves the stored version (54,667 x 384 -> 42 MB); search runs in float32
+        np.save(out / EMBEDDINGS_FILE, self.embeddings.astype(np.float16), allow_pickle=False)
+        pd.DataFrame({"product_id": self.product_ids, "title": self.titles}).to_parquet(out / PRODUCTS_FILE)
+        return out
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> ProductIndex:
+        path = Path(bundle_dir) / INDEX_DIR
+        products = pd.read_parquet(path / PRODUCTS_FILE)
+        emb = np.load(path / EMBEDDINGS_FILE, allow_pickle=False).astype(np.float32)
+        return cls(products["product_id"].to_numpy(np.int64), products["title"].to_numpy(object), emb)
+
+
+def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_size: int = 64) -> dict[str, Any]:
+    """Embed the snapshot's whole catalog with the bundle's served graph and store the index in the bundle."""
+    import time
+
+    from pipelines.data import Snapshot
+    from pipelines.encoder import OnnxEncoder
+
+    catalog = Snapshot.open(snapshot_dir).table("catalog")
+    encoder = OnnxEncoder.load(bundle_dir)
+    t0 = time.perf_counter()
+    emb, _ = encoder.encode(catalog["product_title"].astype(str).tolist(), batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object), emb)
+    index.save(bundle_dir)
+    return {"products": len(index), "index_seconds": round(seconds, 2),
+            "products_per_s": round(len(index) / max(seconds, 1e-9), 1)}

@@ -1,0 +1,35 @@
+"""MLflow pyfunc over a shopguide bundle, logged as models-from-code so loading never unpickles anything."""
+
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+
+class ShopguideEncoder(PythonModel):
+    """predict(DataFrame[query]) -> category and top-k products, the same ONNX graph and index that serving uses."""
+
+    def load_context(self, context) -> None:
+        from pipelines.encoder import OnnxEncoder
+        from pipelines.index import ProductIndex
+
+        bundle = context.artifacts["bundle"]
+        self.encoder = OnnxEncoder.load(bundle)
+        self.index = ProductIndex.load(bundle)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", 10))
+        queries = model_input["query"].astype(str).tolist()
+        emb, logits = self.encoder.encode(queries)
+        rows, scores = self.index.search(emb, k)
+        return pd.DataFrame({
+            "query": queries,
+            "category": np.asarray(self.encoder.labels)[logits.argmax(1)],
+            "product_ids": [self.index.product_ids[r].tolist() for r in rows],
+            "scores": [s.round(6).tolist() for s in scores],
+        })
+
+
+mlflow.models.set_model(ShopguideEncoder())

@@ -1,0 +1,228 @@
+"""Feast end to end on temporary homes: build -> write -> apply -> materialize -> online and point-in-time reads."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines import features as F
+from pipelines.config import FEATURE_REPO, Paths
+from pipelines.data import load_judgments, select_terms, simulate_events
+from serving.features import FeaturesUnavailable, OnlineFeatures
+
+END = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+RECENT_N = 5
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+def _use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Paths:
+    monkeypatch.setenv("SHOPGUIDE_HOME", str(home))
+    monkeypatch.delenv(F.ONLINE_STORE_ENV, raising=False)
+    monkeypatch.delenv(F.REDIS_ENV, raising=False)
+    return Paths.from_env()
+
+
+@pytest.fixture(scope="module")
+def events() -> pd.DataFrame:
+    return simulate_events(select_terms(load_judgments(), 200), n_users=60, end=END, days=28, seed=3)
+
+
+@pytest.fixture(scope="module")
+def events_file(events: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("snapshot") / "events.parquet"
+    events.to_parquet(path, index=False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def sqlite_home(events_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Paths, dict]]:
+    """One refreshed SQLite-backed home shared by the read-only tests (refresh once: Feast is slow to start)."""
+    with pytest.MonkeyPatch.context() as mp:
+        paths = _use_home(mp, tmp_path_factory.mktemp("home"))
+        result = F.refresh_features(events_file.parent, END, RECENT_N, paths)
+        yield paths, result
+
+
+def expected_user(events: pd.DataFrame, user_id: int, at: datetime, recent_n: int = RECENT_N) -> dict:
+    """The user's features at `at`, recomputed naively from the raw log (the test's independent oracle)."""
+    ts = events["event_timestamp"]
+    mine = events[(events["user_id"] == user_id) & (ts <= at) & (ts > at - timedelta(days=30))]
+    last7 = mine[mine["event_timestamp"] > at - timedelta(days=7)]
+    recent: list[int] = []
+    for pid in mine.iloc[::-1].sort_values("event_timestamp", ascending=False, kind="stable")["product_id"]:
+        if int(pid) not in recent:
+            recent.append(int(pid))
+    return {
+        "events_7d": len(last7),
+        "clicks_7d": int((last7["event_type"] == "click").sum()),
+        "purchases_30d": int((mine["event_type"] == "purchase").sum()),
+        "events_30d": len(mine),
+        "last_event_ts": int(mine["event_timestamp"].max().timestamp()),
+        "recent_products": recent[:recent_n],
+    }
+
+
+def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Paths, dict]) -> None:
+    paths, result = sqlite_home
+    json.dumps(result)  # small JSON values for XCom, never frames
+    assert result["applied"] == [
+        "user", "product", "user_activity_source", "product_popularity_source", "user_activity",
+        "product_popularity", "search_v1", "product_v1",
+    ]
+    assert result["views"] == ["product_popularity", "user_activity"]
+    users = result["materialized"]["user_activity"]
+    assert users["entities"] == 60 and users["newest_row"] == END.isoformat()
+    for name in ("registry.db", "online.db", "data/user_activity.parquet", "data/product_popularity.parquet"):
+        assert (paths.feast_dir / name).is_file(), name
+    assert sorted(p.name for p in FEATURE_REPO.iterdir() if not p.name.startswith(("__", "."))) == [
+        "README.md", "definitions.py", "feature_store.yaml",
+    ]
+    fresh = F.freshness(paths, END + timedelta(hours=2))
+    assert fresh["user_activity"]["materialized_until"] == END.isoformat()
+    assert fresh["user_activity"]["newest_row_age_s"] == 7200.0
+
+
+def test_online_read_matches_the_raw_log_most_recent_first(sqlite_home: tuple[Paths, dict], events) -> None:
+    paths, _ = sqlite_home
+    online = OnlineFeatures(paths)
+    for user_id in (1, 17, 60):
+        assert online.user_features(user_id) == expected_user(events, user_id, END), user_id
+    assert any(len(online.user_features(u)["recent_products"]) == RECENT_N for u in range(1, 61))
+    assert online.user_features(10_000) is None
+
+
+def test_materialize_is_idempotent_and_incremental(events_file: Path, tmp_path, monkeypatch) -> None:
+    paths = _use_home(monkeypatch, tmp_path)
+    first = F.refresh_features(events_file, END - timedelta(days=2), RECENT_N, paths)
+    assert first["materialized"]["user_activity"]["start"] == (END - timedelta(days=32)).isoformat()
+    again = F.materialize(paths, END - timedelta(days=2))
+    assert "skipped" in again["materialized"]["user_activity"]
+    later = F.refresh_features(events_file, END, RECENT_N, paths)
+    assert later["materialized"]["user_activity"]["start"] == (END - timedelta(days=2)).isoformat()
+    assert later["materialized"]["user_activity"]["newest_row"] == END.isoformat()
+    assert F.freshness(paths, END)["user_activity"]["materialized_age_s"] == 0.0
+
+
+def test_point_in_time_never_leaks_the_future(tmp_path, monkeypatch) -> None:
+    paths = _use_home(monkeypatch, tmp_path)
+    t0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+    log = pd.DataFrame({
+        "user_id": [1, 1, 1],
+        "product_id": [10, 20, 30],
+        "event_type": ["view", "click", "purchase"],
+        "event_timestamp": pd.to_datetime([t0, t0 + timedelta(days=1), t0 + timedelta(days=2)], utc=True),
+        "query": ["drill"] * 3,
+    })
+    as_of = t0 + timedelta(days=2, hours=2)
+    tables = F.build_feature_tables(log, as_of, recent_n=10)
+    rows = tables["user_activity"]
+    assert (pd.to_datetime(rows["last_event_ts"], unit="s", utc=True) <= rows["event_timestamp"]).all()
+    F.write_feature_tables(tables, paths)
+    F.apply_feature_repo(paths)
+    F.materialize(paths, as_of)
+
+    asked = [t0 + timedelta(hours=1), t0 + timedelta(hours=23), t0 + timedelta(days=1, hours=2),
+             t0 + timedelta(days=2, hours=1), as_of]
+    entity_df = pd.DataFrame({"user_id": [1] * len(asked), "event_timestamp": pd.to_datetime(asked, utc=True)})
+    got = F.historical_user_features(paths, entity_df)
+    assert len(got) == len(asked)  # the row before any feature row is kept, with nulls
+    assert got["recent_products"].isna().iloc[0] and pd.isna(got["events_30d"].iloc[0])
+    # Rows are daily snapshots: the day-2 click at 10:00 is not visible at 12:00 until the next snapshot.
+    assert [list(v) for v in got["recent_products"].iloc[1:]] == [[10], [10], [20, 10], [30, 20, 10]]
+    assert got["purchases_30d"].iloc[1:].tolist() == [0, 0, 0, 1]
+    assert got["events_7d"].iloc[1:].tolist() == [1, 1, 2, 3]
+    for _, row in got.iloc[1:].iterrows():
+        assert pd.Timestamp(row["last_event_ts"], unit="s", tz="UTC") <= row["event_timestamp"]
+    assert OnlineFeatures(paths).user_features(1)["recent_products"] == [30, 20, 10]
+
+
+def test_unavailable_store_raises_features_unavailable(sqlite_home, tmp_path, monkeypatch) -> None:
+    empty = _use_home(monkeypatch, tmp_path / "empty")
+    with pytest.raises(FeaturesUnavailable):
+        OnlineFeatures(empty).user_features(1)  # nothing applied: no registry, no feature service
+
+    paths, _ = sqlite_home
+    broken = Paths(tmp_path / "broken")
+    shutil.copytree(paths.feast_dir, broken.feast_dir)
+    (broken.feast_dir / "online.db").write_bytes(b"this is not a sqlite database" * 100)
+    online = OnlineFeatures(broken)
+    with pytest.raises(FeaturesUnavailable):
+        online.user_features(1)
+    with pytest.raises(FeaturesUnavailable):
+        online.check()
+
+    monkeypatch.setenv(F.ONLINE_STORE_ENV, "redis")
+    monkeypatch.setenv(F.REDIS_ENV, f"127.0.0.1:{_free_port()},socket_connect_timeout=0.2")  # nothing listens
+    with pytest.raises(FeaturesUnavailable):
+        OnlineFeatures(Paths(paths.home)).user_features(1)
+
+
+def test_online_store_switch_rejects_unknown_kinds(monkeypatch) -> None:
+    monkeypatch.setenv(F.ONLINE_STORE_ENV, "cassandra")
+    with pytest.raises(ValueError, match="sqlite"):
+        F.online_store_config()
+    monkeypatch.setenv(F.ONLINE_STORE_ENV, "redis")
+    monkeypatch.setenv(F.REDIS_ENV, "10.0.0.5:6380,db=2")
+    assert F.online_store_config() == {"type": "redis", "connection_string": "10.0.0.5:6380,db=2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def redis_port(tmp_path: Path) -> Iterator[int]:
+    """A private, throw-away redis-server on a free loopback port (never the shared 6379 instance)."""
+    if not Path(REDIS_SERVER).is_file():
+        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
+    if importlib.util.find_spec("redis") is None:
+        pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_redis_online_store_round_trip(redis_port: int, events, events_file: Path, tmp_path, monkeypatch) -> None:
+    paths = _use_home(monkeypatch, tmp_path)
+    monkeypatch.setenv(F.ONLINE_STORE_ENV, "redis")
+    monkeypatch.setenv(F.REDIS_ENV, f"127.0.0.1:{redis_port}")
+    assert F.repo_config(paths).online_store.type == "redis"
+    result = F.refresh_features(events_file, END, RECENT_N, paths)
+    assert result["materialized"]["user_activity"]["entities"] == 60
+    assert not (paths.feast_dir / "online.db").exists()
+    online = OnlineFeatures(paths)
+    for user_id in (1, 17, 60):
+        assert online.user_features(user_id) == expected_user(events, user_id, END), user_id
+    assert online.user_features(10_000) is None

@@ -1,0 +1,180 @@
+"""Great Expectations validation: the shipped data passes, broken inputs fail with a report naming the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipelines.config import REPO_ROOT, DataConfig
+from pipelines.data import SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
+from pipelines.validate import DataValidationError, validate_events, validate_frame, validate_snapshot
+
+
+@pytest.fixture(scope="module")
+def snapshot(tmp_path_factory: pytest.TempPathFactory) -> Snapshot:
+    cfg = DataConfig(max_terms=300, max_offers=2000, event_users=50)
+    return snapshot_data(cfg, tmp_path_factory.mktemp("snapshot"), as_of=datetime(2026, 1, 1, tzinfo=UTC))
+
+
+def broken(snapshot: Snapshot, tmp_path: Path, table: str, mutate: Callable[[pd.DataFrame], pd.DataFrame]) -> Path:
+    """A copy of the snapshot with one table rewritten by `mutate`."""
+    out = tmp_path / "broken"
+    shutil.copytree(snapshot.path, out)
+    mutate(snapshot.table(table)).to_parquet(out / f"{table}.parquet", index=False)
+    return out
+
+
+def failure_report(path: Path) -> DataValidationError:
+    with pytest.raises(DataValidationError) as info:
+        validate_snapshot(path)
+    return info.value
+
+
+def set_value(column: str, row: int, value: object) -> Callable[[pd.DataFrame], pd.DataFrame]:
+    def mutate(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[row, column] = value
+        return df
+
+    return mutate
+
+
+def test_shipped_snapshot_passes(snapshot: Snapshot) -> None:
+    summary = validate_snapshot(snapshot.path)
+    assert summary["success"] is True
+    assert summary["hash"] == snapshot.hash
+    assert set(summary["checks"]) == {*SNAPSHOT_TABLES, "term_leakage", "cluster_leakage"}
+    assert all(check["failed"] == 0 for check in summary["checks"].values())
+    assert summary["checks"]["judgments_train"]["rows"] == len(snapshot.table("judgments_train"))
+    assert summary["expectations"] == sum(check["expectations"] for check in summary["checks"].values()) > 50
+    json.dumps(summary)  # small JSON values for an Airflow XCom
+
+
+def test_missing_column_is_one_readable_line(snapshot: Snapshot, tmp_path: Path) -> None:
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", lambda df: df.drop(columns="relevance")))
+    lines = [line for line in error.report.splitlines() if "judgments_train.relevance" in line]
+    assert len(lines) == 1
+    assert "column 'relevance' is missing" in lines[0]
+    assert "expect_column_to_exist" in lines[0] and "expect_column_values_to_be_between" in lines[0]
+    assert "Traceback" not in error.report and "BatchData" not in error.report
+    assert {f["missing_column"] for f in error.failures} == {"relevance"}
+
+
+def test_null_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
+    error = failure_report(broken(snapshot, tmp_path, "judgments_heldout", set_value("search_term", 3, pd.NA)))
+    n_rows = len(snapshot.table("judgments_heldout"))
+    assert (f"- judgments_heldout.search_term: expect_column_values_to_not_be_null: 1 of {n_rows} value(s) "
+            "unexpected (rows [3])") in error.report
+    (failure,) = error.failures
+    assert failure["suite"] == "judgments" and failure["column"] == "search_term"
+    assert failure["unexpected_count"] == 1
+
+
+def test_empty_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", set_value("search_term", 0, "")))
+    assert "judgments_train.search_term: expect_column_value_lengths_to_be_between(min_value=1)" in error.report
+
+
+def test_relevance_outside_grades(snapshot: Snapshot, tmp_path: Path) -> None:
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", set_value("relevance", 5, 7.0)))
+    assert error.report.startswith("Data validation failed: 1 of ")
+    line = error.report.splitlines()[1]
+    expected = "- judgments_train.relevance: expect_column_values_to_be_between(min_value=1.0, max_value=3.0): "
+    assert line.startswith(expected)
+    assert "1 of " in line and "e.g. [7.0]" in line and "(rows [5])" in line
+    assert error.failures[0]["unexpected_values"] == [7.0]
+
+
+def test_duplicate_id(snapshot: Snapshot, tmp_path: Path) -> None:
+    def duplicate(df: pd.DataFrame) -> pd.DataFrame:
+        df.loc[1, "id"] = df.loc[0, "id"]
+        return df
+
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", duplicate))
+    first_id = int(snapshot.table("judgments_train").loc[0, "id"])
+    assert "- judgments_train.id: expect_column_values_to_be_unique: 2 of " in error.report
+    assert f"e.g. [{first_id}]" in error.report
+
+
+def test_unknown_event_type(snapshot: Snapshot) -> None:
+    events = snapshot.table("events")
+    events.loc[2, "event_type"] = "refund"
+    with pytest.raises(DataValidationError) as info:
+        validate_events(events)
+    assert "- events.event_type: expect_column_values_to_be_in_set(" in info.value.report
+    assert "e.g. ['refund']" in info.value.report
+    assert info.value.failures[0]["expectation"] == "expect_column_values_to_be_in_set"
+
+
+def test_events_alone_pass_and_bad_user_id(snapshot: Snapshot) -> None:
+    events = snapshot.table("events")
+    assert validate_events(events)["failed"] == 0
+    events.loc[0, "user_id"] = 0
+    with pytest.raises(DataValidationError, match=r"events\.user_id: expect_column_values_to_be_between"):
+        validate_events(events)
+
+
+def test_heldout_term_injected_into_training(snapshot: Snapshot, tmp_path: Path) -> None:
+    held = snapshot.table("judgments_heldout").iloc[[0]]
+    term = normalize_term(held["search_term"].iloc[0])
+
+    def inject(df: pd.DataFrame) -> pd.DataFrame:
+        # Case and padding differ, the normalised term is the same query: still a leak.
+        leak = held.assign(id=int(df["id"].max()) + 1, search_term=f"  {term.upper()} ")
+        return pd.concat([df, leak], ignore_index=True)
+
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", inject))
+    assert "- term_leakage.normalized_search_term: expect_column_values_to_not_be_in_set(" in error.report
+    assert "held-out terms" in error.report and repr(term) in error.report
+    assert [f["suite"] for f in error.failures] == ["term_leakage"]
+
+
+def test_test_cluster_in_training_offers(snapshot: Snapshot, tmp_path: Path) -> None:
+    test_offer = snapshot.table("offers_test").iloc[[0]]
+    error = failure_report(broken(snapshot, tmp_path, "offers_train", lambda df: pd.concat([df, test_offer])))
+    assert "- cluster_leakage.cluster_id: expect_column_values_to_not_be_in_set(" in error.report
+    assert f"e.g. [{int(test_offer['cluster_id'].iloc[0])}]" in error.report
+
+
+def test_report_lists_all_failures_of_all_suites(snapshot: Snapshot, tmp_path: Path) -> None:
+    path = broken(snapshot, tmp_path, "judgments_train", set_value("relevance", 0, 0.5))
+    set_value("product_title", 0, None)(snapshot.table("catalog")).to_parquet(path / "catalog.parquet", index=False)
+    (path / "events.parquet").unlink()
+    error = failure_report(path)
+    assert error.report.startswith("Data validation failed: 3 of ")
+    assert "judgments_train.relevance" in error.report
+    assert "catalog.product_title: expect_column_values_to_not_be_null" in error.report
+    assert "events.parquet is missing from the snapshot" in error.report
+    json.dumps(error.failures)
+
+
+def test_validate_frame_reports_without_raising(snapshot: Snapshot) -> None:
+    catalog = snapshot.table("catalog")
+    ok = validate_frame(catalog, "catalog")
+    assert ok.success and ok.failures == [] and ok.evaluated > 0
+    bad = validate_frame(pd.concat([catalog, catalog.iloc[[0]]], ignore_index=True), "catalog")
+    assert not bad.success
+    assert [(f["column"], f["expectation"]) for f in bad.failures] == [
+        ("product_uid", "expect_column_values_to_be_unique")]
+    with pytest.raises(KeyError, match="unknown suite"):
+        validate_frame(catalog, "nope")
+
+
+def test_wrong_dtype_is_reported(snapshot: Snapshot) -> None:
+    judgments = snapshot.table("judgments_train").astype({"relevance": "string"})
+    summary = validate_frame(judgments, "judgments")
+    type_failures = [f for f in summary.failures if f["expectation"] == "expect_column_values_to_be_in_type_list"]
+    assert [(f["column"], f["observed_value"]) for f in type_failures] == [("relevance", "str")]
+
+
+def test_module_import_is_cheap() -> None:
+    code = "import sys, pipelines.validate; print('great_expectations' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
