@@ -35,6 +35,11 @@ class AirflowCommandError(RuntimeError):
     """An `airflow ...` subprocess failed; the message ends with the tail of its output."""
 
 
+def _prepend(entry: str, search_path: str) -> str:
+    parts = [p for p in search_path.split(os.pathsep) if p and p != entry]
+    return os.pathsep.join([entry, *parts])
+
+
 def airflow_db_path(paths: Paths) -> Path:
     return paths.airflow_home / "airflow.db"
 
@@ -76,7 +81,9 @@ def airflow_environ(
             # Pick up edited DAG files within 30 s instead of 5 min when a dag-processor runs.
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
             # DAG files and tasks import `pipelines` from this checkout whether or not it is pip-installed.
-            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), base.get("PYTHONPATH", "")) if p),
+            "PYTHONPATH": _prepend(str(REPO_ROOT), base.get("PYTHONPATH", "")),
+            # `airflow standalone` starts its components as `airflow ...` found on PATH: use this venv's.
+            "PATH": _prepend(str(Path(sys.executable).parent), base.get("PATH", os.defpath)),
             # `airflow dags ...` warns on every call that graphviz (only for --save-dagrun) is missing.
             "PYTHONWARNINGS": ",".join(
                 w for w in (base.get("PYTHONWARNINGS", ""), "ignore:Could not import graphviz") if w

@@ -64,17 +64,26 @@ def offline_paths(paths: Paths) -> dict[str, Path]:
     return {view: paths.feast_dir / "data" / f"{view}.parquet" for view in VIEWS}
 
 
-def online_store_config() -> dict[str, Any]:
-    """The online store selected by SHOPGUIDE_FEAST_ONLINE_STORE; None means the yaml's SQLite default."""
+def online_store_config(serving: bool = False) -> dict[str, Any]:
+    """The online store selected by SHOPGUIDE_FEAST_ONLINE_STORE; {} keeps the yaml's SQLite default.
+
+    With `serving`, a Redis connection string gets fail-fast defaults (100 ms timeouts, one immediate retry) for
+    the keys it does not set: redis-py's own default retries with backoff for ~4 s per request when Redis is down.
+    """
     kind = os.environ.get(ONLINE_STORE_ENV, "sqlite").strip().lower() or "sqlite"
     if kind == "sqlite":
         return {}
-    if kind == "redis":
-        return {"type": "redis", "connection_string": os.environ.get(REDIS_ENV, DEFAULT_REDIS)}
-    raise ValueError(f"{ONLINE_STORE_ENV}={kind!r}: expected 'sqlite' or 'redis'")
+    if kind != "redis":
+        raise ValueError(f"{ONLINE_STORE_ENV}={kind!r}: expected 'sqlite' or 'redis'")
+    connection = os.environ.get(REDIS_ENV, DEFAULT_REDIS)
+    if serving:
+        given = {part.split("=", 1)[0].strip() for part in connection.split(",") if "=" in part}
+        defaults = {"socket_connect_timeout": "0.1", "socket_timeout": "0.1", "retry": "null"}
+        connection = ",".join([connection, *(f"{k}={v}" for k, v in defaults.items() if k not in given)])
+    return {"type": "redis", "connection_string": connection}
 
 
-def repo_config(paths: Paths) -> RepoConfig:
+def repo_config(paths: Paths, serving: bool = False) -> RepoConfig:
     """feature_repo/feature_store.yaml with ${SHOPGUIDE_HOME} set to `paths.home` and the online store switch applied.
 
     The yaml stays the single description of the store (the `feast` CLI reads it too); here the home comes from the
@@ -83,7 +92,7 @@ def repo_config(paths: Paths) -> RepoConfig:
     feast = import_feast()
     text = FEATURE_STORE_YAML.read_text().replace("${SHOPGUIDE_HOME}", str(paths.home))
     raw = yaml.safe_load(os.path.expandvars(text))
-    online = online_store_config()
+    online = online_store_config(serving)
     if online:
         raw["online_store"] = online
     config = feast.RepoConfig(**raw)
@@ -92,11 +101,11 @@ def repo_config(paths: Paths) -> RepoConfig:
     return config
 
 
-def feature_store(paths: Paths) -> FeatureStore:
+def feature_store(paths: Paths, serving: bool = False) -> FeatureStore:
     """A FeatureStore on `paths.home` (registry, SQLite online store and offline parquet under home/feast)."""
     feast = import_feast()
     (paths.feast_dir / "data").mkdir(parents=True, exist_ok=True)
-    return feast.FeatureStore(config=repo_config(paths))
+    return feast.FeatureStore(config=repo_config(paths, serving))
 
 
 def _as_utc(when: datetime) -> pd.Timestamp:

@@ -138,7 +138,7 @@ def register_bundle(
         raise FileNotFoundError(f"bundle {bundle} is incomplete, missing: {missing}")
     existing = find_version(paths, model_name, run_key)
     if existing is not None:
-        return existing.version
+        return str(existing.version)
     client(paths)
     signature = ModelSignature(
         inputs=Schema([ColSpec("string", "query")]),
@@ -157,7 +157,7 @@ def register_bundle(
             pip_requirements=["mlflow", "onnxruntime", "tokenizers", "numpy", "pandas", "pyarrow"],
         )
     version = mlflow.register_model(info.model_uri, model_name, tags={"shopguide_run_key": run_key, **tags})
-    return version.version
+    return str(version.version)
 
 
 def set_alias(paths: Paths, model_name: str, alias: str, version: str, tags: dict[str, str] | None = None) -> None:
@@ -171,7 +171,7 @@ def set_alias(paths: Paths, model_name: str, alias: str, version: str, tags: dic
 def alias_version(paths: Paths, model_name: str, alias: str) -> str | None:
     c = client(paths)
     try:
-        return c.get_model_version_by_alias(model_name, alias).version
+        return str(c.get_model_version_by_alias(model_name, alias).version)
     except Exception:  # no such model or alias yet
         return None
 

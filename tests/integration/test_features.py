@@ -84,9 +84,8 @@ def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Path
     assert users["entities"] == 60 and users["newest_row"] == END.isoformat()
     for name in ("registry.db", "online.db", "data/user_activity.parquet", "data/product_popularity.parquet"):
         assert (paths.feast_dir / name).is_file(), name
-    assert sorted(p.name for p in FEATURE_REPO.iterdir() if not p.name.startswith(("__", "."))) == [
-        "README.md", "definitions.py", "feature_store.yaml",
-    ]
+    stateful = [p for p in FEATURE_REPO.rglob("*") if p.suffix in {".db", ".parquet"} or p.name == "data"]
+    assert not stateful, f"Feast state written into the repo: {stateful}"
     fresh = F.freshness(paths, END + timedelta(hours=2))
     assert fresh["user_activity"]["materialized_until"] == END.isoformat()
     assert fresh["user_activity"]["newest_row_age_s"] == 7200.0
@@ -147,24 +146,31 @@ def test_point_in_time_never_leaks_the_future(tmp_path, monkeypatch) -> None:
 
 
 def test_unavailable_store_raises_features_unavailable(sqlite_home, tmp_path, monkeypatch) -> None:
-    empty = _use_home(monkeypatch, tmp_path / "empty")
-    with pytest.raises(FeaturesUnavailable):
-        OnlineFeatures(empty).user_features(1)  # nothing applied: no registry, no feature service
-
     paths, _ = sqlite_home
     broken = Paths(tmp_path / "broken")
     shutil.copytree(paths.feast_dir, broken.feast_dir)
     (broken.feast_dir / "online.db").write_bytes(b"this is not a sqlite database" * 100)
-    online = OnlineFeatures(broken)
-    with pytest.raises(FeaturesUnavailable):
+    online = OnlineFeatures(broken, retry_after_s=60)
+    with pytest.raises(FeaturesUnavailable, match="online read"):
         online.user_features(1)
-    with pytest.raises(FeaturesUnavailable):
+    with pytest.raises(FeaturesUnavailable, match="still unavailable"):  # no new attempt within retry_after_s
         online.check()
 
     monkeypatch.setenv(F.ONLINE_STORE_ENV, "redis")
-    monkeypatch.setenv(F.REDIS_ENV, f"127.0.0.1:{_free_port()},socket_connect_timeout=0.2")  # nothing listens
+    monkeypatch.setenv(F.REDIS_ENV, f"127.0.0.1:{_free_port()}")  # nothing listens there
+    started = time.monotonic()
     with pytest.raises(FeaturesUnavailable):
         OnlineFeatures(Paths(paths.home)).user_features(1)
+    assert time.monotonic() - started < 3  # fail-fast serving defaults, not redis-py's seconds of backoff
+
+
+def test_service_starts_before_features_exist_and_recovers(events_file, tmp_path, monkeypatch) -> None:
+    paths = _use_home(monkeypatch, tmp_path)
+    online = OnlineFeatures(paths, retry_after_s=0)
+    with pytest.raises(FeaturesUnavailable, match="search_v1"):
+        online.user_features(1)  # nothing applied yet: no registry, no feature service
+    F.refresh_features(events_file, END, RECENT_N, paths)
+    assert online.user_features(1) is not None
 
 
 def test_online_store_switch_rejects_unknown_kinds(monkeypatch) -> None:
