@@ -17,6 +17,8 @@ from dags.assets import USER_EVENTS
 PARAMS = {
     "profile": Param("default", type="string", enum=["default", "tiny"],
                      description="Config profile (configs/<profile>.yaml) every other value starts from."),
+    "judgments_path": Param(None, type=["null", "string"],
+                            description="A Home Depot-format judgments CSV that landed; empty = the shipped data."),
     "max_steps": Param(None, type=["null", "integer"], minimum=0, maximum=100_000,
                        description="Contrastive training steps; empty = the profile's value; 0 = base model."),
     "auto_promote": Param(None, type=["null", "boolean"],

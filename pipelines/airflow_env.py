@@ -35,9 +35,9 @@ class AirflowCommandError(RuntimeError):
     """An `airflow ...` subprocess failed; the message ends with the tail of its output."""
 
 
-def _prepend(entry: str, search_path: str) -> str:
-    parts = [p for p in search_path.split(os.pathsep) if p and p != entry]
-    return os.pathsep.join([entry, *parts])
+def _prepend(entry: str, search_path: str, sep: str = os.pathsep) -> str:
+    parts = [p for p in search_path.split(sep) if p and p != entry]
+    return sep.join([entry, *parts])
 
 
 def airflow_db_path(paths: Paths) -> Path:
@@ -54,8 +54,8 @@ def airflow_environ(
 ) -> dict[str, str]:
     """Environment variables (to merge over os.environ) for an embedded Airflow under paths.airflow_home.
 
-    `base` is the environment being extended (default os.environ); it only decides PYTHONPATH, PYTHONWARNINGS and
-    which offline defaults are already set. Production overrides these variables (PostgreSQL, a real executor,
+    `base` is the environment being extended (default os.environ); it only decides PATH, PYTHONPATH, PYTHONWARNINGS
+    and which offline defaults are already set. Production overrides these variables (PostgreSQL, a real executor,
     a real auth manager); nothing here is read from airflow.cfg.
     """
     base = os.environ if base is None else base
@@ -85,9 +85,7 @@ def airflow_environ(
             # `airflow standalone` starts its components as `airflow ...` found on PATH: use this venv's.
             "PATH": _prepend(str(Path(sys.executable).parent), base.get("PATH", os.defpath)),
             # `airflow dags ...` warns on every call that graphviz (only for --save-dagrun) is missing.
-            "PYTHONWARNINGS": ",".join(
-                w for w in (base.get("PYTHONWARNINGS", ""), "ignore:Could not import graphviz") if w
-            ),
+            "PYTHONWARNINGS": _prepend("ignore:Could not import graphviz", base.get("PYTHONWARNINGS", ""), ","),
         }
     )
     return env

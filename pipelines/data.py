@@ -27,7 +27,8 @@ def _md5(text: str) -> str:
 
 
 def normalize_term(term: str) -> str:
-    return term.strip().lower()
+    """Lower-cased, stripped; a missing term becomes "" so that validation, not a crash, reports it."""
+    return term.strip().lower() if isinstance(term, str) else ""
 
 
 def is_heldout_term(term: str) -> bool:
@@ -43,10 +44,10 @@ def is_test_cluster(cluster_id: int) -> bool:
 def load_judgments(path: Path = HOMEDEPOT_FILE) -> pd.DataFrame:
     """Home Depot relevance judgments: id, product_uid, product_title, search_term, relevance (1.0-3.0)."""
     df = pd.read_csv(path, encoding="latin-1")
-    return df.astype(
-        {"id": "int64", "product_uid": "int64", "product_title": "string", "search_term": "string",
-         "relevance": "float64"}
-    )
+    # cast only what is there: a missing column is the validation step's to report, readably
+    types = {"id": "int64", "product_uid": "int64", "product_title": "string", "search_term": "string",
+             "relevance": "float64"}
+    return df.astype({c: t for c, t in types.items() if c in df.columns})
 
 
 def load_offers(path: Path = PRICERUNNER_FILE) -> pd.DataFrame:
@@ -59,11 +60,16 @@ def load_offers(path: Path = PRICERUNNER_FILE) -> pd.DataFrame:
 
 
 def select_terms(judgments: pd.DataFrame, max_terms: int | None) -> pd.DataFrame:
-    """A deterministic subset of search terms (by md5 order), keeping the held-out share; None keeps all."""
+    """A deterministic subset of search terms (by md5 order), keeping the held-out share; None keeps all.
+
+    Rows without a usable term are always kept, so that validation reports them instead of a silent drop.
+    """
     if max_terms is None:
         return judgments
-    terms = sorted(judgments["search_term"].map(normalize_term).unique(), key=_md5)[:max_terms]
-    return judgments[judgments["search_term"].map(normalize_term).isin(set(terms))].reset_index(drop=True)
+    norm = judgments["search_term"].map(normalize_term)
+    terms = sorted(t for t in norm.unique() if t)
+    keep = set(sorted(terms, key=_md5)[:max_terms])
+    return judgments[norm.isin(keep) | (norm == "")].reset_index(drop=True)
 
 
 def split_judgments(judgments: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -95,7 +101,7 @@ def simulate_events(
     click / add to cart / purchase with probabilities that rise with the product's graded relevance.
     """
     rng = np.random.default_rng(seed)
-    by_term = {t: g for t, g in judgments.groupby(judgments["search_term"].map(normalize_term), sort=True)}
+    by_term = {t: g for t, g in judgments.groupby(judgments["search_term"].map(normalize_term), sort=True) if t}
     terms = list(by_term)
     end = end.astimezone(UTC)
     span = timedelta(days=days).total_seconds()
@@ -104,7 +110,7 @@ def simulate_events(
         for term_idx in rng.choice(len(terms), size=int(rng.integers(1, 4)), replace=False):
             term = terms[term_idx]
             session = rng.uniform(0, span)
-            for offset, (pid, rel) in enumerate(zip(by_term[term]["product_uid"], by_term[term]["relevance"])):
+            for offset, (pid, rel) in enumerate(zip(by_term[term]["product_uid"], by_term[term]["relevance"], strict=True)):
                 grade = (float(rel) - 1.0) / 2.0  # 0 (irrelevant) .. 1 (exact)
                 at = session + 20.0 * offset
                 rows.append((user, int(pid), "view", at, term))
@@ -145,7 +151,8 @@ def _frame_hash(df: pd.DataFrame) -> str:
 def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime) -> Snapshot:
     """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    judgments = select_terms(load_judgments(), cfg.max_terms)
+    source = Path(cfg.judgments_path) if cfg.judgments_path else HOMEDEPOT_FILE
+    judgments = select_terms(load_judgments(source), cfg.max_terms)
     train, heldout = split_judgments(judgments)
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
     tables = {

@@ -191,19 +191,16 @@ def build_feature_tables(
             continue
         users.append(_user_rows(window, at, recent_n))
         products.append(_product_rows(window, at))
-    user_table = pd.concat(users, ignore_index=True) if users else pd.DataFrame(columns=["user_id", *USER_COLUMNS])
-    product_table = (
-        pd.concat(products, ignore_index=True) if products else pd.DataFrame(columns=["product_id", *PRODUCT_COLUMNS])
-    )
+    user_columns = ["user_id", "event_timestamp", *USER_COLUMNS]
+    product_columns = ["product_id", "event_timestamp", *PRODUCT_COLUMNS]
+    user_table = pd.concat(users, ignore_index=True) if users else pd.DataFrame(columns=user_columns)
+    product_table = pd.concat(products, ignore_index=True) if products else pd.DataFrame(columns=product_columns)
     user_table = user_table.astype({c: "int64" for c in ("user_id", *USER_COLUMNS[:-1])})
     product_table = product_table.astype({"product_id": "int64", "views_30d": "int64", "clicks_30d": "int64",
                                           "ctr": "float32"})
     for table in (user_table, product_table):
         table["event_timestamp"] = pd.to_datetime(table["event_timestamp"], utc=True)
-    return {
-        USER_VIEW: user_table[["user_id", "event_timestamp", *USER_COLUMNS]],
-        PRODUCT_VIEW: product_table[["product_id", "event_timestamp", *PRODUCT_COLUMNS]],
-    }
+    return {USER_VIEW: user_table[user_columns], PRODUCT_VIEW: product_table[product_columns]}
 
 
 def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[str, str]:

@@ -11,6 +11,7 @@ from pipelines.config import Paths, ShopguideConfig, load_config
 
 # DAG Params that may override the config, and where they land (everything else comes from configs/<profile>.yaml).
 PARAM_FIELDS = {
+    "judgments_path": "data.judgments_path",
     "max_steps": "train.max_steps",
     "auto_promote": "registry.auto_promote",
     "min_ndcg_at_10": "gate.min_ndcg_at_10",

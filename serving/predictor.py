@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -124,6 +126,12 @@ def _pointer(cache: Path, alias: str) -> Path:
     return cache / f"{alias}.json"
 
 
+def _remember(cache: Path, alias: str, version: str) -> None:
+    partial = _pointer(cache, alias).with_suffix(".json.tmp")
+    partial.write_text(json.dumps({"version": version}))
+    os.replace(partial, _pointer(cache, alias))  # atomic: a crash mid-write never leaves a torn pointer
+
+
 def cached_bundle(settings: Settings) -> tuple[str, Path] | None:
     """The version this alias last resolved to if its bundle is complete, else the highest complete cached version.
 
@@ -133,10 +141,8 @@ def cached_bundle(settings: Settings) -> tuple[str, Path] | None:
     if not cache.is_dir():
         return None
     candidates: list[str] = []
-    try:
+    with contextlib.suppress(OSError, ValueError, KeyError):  # no pointer yet
         candidates.append(str(json.loads(_pointer(cache, settings.alias).read_text())["version"]))
-    except (OSError, ValueError, KeyError):
-        pass
     candidates += sorted((p.name for p in cache.iterdir() if p.is_dir() and p.name.isdigit()), key=int, reverse=True)
     for version in candidates:
         bundle = _cached_bundle_path(cache, version)
@@ -169,7 +175,7 @@ def load_champion(settings: Settings, current: Predictor | None = None) -> Predi
         except Exception as exc:  # a broken artifact store or bundle must not take the serving version down
             log.warning("cannot load %s version %s: %s", settings.model_name, version, exc)
         else:
-            _pointer(cache, settings.alias).write_text(json.dumps({"version": version}))
+            _remember(cache, settings.alias, version)
             log.info("loaded %s@%s = version %s from the registry", settings.model_name, settings.alias, version)
             return predictor
     else:

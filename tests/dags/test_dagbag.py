@@ -51,12 +51,12 @@ def test_whole_folder_parses_without_errors() -> None:
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=_ids(DAG_FILES))
-def test_dag_file_defines_dags(dag_file: Path) -> None:
+def test_dag_file_parses_alone(dag_file: Path) -> None:
+    # Files without a DAG (shared Assets, helpers) are allowed; the folder test above requires at least one DAG.
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=dag_file, safe_mode=False)
     assert not bag.import_errors, "\n\n".join(f"{f}:\n{e}" for f, e in bag.import_errors.items())
-    assert bag.dags, f"{dag_file.name} defines no DAG (is the @dag function called at module level?)"
     for dag in bag.dags.values():
         assert dag.tasks, f"{dag.dag_id} has no tasks"
         # Design rule 5: the trigger form is the only documentation a user sees, so each Param says what it is.

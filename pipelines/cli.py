@@ -1,0 +1,193 @@
+"""The `shopguide` command: run the whole job, a single DAG, the service, or move the champion alias."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Annotated
+
+import typer
+
+from pipelines.config import MODEL_NAME, Paths
+
+app = typer.Typer(help="shopguide: train, compress, gate, promote and serve a shopping-guide encoder.",
+                  no_args_is_help=True, add_completion=False)
+
+DEMO_QUERIES = ["cordless drill", "outdoor patio furniture", "led light bulbs 60 watt", "toilet seat", "wood stain"]
+Profile = Annotated[str, typer.Option(help="Config profile: configs/<profile>.yaml.")]
+
+
+def _env(paths: Paths) -> None:
+    """Point this process and every child (Airflow, MLflow, Feast, uvicorn) at one SHOPGUIDE_HOME, offline."""
+    from pipelines.airflow_env import airflow_environ
+
+    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+        os.environ.setdefault(key, value)
+    os.environ.update(airflow_environ(paths))
+
+
+def _banner(text: str) -> None:
+    typer.secho(f"\n=== {text} ===", fg=typer.colors.CYAN, bold=True)
+
+
+def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool) -> dict:
+    from pipelines.airflow_env import run_dag_test
+
+    started = time.perf_counter()
+    result = run_dag_test(paths, dag_id, conf, datetime.now(timezone.utc).replace(microsecond=0), quiet=quiet)
+    typer.echo(f"{dag_id}: {result.state} in {time.perf_counter() - started:.0f} s; tasks: {result.task_states}")
+    if not result.ok:
+        typer.secho(f"{dag_id} did not succeed; the task log above says why.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    return result.xcoms
+
+
+@app.command()
+def init() -> None:
+    """Create SHOPGUIDE_HOME and migrate the embedded Airflow DB (the other stores create themselves)."""
+    from pipelines.airflow_env import ensure_airflow_db
+
+    paths = Paths.from_env()
+    _env(paths)
+    paths.home.mkdir(parents=True, exist_ok=True)
+    ensure_airflow_db(paths)
+    typer.echo(f"SHOPGUIDE_HOME={paths.home}\nMLFLOW_TRACKING_URI={paths.mlflow_tracking_uri}\n"
+               f"AIRFLOW_HOME={paths.airflow_home}")
+
+
+@app.command()
+def features(profile: Profile = "default", quiet: bool = False) -> None:
+    """Run the features DAG once (airflow dags test): land + validate events, Feast materialize."""
+    paths = Paths.from_env()
+    _env(paths)
+    _run_dag(paths, "shopguide_features", {"profile": profile}, quiet)
+
+
+@app.command()
+def retrain(
+    profile: Profile = "default",
+    max_steps: Annotated[int | None, typer.Option(help="Override the training steps.")] = None,
+    quiet: bool = False,
+) -> None:
+    """Run the retrain DAG once (airflow dags test): validate -> fine-tune -> export -> evaluate -> gate -> promote."""
+    paths = Paths.from_env()
+    _env(paths)
+    conf = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
+    xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet)
+    typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "promote")}, indent=2))
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Serve models:/shopguide-encoder@champion with uvicorn (FastAPI + ONNX Runtime)."""
+    paths = Paths.from_env()
+    _env(paths)
+    os.execvp(sys.executable, [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", host, "--port",
+                               str(port), "--log-level", "warning"])
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode} before it was ready")
+        try:
+            r = httpx.get(f"{url}/readyz", timeout=2)
+            if r.status_code == 200:
+                return r.json()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the service at {url} was not ready within {timeout} s")
+
+
+def demo_queries(url: str, user_id: int | None) -> None:
+    """A few real Home Depot search terms, one of them for a simulated user, printed with the model version."""
+    import httpx
+
+    with httpx.Client(base_url=url, timeout=10) as http:
+        asks = [{"query": q, "k": 3} for q in DEMO_QUERIES]
+        if user_id is not None:
+            asks.append({"query": DEMO_QUERIES[0], "k": 3, "user_id": user_id})
+        for body in asks:
+            started = time.perf_counter()
+            r = http.post("/v1/search", json=body)
+            ms = (time.perf_counter() - started) * 1000
+            r.raise_for_status()
+            ans = r.json()
+            who = f" user {body['user_id']} (personalized={ans.get('personalized')})" if "user_id" in body else ""
+            typer.secho(f"\n> {body['query']!r}{who} -> category {ans.get('category')!r}, "
+                        f"model v{ans['model_version']}, {ms:.1f} ms", bold=True)
+            for hit in ans["results"]:
+                typer.echo(f"    {hit['score']:.3f}  {hit['product_id']}  {hit['title']}")
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def airflow(ctx: typer.Context) -> None:
+    """Any `airflow ...` command on the embedded Airflow, e.g. `shopguide airflow standalone` for the UI."""
+    paths = Paths.from_env()
+    _env(paths)
+    from pipelines.airflow_env import ensure_airflow_db
+
+    ensure_airflow_db(paths)
+    os.execvp(sys.executable, [sys.executable, "-m", "airflow", *ctx.args])
+
+
+@app.command("mlflow-ui")
+def mlflow_ui(port: int = 5000) -> None:
+    """The MLflow UI over the embedded tracking store and registry."""
+    paths = Paths.from_env()
+    _env(paths)
+    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", paths.mlflow_tracking_uri,
+                               "--host", "127.0.0.1", "--port", str(port)])
+
+
+@app.command()
+def run(
+    profile: Profile = "default",
+    port: int = 8000,
+    quiet: Annotated[bool, typer.Option(help="Airflow logs at WARNING instead of INFO.")] = True,
+) -> None:
+    """The main job: features DAG, retrain DAG, then the service answering a few real queries."""
+    paths = Paths.from_env()
+    _env(paths)
+    started = time.perf_counter()
+    _banner(f"shopguide home: {paths.home}  (profile {profile})")
+    _banner("1/3 features DAG: land + validate the simulated event log, Feast apply + materialize")
+    landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet)
+    _banner("2/3 retrain DAG: snapshot, validate, fine-tune, export ONNX + INT8, index, evaluate, gate, promote")
+    xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet)
+    report, decision = xcoms.get("evaluate", {}), xcoms.get("gate", {})
+    typer.echo(json.dumps({k: report.get(k) for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100",
+                                                       "category_accuracy", "latency_p99_ms", "size_mb",
+                                                       "parity_cosine_min")}, indent=2))
+    typer.echo("gate: " + ("PASSED" if decision.get("passed") else "FAILED") + "\n  "
+               + "\n  ".join(decision.get("reasons", [])))
+    _banner(f"3/3 serving models:/{MODEL_NAME}@champion on http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning"])
+    try:
+        ready = _wait_ready(url, proc)
+        typer.echo(f"ready: {ready}")
+        events = landed.get("land_events", {})
+        demo_queries(url, 1 if events.get("users") else None)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    _banner(f"done in {time.perf_counter() - started:.0f} s")
+    typer.echo(f"""Next:
+  serve:      .venv/bin/shopguide serve --port {port}      then open {url}/docs
+  MLflow UI:  .venv/bin/shopguide mlflow-ui                   then open http://127.0.0.1:5000
+  Airflow UI: .venv/bin/shopguide airflow standalone          then open http://127.0.0.1:8080""")
+
+
+if __name__ == "__main__":
+    app()

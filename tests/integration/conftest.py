@@ -1,0 +1,55 @@
+"""A real registered @champion, built once per session from the shipped data (base MiniLM, 0 training steps)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import MODEL_NAME, DataConfig, EvaluateConfig, ExportConfig, Paths, TrainConfig
+
+AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+RUN_KEY = "integration-serving-champion"
+
+
+@dataclass(frozen=True)
+class RegisteredChampion:
+    paths: Paths
+    version: str
+    bundle_dir: Path
+    snapshot_dir: Path
+    as_of: datetime  # the snapshot's event log ends here
+
+
+@pytest.fixture(scope="session")
+def champion(shopguide_home: Paths) -> RegisteredChampion:
+    """Snapshot -> fine-tune (0 steps, real head) -> ONNX INT8 -> index -> evaluate -> register -> @champion.
+
+    Every step is the pipeline's own function on the session's temporary SHOPGUIDE_HOME and SQLite MLflow store
+    (tests/conftest.py); only the sizes are small. Takes ~30 s, most of it the ONNX export and quantization.
+    """
+    from pipelines.data import snapshot_data
+    from pipelines.evaluate import evaluate_bundle
+    from pipelines.export import export_model
+    from pipelines.finetune import finetune_encoder
+    from pipelines.index import build_product_index
+    from pipelines.registry import CHAMPION, end_run, register_bundle, set_alias, start_run, write_model_card
+
+    paths = shopguide_home
+    work = paths.run_dir(RUN_KEY)
+    snapshot = snapshot_data(DataConfig(max_terms=100, max_offers=1000, event_users=30), work / "snapshot", AS_OF)
+    train = TrainConfig(max_steps=0, head_max_offers=300, head_epochs=5)
+    finetune_encoder(snapshot.path, work / "model", train)
+    bundle = work / "bundle"
+    export_model(work / "model", snapshot.path, bundle, ExportConfig(parity_texts=8), train.max_seq_length)
+    build_product_index(bundle, snapshot.path)
+    report = evaluate_bundle(bundle, snapshot.path, EvaluateConfig(max_category_offers=100, latency_queries=10))
+    lineage = {"snapshot_hash": snapshot.hash, "run_key": RUN_KEY}
+    write_model_card(bundle, report, None, {"passed": True, "reasons": ["integration fixture"]}, lineage)
+    run_id = start_run(paths, RUN_KEY, lineage)
+    version = register_bundle(paths, run_id, bundle, MODEL_NAME, RUN_KEY, lineage)
+    set_alias(paths, MODEL_NAME, CHAMPION, version)
+    end_run(paths, run_id)
+    return RegisteredChampion(paths, version, bundle, snapshot.path, AS_OF)

@@ -1,0 +1,94 @@
+"""End to end on real components: both DAGs under `airflow dags test`, the real MiniLM, MLflow, Feast, ORT, serving."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+from pipelines import registry
+from pipelines.airflow_env import run_dag_test
+from pipelines.config import MODEL_NAME
+from pipelines.data import HOMEDEPOT_FILE
+
+pytestmark = pytest.mark.slow
+LOGICAL_DATE = "2026-11-01T00:00:00+00:00"
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(airflow_paths):
+    """Features DAG then retrain DAG on the tiny profile; returns the retrain run's results."""
+    features = run_dag_test(airflow_paths, "shopguide_features", {"profile": "tiny"}, LOGICAL_DATE, capture=True)
+    features.check()
+    retrain = run_dag_test(airflow_paths, "shopguide_retrain", {"profile": "tiny"}, LOGICAL_DATE, capture=True)
+    retrain.check()
+    return airflow_paths, features, retrain
+
+
+def test_retrain_registers_a_complete_champion(pipeline_run, tmp_path):
+    paths, _, retrain = pipeline_run
+    version = registry.alias_version(paths, MODEL_NAME, registry.CHAMPION)
+    assert version is not None and version == retrain.xcom("register")["version"]
+    assert registry.alias_version(paths, MODEL_NAME, registry.CHALLENGER) == version
+    bundle = registry.download_bundle(paths, MODEL_NAME, version, tmp_path)
+    assert registry.missing_files(bundle) == []
+    tags = registry.client(paths).get_model_version(MODEL_NAME, version).tags
+    assert tags["gate_passed"] == "true"
+    assert tags["airflow_dag_id"] == "shopguide_retrain" and tags["airflow_run_id"] == retrain.run_id
+    assert len(tags["data_snapshot"]) == 16
+    report = retrain.xcom("evaluate")
+    assert 0 < report["ndcg_at_10"] <= 1 and 0 < report["category_accuracy"] <= 1
+    assert report["parity_cosine_min"] > 0.95
+    run = registry.client(paths).get_run(tags["mlflow_run_id"])
+    assert {"finetune.final_loss", "evaluate.ndcg_at_10", "export.served_cosine_min"} <= set(run.data.metrics)
+
+
+def test_champion_loads_as_an_mlflow_pyfunc(pipeline_run):
+    import mlflow
+
+    out = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").predict(
+        pd.DataFrame({"query": ["cordless drill", "garden hose"]}), params={"k": 5})
+    assert list(out["query"]) == ["cordless drill", "garden hose"]
+    assert all(len(ids) == 5 for ids in out["product_ids"])
+
+
+def test_service_answers_with_the_champion_for_a_query_and_a_user(pipeline_run):
+    from serving.app import create_app
+
+    paths, features, _ = pipeline_run
+    version = registry.alias_version(paths, MODEL_NAME, registry.CHAMPION)
+    events = pd.read_parquet(features.xcom("land_events")["events_path"])
+    user = int(events["user_id"].iloc[-1])
+    with TestClient(create_app()) as client:
+        anon = client.post("/v1/search", json={"query": "cordless drill", "k": 5})
+        assert anon.status_code == 200, anon.text
+        assert anon.json()["model_version"] == version and len(anon.json()["results"]) == 5
+        personal = client.post("/v1/search", json={"query": "cordless drill", "k": 5, "user_id": user})
+        assert personal.status_code == 200, personal.text
+        body = personal.json()
+        assert body["model_version"] == version and len(body["results"]) == 5
+        assert body["personalized"] is True, body
+
+
+@pytest.mark.parametrize(("breakage", "day"), [("null_query", 2), ("relevance_out_of_range", 3)])
+def test_broken_data_stops_before_training_and_keeps_the_champion(pipeline_run, tmp_path, breakage, day):
+    paths, _, _ = pipeline_run
+    champion = registry.alias_version(paths, MODEL_NAME, registry.CHAMPION)
+    # fewer distinct terms than the tiny profile keeps, so every row (the broken one too) is in the snapshot
+    df = pd.read_csv(HOMEDEPOT_FILE, encoding="latin-1", nrows=250)
+    assert df["search_term"].nunique() < 300
+    if breakage == "null_query":
+        df.loc[3, "search_term"] = None
+    else:
+        df.loc[3, "relevance"] = 7.0
+    broken = tmp_path / "judgments.csv"
+    df.to_csv(broken, index=False)
+    run = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny", "judgments_path": str(broken)},
+                       f"2026-11-0{day}T00:00:00+00:00", capture=True)
+    assert not run.ok, run.output[-3000:]
+    assert "validate" in run.task_states, run.output[-3000:]
+    assert run.task_states["validate"] == "failed"
+    assert run.task_states["finetune"] == "upstream_failed"
+    expected = "search_term" if breakage == "null_query" else "expect_column_values_to_be_between"
+    assert "Data validation failed" in run.output and expected in run.output
+    assert registry.alias_version(paths, MODEL_NAME, registry.CHAMPION) == champion
