@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -39,7 +39,7 @@ def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool) -> dict:
     from pipelines.airflow_env import run_dag_test
 
     started = time.perf_counter()
-    result = run_dag_test(paths, dag_id, conf, datetime.now(timezone.utc).replace(microsecond=0), quiet=quiet)
+    result = run_dag_test(paths, dag_id, conf, datetime.now(UTC).replace(microsecond=0), quiet=quiet)
     typer.echo(f"{dag_id}: {result.state} in {time.perf_counter() - started:.0f} s; tasks: {result.task_states}")
     if not result.ok:
         typer.secho(f"{dag_id} did not succeed; the task log above says why.", fg=typer.colors.RED, err=True)
