@@ -110,7 +110,8 @@ def simulate_events(
         for term_idx in rng.choice(len(terms), size=int(rng.integers(1, 4)), replace=False):
             term = terms[term_idx]
             session = rng.uniform(0, span)
-            for offset, (pid, rel) in enumerate(zip(by_term[term]["product_uid"], by_term[term]["relevance"], strict=True)):
+            judged = zip(by_term[term]["product_uid"], by_term[term]["relevance"], strict=True)
+            for offset, (pid, rel) in enumerate(judged):
                 grade = (float(rel) - 1.0) / 2.0  # 0 (irrelevant) .. 1 (exact)
                 at = session + 20.0 * offset
                 rows.append((user, int(pid), "view", at, term))

@@ -1,4 +1,4 @@
-"""The served encoder: `tokenizers` + an ONNX Runtime session over a model bundle; no torch, shared by eval and serving."""
+"""The served encoder: `tokenizers` + ONNX Runtime over a model bundle; no torch; shared by eval and serving."""
 
 from __future__ import annotations
 

@@ -50,8 +50,8 @@ def retrieval_run(
     run: dict[str, dict[str, float]] = {}
     for start in range(0, len(terms), 256):  # bounded memory: 256 x catalog scores at a time
         rows, scores = index.search(emb[start : start + 256], k)
-        for term, r, s in zip(terms[start : start + 256], rows, scores):
-            run[term] = {str(index.product_ids[i]): float(v) for i, v in zip(r, s)}
+        for term, r, s in zip(terms[start : start + 256], rows, scores, strict=True):
+            run[term] = {str(index.product_ids[i]): float(v) for i, v in zip(r, s, strict=True)}
     return run
 
 

@@ -47,7 +47,7 @@ def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> 
 
 
 def train_contrastive(model: SentenceTransformer, pairs: pd.DataFrame, cfg: TrainConfig, out_dir: Path) -> list[dict]:
-    """MultipleNegativesRankingLoss (in-batch negatives) with the sentence-transformers trainer; returns the loss log."""
+    """MultipleNegativesRankingLoss (in-batch negatives) via the sentence-transformers trainer; returns the loss log."""
     if cfg.max_steps == 0 or pairs.empty:
         return []
     from datasets import Dataset

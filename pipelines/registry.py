@@ -69,7 +69,8 @@ def log_step(
     for point in history or []:
         flat.append(Metric(f"{step}.loss", float(point["loss"]), now, int(point["step"])))
     existing = c.get_run(run_id).data.params
-    new_params = [Param(f"{step}.{k}", str(v)[:6000]) for k, v in (params or {}).items() if f"{step}.{k}" not in existing]
+    new_params = [Param(f"{step}.{k}", str(v)[:6000]) for k, v in (params or {}).items()
+                  if f"{step}.{k}" not in existing]  # params are immutable in MLflow: a retried task skips them
     c.log_batch(run_id, metrics=flat, params=new_params)
     c.log_dict(run_id, metrics, f"steps/{step}.json")
 
@@ -93,7 +94,8 @@ Sentence encoder (mean pooling, L2-normalised) with a category head, served as O
 Fine-tuned from all-MiniLM-L6-v2 on Home Depot search relevance (real), category head on PriceRunner (real).
 
 ## Data snapshot
-`{report.get("snapshot_hash")}`; held-out search terms: {report.get("heldout_terms")}; catalog: {report.get("catalog_products")}
+`{report.get("snapshot_hash")}`; held-out search terms: {report.get("heldout_terms")};
+catalog: {report.get("catalog_products")} products
 
 ## Metrics (candidate vs champion at evaluation time)
 | metric | candidate | champion |
