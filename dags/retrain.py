@@ -107,7 +107,8 @@ def shopguide_retrain():
     def promote(snap: dict, registered: dict, decision: dict) -> dict:
         from pipelines.retrain import promote
 
-        return promote(_run()[0], snap, registered, decision)
+        params, run_key, _, lineage = _run()
+        return promote(params, snap, registered, decision, lineage, run_key)
 
     @task
     def conclude(decision: dict, outcome: dict) -> dict:

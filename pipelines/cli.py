@@ -129,6 +129,68 @@ def demo_queries(url: str, user_id: int | None) -> None:
                 typer.echo(f"    {hit['score']:.3f}  {hit['product_id']}  {hit['title']}")
 
 
+Reason = Annotated[str, typer.Option(help="Why (required; recorded in the registry with who did it).")]
+Force = Annotated[bool, typer.Option(help="Allow a version that failed its evaluation gate (recorded).")]
+Model = Annotated[str, typer.Option(help="Registered model name.")]
+
+
+def _actor() -> str:
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        return "cli:unknown"
+
+
+def _move(action: str, version: str | None, reason: str, force: bool, model: str) -> None:
+    from pipelines import registry
+
+    paths = Paths.from_env()
+    _env(paths)
+    try:
+        if action == registry.PROMOTE:
+            move = registry.promote(paths, model, str(version), reason, _actor(), force=force)
+        else:
+            move = registry.rollback(paths, model, reason, _actor(), force=force)
+    except registry.PromotionError as err:
+        typer.secho(f"{action} refused: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.secho(move.summary(), fg=typer.colors.GREEN if move.moved else None)
+
+
+@app.command()
+def promote(
+    version: Annotated[int, typer.Argument(min=1, help="Registered version to make @champion.")],
+    reason: Reason,
+    force: Force = False,
+    model: Model = MODEL_NAME,
+) -> None:
+    """Move @champion to VERSION after re-checking its artifacts and gate result (a no-op if it already is)."""
+    _move("promote", str(version), reason, force, model)
+
+
+@app.command()
+def rollback(reason: Reason, force: Force = False, model: Model = MODEL_NAME) -> None:
+    """Move @champion back to the version it held before; a second rollback goes further back."""
+    _move("rollback", None, reason, force, model)
+
+
+@app.command()
+def history(model: Model = MODEL_NAME) -> None:
+    """Every recorded move of @champion, oldest first, and where the aliases point now."""
+    from pipelines import registry
+
+    paths = Paths.from_env()
+    _env(paths)
+    for e in registry.champion_history(paths, model):
+        forced = " FORCED" if e.get("forced") else ""
+        typer.echo(f"{e['at']}  {e['action']:<8} {e.get('previous') or '(none)'} -> {e['version']}{forced}  "
+                   f"by {e['actor']}: {e['reason']}")
+    for alias in (registry.CHAMPION, registry.CHALLENGER):
+        typer.echo(f"@{alias} = {registry.alias_version(paths, model, alias) or '(none)'}")
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def airflow(ctx: typer.Context) -> None:
     """Any `airflow ...` command on the embedded Airflow, e.g. `shopguide airflow standalone` for the UI."""

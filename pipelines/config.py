@@ -34,12 +34,19 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     base_model: str = Field(PACKAGED_BASE_MODEL, description="Packaged model, a local folder or a hub id.")
-    max_steps: int = Field(200, ge=0, le=100_000, description="Contrastive training steps (0 = base model).")
+    max_steps: int = Field(200, ge=-1, le=100_000,
+                           description="Contrastive training steps (0 = base model, -1 = `epochs` over all pairs).")
+    epochs: float = Field(1.0, gt=0, le=20, description="Passes over the training pairs when max_steps is -1.")
     batch_size: int = Field(32, ge=2, le=512)
     learning_rate: float = Field(5e-5, gt=0, lt=1)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     max_seq_length: int = Field(32, ge=8, le=512)
     min_positive_relevance: float = Field(2.5, ge=1, le=3, description="Judgments at or above this are positives.")
+    hard_negatives: bool = Field(True, description="Add low-graded judgments of the same query as hard negatives.")
+    max_negative_relevance: float = Field(1.67, ge=1, le=3, description="Judgments at or below this are negatives.")
+    pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
+    validation_terms: bool = Field(True, description="Hold out 1/16 of the training terms to score the model.")
+    eval_steps: int | None = Field(None, ge=1, description="Score the validation terms every N steps, keep the best.")
     head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
     head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
     seed: int = 42

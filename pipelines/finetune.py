@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
-from pipelines.data import Snapshot
+from pipelines.data import Snapshot, normalize_term
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -39,6 +40,11 @@ def load_encoder(name_or_path: str, max_seq_length: int) -> SentenceTransformer:
     return model
 
 
+def is_validation_term(term: str) -> bool:
+    """1/16 of the training terms (md5 digit 2; held-out terms are 0 and 1) score the model during training."""
+    return hashlib.md5(normalize_term(term).encode()).hexdigest()[-1] == "2"
+
+
 def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> pd.DataFrame:
     """(anchor = real search term, positive = judged product title) for judgments at or above the threshold."""
     pos = judgments[judgments["relevance"] >= min_relevance]
@@ -46,39 +52,96 @@ def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> 
     return pairs.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
-def train_contrastive(model: SentenceTransformer, pairs: pd.DataFrame, cfg: TrainConfig, out_dir: Path) -> list[dict]:
-    """MultipleNegativesRankingLoss (in-batch negatives) via the sentence-transformers trainer; returns the loss log."""
-    if cfg.max_steps == 0 or pairs.empty:
+def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig) -> dict[str, pd.DataFrame]:
+    """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
+
+    `triplets`: positives whose query also has a low-graded judgment, that product being a real hard negative (a
+    human said it does not match); `pairs`: the other positives (in-batch negatives only); `offers`: optional
+    PriceRunner offer title -> canonical product title pairs.
+    """
+    norm = judgments["search_term"].map(normalize_term)
+    pos = judgments[judgments["relevance"] >= cfg.min_positive_relevance].assign(term=norm)
+    neg = judgments[judgments["relevance"] <= cfg.max_negative_relevance].assign(term=norm)
+    sets: dict[str, pd.DataFrame] = {}
+    if cfg.hard_negatives and not neg.empty:
+        # one negative per positive, drawn deterministically among the query's low-graded products
+        neg = neg.sample(frac=1.0, random_state=cfg.seed).drop_duplicates("term")
+        joined = pos.merge(neg[["term", "product_title"]], on="term", suffixes=("", "_neg"))
+        sets["triplets"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
+                                         "positive": joined["product_title"].astype(str),
+                                         "negative": joined["product_title_neg"].astype(str)})
+        pos = pos[~pos["term"].isin(set(joined["term"]))]
+    sets["pairs"] = pd.DataFrame({"anchor": pos["search_term"].astype(str),
+                                  "positive": pos["product_title"].astype(str)})
+    if cfg.pricerunner_pairs:
+        sample = offers.sample(n=min(cfg.pricerunner_pairs, len(offers)), random_state=cfg.seed)
+        sets["offers"] = pd.DataFrame({"anchor": sample["offer_title"].astype(str),
+                                       "positive": sample["cluster_label"].astype(str)})
+    return {name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
+            for name, df in sets.items() if not df.empty}
+
+
+def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int):
+    """IR evaluator on the validation terms against their judged products plus 5,000 distractor titles."""
+    from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+
+    val = judgments.assign(term=judgments["search_term"].map(normalize_term))
+    relevant = val[val["relevance"] >= min_relevance].groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
+    distractors = catalog.sample(n=min(5000, len(catalog)), random_state=seed)
+    corpus = dict(zip(distractors["product_uid"].astype(str), distractors["product_title"].astype(str), strict=True))
+    corpus.update(zip(val["product_uid"].astype(str), val["product_title"].astype(str), strict=True))
+    return InformationRetrievalEvaluator(
+        queries={t: t for t in relevant.index}, corpus=corpus, relevant_docs=relevant.to_dict(), name="val",
+        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[10], precision_recall_at_k=[10], map_at_k=[10],
+        write_csv=False, batch_size=64,
+    )
+
+
+def train_contrastive(
+    model: SentenceTransformer, sets: dict[str, pd.DataFrame], cfg: TrainConfig, out_dir: Path, evaluator=None
+) -> list[dict]:
+    """MultipleNegativesRankingLoss (in-batch + hard negatives) via the sentence-transformers trainer.
+
+    Returns the log history (training loss, and validation scores when an evaluator is given).
+    """
+    if cfg.max_steps == 0 or not sets:
         return []
-    from datasets import Dataset
+    from datasets import Dataset, DatasetDict
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
+    evaluating = evaluator is not None and cfg.eval_steps is not None
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
-        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of max_steps
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         seed=cfg.seed,
         data_seed=cfg.seed,
         # duplicates in a batch would be false in-batch negatives for MNRL
         batch_sampler=BatchSamplers.NO_DUPLICATES,
-        logging_steps=max(1, min(25, cfg.max_steps // 4)),
-        save_strategy="no",
+        logging_steps=25 if cfg.max_steps < 0 else max(1, min(25, cfg.max_steps // 4)),
+        eval_strategy="steps" if evaluating else "no",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps" if evaluating else "no",
+        save_steps=cfg.eval_steps,
+        save_total_limit=2,
+        load_best_model_at_end=evaluating,
+        metric_for_best_model="eval_val_cosine_ndcg@10" if evaluating else None,
         report_to="none",
         use_cpu=True,
         dataloader_num_workers=0,
     )
+    train = DatasetDict({name: Dataset.from_pandas(df, preserve_index=False) for name, df in sets.items()})
     trainer = SentenceTransformerTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_pandas(pairs, preserve_index=False),
-        loss=MultipleNegativesRankingLoss(model),
+        model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model),
+        evaluator=evaluator if evaluating else None,
     )
     trainer.train()
-    return [{"step": e["step"], "loss": e["loss"]} for e in trainer.state.log_history if "loss" in e]
+    return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
 
 
 def train_category_head(
@@ -110,27 +173,42 @@ def train_category_head(
 
 def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainConfig) -> dict[str, Any]:
     """Fine-tune the base encoder and train the category head; writes safetensors only (no pickle)."""
+    import time
+
+    import torch
     from safetensors.torch import save_file
 
     snap, out = Snapshot.open(snapshot_dir), Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     model = load_encoder(cfg.base_model, cfg.max_seq_length)
-    pairs = positive_pairs(snap.table("judgments_train"), cfg.min_positive_relevance, cfg.seed)
-    losses = train_contrastive(model, pairs, cfg, out)
+    judgments = snap.table("judgments_train")
+    is_val = judgments["search_term"].map(is_validation_term).astype(bool)
+    if not cfg.validation_terms:
+        is_val[:] = False
+    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg)
+    evaluator = (validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
+                 if is_val.any() else None)
+    metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()}
+    if evaluator is not None:
+        metrics["val_ndcg_at_10_before"] = evaluator(model)["val_cosine_ndcg@10"]
+    started = time.perf_counter()
+    history = train_contrastive(model, sets, cfg, out, evaluator)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    if evaluator is not None:
+        metrics["val_ndcg_at_10"] = evaluator(model)["val_cosine_ndcg@10"]
     model.save(str(out / ENCODER_DIR))
     head, labels, head_metrics = train_category_head(model, snap.table("offers_train"), cfg)
     save_file(head, str(out / HEAD_FILE))
     (out / LABELS_FILE).write_text(json.dumps(labels))
+    losses = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]
     return {
         "model_dir": str(out),
-        "train_pairs": len(pairs),
-        "steps": cfg.max_steps,
+        "steps": int(max((e.get("step", 0) for e in history), default=0)),
         "loss_history": losses,
         "final_loss": losses[-1]["loss"] if losses else None,
+        **metrics,
         **head_metrics,
     }
 

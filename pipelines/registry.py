@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,3 +207,187 @@ def version_report(paths: Paths, model_name: str, version: str) -> dict[str, Any
     except Exception:
         return None
     return json.loads(text)
+
+
+# --- promotion and rollback -----------------------------------------------------------------------------------------
+# Every move of @champion made here is recorded as one registered-model tag `champion_history.<UTC timestamp>` whose
+# value is a JSON object {action, version, previous, reason, actor, at, forced, run_key}. One tag per move (not one
+# growing JSON list) because registry tag values are VARCHAR(5000) in the SQL stores and appending never rewrites
+# older entries. The promoted version also gets `promoted_*` tags (and `forced` / `force_reason` when forced).
+HISTORY_TAG_PREFIX = "champion_history."
+PROMOTE, ROLLBACK = "promote", "rollback"
+_REASON_MAX = 1000
+
+
+class PromotionError(RuntimeError):
+    """A promotion or rollback was refused; nothing moved. The message says why and what would make it pass."""
+
+
+@dataclass(frozen=True)
+class AliasMove:
+    """The outcome of promote()/rollback(): where @champion was and is, and why; moved=False for a no-op."""
+
+    action: str
+    model_name: str
+    version: str
+    previous: str | None
+    moved: bool
+    reason: str
+    actor: str
+    forced: bool = False
+    at: str = ""
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        if not self.moved:
+            return f"{self.action}: {self.model_name}@{CHAMPION} stays at version {self.version} ({self.note})"
+        forced = "; FORCED past a failed gate" if self.forced else ""
+        return (f"{self.action}: {self.model_name}@{CHAMPION} {self.previous or '(none)'} -> {self.version} "
+                f"(reason: {self.reason}; by {self.actor}{forced})")
+
+
+def champion_history(paths: Paths, model_name: str) -> list[dict[str, Any]]:
+    """Every recorded move of @champion, oldest first (empty when the model does not exist yet)."""
+    try:
+        tags = client(paths).get_registered_model(model_name).tags
+    except Exception:  # no such registered model
+        return []
+    return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX))]
+
+
+def champion_lineage(history: list[dict[str, Any]]) -> list[str]:
+    """The stack of champions the history implies, oldest first; its top is the current champion.
+
+    A promotion pushes (after the champion it replaced, if that was set outside these functions); a rollback pops
+    back to the version it restored. So rollback after rollback walks further back, never forward again.
+    """
+    stack: list[str] = []
+    for entry in history:
+        if entry["action"] == PROMOTE:
+            if entry.get("previous") and (not stack or stack[-1] != entry["previous"]):
+                stack.append(entry["previous"])
+            if not stack or stack[-1] != entry["version"]:
+                stack.append(entry["version"])
+        else:
+            while stack and stack[-1] != entry["version"]:
+                stack.pop()
+            if not stack:
+                stack.append(entry["version"])
+    return stack
+
+
+def check_version(paths: Paths, model_name: str, version: str, force: bool) -> bool:
+    """Re-check a version before it becomes champion; returns whether the gate had to be forced.
+
+    Raises PromotionError when the version does not exist, its bundle misses a required file (downloaded and listed),
+    or it did not pass its gate (tag `gate_passed`) and `force` is off.
+    """
+    import tempfile
+
+    c = client(paths)
+    try:
+        mv = c.get_model_version(model_name, str(version))
+    except Exception as err:
+        raise PromotionError(f"{model_name} version {version} does not exist in the registry") from err
+    if mv.status != "READY":
+        raise PromotionError(f"{model_name} version {version} is {mv.status}, not READY")
+    with tempfile.TemporaryDirectory(prefix="shopguide-check-") as tmp:
+        try:
+            bundle = download_bundle(paths, model_name, str(version), tmp)
+        except Exception as err:
+            raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
+        missing = missing_files(bundle)
+    if missing:
+        raise PromotionError(f"{model_name} version {version} is not servable, its bundle is missing: "
+                             f"{', '.join(missing)}")
+    gate = mv.tags.get("gate_passed")
+    if gate == "true":
+        return False
+    if not force:
+        reasons = mv.tags.get("gate_reasons", "")
+        failed = [r for r in json.loads(reasons) if not r.startswith("ok")] if reasons.startswith("[") else []
+        raise PromotionError(
+            f"{model_name} version {version} did not pass its gate (gate_passed={gate or 'missing'})"
+            + (": " + "; ".join(failed) if failed else "")
+            + "; promoting it anyway needs force with a reason")
+    return True
+
+
+def _move(paths: Paths, model_name: str, action: str, version: str, previous: str | None, reason: str, actor: str,
+          forced: bool, run_key: str | None, note: str = "") -> AliasMove:
+    """The single atomic alias call, then the record of who/why (a crash in between leaves a move unrecorded,
+    which rollback detects: the champion is then not the top of the recorded lineage)."""
+    from datetime import UTC, datetime
+
+    c = client(paths)
+    now = datetime.now(UTC)
+    c.set_registered_model_alias(model_name, CHAMPION, str(version))
+    entry = {"action": action, "version": str(version), "previous": previous, "reason": reason[:_REASON_MAX],
+             "actor": actor, "at": now.isoformat(timespec="seconds"), "forced": forced, "run_key": run_key}
+    c.set_registered_model_tag(model_name, f"{HISTORY_TAG_PREFIX}{now:%Y%m%dT%H%M%S.%fZ}", json.dumps(entry))
+    version_tags = {"promoted_at": entry["at"], "promoted_by": actor, "promotion_reason": entry["reason"],
+                    "promoted_from": previous or "none", "promotion_action": action}
+    if forced:
+        version_tags.update(forced="true", force_reason=entry["reason"])
+    for k, v in version_tags.items():
+        c.set_model_version_tag(model_name, str(version), k, v)
+    return AliasMove(action, model_name, str(version), previous, True, entry["reason"], actor, forced, entry["at"],
+                     note)
+
+
+def _require_reason(reason: str, action: str) -> str:
+    if not reason or not reason.strip():
+        raise PromotionError(f"{action} needs a non-empty reason (it is recorded with the alias move)")
+    return reason.strip()
+
+
+def promote(paths: Paths, model_name: str, version: str | int, reason: str, actor: str, force: bool = False,
+            run_key: str | None = None) -> AliasMove:
+    """Move @champion to `version` after re-checking it (check_version); records the move in the history.
+
+    Idempotent: promoting the current champion, or promoting again from the same pipeline run (`run_key`, e.g. a
+    re-run of a retrain DAG run after a later rollback), moves nothing and says so.
+    """
+    reason = _require_reason(reason, PROMOTE)
+    version = str(version)
+    current = alias_version(paths, model_name, CHAMPION)
+    if run_key is not None:
+        history = champion_history(paths, model_name)
+        done = [e for e in history if e.get("run_key") == run_key and e["action"] == PROMOTE]
+        if done:
+            return AliasMove(PROMOTE, model_name, current or done[-1]["version"], current, False, reason, actor,
+                             note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}")
+    if current == version:
+        return AliasMove(PROMOTE, model_name, version, current, False, reason, actor,
+                         note=f"version {version} already is the champion")
+    forced = check_version(paths, model_name, version, force)
+    return _move(paths, model_name, PROMOTE, version, current, reason, actor, forced, run_key)
+
+
+def rollback(paths: Paths, model_name: str, reason: str, actor: str, force: bool = False) -> AliasMove:
+    """Move @champion back to the version it held before the current champion was promoted.
+
+    Walks the recorded lineage (champion_lineage): a second rollback goes one further back; with no earlier champion
+    recorded, or when @champion was moved outside promote()/rollback() since the last recorded move, it refuses.
+    The target is re-checked like a promotion (artifacts, gate tag unless forced).
+    """
+    reason = _require_reason(reason, ROLLBACK)
+    current = alias_version(paths, model_name, CHAMPION)
+    if current is None:
+        raise PromotionError(f"{model_name} has no @{CHAMPION}: nothing to roll back")
+    lineage = champion_lineage(champion_history(paths, model_name))
+    if not lineage or lineage[-1] != current:
+        raise PromotionError(
+            f"{model_name}@{CHAMPION} is version {current}, but the last recorded move left version "
+            f"{lineage[-1] if lineage else '(none)'}: the alias was moved outside shopguide promote/rollback, so "
+            "the version it held before is unknown; promote the version you want explicitly")
+    if len(lineage) < 2:
+        raise PromotionError(f"{model_name}@{CHAMPION} is version {current} and no earlier champion is recorded: "
+                             "nothing to roll back to")
+    target = lineage[-2]
+    forced = check_version(paths, model_name, target, force)
+    return _move(paths, model_name, ROLLBACK, target, current, reason, actor, forced, None,
+                 note=f"back to the champion before version {current}")

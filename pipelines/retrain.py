@@ -99,12 +99,14 @@ def build_index(snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
     from pipelines import registry
-    from pipelines.evaluate import evaluate_bundle
+    from pipelines.evaluate import ERRORS_FILE, evaluate_bundle
 
     cfg = config_from_params(params)
     report = evaluate_bundle(exported["bundle_dir"], snap["snapshot_dir"], cfg.evaluate,
                              parity_cosine_min=exported["parity_cosine_min"])
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "evaluate", report)
+    paths = Paths.from_env()
+    registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)
+    registry.client(paths).log_artifact(snap["mlflow_run_id"], str(Path(exported["bundle_dir"]) / ERRORS_FILE))
     return report
 
 
@@ -142,24 +144,38 @@ def register(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
     tags = {**lineage, "gate_passed": str(decision["passed"]).lower(),
             "gate_reasons": json.dumps(decision["reasons"])[:5000]}
     version = registry.register_bundle(paths, snap["mlflow_run_id"], bundle, cfg.registry.model_name, run_key, tags)
-    registry.set_alias(paths, cfg.registry.model_name, registry.CHALLENGER, version)
+    # @challenger is the newest candidate: a re-run of an older DAG run finds its version and must not pull it back
+    challenger = registry.alias_version(paths, cfg.registry.model_name, registry.CHALLENGER)
+    if challenger is None or int(challenger) < int(version):
+        registry.set_alias(paths, cfg.registry.model_name, registry.CHALLENGER, version)
     return {"version": version, "registered": True}
 
 
-def promote(params: dict[str, Any], snap: dict[str, Any], registered: dict[str, Any],
-            decision: dict[str, Any]) -> dict[str, Any]:
-    """Move @champion to the candidate when the gate passed and auto-promotion is on; idempotent."""
+def promote(params: dict[str, Any], snap: dict[str, Any], registered: dict[str, Any], decision: dict[str, Any],
+            lineage: dict[str, str], run_key: str) -> dict[str, Any]:
+    """Move @champion to the candidate when the gate passed and auto-promotion is on, through registry.promote
+    (artifact re-check + history); idempotent per run: a re-run never moves the alias a second time."""
     from pipelines import registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
-    current = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
-    outcome = {"champion": current, "promoted": False, "previous_champion": current}
-    if decision["passed"] and cfg.registry.auto_promote and registered.get("version"):
-        if current != registered["version"]:
-            registry.set_alias(paths, cfg.registry.model_name, registry.CHAMPION, registered["version"],
-                               {"promoted_from": str(current), "promotion_reason": "gate passed (retrain DAG)"})
-        outcome.update(champion=registered["version"], promoted=True)
+    model = cfg.registry.model_name
+    current = registry.alias_version(paths, model, registry.CHAMPION)
+    outcome = {"champion": current, "previous_champion": current, "promoted": False, "moved": False}
+    if not decision["passed"]:
+        note = "gate failed"
+    elif not cfg.registry.auto_promote:
+        note = "auto-promotion is off: promote it with `shopguide promote VERSION`"
+    elif not registered.get("version"):
+        note = "nothing registered"
+    else:
+        actor = f"airflow:{lineage.get('airflow_dag_id')}/{lineage.get('airflow_run_id')}"
+        move = registry.promote(paths, model, registered["version"], f"gate passed in retrain run {run_key}", actor,
+                                run_key=run_key)
+        note = move.summary()
+        outcome.update(champion=move.version, promoted=True, moved=move.moved)
+    print(f"Promotion: {note}")
+    outcome["note"] = note
     client = registry.client(paths)
     client.set_tag(snap["mlflow_run_id"], "outcome", "promoted" if outcome["promoted"] else "not promoted")
     registry.end_run(paths, snap["mlflow_run_id"])

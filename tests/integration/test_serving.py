@@ -54,7 +54,7 @@ def online(champion: RegisteredChampion) -> OnlineFeatures:
     from pipelines.features import refresh_features
 
     result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
-    assert result["materialized"]["user_activity"]["entities"] > 0, result
+    assert result["materialized"]["user_activity"]["entities"] > 0, json.dumps(result)
     return OnlineFeatures(champion.paths)
 
 

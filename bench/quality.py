@@ -1,0 +1,125 @@
+"""Search and category quality of one profile in one run: BM25, the base model, the fine-tuned teacher, INT8 served.
+
+    .venv/bin/python bench/quality.py --profile default      # prints a table, then the JSON
+
+Not part of the test suite. Held-out Home Depot terms (1,326, project md5 rule) over the whole catalog (54,667 titles);
+PriceRunner held-out clusters for categories, against TF-IDF + logistic regression trained on the same split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def _retrieval(qrels, run) -> dict:
+    from pipelines.evaluate import ir_metrics, rerank_ndcg
+
+    return {**ir_metrics(qrels, run), "rerank_ndcg_at_10": rerank_ndcg(qrels, run)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. --set train.max_steps=50 (YAML value)")
+    parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="also write the JSON here")
+    args = parser.parse_args()
+
+    import numpy as np
+    import yaml
+
+    from pipelines.config import load_config
+    from pipelines.data import Snapshot, snapshot_data
+    from pipelines.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
+    from pipelines.export import export_model
+    from pipelines.finetune import finetune_encoder, load_encoder, load_finetuned
+    from pipelines.index import build_product_index
+
+    overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
+    cfg = load_config(args.profile, overrides)
+    work = Path(args.out or tempfile.mkdtemp(prefix="shopguide-quality-"))
+    snap = snapshot_data(cfg.data, work / "data", datetime(2026, 11, 1, tzinfo=UTC))
+    snap = Snapshot.open(snap.path)
+    catalog, heldout = snap.table("catalog"), snap.table("judgments_heldout")
+    qrels = heldout_qrels(heldout)
+    terms = sorted(qrels)
+    k = cfg.evaluate.retrieve_k
+    result: dict = {"profile": cfg.profile, "overrides": overrides, "heldout_terms": len(terms),
+                    "catalog": len(catalog), "retrieval": {}, "category": {}, "seconds": {}}
+
+    t0 = time.perf_counter()
+    result["retrieval"]["bm25"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=False))
+    result["retrieval"]["bm25_stemmed"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=True))
+    result["seconds"]["bm25"] = round(time.perf_counter() - t0, 1)
+
+    def st_encode(model):
+        return lambda texts: model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+
+    t0 = time.perf_counter()
+    base = load_encoder(cfg.train.base_model, cfg.train.max_seq_length)
+    run, _, _ = embedding_run(st_encode(base), catalog, terms, k)
+    result["retrieval"]["base_fp32"] = _retrieval(qrels, run)
+    result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
+    del base
+
+    t0 = time.perf_counter()
+    trained = finetune_encoder(snap.path, work / "finetune", cfg.train)
+    result["seconds"]["finetune"] = round(time.perf_counter() - t0, 1)
+    result["training"] = {k2: v for k2, v in trained.items() if k2 not in {"loss_history", "model_dir"}}
+
+    t0 = time.perf_counter()
+    model, head, labels = load_finetuned(trained["model_dir"], cfg.train.max_seq_length)
+    run, _, _ = embedding_run(st_encode(model), catalog, terms, k)
+    result["retrieval"]["finetuned_fp32"] = _retrieval(qrels, run)
+    offers_test = snap.table("offers_test")
+    import torch
+
+    with torch.no_grad():
+        emb = torch.from_numpy(st_encode(model)(offers_test["offer_title"].astype(str).tolist()))
+        predicted = np.asarray(labels)[head(emb).argmax(1).numpy()]
+    from sklearn.metrics import accuracy_score, f1_score
+
+    truth = offers_test["category_label"].astype(str).to_numpy()
+    result["category"]["finetuned_head_fp32"] = {"category_accuracy": float(accuracy_score(truth, predicted)),
+                                                 "category_macro_f1": float(f1_score(truth, predicted,
+                                                                                     average="macro"))}
+    result["seconds"]["finetuned_eval"] = round(time.perf_counter() - t0, 1)
+    result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
+
+    t0 = time.perf_counter()
+    exported = export_model(trained["model_dir"], snap.path, work / "bundle", cfg.export, cfg.train.max_seq_length)
+    build_product_index(work / "bundle", snap.path)
+    served = evaluate_bundle(work / "bundle", snap.path, cfg.evaluate.model_copy(update={"max_category_offers": None}),
+                             exported["parity_served"]["cosine_min"])
+    result["retrieval"]["served_int8"] = {m: served[m] for m in ("ndcg_at_10", "mrr_at_10", "recall_at_100")}
+    result["category"]["served_int8"] = {m: served[m] for m in ("category_accuracy",) if m in served}
+    result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
+
+    print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
+    print(f"{'model':<16} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15}")
+    for name, m in result["retrieval"].items():
+        print(f"{name:<16} {m['ndcg_at_10']:>8.4f} {m['mrr_at_10']:>8.4f} {m['recall_at_100']:>8.4f} "
+              f"{m.get('rerank_ndcg_at_10', float('nan')):>15.4f}")
+    print(f"{'category':<22} {'accuracy':>8} {'macro-F1':>8}")
+    for name, m in result["category"].items():
+        print(f"{name:<22} {m['category_accuracy']:>8.4f} {m.get('category_macro_f1', float('nan')):>8.4f}")
+    print(f"seconds: {result['seconds']}")
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
