@@ -12,11 +12,15 @@ from pipelines.config import MODEL_NAME, DataConfig, EvaluateConfig, ExportConfi
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 RUN_KEY = "integration-serving-champion"
+# Its own registered model: other tests in the session (the DAG end-to-end run) register and promote
+# shopguide-encoder in the same MLflow store, and neither side may move the other's @champion.
+TEST_MODEL_NAME = f"{MODEL_NAME}-serving-test"
 
 
 @dataclass(frozen=True)
 class RegisteredChampion:
-    paths: Paths
+    paths: Paths  # a home of its own (Feast stores, serving cache, run folders); MLflow is the session's store
+    model_name: str
     version: str
     bundle_dir: Path
     snapshot_dir: Path
@@ -27,8 +31,8 @@ class RegisteredChampion:
 def champion(shopguide_home: Paths) -> RegisteredChampion:
     """Snapshot -> fine-tune (0 steps, real head) -> ONNX INT8 -> index -> evaluate -> register -> @champion.
 
-    Every step is the pipeline's own function on the session's temporary SHOPGUIDE_HOME and SQLite MLflow store
-    (tests/conftest.py); only the sizes are small. Takes ~30 s, most of it the ONNX export and quantization.
+    Every step is the pipeline's own function, on the session's temporary SQLite MLflow store (tests/conftest.py)
+    and a home below the session's SHOPGUIDE_HOME; only the sizes are small. ~20-30 s, mostly ONNX export.
     """
     from pipelines.data import snapshot_data
     from pipelines.evaluate import evaluate_bundle
@@ -37,7 +41,7 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     from pipelines.index import build_product_index
     from pipelines.registry import CHAMPION, end_run, register_bundle, set_alias, start_run, write_model_card
 
-    paths = shopguide_home
+    paths = Paths(shopguide_home.home / "serving-test")
     work = paths.run_dir(RUN_KEY)
     snapshot = snapshot_data(DataConfig(max_terms=100, max_offers=1000, event_users=30), work / "snapshot", AS_OF)
     train = TrainConfig(max_steps=0, head_max_offers=300, head_epochs=5)
@@ -49,7 +53,7 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     lineage = {"snapshot_hash": snapshot.hash, "run_key": RUN_KEY}
     write_model_card(bundle, report, None, {"passed": True, "reasons": ["integration fixture"]}, lineage)
     run_id = start_run(paths, RUN_KEY, lineage)
-    version = register_bundle(paths, run_id, bundle, MODEL_NAME, RUN_KEY, lineage)
-    set_alias(paths, MODEL_NAME, CHAMPION, version)
+    version = register_bundle(paths, run_id, bundle, TEST_MODEL_NAME, RUN_KEY, lineage)
+    set_alias(paths, TEST_MODEL_NAME, CHAMPION, version)
     end_run(paths, run_id)
-    return RegisteredChampion(paths, version, bundle, snapshot.path, AS_OF)
+    return RegisteredChampion(paths, TEST_MODEL_NAME, version, bundle, snapshot.path, AS_OF)

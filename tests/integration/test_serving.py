@@ -18,7 +18,6 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from pipelines.config import MODEL_NAME
 from pipelines.encoder import LABELS_FILE
 from serving.app import create_app
 from serving.features import OnlineFeatures
@@ -33,7 +32,7 @@ K = 10
 
 @pytest.fixture(scope="module")
 def settings(champion: RegisteredChampion) -> Settings:
-    return Settings(home=champion.paths.home, model_poll_seconds=0)
+    return Settings(home=champion.paths.home, model_name=champion.model_name, model_poll_seconds=0)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +49,7 @@ def predictor(client: TestClient) -> Predictor:
 
 @pytest.fixture(scope="module")
 def online(champion: RegisteredChampion) -> OnlineFeatures:
-    """The snapshot's simulated events built, applied and materialized into the session home's Feast stores."""
+    """The snapshot's simulated events built, applied and materialized into the fixture home's Feast stores."""
     from pipelines.features import refresh_features
 
     result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
@@ -151,7 +150,7 @@ def test_ops_endpoints(client: TestClient, champion: RegisteredChampion) -> None
     assert ready.status_code == 200
     assert ready.json() == {"status": "ready", "model_version": champion.version, "detail": None}
     info = client.get("/v1/model").json()
-    assert info["model_name"] == MODEL_NAME and info["alias"] == "champion"
+    assert info["model_name"] == champion.model_name and info["alias"] == "champion"
     assert info["version"] == champion.version and info["source"] == "registry"
     assert info["products"] == len(pd.read_parquet(champion.snapshot_dir / "catalog.parquet"))
     assert info["categories"] == len(json.loads((champion.bundle_dir / LABELS_FILE).read_text()))
@@ -270,25 +269,26 @@ def test_alias_move_is_hot_swapped(client: TestClient, settings: Settings, champ
 
     paths = champion.paths
     run_id = start_run(paths, "integration-serving-hot-swap", {})
-    newer = register_bundle(paths, run_id, champion.bundle_dir, MODEL_NAME, "integration-serving-hot-swap", {})
+    name = champion.model_name
+    newer = register_bundle(paths, run_id, champion.bundle_dir, name, "integration-serving-hot-swap", {})
     end_run(paths, run_id)
     assert newer != champion.version
     polling = settings.model_copy(update={"model_poll_seconds": 0.2})
     try:
         with TestClient(create_app(polling)) as c:
             assert c.get("/v1/model").json()["version"] == champion.version
-            set_alias(paths, MODEL_NAME, CHAMPION, newer)
+            set_alias(paths, name, CHAMPION, newer)
             deadline = time.monotonic() + 30
             while c.get("/readyz").json()["model_version"] != newer:
                 assert time.monotonic() < deadline, "the alias move was not picked up"
                 time.sleep(0.1)
             assert _search(c, query="drill", k=3)["model_version"] == newer
-            set_alias(paths, MODEL_NAME, CHAMPION, champion.version)  # a rollback is the same move
+            set_alias(paths, name, CHAMPION, champion.version)  # a rollback is the same move
             while c.get("/readyz").json()["model_version"] != champion.version:
                 assert time.monotonic() < deadline, "the rollback was not picked up"
                 time.sleep(0.1)
     finally:
-        set_alias(paths, MODEL_NAME, CHAMPION, champion.version)
+        set_alias(paths, name, CHAMPION, champion.version)
 
 
 def test_serving_never_imports_torch(champion: RegisteredChampion, known_user) -> None:
@@ -306,7 +306,8 @@ assert body["personalized"], body
 assert "torch" not in sys.modules, "serving imported torch"
 print(json.dumps(body["model_version"]))
 """
-    env = {**os.environ, "SHOPGUIDE_MODEL_POLL_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "SHOPGUIDE_HOME": str(champion.paths.home), "SHOPGUIDE_MODEL_NAME": champion.model_name,
+           "SHOPGUIDE_MODEL_POLL_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
     env.pop("SHOPGUIDE_BUNDLE_DIR", None)
     done = subprocess.run([sys.executable, "-c", code, str(known_user[0])], env=env, capture_output=True, text=True,
                           timeout=180, cwd=Path(__file__).resolve().parents[2])
