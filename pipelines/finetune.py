@@ -82,12 +82,12 @@ def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfi
 
 
 def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int):
-    """IR evaluator on the validation terms against their judged products plus 5,000 distractor titles."""
+    """IR evaluator on the validation terms against their judged products plus 2,000 distractor titles."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     val = judgments.assign(term=judgments["search_term"].map(normalize_term))
     relevant = val[val["relevance"] >= min_relevance].groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
-    distractors = catalog.sample(n=min(5000, len(catalog)), random_state=seed)
+    distractors = catalog.sample(n=min(2000, len(catalog)), random_state=seed)
     corpus = dict(zip(distractors["product_uid"].astype(str), distractors["product_title"].astype(str), strict=True))
     corpus.update(zip(val["product_uid"].astype(str), val["product_title"].astype(str), strict=True))
     return InformationRetrievalEvaluator(
