@@ -47,6 +47,7 @@ user_activity = FeatureView(
     # A user idle for longer than a month carries no useful intent for personalisation.
     ttl=timedelta(days=30),
     schema=[
+        Field(name="events_1d", dtype=Int64, description="Events in the 24 hours up to the row time."),
         Field(name="events_7d", dtype=Int64, description="Events in the 7 days up to the row time."),
         Field(name="clicks_7d", dtype=Int64, description="Clicks in the 7 days up to the row time."),
         Field(name="purchases_30d", dtype=Int64, description="Purchases in the 30 days up to the row time."),
@@ -73,15 +74,24 @@ product_popularity = FeatureView(
     tags={"owner": "shopguide", "simulated": "true"},
 )
 
-# Versioned feature lists: serving asks for a service by name, never for loose feature references.
+# Versioned feature lists: serving asks for a service by name, never for loose feature references. Each lists its
+# features explicitly, so a column added to a view later never changes a published service under a serving model.
 search_v1 = FeatureService(
     name="search_v1",
-    features=[user_activity],
-    description="User features that personalise search and recommendations.",
+    features=[user_activity[["events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
+                             "recent_products"]]],
+    description="User features that personalise search and recommendations (first version, kept unchanged).",
+)
+
+search_v2 = FeatureService(
+    name="search_v2",
+    features=[user_activity[["events_1d", "events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
+                             "recent_products"]]],
+    description="search_v1 + events_1d: what serving reads and the personalisation evaluation joins point-in-time.",
 )
 
 product_v1 = FeatureService(
     name="product_v1",
-    features=[product_popularity],
-    description="Product popularity features.",
+    features=[product_popularity[["views_30d", "clicks_30d", "ctr"]]],
+    description="Product popularity and click-through: the recommendation fallback for users without history.",
 )

@@ -92,35 +92,64 @@ def catalog_from(judgments: pd.DataFrame) -> pd.DataFrame:
     return cat.sort_values("product_uid").reset_index(drop=True)
 
 
+def related_terms(judgments: pd.DataFrame) -> dict[str, list[str]]:
+    """Normalised term -> the other terms judged on at least one same product (sorted): the simulated missions' links.
+
+    Terms that share a judged product are what one shopping mission looks like in this data ("rain shower head" and
+    "shower only faucet", "honda mower" and "briggs and stratton lawn mower"); 7,801 of the 10,296 training terms
+    have at least one.
+    """
+    pairs = pd.DataFrame({"term": judgments["search_term"].map(normalize_term),
+                          "product": judgments["product_uid"]}).drop_duplicates()
+    pairs = pairs[pairs["term"] != ""]
+    linked = pairs.merge(pairs, on="product")
+    linked = linked[linked["term_x"] != linked["term_y"]].drop_duplicates(["term_x", "term_y"])
+    return {t: sorted(g) for t, g in linked.groupby("term_x", sort=True)["term_y"]}
+
+
 def simulate_events(
     judgments: pd.DataFrame, n_users: int, end: datetime, days: int = 28, seed: int = 7
 ) -> pd.DataFrame:
     """SIMULATED user event log (the real data has no users), deterministic for (judgments, n_users, end, days, seed).
 
-    Each simulated user has 1-3 intents drawn from real search terms; per intent they view the judged products and
-    click / add to cart / purchase with probabilities that rise with the product's graded relevance.
+    Each simulated user has 1-3 shopping missions. A mission starts from a real search term and adds 0-2 related
+    terms (terms judged on a shared product, `related_terms`), each searched in its own session, 6 h to 3 days
+    apart. In a session the user views the term's judged products and clicks / adds to cart / purchases with
+    probabilities that rise with the product's graded relevance. Missions are what make a user's history say
+    something about their next query; with independent intents no personalisation can beat the plain ranking.
     """
     rng = np.random.default_rng(seed)
     by_term = {t: g for t, g in judgments.groupby(judgments["search_term"].map(normalize_term), sort=True) if t}
     terms = list(by_term)
+    related = related_terms(judgments)
     end = end.astimezone(UTC)
     span = timedelta(days=days).total_seconds()
+    day = timedelta(days=1).total_seconds()
     rows: list[tuple[int, int, str, float, str]] = []
     for user in range(1, n_users + 1):
-        for term_idx in rng.choice(len(terms), size=int(rng.integers(1, 4)), replace=False):
-            term = terms[term_idx]
-            session = rng.uniform(0, span)
-            judged = zip(by_term[term]["product_uid"], by_term[term]["relevance"], strict=True)
-            for offset, (pid, rel) in enumerate(judged):
-                grade = (float(rel) - 1.0) / 2.0  # 0 (irrelevant) .. 1 (exact)
-                at = session + 20.0 * offset
-                rows.append((user, int(pid), "view", at, term))
-                if rng.random() < 0.05 + 0.55 * grade:
-                    rows.append((user, int(pid), "click", at + 5, term))
-                    if rng.random() < 0.5 * grade:
-                        rows.append((user, int(pid), "add_to_cart", at + 10, term))
-                        if rng.random() < 0.6:
-                            rows.append((user, int(pid), "purchase", at + 15, term))
+        for term_idx in rng.choice(len(terms), size=min(int(rng.integers(1, 4)), len(terms)), replace=False):
+            mission = [terms[term_idx]]
+            for _ in range(int(rng.integers(0, 3))):
+                options = sorted({t for m in mission for t in related.get(m, ())} - set(mission))
+                if not options:
+                    break
+                mission.append(options[int(rng.integers(len(options)))])
+            gaps = rng.uniform(0.25 * day, 3 * day, size=len(mission) - 1)
+            if gaps.sum() > span:  # a short simulated period squeezes the mission, never cuts it
+                gaps *= span / gaps.sum()
+            first = rng.uniform(0, span - gaps.sum())
+            for term, session in zip(mission, first + np.concatenate([[0.0], np.cumsum(gaps)]), strict=True):
+                judged = zip(by_term[term]["product_uid"], by_term[term]["relevance"], strict=True)
+                for offset, (pid, rel) in enumerate(judged):
+                    grade = (float(rel) - 1.0) / 2.0  # 0 (irrelevant) .. 1 (exact)
+                    at = session + 20.0 * offset
+                    rows.append((user, int(pid), "view", at, term))
+                    if rng.random() < 0.05 + 0.55 * grade:
+                        rows.append((user, int(pid), "click", at + 5, term))
+                        if rng.random() < 0.5 * grade:
+                            rows.append((user, int(pid), "add_to_cart", at + 10, term))
+                            if rng.random() < 0.6:
+                                rows.append((user, int(pid), "purchase", at + 15, term))
     df = pd.DataFrame(rows, columns=["user_id", "product_id", "event_type", "seconds", "query"])
     start = pd.Timestamp(end) - pd.Timedelta(seconds=span)
     df["event_timestamp"] = start + pd.to_timedelta(df.pop("seconds").clip(upper=span), unit="s")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -22,9 +23,13 @@ if TYPE_CHECKING:
 
 FEATURE_STORE_YAML = FEATURE_REPO / "feature_store.yaml"
 DEFINITIONS = FEATURE_REPO / "definitions.py"
+log = logging.getLogger(__name__)
+
 USER_VIEW = "user_activity"
 PRODUCT_VIEW = "product_popularity"
-USER_SERVICE = "search_v1"
+# The user feature list serving reads and the personalisation evaluation trains/evaluates on (one name for both).
+# search_v1 (without events_1d) stays registered, unchanged, for anything still pinned to it.
+USER_SERVICE = "search_v2"
 PRODUCT_SERVICE = "product_v1"
 VIEWS = (USER_VIEW, PRODUCT_VIEW)
 # The production switch: same code, the online store picked by the environment.
@@ -32,8 +37,10 @@ ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redi
 REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
 DEFAULT_REDIS = "127.0.0.1:6379"
 EVENT_COLUMNS = ("user_id", "product_id", "event_type", "event_timestamp")
-USER_COLUMNS = ("events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts", "recent_products")
+USER_COLUMNS = ("events_1d", "events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
+                "recent_products")
 PRODUCT_COLUMNS = ("views_30d", "clicks_30d", "ctr")
+DAY_WINDOW = pd.Timedelta(days=1)
 SHORT_WINDOW = pd.Timedelta(days=7)
 LONG_WINDOW = pd.Timedelta(days=30)
 
@@ -145,6 +152,8 @@ def _user_rows(window: pd.DataFrame, at: pd.Timestamp, recent_n: int) -> pd.Data
         "purchases_30d": (window["event_type"] == "purchase").groupby(window["user_id"]).sum(),
         "last_event_ts": by_user["event_timestamp"].max(),
     })
+    day = short[short["event_timestamp"] > at - DAY_WINDOW]
+    out["events_1d"] = day.groupby("user_id").size().reindex(out.index, fill_value=0)
     out["events_7d"] = short.groupby("user_id").size().reindex(out.index, fill_value=0)
     out["clicks_7d"] = (short["event_type"] == "click").groupby(short["user_id"]).sum().reindex(out.index, fill_value=0)
     # Newest first; ties in time keep the log's later row first, so the order is deterministic.
@@ -174,8 +183,8 @@ def build_feature_tables(
 ) -> dict[str, pd.DataFrame]:
     """Per-user and per-product feature rows, point-in-time correct, as a series of snapshots up to `as_of`.
 
-    A row stamped t is computed only from events with event_timestamp <= t (windows are (t - 7d, t] and
-    (t - 30d, t]), so a historical join that picks the newest row <= an entity's time never sees its future.
+    A row stamped t is computed only from events with event_timestamp <= t (windows are (t - 1d, t], (t - 7d, t]
+    and (t - 30d, t]), so a historical join that picks the newest row <= an entity's time never sees its future.
     Rows are emitted at every `freq` boundary and at `as_of`, for the users and products active in the 30-day
     window; events after `as_of` are ignored, so a run keyed to its own as_of is reproducible.
     """
@@ -332,25 +341,119 @@ def materialize(paths: Paths, end: datetime) -> dict[str, Any]:
     return {"views": sorted(views), "end": end_utc.isoformat(), "materialized": pushed}
 
 
-def freshness(paths: Paths, now: datetime | None = None) -> dict[str, Any]:
-    """Per view: how far materialization reached, the newest row it pushed online, and their ages in seconds."""
+class StaleFeaturesError(RuntimeError):
+    """The online store is older than the freshness bound (or holds nothing): personalisation would serve old data."""
+
+
+def _newest_offline(paths: Paths, view: str, until: datetime) -> tuple[pd.Timestamp | None, list[int]]:
+    """The newest offline row time <= until of a view and the entities with a row at that time.
+
+    User entities come newest data first (by last_event_ts), so probing the first few finds the newest event.
+    """
+    source = offline_paths(paths)[view]
+    if not source.is_file():
+        return None, []
+    key = "user_id" if view == USER_VIEW else "product_id"
+    columns = [key, "event_timestamp", *(["last_event_ts"] if view == USER_VIEW else [])]
+    df = pd.read_parquet(source, columns=columns)
+    df = df[df["event_timestamp"] <= _as_utc(until)]
+    if df.empty:
+        return None, []
+    newest = df["event_timestamp"].max()
+    at = df[df["event_timestamp"] == newest]
+    at = at.sort_values(["last_event_ts", key], ascending=[False, True]) if view == USER_VIEW else at.sort_values(key)
+    return newest, [int(v) for v in at[key]]
+
+
+def freshness(paths: Paths, now: datetime | None = None, probe: int = 50) -> dict[str, Any]:
+    """Per view: how far materialization reached and the newest row actually online, with their ages in seconds.
+
+    `newest_row` is the newest offline row inside the materialized interval (what materialize pushed);
+    `newest_online_row` is read back from the online store (event timestamps of up to `probe` entities that have a
+    row at that time), so a materialization that did not reach the store shows here. For user_activity,
+    `newest_event` is the newest user event those online rows were computed from (max last_event_ts): rows are
+    stamped at each run's as_of, so the row age says "computed when", the event age "data up to when".
+    `newest_row_age_s` is the age of the newest online row (None when nothing is online).
+    """
     now_utc = _as_utc(now or datetime.now(UTC))
     store = feature_store(paths)
     out: dict[str, Any] = {}
     for fv in store.list_feature_views():
         until = fv.most_recent_end_time
-        newest = _source_rows(paths, fv.name, None, until)["newest_row"] if until else None
+        newest, keys = _newest_offline(paths, fv.name, until) if until else (None, [])
+        online_ts: pd.Timestamp | None = None
+        newest_event: pd.Timestamp | None = None
+        online_error = None
+        if keys:
+            key = "user_id" if fv.name == USER_VIEW else "product_id"
+            names = [f.name for f in fv.features]
+            wanted = [n for n in names if n == "last_event_ts"] or names[:1]
+            try:
+                response = store.get_online_features(
+                    features=[f"{fv.name}:{n}" for n in wanted], entity_rows=[{key: k} for k in keys[:probe]],
+                ).to_dict(include_event_timestamps=True)
+            except Exception as exc:  # an unreadable online store is the stalest of all: report, never crash
+                online_error = f"{type(exc).__name__}: {exc}"[:300]
+                response = {}
+            seconds = [t for t in response.get(f"{wanted[0]}__ts", []) if t]
+            if seconds:
+                online_ts = pd.Timestamp(max(seconds), unit="s", tz="UTC")
+            events = [v for v in response.get("last_event_ts", []) if v is not None]
+            if events:
+                newest_event = pd.Timestamp(max(events), unit="s", tz="UTC")
         out[fv.name] = {
             "materialized_until": until.isoformat() if until else None,
-            "newest_row": newest,
+            "newest_row": newest.isoformat() if newest is not None else None,
+            "newest_online_row": online_ts.isoformat() if online_ts is not None else None,
             "materialized_age_s": (now_utc - _as_utc(until)).total_seconds() if until else None,
-            "newest_row_age_s": (now_utc - pd.Timestamp(newest)).total_seconds() if newest else None,
+            "newest_row_age_s": (now_utc - online_ts).total_seconds() if online_ts is not None else None,
+            **({"online_error": online_error} if online_error else {}),
+            **({"newest_event": newest_event.isoformat() if newest_event is not None else None,
+                "newest_event_age_s": (now_utc - newest_event).total_seconds() if newest_event is not None else None}
+               if fv.name == USER_VIEW else {}),
         }
     return out
 
 
+def check_freshness(paths: Paths, max_age_s: float, now: datetime | None = None, on_stale: str = "fail",
+                    views: tuple[str, ...] = VIEWS) -> dict[str, Any]:
+    """`freshness` plus a verdict: a view is stale when its newest online row is older than `max_age_s` at `now`
+    (default: the wall clock) or when nothing of it is online.
+
+    on_stale="fail" raises StaleFeaturesError naming each stale view and its age (the DAG task fails, loudly);
+    "warn" logs one WARNING line per stale view and returns the report with ok=False.
+    """
+    if on_stale not in ("fail", "warn"):
+        raise ValueError(f"on_stale={on_stale!r}: expected 'fail' or 'warn'")
+    if max_age_s <= 0:
+        raise ValueError("max_age_s must be > 0")
+    now_utc = _as_utc(now or datetime.now(UTC))
+    report = freshness(paths, now_utc.to_pydatetime())
+    problems = []
+    for view in views:
+        entry = report.get(view)
+        age = entry["newest_row_age_s"] if entry else None
+        if entry is None:
+            problems.append(f"{view}: not registered (feast apply has not run)")
+        elif age is None:
+            why = f"; online read failed: {entry['online_error']}" if entry.get("online_error") else ""
+            problems.append(f"{view}: no row online (materialized until {entry['materialized_until']}{why})")
+        elif age > max_age_s:
+            problems.append(f"{view}: newest online row {entry['newest_online_row']} is {age / 3600:.2f} h old "
+                            f"at {now_utc.isoformat()} (bound {max_age_s / 3600:.2f} h)")
+    result = {"now": now_utc.isoformat(), "max_age_s": float(max_age_s), "ok": not problems,
+              "stale": problems, "views": report}
+    if problems:
+        message = "STALE ONLINE FEATURES: " + "; ".join(problems)
+        if on_stale == "fail":
+            raise StaleFeaturesError(message)
+        for problem in problems:
+            log.warning("STALE ONLINE FEATURES: %s", problem)
+    return result
+
+
 def historical_user_features(paths: Paths, entity_df: pd.DataFrame) -> pd.DataFrame:
-    """Point-in-time join of the search_v1 features onto (user_id, event_timestamp) rows, for training sets.
+    """Point-in-time join of the served user features (USER_SERVICE) onto (user_id, event_timestamp) rows.
 
     Every entity row comes back, in order, with missing features as nulls: Feast's file (dask) store drops an entity
     row whose user has feature rows but none in [t - ttl, t] (it filters after its left join), which would silently
@@ -399,7 +502,8 @@ def refresh_features(
 
 
 __all__ = [
-    "PRODUCT_SERVICE", "USER_SERVICE", "apply_feature_repo", "build_feature_tables", "feature_store", "freshness",
+    "PRODUCT_SERVICE", "USER_SERVICE", "StaleFeaturesError", "apply_feature_repo", "build_feature_tables",
+    "check_freshness", "feature_store", "freshness",
     "historical_user_features", "import_feast", "load_events", "materialize", "refresh_features", "repo_config",
     "write_feature_tables",
 ]

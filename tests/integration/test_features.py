@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -58,11 +60,13 @@ def expected_user(events: pd.DataFrame, user_id: int, at: datetime, recent_n: in
     ts = events["event_timestamp"]
     mine = events[(events["user_id"] == user_id) & (ts <= at) & (ts > at - timedelta(days=30))]
     last7 = mine[mine["event_timestamp"] > at - timedelta(days=7)]
+    last1 = mine[mine["event_timestamp"] > at - timedelta(days=1)]
     recent: list[int] = []
     for pid in mine.iloc[::-1].sort_values("event_timestamp", ascending=False, kind="stable")["product_id"]:
         if int(pid) not in recent:
             recent.append(int(pid))
     return {
+        "events_1d": len(last1),
         "events_7d": len(last7),
         "clicks_7d": int((last7["event_type"] == "click").sum()),
         "purchases_30d": int((mine["event_type"] == "purchase").sum()),
@@ -77,7 +81,7 @@ def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Path
     json.dumps(result)  # small JSON values for XCom, never frames
     assert result["applied"] == [
         "user", "product", "user_activity_source", "product_popularity_source", "user_activity",
-        "product_popularity", "search_v1", "product_v1",
+        "product_popularity", "search_v1", "search_v2", "product_v1",
     ]
     assert result["views"] == ["product_popularity", "user_activity"]
     users = result["materialized"]["user_activity"]
@@ -98,6 +102,106 @@ def test_online_read_matches_the_raw_log_most_recent_first(sqlite_home: tuple[Pa
         assert online.user_features(user_id) == expected_user(events, user_id, END), user_id
     assert any(len(online.user_features(u)["recent_products"]) == RECENT_N for u in range(1, 61))
     assert online.user_features(10_000) is None
+
+
+def expected_product(events: pd.DataFrame, product_id: int, at: datetime) -> dict:
+    ts = events["event_timestamp"]
+    mine = events[(events["product_id"] == product_id) & (ts <= at) & (ts > at - timedelta(days=30))]
+    views, clicks = int((mine["event_type"] == "view").sum()), int((mine["event_type"] == "click").sum())
+    return {"views_30d": views, "clicks_30d": clicks, "ctr": clicks / views if views else 0.0}
+
+
+def test_feature_services_are_versioned(sqlite_home: tuple[Paths, dict]) -> None:
+    paths, _ = sqlite_home
+    store = F.feature_store(paths)
+
+    def names(service: str) -> list[str]:
+        return [f.name for p in store.get_feature_service(service).feature_view_projections for f in p.features]
+
+    v1 = ["events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts", "recent_products"]
+    assert names("search_v1") == v1  # the published list never changes under a serving model
+    assert names(F.USER_SERVICE) == ["events_1d", *v1]
+    assert names(F.PRODUCT_SERVICE) == ["views_30d", "clicks_30d", "ctr"]
+
+
+def test_batch_user_reads_product_reads_and_popularity(sqlite_home: tuple[Paths, dict], events) -> None:
+    paths, _ = sqlite_home
+    online = OnlineFeatures(paths)
+    assert online.users_features([17, 10_000, 1]) == [expected_user(events, 17, END), None,
+                                                      expected_user(events, 1, END)]
+    products = sorted({int(p) for p in events["product_id"]})[:20]
+    rows = online.product_features([*products, -1])
+    assert rows[-1] is None  # a product without activity has no row
+    for product_id, row in zip(products, rows, strict=False):
+        want = expected_product(events, product_id, END)
+        assert row["views_30d"] == want["views_30d"] and row["clicks_30d"] == want["clicks_30d"], product_id
+        assert row["ctr"] == pytest.approx(want["ctr"], rel=1e-6), product_id
+    ids = np.asarray([*products, -1])
+    scores = online.popularity(ids)
+    assert scores[-1] == 0 and online.popularity(ids) is scores  # cached for the same id array
+    clicks = np.asarray([r["clicks_30d"] for r in rows[:-1]])
+    assert clicks[int(np.argmax(scores[:-1]))] == clicks.max()
+
+    stale = OnlineFeatures(paths, popularity_ttl_s=0)
+    first = stale.popularity(ids)
+    assert stale.popularity(ids) is first  # past the ttl a call never waits: cached scores, refreshed behind it
+    deadline = time.monotonic() + 10
+    while stale.popularity(ids) is first and time.monotonic() < deadline:
+        time.sleep(0.01)
+    refreshed = stale.popularity(ids)
+    assert refreshed is not first
+    np.testing.assert_array_equal(refreshed, first)
+
+    warming = OnlineFeatures(paths)
+    with pytest.raises(FeaturesUnavailable, match="warming up"):
+        warming.popularity(ids, wait=False)  # starts the read behind the caller, never holds it
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            np.testing.assert_array_equal(warming.popularity(ids, wait=False), first)
+            break
+        except FeaturesUnavailable:
+            time.sleep(0.01)
+    else:
+        pytest.fail("the background popularity read never finished")
+
+
+def test_freshness_reads_back_the_online_store_and_fails_loudly(sqlite_home, events, caplog) -> None:
+    paths, _ = sqlite_home
+    later = END + timedelta(hours=2)
+    fresh = F.freshness(paths, later)
+    for view in ("user_activity", "product_popularity"):
+        assert fresh[view]["newest_online_row"] == END.isoformat(), view
+        assert fresh[view]["newest_row_age_s"] == 7200.0, view
+    newest_event = events["event_timestamp"].max().floor("s")
+    assert fresh["user_activity"]["newest_event"] == newest_event.isoformat()
+    assert fresh["user_activity"]["newest_event_age_s"] == (later - newest_event).total_seconds()
+
+    passed = F.check_freshness(paths, max_age_s=3 * 3600, now=later)
+    assert passed["ok"] and passed["stale"] == []
+    with pytest.raises(F.StaleFeaturesError, match=r"user_activity: newest online row .* is 2\.00 h old"):
+        F.check_freshness(paths, max_age_s=3600, now=later)
+    with caplog.at_level(logging.WARNING, logger="pipelines.features"):
+        warned = F.check_freshness(paths, max_age_s=3600, now=later, on_stale="warn")
+    assert not warned["ok"] and len(warned["stale"]) == 2
+    assert caplog.text.count("STALE ONLINE FEATURES") == 2
+
+
+def test_freshness_fails_when_nothing_reached_the_online_store(sqlite_home, events, tmp_path, monkeypatch) -> None:
+    paths = _use_home(monkeypatch, tmp_path / "never")
+    F.write_feature_tables(F.build_feature_tables(events, END, RECENT_N), paths)
+    F.apply_feature_repo(paths)  # offline rows and a registry, but no materialization
+    with pytest.raises(F.StaleFeaturesError, match="user_activity: no row online"):
+        F.check_freshness(paths, max_age_s=3600, now=END)
+
+    # A materialized home whose online store was lost: the check reads the store, not the registry's bookkeeping.
+    source, _ = sqlite_home
+    lost = Paths(tmp_path / "lost")
+    shutil.copytree(source.feast_dir, lost.feast_dir)
+    (lost.feast_dir / "online.db").unlink()
+    monkeypatch.setenv("SHOPGUIDE_HOME", str(lost.home))
+    with pytest.raises(F.StaleFeaturesError, match="no row online .*online read failed"):
+        F.check_freshness(lost, max_age_s=3600, now=END)
 
 
 def test_materialize_is_idempotent_and_incremental(events_file: Path, tmp_path, monkeypatch) -> None:
@@ -167,7 +271,7 @@ def test_unavailable_store_raises_features_unavailable(sqlite_home, tmp_path, mo
 def test_service_starts_before_features_exist_and_recovers(events_file, tmp_path, monkeypatch) -> None:
     paths = _use_home(monkeypatch, tmp_path)
     online = OnlineFeatures(paths, retry_after_s=0)
-    with pytest.raises(FeaturesUnavailable, match="search_v1"):
+    with pytest.raises(FeaturesUnavailable, match="search_v2"):
         online.user_features(1)  # nothing applied yet: no registry, no feature service
     F.refresh_features(events_file, END, RECENT_N, paths)
     assert online.user_features(1) is not None
@@ -232,3 +336,7 @@ def test_redis_online_store_round_trip(redis_port: int, events, events_file: Pat
     for user_id in (1, 17, 60):
         assert online.user_features(user_id) == expected_user(events, user_id, END), user_id
     assert online.user_features(10_000) is None
+    assert online.users_features([60, 10_000]) == [expected_user(events, 60, END), None]
+    product = int(events["product_id"].iloc[-1])
+    assert online.product_features([product])[0]["views_30d"] == expected_product(events, product, END)["views_30d"]
+    assert F.check_freshness(paths, max_age_s=60, now=END)["ok"]
