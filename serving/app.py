@@ -1,23 +1,77 @@
-"""The HTTP service: search, category and model info over the @champion bundle, personalised with Feast features."""
+"""The HTTP service: search, recommend, classify and embed over the @champion bundle, personalised with Feast."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
+import re
+import threading
+import time
+import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI, HTTPException, Request, Security
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import APIKeyHeader
 
+from serving import personalize
+from serving.batching import MicroBatcher
 from serving.features import FeaturesUnavailable, OnlineFeatures
-from serving.predictor import Predictor, load_champion
-from serving.schemas import FallbackReason, Health, Hit, ModelInfo, Readiness, SearchResponse, search_request_model
+from serving.logs import configure_logging
+from serving.metrics import Metrics
+from serving.predictor import ModelUnavailable, Predictor, load_options, resolve
+from serving.schemas import (
+    Category,
+    ClassifyResponse,
+    EmbedResponse,
+    ErrorResponse,
+    FallbackReason,
+    Health,
+    Hit,
+    ModelInfo,
+    Readiness,
+    RecommendResponse,
+    SearchResponse,
+    ShadowInfo,
+    classify_request_model,
+    embed_request_model,
+    recommend_request_model,
+    search_request_model,
+)
 from serving.settings import Settings
+from serving.shadow import ShadowItem, ShadowRunner
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("serving.access")
+
+API_KEY_HEADER = "X-API-Key"
+# Probes must work without a key; the API docs hold no data and show how to send the key ("Authorize").
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+
+
+@dataclass
+class RequestContext:
+    """Per-request facts the endpoints add and the access log line reports."""
+
+    request_id: str
+    model_version: str | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+_context: ContextVar[RequestContext | None] = ContextVar("shopguide_request", default=None)
+
+
+def request_context() -> RequestContext:
+    """The current request's context (a throwaway one outside a request, e.g. a direct call in a test)."""
+    return _context.get() or RequestContext("none")
 
 
 @dataclass
@@ -26,59 +80,260 @@ class ServingState:
 
     settings: Settings
     features: OnlineFeatures
+    metrics: Metrics
     predictor: Predictor | None = None
-    load_error: str | None = None
+    load_error: str | None = None  # nothing could be loaded (not ready)
+    problem: str | None = None  # loaded, but the alias's current version is not what serves (why)
+    shadow: ShadowRunner | None = None
+    batcher: MicroBatcher | None = None
 
     def refresh(self) -> None:
-        """Load, or swap in the version the alias points to now; on failure keep serving what is loaded."""
+        """Load, or swap in the version the alias points to now; on any failure keep serving what is loaded."""
+        alias, m = self.settings.alias, self.metrics
+        previous = self.predictor
         try:
-            loaded = load_champion(self.settings, self.predictor)
-        except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"[:300]
+            result = resolve(self.settings, previous)
+        except Exception as exc:  # nothing loadable at all: stay up, not ready; the poll retries
+            self.load_error = f"{type(exc).__name__}: {exc}"[:400]
+            m.polls.labels(alias, "unavailable").inc()
+            m.load_failing.labels(alias).set(1)
             log.error("model not loaded: %s", self.load_error)
             return
-        if loaded is not self.predictor:
-            previous = self.predictor.version if self.predictor else None
+        m.polls.labels(alias, result.outcome).inc()
+        self.problem = result.problem
+        m.load_failing.labels(alias).set(1 if result.outcome == "load_failed" else 0)
+        if result.outcome == "load_failed":
+            m.swaps.labels(alias, "failed").inc()
+            log.error("keeping version %s: %s", result.predictor.version, result.problem)
+        if result.predictor is not previous:
+            loaded = result.predictor
             self.predictor, self.load_error = loaded, None
-            log.info("serving %s version %s (was %s, source %s)", self.settings.model_name, loaded.version,
-                     previous, loaded.source)
+            if previous is not None:
+                m.swaps.labels(alias, "ok").inc()
+            self._publish(loaded)
+            log.info("serving %s version %s (was %s, source %s, search %s)", self.settings.model_name,
+                     loaded.version, previous.version if previous else None, loaded.source, loaded.search_kind)
+            self.warm_features()
+            if loaded.needs_ann(load_options(self.settings)["ann"]):
+                threading.Thread(target=self._upgrade_search, args=(loaded,), name="shopguide-ann-build",
+                                 daemon=True).start()
+        if self.shadow is not None:
+            self._refresh_shadow()
 
-    def user_vector(self, user_id: int, predictor: Predictor,
-                    query_vec: np.ndarray) -> tuple[np.ndarray | None, FallbackReason | None]:
-        if self.settings.personalization_weight <= 0:
-            return None, "personalization_disabled"
+    def _upgrade_search(self, predictor: Predictor) -> None:
+        """Started with exact search (no cached graph yet): build the HNSW graph now, then switch to it."""
+        options = load_options(self.settings)
+        try:
+            predictor.upgrade_search(options["ann"], options["ann_cache"])
+        except Exception:
+            log.exception("HNSW build failed; version %s keeps exact search", predictor.version)
+            return
+        if self.predictor is predictor:
+            self._publish(predictor)
+        log.info("version %s now searches with %s", predictor.version, predictor.search_kind)
+
+    def _publish(self, loaded: Predictor) -> None:
+        self.metrics.set_model(self.metrics.model_info, {
+            "model_name": self.settings.model_name, "alias": self.settings.alias, "version": loaded.version,
+            "source": loaded.source, "search": loaded.search_kind})
+        self.metrics.model_loaded_at.set(loaded.loaded_at.timestamp())
+
+    def _refresh_shadow(self) -> None:
+        shadow = self.shadow
+        assert shadow is not None
+        try:
+            result = resolve(self.settings, shadow.predictor, alias=shadow.alias, use_cache=False)
+        except ModelUnavailable as exc:
+            log.warning("no shadow model: %s", exc)
+            return
+        except Exception:
+            log.exception("shadow %s not loaded", shadow.alias)
+            return
+        self.metrics.polls.labels(shadow.alias, result.outcome).inc()
+        if result.predictor is not shadow.predictor:
+            shadow.set_predictor(result.predictor)
+            log.info("shadowing %s version %s on %.0f%% of searches", shadow.alias, result.predictor.version,
+                     100 * shadow.fraction)
+        shadow.champion_version = self.predictor.version if self.predictor else None
+
+    def warm_features(self) -> None:
+        """Import Feast in a daemon thread, so its seconds-long import does not land on the first personalised
+        request. Only the import: a store read failing here would start OnlineFeatures' retry pause while the
+        store may be fine by the time requests come."""
+
+        def warm() -> None:
+            try:
+                from pipelines.features import import_feast
+
+                import_feast()
+            except Exception as exc:
+                log.info("Feast not pre-imported: %s", exc)
+
+        threading.Thread(target=warm, name="shopguide-features-warmup", daemon=True).start()
+
+    def recent_products(self, user_id: int) -> tuple[list[int], FallbackReason | None]:
+        """The user's recent product ids from Feast, or [] and why not. Features are an enhancement: whatever
+        breaks there, the request still answers."""
         try:
             features = self.features.user_features(user_id)
         except FeaturesUnavailable as exc:
-            log.warning("serving user %s without personalisation: %s", user_id, exc)
-            return None, "features_unavailable"
-        except Exception:  # features are an enhancement: whatever breaks there, search still answers
+            log.warning("user %s without online features: %s", user_id, exc)
+            return [], "features_unavailable"
+        except Exception:
             log.exception("unexpected error reading features of user %s", user_id)
-            return None, "features_unavailable"
-        recent = (features or {}).get("recent_products") or []
-        if not recent:
-            return None, "no_online_features"
+            return [], "features_unavailable"
+        recent = [int(p) for p in (features or {}).get("recent_products") or []]
+        return (recent, None) if recent else ([], "no_online_features")
+
+    def user_vector(self, user_id: int, predictor: Predictor, query_vec: np.ndarray
+                    ) -> tuple[np.ndarray | None, FallbackReason | None, list[int]]:
+        """(attention user vector, fallback reason, recent product ids) for a personalised search."""
+        if self.settings.personalization_weight <= 0:
+            return None, "personalization_disabled", []
+        recent, reason = self.recent_products(user_id)
+        if reason is not None:
+            return None, reason, []
         user_vec = predictor.user_vector(recent, query_vec)
-        return (user_vec, None) if user_vec is not None else (None, "history_not_in_catalog")
+        return (user_vec, None, recent) if user_vec is not None else (None, "history_not_in_catalog", [])
+
+
+class ServingMiddleware:
+    """Pure ASGI (no BaseHTTPMiddleware task hop): request id in and out, API keys, body size limit, metrics, one
+    JSON access-log line per request, and a JSON 500 without a stack trace for anything unhandled."""
+
+    def __init__(self, app, state: ServingState, endpoints: frozenset[str]) -> None:
+        self.app = app
+        self.state = state
+        self.endpoints = endpoints
+        self.keys = tuple(k.encode() for k in state.settings.api_keys)
+        self.max_body = state.settings.max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])  # lower-cased names; a repeated header keeps its last value
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        ctx = RequestContext(given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
+        token = _context.set(ctx)
+        path = scope["path"]
+        endpoint = path if path in self.endpoints else "other"  # bounded label values
+        status, response_started = 500, False
+
+        async def send_with_headers(message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                status, response_started = message["status"], True
+                extra = [(b"x-request-id", ctx.request_id.encode())]
+                version = ctx.model_version or (self.state.predictor.version if self.state.predictor else None)
+                if version:
+                    extra.append((b"x-model-version", version.encode()))
+                message = {**message, "headers": [*message.get("headers", []), *extra]}
+            await send(message)
+
+        try:
+            refusal = self._refuse(path, headers)
+            if refusal is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
+                receive, refusal = await self._buffered(receive)
+            if refusal is not None:
+                await self._error(send_with_headers, *refusal)
+            else:
+                await self.app(scope, receive, send_with_headers)
+        except Exception:
+            log.exception("unhandled error on %s %s", scope["method"], path, extra={"request_id": ctx.request_id})
+            if not response_started:
+                await self._error(send_with_headers, 500, "internal error")
+        finally:
+            seconds = time.perf_counter() - started
+            m = self.state.metrics
+            m.requests.labels(endpoint, scope["method"], str(status)).inc()
+            m.latency.labels(endpoint, str(status)).observe(seconds)
+            access_log.info("request", extra={
+                "request_id": ctx.request_id, "method": scope["method"], "path": path, "status": status,
+                "duration_ms": round(seconds * 1000, 3), "model_version": ctx.model_version,
+                "stages_ms": ctx.stages_ms or None, **ctx.fields})
+            _context.reset(token)
+
+    def _refuse(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        if self.keys and path not in OPEN_PATHS:
+            key = headers.get(b"x-api-key", b"")
+            # compare_digest against every key: the time taken does not tell which prefix matched
+            if not any([hmac.compare_digest(key, k) for k in self.keys]):
+                return 401, f"missing or invalid API key (header {API_KEY_HEADER})"
+        length = headers.get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.max_body):
+            return 413, f"request body larger than {self.max_body} bytes"
+        return None
+
+    async def _buffered(self, receive):
+        """A body without Content-Length (chunked) is read here, up to the limit, then replayed to the app."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return receive, (413, f"request body larger than {self.max_body} bytes")
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return replay, None
+
+    @staticmethod
+    async def _error(send, status: int, detail: str) -> None:
+        headers = {"www-authenticate": API_KEY_HEADER} if status == 401 else None
+        response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
+        await response({"type": "http"}, None, send)
 
 
 async def _poll(state: ServingState) -> None:
     while True:
         await asyncio.sleep(state.settings.model_poll_seconds)
-        await asyncio.to_thread(state.refresh)
+        try:
+            await asyncio.to_thread(state.refresh)
+        except Exception:  # the watcher must outlive any one bad poll
+            log.exception("model poll failed")
+
+
+def _stage(ctx: RequestContext, metrics: Metrics, name: str, since: float) -> float:
+    now = time.perf_counter()
+    ctx.stages_ms[name] = round((now - since) * 1000, 3)
+    metrics.stage.labels(name).observe(now - since)
+    return now
 
 
 def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
     """Nothing heavy happens here: the model loads in the lifespan, Feast connects on the first personalised request.
 
-    An injected `predictor` is served as is (no registry lookups, no polling).
+    An injected `predictor` is served as is (no registry lookups, no polling, no shadow).
     """
     settings = settings or Settings.from_env()
-    state = ServingState(settings, OnlineFeatures(settings.paths), predictor)
+    metrics = Metrics()
+    state = ServingState(settings, OnlineFeatures(settings.paths), metrics)
+    if predictor is not None:
+        state.predictor = predictor
+        state._publish(predictor)
+    if settings.shadow_alias and predictor is None and settings.bundle_dir is None:
+        state.shadow = ShadowRunner(settings.shadow_alias, settings.shadow_fraction, settings.shadow_queue, metrics)
+    if settings.batch_window_ms > 0:
+        state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.batch_max_size,
+                                     on_batch=metrics.batch.labels("search_micro").observe)
     poll = predictor is None and settings.model_poll_seconds > 0
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_level)
         if state.predictor is None:
             # A failed load leaves the process up but not ready (/readyz 503); the poll keeps retrying.
             await asyncio.to_thread(state.refresh)
@@ -90,9 +345,14 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            if state.batcher is not None:
+                state.batcher.close()
+            if state.shadow is not None:
+                state.shadow.close()
 
-    app = FastAPI(title="shopguide", summary="Product search and query categories over the @champion encoder.",
-                  version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="shopguide", version="0.2.0", lifespan=lifespan,
+                  summary="Product search, recommendations, query categories and embeddings over the @champion "
+                          "encoder.")
     app.state.serving = state
 
     @app.exception_handler(Exception)
@@ -100,32 +360,118 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         return JSONResponse({"detail": "internal error"}, status_code=500)
 
+    # Documents the header in OpenAPI (/docs "Authorize"); ServingMiddleware enforces it before any parsing.
+    secured = [Security(APIKeyHeader(name=API_KEY_HEADER, auto_error=False))] if settings.api_keys else []
+    errors: dict[int | str, dict[str, Any]] = {
+        503: {"model": ErrorResponse, "description": "No model loaded yet."},
+        413: {"model": ErrorResponse, "description": "Body larger than SHOPGUIDE_MAX_BODY_BYTES."},
+        400: {"model": ErrorResponse, "description": "Body that cannot be decoded (not UTF-8); malformed JSON is "
+                                                     "a 422."},
+    }
+    if settings.api_keys:
+        errors[401] = {"model": ErrorResponse, "description": "Missing or unknown X-API-Key."}
+
     def loaded() -> Predictor:
         current = state.predictor
         if current is None:
             raise HTTPException(503, "model not loaded")
+        request_context().model_version = current.version
         return current
 
     search_request = search_request_model(settings.max_query_chars, settings.max_k)
+    classify_request = classify_request_model(settings.max_query_chars, settings.max_batch)
+    embed_request = embed_request_model(settings.max_query_chars, settings.max_batch)
+    recommend_request = recommend_request_model(settings.max_k)
 
     def search(body: search_request) -> SearchResponse:  # type: ignore[valid-type]
         predictor = loaded()
-        query_vec, category = predictor.encode(body.query)
-        user_vec, reason = None, None
+        ctx = request_context()
+        t = t0 = time.perf_counter()
+        if state.batcher is not None:
+            query_vec, logits = state.batcher.encode(predictor, body.query)
+            category = predictor.labels[int(logits.argmax())]
+        else:
+            query_vec, category = predictor.encode(body.query)
+        t = _stage(ctx, metrics, "encode", t)
+        user_vec, reason, recent = None, None, []
         if body.user_id is not None:
-            user_vec, reason = state.user_vector(body.user_id, predictor, query_vec)
+            user_vec, reason, recent = state.user_vector(body.user_id, predictor, query_vec)
+            t = _stage(ctx, metrics, "features", t)
+            if reason is not None:
+                metrics.features_fallbacks.labels("/v1/search", reason).inc()
         hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight)
+        _stage(ctx, metrics, "rank", t)
+        shadow = state.shadow
+        if shadow is not None and shadow.sampled():
+            shadow.submit(ShadowItem(body.query, body.k, tuple(recent) if user_vec is not None else None,
+                                     settings.personalization_weight, tuple(h.product_id for h in hits),
+                                     category, time.perf_counter() - t0))
         return SearchResponse(
             model_version=predictor.version, query=body.query, category=category,
             personalized=user_vec is not None, fallback_reason=reason,
             results=[Hit(product_id=h.product_id, title=h.title, score=h.score) for h in hits],
         )
 
-    # The body model is built per app (its limits come from settings); FastAPI resolves string annotations against
-    # module globals only, so hand it the class itself.
+    def recommend(body: recommend_request) -> RecommendResponse:  # type: ignore[valid-type]
+        """serving.personalize.recommend: nearest products to the user's recency-weighted history (history itself
+        excluded); without a usable history, the most popular products (product_v1 features), flagged."""
+        predictor = loaded()
+        ctx = request_context()
+        t = time.perf_counter()
+        recent, reason = state.recent_products(body.user_id)
+        rows = predictor.index.rows_of(recent)
+        if recent and len(rows) == 0:
+            reason = "history_not_in_catalog"
+        popularity = None
+        if len(rows) == 0:
+            try:
+                popularity = state.features.popularity(predictor.index.product_ids)
+            except Exception as exc:  # no popularity either: an empty, flagged answer, never a 500
+                log.warning("no popularity fallback for user %s: %s", body.user_id, exc)
+        t = _stage(ctx, metrics, "features", t)
+        top, scores = personalize.recommend(predictor.index.embeddings, rows, body.k, popularity=popularity)
+        _stage(ctx, metrics, "rank", t)
+        if reason is not None:
+            metrics.features_fallbacks.labels("/v1/recommend", reason).inc()
+        method = "history" if len(rows) else ("popularity" if popularity is not None else "none")
+        return RecommendResponse(
+            model_version=predictor.version, user_id=body.user_id, personalized=bool(len(rows)),
+            fallback_reason=reason, method=method,
+            results=[Hit(product_id=int(predictor.index.product_ids[r]), title=str(predictor.index.titles[r]),
+                         score=float(sc)) for r, sc in zip(top, scores, strict=True)],
+        )
+
+    def classify(body: classify_request) -> ClassifyResponse:  # type: ignore[valid-type]
+        predictor = loaded()
+        t = time.perf_counter()
+        _, logits = predictor.encode_many(body.queries)
+        _stage(request_context(), metrics, "encode", t)
+        metrics.batch.labels("classify").observe(len(body.queries))
+        labels, probs = predictor.categories(logits)
+        return ClassifyResponse(model_version=predictor.version, results=[
+            Category(query=q, category=c, probability=float(p))
+            for q, c, p in zip(body.queries, labels, probs, strict=True)])
+
+    def embed(body: embed_request) -> EmbedResponse:  # type: ignore[valid-type]
+        predictor = loaded()
+        t = time.perf_counter()
+        emb, _ = predictor.encode_many(body.texts)
+        _stage(request_context(), metrics, "encode", t)
+        metrics.batch.labels("embed").observe(len(body.texts))
+        return EmbedResponse(model_version=predictor.version, dim=int(emb.shape[1]), embeddings=emb.tolist())
+
+    # The body models are built per app (their limits come from settings); FastAPI resolves string annotations
+    # against module globals only, so hand it the classes themselves.
     search.__annotations__["body"] = search_request
-    # Plain `def`: FastAPI runs it in its threadpool, and ORT, numpy and the Feast read release the GIL.
-    app.post("/v1/search", response_model=SearchResponse, tags=["search"])(search)
+    recommend.__annotations__["body"] = recommend_request
+    classify.__annotations__["body"] = classify_request
+    embed.__annotations__["body"] = embed_request
+    # Plain `def`: FastAPI runs them in its threadpool, and ORT, numpy and the Feast read release the GIL.
+    route = {"dependencies": secured, "responses": errors}
+    app.post("/v1/search", response_model=SearchResponse, tags=["search"], **route)(search)
+    app.post("/v1/recommend", response_model=RecommendResponse, tags=["search"], **route)(recommend)
+    app.post("/v1/classify", response_model=ClassifyResponse, tags=["model"], **route)(classify)
+    app.post("/v1/embed", response_model=EmbedResponse, tags=["model"], **route)(embed)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:
@@ -138,15 +484,30 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         if current is None:
             body = Readiness(status="not_ready", detail=state.load_error or "loading")
             return JSONResponse(body.model_dump(), status_code=503)
-        return Readiness(status="ready", model_version=current.version)
+        return Readiness(status="ready", model_version=current.version, detail=state.problem)
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["model"])
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], **route)
     def model_info() -> ModelInfo:
         current = loaded()
+        shadow = None
+        if state.shadow is not None:
+            sp = state.shadow.predictor
+            shadow = ShadowInfo(alias=state.shadow.alias, version=sp.version if sp else None,
+                                fraction=state.shadow.fraction, replayed=state.shadow.processed)
         return ModelInfo(model_name=settings.model_name, alias=settings.alias, version=current.version,
                          source=current.source, loaded_at=current.loaded_at, products=len(current.index),
-                         categories=len(current.labels))
+                         categories=len(current.labels), variant=current.variant, search=current.search_kind,
+                         problem=state.problem, shadow=shadow)
 
+    @app.get("/metrics", tags=["ops"], response_class=Response, dependencies=secured,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    def prometheus_metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    endpoints = frozenset(r.path for r in app.routes if hasattr(r, "path"))
+    app.add_middleware(ServingMiddleware, state=state, endpoints=endpoints)
     return app
 
 

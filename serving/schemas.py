@@ -25,13 +25,44 @@ class SearchRequestBase(BaseModel):
     user_id: int | None = Field(None, ge=0, le=2**63 - 1, description="Personalise with this user's online features.")
 
 
+def _text(max_chars: int) -> type:
+    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars)]
+
+
 def search_request_model(max_query_chars: int, max_k: int) -> type[SearchRequestBase]:
     """The request body with the deployment's limits baked in, so violations are ordinary 422 validation errors."""
-    query = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=max_query_chars)]
     return create_model(
         "SearchRequest",
         __base__=SearchRequestBase,
-        query=(query, Field(..., description="Free text; surrounding whitespace is stripped.")),
+        query=(_text(max_query_chars), Field(..., description="Free text; surrounding whitespace is stripped.")),
+        k=(int, Field(10, ge=1, le=max_k, description="Number of products to return.")),
+    )
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+def classify_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
+    return create_model(
+        "ClassifyRequest", __base__=StrictBody,
+        queries=(list[_text(max_chars)], Field(..., min_length=1, max_length=max_batch,
+                                              description="Queries to categorise, one ORT run per batch.")),
+    )
+
+
+def embed_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
+    return create_model(
+        "EmbedRequest", __base__=StrictBody,
+        texts=(list[_text(max_chars)], Field(..., min_length=1, max_length=max_batch,
+                                            description="Texts (queries or product titles) to embed.")),
+    )
+
+
+def recommend_request_model(max_k: int) -> type[StrictBody]:
+    return create_model(
+        "RecommendRequest", __base__=StrictBody,
+        user_id=(int, Field(..., ge=0, le=2**63 - 1, description="Recommend from this user's online history.")),
         k=(int, Field(10, ge=1, le=max_k, description="Number of products to return.")),
     )
 
@@ -52,6 +83,41 @@ class SearchResponse(BaseModel):
     results: list[Hit]
 
 
+class Category(BaseModel):
+    query: str
+    category: str
+    probability: float = Field(description="Softmax probability of the predicted category.")
+
+
+class ClassifyResponse(BaseModel):
+    model_version: str
+    results: list[Category] = Field(description="One per query, in request order.")
+
+
+class EmbedResponse(BaseModel):
+    model_version: str
+    dim: int
+    embeddings: list[list[float]] = Field(description="Unit-length vectors, one per text, in request order.")
+
+
+class RecommendResponse(BaseModel):
+    model_version: str
+    user_id: int
+    personalized: bool = Field(description="False: no usable history; fallback_reason says why.")
+    fallback_reason: FallbackReason | None = None
+    method: Literal["history", "popularity", "none"] = Field(
+        description="history: nearest products to the user's recency-weighted recent products (those excluded); "
+                    "popularity: the fallback, most clicked products; none: no history and no popularity (empty).")
+    results: list[Hit]
+
+
+class ShadowInfo(BaseModel):
+    alias: str
+    version: str | None = Field(description="Shadow version loaded, None while it cannot be loaded.")
+    fraction: float
+    replayed: int
+
+
 class ModelInfo(BaseModel):
     model_name: str
     alias: str
@@ -60,6 +126,15 @@ class ModelInfo(BaseModel):
     loaded_at: datetime
     products: int
     categories: int
+    variant: str | None = Field(None, description="Model variant from the bundle's encoder.json (e.g. its "
+                                                  "quantization).")
+    search: Literal["exact", "hnsw"] = Field(description="Catalog search: brute force or HNSW + exact re-scoring.")
+    problem: str | None = Field(None, description="Why the alias's current version is not the one served, if so.")
+    shadow: ShadowInfo | None = None
+
+
+class ErrorResponse(BaseModel):
+    detail: str
 
 
 class Health(BaseModel):
@@ -69,4 +144,5 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model_version: str | None = None
-    detail: str | None = None
+    detail: str | None = Field(None, description="Not ready: why. Ready: set when the alias points at a version that "
+                                                 "could not be loaded or resolved (the one named keeps serving).")

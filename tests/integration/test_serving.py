@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from pipelines.encoder import LABELS_FILE
 from serving.app import create_app
 from serving.features import OnlineFeatures
+from serving.personalize import recency_weights
 from serving.predictor import ATTENTION_TEMPERATURE, Predictor
 from serving.settings import Settings
 
@@ -222,9 +223,9 @@ def test_known_user_history_ranks_higher(client: TestClient, settings: Settings,
 def test_user_vector_and_blended_scores(predictor: Predictor, known_user: tuple[int, list[int]]) -> None:
     _, recent = known_user
     emb = predictor.index.embeddings[predictor.index.rows_of(recent)]
-    mean = predictor.user_vector(recent)
-    expected = emb.mean(0) / np.linalg.norm(emb.mean(0))
-    np.testing.assert_allclose(mean, expected, atol=1e-5)
+    recency = predictor.user_vector(recent)  # no query: the most recent products weigh most
+    pooled = recency_weights(len(emb)) @ emb
+    np.testing.assert_allclose(recency, pooled / np.linalg.norm(pooled), atol=1e-5)
 
     query_vec, _ = predictor.encode("garden hose")
     attended = predictor.user_vector(recent + [-1], query_vec)  # ids outside the catalog are ignored
