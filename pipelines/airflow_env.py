@@ -201,27 +201,29 @@ class DagTestResult:
         return self
 
 
-def _last_run_id(db: Path, dag_id: str) -> int:
+def _run_ids(db: Path, dag_id: str) -> set[str]:
     try:
         with contextlib.closing(sqlite3.connect(db)) as con:
-            row = con.execute("SELECT max(id) FROM dag_run WHERE dag_id = ?", (dag_id,)).fetchone()
+            return {r[0] for r in con.execute("SELECT run_id FROM dag_run WHERE dag_id = ?", (dag_id,))}
     except sqlite3.Error:
-        return 0
-    return int(row[0] or 0)
+        return set()
 
 
 def _key(task_id: str, map_index: int) -> str:
     return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
-def _read_run(db: Path, dag_id: str, after_id: int) -> dict[str, Any]:
-    """The newest test run of dag_id created after after_id, with its task states and return values."""
+def _read_run(db: Path, dag_id: str, known: set[str]) -> dict[str, Any]:
+    """The newest run of dag_id whose run id is not in `known`, with its task states and return values.
+
+    By run id, not by primary key: a test run that replaces the run with the same logical date (the newest row) can
+    get the deleted row's id again in SQLite.
+    """
     with contextlib.closing(sqlite3.connect(db)) as con:
-        row = con.execute(
-            "SELECT id, run_id, state, logical_date, conf FROM dag_run WHERE dag_id = ? AND id > ? "
-            "ORDER BY id DESC LIMIT 1",
-            (dag_id, after_id),
-        ).fetchone()
+        rows = con.execute(
+            "SELECT id, run_id, state, logical_date, conf FROM dag_run WHERE dag_id = ? ORDER BY id DESC", (dag_id,)
+        ).fetchall()
+        row = next((r for r in rows if r[1] not in known), None)
         if row is None:
             return {}
         pk, run_id, state, logical_date, conf = row
@@ -271,7 +273,7 @@ def run_dag_test(
     """
     ensure_airflow_db(paths)
     db = airflow_db_path(paths)
-    before = _last_run_id(db, dag_id)
+    before = _run_ids(db, dag_id)
     args = ["dags", "test", dag_id]
     if logical_date is not None:
         args.append(logical_date.isoformat() if isinstance(logical_date, datetime) else logical_date)

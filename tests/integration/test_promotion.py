@@ -1,0 +1,500 @@
+"""Promotion, rollback and the gate on real components: the SQLite MLflow registry, Airflow DAG runs, the REST API."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pipelines import registry
+from pipelines.airflow_env import DAGS_FOLDER, DagTestResult, airflow_command, airflow_environ, run_dag_test
+from pipelines.config import MODEL_NAME, Paths
+from pipelines.encoder import ONNX_FILE
+
+RETRAIN_DATE = "2026-12-07T00:00:00+00:00"
+FAILED_GATE = ["ok: ndcg_at_10 0.3 >= 0.2", "FAIL: ndcg_at_10 0.3000 vs champion 0.4000 (tolerance 0.01)"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One logged pyfunc over a complete bundle: new registry versions point at it (no re-upload per version)."""
+
+    paths: Paths
+    run_id: str
+    model_source: str
+    bundle_dir: Path
+
+
+@pytest.fixture(scope="module")
+def source(champion, shopguide_home: Paths) -> Source:
+    """The session champion's bundle (tests/integration/conftest.py), logged once more under a model of our own."""
+    paths = shopguide_home
+    run_id = registry.start_run(paths, "promotion-tests-source", {})
+    version = registry.register_bundle(paths, run_id, champion.bundle_dir, "promotion-tests-source",
+                                       "promotion-tests-source", {"gate_passed": "true"})
+    registry.end_run(paths, run_id)
+    mv = registry.client(paths).get_model_version("promotion-tests-source", version)
+    return Source(paths, run_id, mv.source, champion.bundle_dir)
+
+
+def add_version(src: Source, model: str, gate_passed: bool | None, reasons: list[str] | None = None) -> str:
+    """A new version of `model` over the complete source bundle, tagged like the retrain DAG tags its candidates."""
+    from mlflow.exceptions import MlflowException
+
+    c = registry.client(src.paths)
+    with contextlib.suppress(MlflowException):  # already exists
+        c.create_registered_model(model)
+    tags = {} if gate_passed is None else {"gate_passed": str(gate_passed).lower(),
+                                           "gate_reasons": json.dumps(reasons or ["ok: test"])}
+    return str(c.create_model_version(model, src.model_source, run_id=src.run_id, tags=tags).version)
+
+
+def champion_of(paths: Paths, model: str) -> str | None:
+    return registry.alias_version(paths, model, registry.CHAMPION)
+
+
+@contextlib.contextmanager
+def aliases_restored(paths: Paths, model: str = MODEL_NAME) -> Iterator[None]:
+    """Other modules share MODEL_NAME in this session (test_serving expects its own @champion): put it back after."""
+    c = registry.client(paths)
+    before = {a: registry.alias_version(paths, model, a) for a in (registry.CHAMPION, registry.CHALLENGER)}
+    try:
+        yield
+    finally:
+        for alias, version in before.items():
+            if version is None:
+                with contextlib.suppress(Exception):
+                    c.delete_registered_model_alias(model, alias)
+            else:
+                c.set_registered_model_alias(model, alias, version)
+
+
+# --- the registry functions (promote / rollback / history) ---------------------------------------------------------
+
+
+def test_promote_rollback_and_history(source: Source) -> None:
+    paths, model = source.paths, "promotion-tests-history"
+    v1, v2, v3 = (add_version(source, model, True) for _ in range(3))
+
+    first = registry.promote(paths, model, v1, "first champion", "test:alice")
+    assert (first.moved, first.previous, first.version) == (True, None, v1)
+    assert registry.promote(paths, model, v2, "better nDCG", "test:bob").previous == v1
+    assert registry.promote(paths, model, int(v3), "better again", "test:bob").previous == v2
+    again = registry.promote(paths, model, v3, "clicked twice", "test:bob")
+    assert not again.moved and "already is the champion" in again.summary()
+
+    history = registry.champion_history(paths, model)
+    assert [(e["action"], e["previous"], e["version"]) for e in history] == [
+        ("promote", None, v1), ("promote", v1, v2), ("promote", v2, v3)]
+    assert (history[1]["reason"], history[1]["actor"], history[1]["forced"]) == ("better nDCG", "test:bob", False)
+    tags = registry.client(paths).get_model_version(model, v2).tags
+    assert (tags["promoted_from"], tags["promotion_reason"], tags["promoted_by"]) == (v1, "better nDCG", "test:bob")
+
+    back = registry.rollback(paths, model, "v3 hurts add-to-cart", "test:carol")
+    assert (back.action, back.previous, back.version, back.moved) == ("rollback", v3, v2, True)
+    assert champion_of(paths, model) == v2
+    print(back.summary())
+    further = registry.rollback(paths, model, "v2 as well", "test:carol")  # a second rollback goes further back
+    assert (further.previous, further.version) == (v2, v1)
+    with pytest.raises(registry.PromotionError, match="no earlier champion is recorded"):
+        registry.rollback(paths, model, "and again", "test:carol")
+    assert champion_of(paths, model) == v1
+
+    # after a re-promotion, rollback returns to the champion it replaced, not to an older one
+    registry.promote(paths, model, v3, "fixed upstream", "test:alice")
+    assert registry.rollback(paths, model, "not fixed", "test:alice").version == v1
+
+
+def test_a_reason_is_required_and_unknown_versions_are_refused(source: Source) -> None:
+    paths, model = source.paths, "promotion-tests-reason"
+    v1 = add_version(source, model, True)
+    with pytest.raises(registry.PromotionError, match="non-empty reason"):
+        registry.promote(paths, model, v1, "  ", "test:alice")
+    with pytest.raises(registry.PromotionError, match="version 99 does not exist"):
+        registry.promote(paths, model, "99", "typo", "test:alice")
+    with pytest.raises(registry.PromotionError, match="no @champion"):
+        registry.rollback(paths, model, "nothing there", "test:alice")
+    assert champion_of(paths, model) is None and registry.champion_history(paths, model) == []
+
+
+def test_gate_failed_version_needs_force_with_a_reason(source: Source) -> None:
+    paths, model = source.paths, "promotion-tests-force"
+    good = add_version(source, model, True)
+    bad = add_version(source, model, False, FAILED_GATE)
+    untagged = add_version(source, model, None)  # registered outside the pipeline: no gate result at all
+    registry.promote(paths, model, good, "gate passed", "test:alice")
+
+    with pytest.raises(registry.PromotionError, match="did not pass its gate") as refused:
+        registry.promote(paths, model, bad, "looks fine to me", "test:bob")
+    assert "FAIL: ndcg_at_10 0.3000 vs champion 0.4000" in str(refused.value) and "force" in str(refused.value)
+    with pytest.raises(registry.PromotionError, match=r"gate_passed=missing"):
+        registry.promote(paths, model, untagged, "no idea", "test:bob")
+    with pytest.raises(registry.PromotionError, match="non-empty reason"):
+        registry.promote(paths, model, bad, "", "test:bob", force=True)
+    assert champion_of(paths, model) == good and len(registry.champion_history(paths, model)) == 1
+
+    forced = registry.promote(paths, model, bad, "holiday catalog hotfix, gate noise on 30 queries", "test:bob",
+                              force=True)
+    print(forced.summary())
+    assert forced.moved and forced.forced and "FORCED" in forced.summary() and champion_of(paths, model) == bad
+    tags = registry.client(paths).get_model_version(model, bad).tags
+    assert (tags["forced"], tags["force_reason"], tags["promoted_by"]) == (
+        "true", "holiday catalog hotfix, gate noise on 30 queries", "test:bob")
+    assert registry.champion_history(paths, model)[-1]["forced"] is True
+    # force on a version that passed its gate is not recorded as forced
+    assert registry.rollback(paths, model, "hotfix over", "test:bob", force=True).forced is False
+    assert champion_of(paths, model) == good
+
+
+def _register_incomplete(src: Source, model: str, tmp_path: Path) -> str:
+    """A pyfunc version whose bundle lacks model.onnx, logged straight through MLflow (what a broken job could do)."""
+    import mlflow
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(src.bundle_dir, bundle)
+    (bundle / ONNX_FILE).unlink()
+    with mlflow.start_run(experiment_id=registry.experiment_id(src.paths), run_name="incomplete-bundle"):
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(registry.PYFUNC_FILE),
+                                       artifacts={registry.BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=["mlflow"])
+    return str(mlflow.register_model(info.model_uri, model, tags={"gate_passed": "true"}).version)
+
+
+def test_version_with_a_missing_artifact_is_refused(source: Source, tmp_path: Path) -> None:
+    paths, model = source.paths, "promotion-tests-incomplete"
+    good = add_version(source, model, True)
+    registry.promote(paths, model, good, "complete", "test:alice")
+    broken = _register_incomplete(source, model, tmp_path)
+    for force in (False, True):  # force overrides a failed gate, never a missing file
+        with pytest.raises(registry.PromotionError, match=f"missing: {ONNX_FILE}") as refused:
+            registry.promote(paths, model, broken, "newest", "test:bob", force=force)
+    print(refused.value)
+    assert champion_of(paths, model) == good and len(registry.champion_history(paths, model)) == 1
+
+
+def test_a_pipeline_run_promotes_at_most_once(source: Source) -> None:
+    """A re-run of a retrain DAG run (same run key) after a later rollback must not move @champion back."""
+    paths, model = source.paths, "promotion-tests-run-key"
+    old, new = add_version(source, model, True), add_version(source, model, True)
+    registry.promote(paths, model, old, "first", "test:alice")
+    assert registry.promote(paths, model, new, "gate passed", "airflow:test", run_key="retrain__run1").moved
+    registry.rollback(paths, model, "bad in production", "test:bob")
+    rerun = registry.promote(paths, model, new, "gate passed", "airflow:test", run_key="retrain__run1")
+    assert not rerun.moved and "already promoted" in rerun.note, rerun
+    assert champion_of(paths, model) == old and len(registry.champion_history(paths, model)) == 3
+
+
+def test_cli_promote_rollback_and_history(source: Source) -> None:
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    model = "promotion-tests-cli"
+    v1, v2 = add_version(source, model, True), add_version(source, model, True)
+    bad = add_version(source, model, False, FAILED_GATE)
+
+    def cli(*args: str):
+        result = CliRunner().invoke(app, [*args, "--model", model])
+        print(result.output)
+        return result
+
+    assert f"(none) -> {v1} (reason: first" in cli("promote", v1, "--reason", "first").output
+    assert f"{v1} -> {v2}" in cli("promote", v2, "--reason", "second").output
+    refused = cli("promote", bad, "--reason", "try it")
+    assert refused.exit_code == 1 and "promote refused" in refused.output and "did not pass its gate" in refused.output
+    forced = cli("promote", bad, "--reason", "hotfix", "--force")
+    assert forced.exit_code == 0 and f"{v2} -> {bad}" in forced.output and "FORCED" in forced.output
+    back = cli("rollback", "--reason", "hotfix broke search")
+    assert back.exit_code == 0 and f"rollback: {model}@champion {bad} -> {v2}" in back.output
+    assert cli("promote", "0", "--reason", "x").exit_code == 2  # typer: VERSION must be >= 1
+    shown = cli("history").output
+    assert shown.count("promote ") == 3 and "rollback" in shown and f"@champion = {v2}" in shown
+    assert champion_of(source.paths, model) == v2
+
+
+# --- the DAGs -------------------------------------------------------------------------------------------------------
+
+
+def _dagbag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=DAGS_FOLDER, safe_mode=False)
+    assert not bag.import_errors, bag.import_errors
+    return bag
+
+
+def test_retrain_runs_weekly_and_when_the_features_dag_lands_events() -> None:
+    import pendulum
+    from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable
+    from airflow.serialization.encoders import coerce_to_core_timetable
+    from airflow.timetables.base import TimeRestriction
+
+    bag = _dagbag()
+    retrain = bag.dags["shopguide_retrain"]
+    assert isinstance(retrain.timetable, AssetOrTimeSchedule)
+    cron = retrain.timetable.timetable
+    assert isinstance(cron, CronTriggerTimetable)
+    assert [(a.name, a.uri) for a in retrain.timetable.asset_condition.objects] == [
+        ("shopguide_user_events", "file://shopguide/user_events")]
+    # the features DAG is the producer: its materialize task updates that asset
+    producers = [t.task_id for t in bag.dags["shopguide_features"].tasks
+                 if any(getattr(o, "name", None) == "shopguide_user_events" for o in t.outlets)]
+    assert producers == ["materialize"]
+    # the time half fires every Monday 03:00 UTC, 7 days apart
+    core = coerce_to_core_timetable(retrain.timetable)
+    window = TimeRestriction(earliest=pendulum.datetime(2026, 1, 1, tz="UTC"), latest=None, catchup=True)
+    first = core.next_dagrun_info(last_automated_data_interval=None, restriction=window)
+    second = core.next_dagrun_info(last_automated_data_interval=first.data_interval, restriction=window)
+    assert first.run_after == pendulum.datetime(2026, 1, 5, 3, tz="UTC")  # a Monday
+    assert second.run_after - first.run_after == pendulum.duration(days=7)
+    assert "Triggered by assets" in core.description and retrain.max_active_runs == 1
+
+
+def test_promote_dag_is_a_manual_typed_form() -> None:
+    dag = _dagbag().dags["shopguide_promote"]
+    assert dag.timetable.__class__.__name__ == "NullTimetable" and [t.task_id for t in dag.tasks] == ["move_champion"]
+    schema = {name: dag.params.get_param(name).schema for name in dag.params}
+    assert schema["version"] == {"type": ["null", "integer"], "minimum": 1}
+    assert schema["action"] == {"type": "string", "enum": ["promote", "rollback"]}
+    assert schema["reason"]["type"] == "string" and schema["reason"]["minLength"] == 1
+    assert schema["force"] == {"type": "boolean"} and dag.params["force"] is False
+
+
+@pytest.fixture(scope="module")
+def model_aliases_kept(shopguide_home: Paths) -> Iterator[Paths]:
+    with aliases_restored(shopguide_home):
+        yield shopguide_home
+
+
+@pytest.mark.slow
+def test_promote_dag_promotes_refuses_forces_and_rolls_back(source: Source, model_aliases_kept: Paths) -> None:
+    paths = model_aliases_kept
+    good = add_version(source, MODEL_NAME, True)
+    bad = add_version(source, MODEL_NAME, False, FAILED_GATE)
+
+    def trigger(**conf) -> DagTestResult:
+        return run_dag_test(paths, "shopguide_promote", conf, capture=True, timeout=600)
+
+    run = trigger(action="promote", version=int(good), reason="promote from the trigger form")
+    run.check()
+    move = run.xcom("move_champion")
+    assert (move["version"], move["moved"]) == (good, True)
+    assert move["actor"].startswith("airflow:dag_test (shopguide_promote/manual__")
+    assert champion_of(paths, MODEL_NAME) == good
+
+    refused = trigger(action="promote", version=int(bad), reason="without force")
+    assert not refused.ok and refused.task_states == {"move_champion": "failed"}
+    assert "did not pass its gate" in refused.output and champion_of(paths, MODEL_NAME) == good
+
+    forced = trigger(action="promote", version=int(bad), reason="forced from the form", force=True)
+    forced.check()
+    assert forced.xcom("move_champion")["forced"] is True and champion_of(paths, MODEL_NAME) == bad
+
+    back = trigger(action="rollback", reason="forced version misbehaves")
+    back.check()
+    assert (back.xcom("move_champion")["previous"], back.xcom("move_champion")["version"]) == (bad, good)
+    assert champion_of(paths, MODEL_NAME) == good
+    assert "rollback: shopguide-encoder@champion" in back.output
+
+
+@pytest.mark.slow
+def test_promote_dag_rejects_invalid_params(airflow_paths: Paths) -> None:
+    run = run_dag_test(airflow_paths, "shopguide_promote", {"action": "promote", "version": 0, "reason": ""},
+                       capture=True, timeout=600)
+    assert not run.ok and run.run_id is None, run.output[-2000:]  # refused before a run exists
+    assert "ParamValidationError" in run.output and "version" in run.output
+
+
+@dataclass(frozen=True)
+class RetrainRuns:
+    paths: Paths
+    better: DagTestResult
+    worse: DagTestResult
+    rerun_output: dict[str, str]
+    versions_before_rerun: list[str]
+    versions_after_rerun: list[str]
+    history_before_rerun: list[dict]
+    history_after_rerun: list[dict]
+
+
+def _versions(paths: Paths) -> list[str]:
+    return sorted(str(v.version) for v in registry.client(paths).search_model_versions(f"name = '{MODEL_NAME}'"))
+
+
+@pytest.fixture(scope="module")
+def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns:
+    """Two retrain DAG runs on the same data snapshot: 4 training steps (tiny), then the base model (0 steps).
+
+    @champion is cleared first so the first run is decided on the floors alone whatever ran before in the session;
+    the second run must not regress at all (max_regression=0). Between them, two tasks of the first DAG run are run
+    again under the same run id (`airflow tasks test`), as clearing them in the UI would.
+    """
+    paths = airflow_paths
+    with contextlib.suppress(Exception):
+        registry.client(paths).delete_registered_model_alias(MODEL_NAME, registry.CHAMPION)
+    better = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny"}, RETRAIN_DATE, capture=True, timeout=1800)
+    better.check()
+    versions_before, history_before = _versions(paths), registry.champion_history(paths, MODEL_NAME)
+    rerun = {task: airflow_command(paths, "tasks", "test", "shopguide_retrain", task, better.run_id,
+                                   timeout=600).stdout for task in ("register", "promote")}
+    versions_after, history_after = _versions(paths), registry.champion_history(paths, MODEL_NAME)
+    worse = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny", "max_steps": 0, "max_regression": 0.0},
+                         RETRAIN_DATE, capture=True, timeout=1800)
+    return RetrainRuns(paths, better, worse, rerun, versions_before, versions_after, history_before, history_after)
+
+
+@pytest.mark.slow
+def test_a_candidate_that_passes_the_gate_becomes_champion(retrain_runs: RetrainRuns) -> None:
+    paths, run = retrain_runs.paths, retrain_runs.better
+    decision, version = run.xcom("gate"), run.xcom("register")["version"]
+    print("passing run:", json.dumps(decision, indent=2))
+    assert decision["passed"] and all(r.startswith("ok: ") for r in decision["reasons"])
+    outcome = run.xcom("promote")
+    assert (outcome["champion"], outcome["promoted"], outcome["moved"]) == (version, True, True)
+    entry = retrain_runs.history_before_rerun[-1]
+    assert (entry["action"], entry["version"], entry["run_key"]) == ("promote", version,
+                                                                     f"shopguide_retrain__{run.run_id}")
+    assert entry["actor"] == f"airflow:shopguide_retrain/{run.run_id}"
+    assert registry.client(paths).get_model_version(MODEL_NAME, version).tags["gate_passed"] == "true"
+
+
+@pytest.mark.slow
+def test_rerunning_tasks_of_a_dag_run_registers_and_promotes_once(retrain_runs: RetrainRuns) -> None:
+    assert retrain_runs.versions_after_rerun == retrain_runs.versions_before_rerun
+    assert retrain_runs.history_after_rerun == retrain_runs.history_before_rerun
+    assert "already promoted version" in retrain_runs.rerun_output["promote"], retrain_runs.rerun_output["promote"]
+
+
+@pytest.mark.slow
+def test_a_worse_candidate_fails_the_gate_and_the_champion_stays(retrain_runs: RetrainRuns) -> None:
+    paths, better, worse = retrain_runs.paths, retrain_runs.better, retrain_runs.worse
+    champion = better.xcom("register")["version"]
+    assert not worse.ok and worse.task_states["conclude"] == "failed", worse.output[-3000:]
+    assert all(worse.task_states[t] == "success" for t in ("gate", "register", "promote"))
+    report, champion_report = worse.xcom("evaluate"), better.xcom("evaluate")
+    # honest precondition: the 0-step model really is worse on the same held-out data
+    assert report["snapshot_hash"] == champion_report["snapshot_hash"]
+    assert report["ndcg_at_10"] < champion_report["ndcg_at_10"], (report, champion_report)
+    decision = worse.xcom("gate")
+    print("failing run:", json.dumps(decision, indent=2))
+    assert not decision["passed"] and decision["champion_version"] == champion
+    assert any(r.startswith("FAIL: ndcg_at_10") and "vs champion" in r for r in decision["reasons"])
+    assert "GateFailed: candidate failed the gate; champion unchanged" in worse.output
+    assert champion_of(paths, MODEL_NAME) == champion
+    candidate = worse.xcom("register")["version"]
+    assert int(candidate) > int(champion)
+    assert registry.alias_version(paths, MODEL_NAME, registry.CHALLENGER) == candidate
+    c = registry.client(paths)
+    tags = c.get_model_version(MODEL_NAME, candidate).tags
+    assert tags["gate_passed"] == "false" and "FAIL: ndcg_at_10" in tags["gate_reasons"]
+    assert c.get_run(tags["mlflow_run_id"]).data.tags["outcome"] == "not promoted"
+    assert [e["version"] for e in registry.champion_history(paths, MODEL_NAME)][-1] == champion
+
+
+# --- the REST API of a real api-server ------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def airflow_services(paths: Paths, log_dir: Path) -> Iterator[str]:
+    """api-server + scheduler + dag-processor on 127.0.0.1:<free port>, each in its own process group, always killed."""
+    port = _free_port()
+    env = {**os.environ, **airflow_environ(paths, api_port=port),
+           # one JWT secret for the api-server that validates task tokens and the scheduler that issues them
+           "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"}
+    procs: list[subprocess.Popen] = []
+    try:
+        for component in (["api-server", "--port", str(port)], ["scheduler"], ["dag-processor"]):
+            log = (log_dir / f"{component[0]}.log").open("w")
+            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *component], env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+
+
+def _poll(what: str, fn, timeout: float, log_dir: Path, every: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = fn()
+        if result:
+            return result
+        time.sleep(every)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(log_dir.glob("*.log")))
+    raise TimeoutError(f"{what} not within {timeout} s\n{logs}")
+
+
+@pytest.mark.slow
+def test_trigger_the_promote_dag_through_the_rest_api(source: Source, airflow_paths: Paths, model_aliases_kept: Paths,
+                                                      tmp_path: Path) -> None:
+    import httpx
+
+    paths = airflow_paths
+    version = add_version(source, MODEL_NAME, True)
+    with airflow_services(paths, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as http:
+
+        def token() -> str | None:
+            with contextlib.suppress(httpx.HTTPError):
+                r = http.get("/auth/token")  # simple auth manager, all-admins mode: a JWT without credentials
+                if r.status_code == 201:
+                    return r.json()["access_token"]
+            return None
+
+        jwt = _poll("api-server up", token, 180, tmp_path)
+        http.headers["Authorization"] = f"Bearer {jwt}"
+        _poll("shopguide_promote parsed",
+              lambda: http.get("/api/v2/dags/shopguide_promote").status_code == 200, 180, tmp_path)
+        # a paused DAG accepts triggers but never runs them; only this DAG is unpaused (the others stay paused)
+        assert http.patch("/api/v2/dags/shopguide_promote", json={"is_paused": False}).status_code == 200
+
+        invalid = http.post("/api/v2/dags/shopguide_promote/dagRuns",
+                            json={"logical_date": None, "conf": {"action": "promote", "version": 0, "reason": ""}})
+        assert invalid.status_code == 400, invalid.text
+        assert "version" in invalid.text or "reason" in invalid.text
+
+        conf = {"action": "promote", "version": int(version), "reason": "triggered through the REST API"}
+        created = http.post("/api/v2/dags/shopguide_promote/dagRuns", json={"logical_date": None, "conf": conf})
+        assert created.status_code == 200, created.text
+        run_id = created.json()["dag_run_id"]
+        assert created.json()["conf"] == conf
+
+        def finished() -> dict | None:
+            run = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}").json()
+            return run if run["state"] in ("success", "failed") else None
+
+        run = _poll(f"run {run_id} finished", finished, 300, tmp_path, every=2)
+        assert run["state"] == "success", (run, (tmp_path / "scheduler.log").read_text()[-5000:])
+        xcom = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}/taskInstances/move_champion/"
+                        "xcomEntries/return_value").json()
+        print("REST-triggered run:", run["dag_run_id"], xcom.get("value"))
+    assert champion_of(paths, MODEL_NAME) == version
+    entry = registry.champion_history(paths, MODEL_NAME)[-1]
+    assert (entry["version"], entry["reason"]) == (version, "triggered through the REST API")
+    assert entry["actor"].startswith("airflow:") and run_id in entry["actor"]
