@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -67,6 +68,58 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1, le=1024)
 
 
+# A compression variant is "<weights>[-vocab]-<graph>": weights = teacher | student<N>[-ffn<M>] (N kept layers, M kept
+# feed-forward neurons per layer), -vocab = the vocabulary pruned to the domain's tokens, graph = torch (PyTorch fp32,
+# the baseline) | fp32 (ONNX) | int8 (ONNX).
+VARIANT_PATTERN = re.compile(
+    r"^(?P<weights>teacher|student(?P<layers>[1-9]\d*)(?:-ffn(?P<ffn>[1-9]\d*))?)(?P<vocab>-vocab)?"
+    r"-(?P<graph>torch|fp32|int8)$")
+BASELINE_VARIANT = "teacher-torch"
+
+
+class CompressConfig(_Section):
+    variants: tuple[str, ...] = Field(
+        ("teacher-fp32", "teacher-int8", "student3-fp32", "student3-int8", "student2-fp32", "student2-int8",
+         "student3-vocab-int8", "student2-vocab-int8"),
+        description="Variants built and evaluated besides the PyTorch fp32 teacher (always the baseline).")
+    student_layers: dict[str, tuple[int, ...]] = Field(
+        {}, description="Teacher layers copied into a student, e.g. {student3: [0, 2, 5]}; default: spread evenly.")
+    distill_steps: int = Field(400, ge=0, le=100_000, description="Student training steps (0 = layer copy only).")
+    distill_batch_size: int = Field(64, ge=2, le=1024)
+    distill_learning_rate: float = Field(1e-4, gt=0, lt=1)
+    distill_max_texts: int = Field(25_600, ge=10, description="Train queries + catalog/offer titles the students see.")
+    distill_loss: Literal["mse", "cosine"] = Field(
+        "cosine", description="Cosine distance to the teacher's embedding, or MSELoss (the pure-distillation recipe).")
+    distill_task_pairs: bool = Field(
+        True, description="Mix the fine-tuning pairs (MultipleNegativesRankingLoss) into the students' training.")
+    distill_freeze_embeddings: bool = Field(
+        True, description="Keep the teacher's word embeddings (most of a student's parameters): faster steps, and "
+                          "tokens the distillation texts never show stay where the copied layers expect them.")
+    vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the domain texts.")
+    vocab_keep_ascii_chars: bool = Field(True, description="Keep single ASCII characters so unseen words still split.")
+    optimize: bool = Field(True, description="onnxruntime transformer optimizer (fusions) on every ONNX graph.")
+    objective: Literal["latency", "size", "throughput"] = Field(
+        "latency", description="What the selection minimises (p50 query latency, file size) or maximises.")
+    min_ndcg_retained: float = Field(0.97, ge=0, le=1.5, description="Share of the teacher's held-out nDCG@10 kept.")
+    min_parity_cosine: float = Field(0.95, ge=0, le=1, description="Floor on min cosine(PyTorch, ONNX) per variant.")
+    max_size_mb: float | None = Field(None, gt=0, description="Optional ceiling on the served file size.")
+    fallback: Literal["teacher-int8", "fail"] = Field(
+        "teacher-int8", description="When no variant qualifies: serve the teacher INT8, or fail the step.")
+    throughput_texts: int = Field(1024, ge=32, le=100_000, description="Catalog titles timed at batch 32.")
+    timing_repeats: int = Field(3, ge=1, le=20, description="Timing passes per variant; medians are reported.")
+    measure_memory: bool = Field(True, description="Peak RSS of each variant, measured in a fresh subprocess.")
+    threads: int = Field(2, ge=1, le=64, description="Intra-op threads for both PyTorch and ONNX Runtime.")
+    seed: int = 42
+
+    @field_validator("variants")
+    @classmethod
+    def _known_variants(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [v for v in value if not VARIANT_PATTERN.match(v) or (v.endswith("-torch") and v != BASELINE_VARIANT)]
+        if bad:
+            raise ValueError(f"unknown variant names {bad}; expected <teacher|studentN[-ffnM]>[-vocab]-<fp32|int8>")
+        return tuple(dict.fromkeys(v for v in value if v != BASELINE_VARIANT))
+
+
 class GateConfig(_Section):
     min_ndcg_at_10: float = Field(0.20, ge=0, le=1, description="Floor on held-out nDCG@10.")
     min_category_accuracy: float = Field(0.50, ge=0, le=1, description="Floor on held-out category accuracy.")
@@ -93,6 +146,7 @@ class ShopguideConfig(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    compress: CompressConfig = CompressConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     features: FeaturesConfig = FeaturesConfig()

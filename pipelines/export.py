@@ -1,4 +1,4 @@
-"""ONNX export with two outputs, INT8 per-channel dynamic quantization, and a parity check against PyTorch."""
+"""ONNX export with two outputs, graph optimization, INT8 per-channel quantization, and a parity check vs PyTorch."""
 
 from __future__ import annotations
 
@@ -55,11 +55,37 @@ def export_to_onnx(module, path: Path, opset: int) -> None:
     )
 
 
-def quantize_int8(src: Path, dst: Path, per_channel: bool) -> None:
+def quantize_int8(src: Path, dst: Path, per_channel: bool, *, optimized: bool = False) -> None:
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # the transformer optimizer's contrib ops (Attention, SkipLayerNormalization, ...) carry no type information the
+    # quantizer can infer, so it has to be told that untyped tensors are float
+    extra = {"DefaultTensorType": onnx.TensorProto.FLOAT} if optimized else None
     # per-tensor INT8 loses too much (min cosine ~0.91 on MiniLM); per-channel keeps ~0.98
-    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8)
+    quantize_dynamic(str(src), str(dst), per_channel=per_channel, weight_type=QuantType.QInt8, extra_options=extra)
+
+
+def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dict[str, int]:
+    """onnxruntime's transformer optimizer (model_type bert): fuses embeddings+LayerNorm, attention, skip-LayerNorm
+    and bias-GELU into contrib ops. Returns the fused-op counts. On MiniLM: faster at batch 1, ~10% slower at 32."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    # opt_level 0: python fusions only, so the saved graph stays portable across ORT builds and CPU types
+    model = optimize_model(str(src), model_type="bert", num_heads=num_heads, hidden_size=hidden_size, opt_level=0)
+    model.save_model_to_file(str(dst))
+    return {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
+
+
+def write_bundle_files(out: Path, tokenizer, labels: list[str], dim: int, max_seq_length: int, quantization: str,
+                       **meta: Any) -> None:
+    """Everything of a bundle except the graph: tokenizer.json (a `tokenizers.Tokenizer`), labels, encoder.json."""
+    tokenizer.save(str(out / TOKENIZER_FILE))
+    (out / LABELS_FILE).write_text(json.dumps(labels))
+    (out / ENCODER_FILE).write_text(json.dumps({
+        "max_seq_length": max_seq_length, "dim": dim, "pooling": "mean", "normalized": True,
+        "quantization": quantization, "outputs": ["embedding", "category_logits"], **meta,
+    }))
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
