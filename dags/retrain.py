@@ -1,4 +1,5 @@
-"""Retrain: snapshot -> validate -> fine-tune -> export -> index -> evaluate -> gate -> register -> promote."""
+"""Retrain: snapshot -> validate -> fine-tune -> compress (distill -> prune -> export -> evaluate variants -> select)
+-> evaluate -> gate -> register -> promote."""
 
 from __future__ import annotations
 
@@ -73,22 +74,40 @@ def shopguide_retrain():
         return finetune(_run()[0], snap)
 
     @task
-    def export_onnx(snap: dict, trained: dict) -> dict:
+    def distill(snap: dict, trained: dict) -> dict:
+        from pipelines.retrain import distill
+
+        return distill(_run()[0], snap, trained)
+
+    @task
+    def prune(snap: dict, distilled: dict) -> dict:
+        from pipelines.retrain import prune
+
+        return prune(_run()[0], snap, distilled)
+
+    @task
+    def export_onnx(snap: dict, pruned: dict) -> dict:
         from pipelines.retrain import export
 
-        return export(_run()[0], snap, trained)
+        return export(_run()[0], snap, pruned)
 
     @task
-    def build_index(snap: dict, exported: dict) -> dict:
-        from pipelines.retrain import build_index
+    def evaluate_variants(snap: dict, exported: dict) -> dict:
+        from pipelines.retrain import evaluate_variants
 
-        return build_index(snap, exported)
+        return evaluate_variants(_run()[0], snap, exported)
 
     @task
-    def evaluate(snap: dict, exported: dict, indexed: dict) -> dict:
+    def select_variant(snap: dict, evaluated: dict) -> dict:
+        from pipelines.retrain import select_variant
+
+        return select_variant(_run()[0], snap, evaluated)
+
+    @task
+    def evaluate(snap: dict, selected: dict) -> dict:
         from pipelines.retrain import evaluate
 
-        return evaluate(_run()[0], snap, exported)
+        return evaluate(_run()[0], snap, selected)
 
     @task
     def gate(snap: dict, report: dict) -> dict:
@@ -97,11 +116,11 @@ def shopguide_retrain():
         return gate(_run()[0], snap, report)
 
     @task
-    def register(snap: dict, exported: dict, report: dict, decision: dict) -> dict:
+    def register(snap: dict, selected: dict, report: dict, decision: dict) -> dict:
         from pipelines.retrain import register
 
         params, run_key, _, lineage = _run()
-        return register(params, snap, exported, report, decision, lineage, run_key)
+        return register(params, snap, selected, report, decision, lineage, run_key)
 
     @task
     def promote(snap: dict, registered: dict, decision: dict) -> dict:
@@ -118,10 +137,11 @@ def shopguide_retrain():
 
     snap = snapshot()
     trained = finetune(snap, validate(snap))
-    exported = export_onnx(snap, trained)
-    report = evaluate(snap, exported, build_index(snap, exported))
+    exported = export_onnx(snap, prune(snap, distill(snap, trained)))
+    selected = select_variant(snap, evaluate_variants(snap, exported))
+    report = evaluate(snap, selected)
     decision = gate(snap, report)
-    registered = register(snap, exported, report, decision)
+    registered = register(snap, selected, report, decision)
     conclude(decision, promote(snap, registered, decision))
 
 

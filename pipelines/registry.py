@@ -103,6 +103,9 @@ catalog: {report.get("catalog_products")} products
 | --- | --- | --- |
 {rows}
 
+## Compression
+Served variant: `{report.get("variant") or "teacher-int8"}`. {report.get("compression_reason") or ""}
+
 ## Gate: {"passed" if decision.get("passed") else "failed"}
 {reasons}
 
@@ -130,6 +133,8 @@ def register_bundle(
     paths: Paths, run_id: str, bundle_dir: str | Path, model_name: str, run_key: str, tags: dict[str, str]
 ) -> str:
     """Log the bundle as a pyfunc (models-from-code over ONNX Runtime) and register it; returns the version."""
+    import tempfile
+
     import mlflow
     import pandas as pd
     from mlflow.models import ModelSignature
@@ -148,7 +153,10 @@ def register_bundle(
         outputs=Schema([ColSpec("string", "query"), ColSpec("string", "category")]),
         params=ParamSchema([ParamSpec("k", "long", 10)]),
     )
-    with mlflow.start_run(run_id=run_id):
+    with tempfile.TemporaryDirectory(prefix="shopguide-register-") as tmp, mlflow.start_run(run_id=run_id):
+        if bundle.name != BUNDLE_ARTIFACT:
+            # MLflow stores a directory artifact under its own basename, and every reader expects artifacts/bundle
+            bundle = Path(shutil.copytree(bundle, Path(tmp) / BUNDLE_ARTIFACT))
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_FILE),

@@ -74,36 +74,101 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     return {"model_dir": result["model_dir"], "final_loss": result["final_loss"], "steps": result["steps"]}
 
 
-def export(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+def _flat(prefix_rows: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """{name: {metric: value}} -> {name.metric: value} for MLflow, numbers only."""
+    return {f"{name}.{k}": v for name, row in prefix_rows.items() for k, v in row.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+    """Compression stage 1: students initialised from the teacher's layers, trained to reproduce its embeddings."""
     from pipelines import registry
-    from pipelines.export import export_model
+    from pipelines.compress import distill_students
 
     cfg = config_from_params(params)
-    report = export_model(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "bundle", cfg.export,
-                          cfg.train.max_seq_length)
-    flat = {"size_mb": report["size_mb"], "size_fp32_mb": report["size_fp32_mb"],
-            **{f"{variant}_{k}": v for variant in ("onnx_fp32", "served")
-               for k, v in report[f"parity_{variant}"].items()}}
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "export", flat, params=cfg.export.model_dump())
-    return {"bundle_dir": report["bundle_dir"], "parity_cosine_min": report["parity_served"]["cosine_min"]}
+    result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg)
+    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "distill",
+                      {"seconds": result["seconds"], **_flat(result["students"])}, params=cfg.compress.model_dump())
+    return {"models": result["models"], "seconds": result["seconds"]}
 
 
-def build_index(snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
+def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any]) -> dict[str, Any]:
+    """Compression stage 2: vocabulary pruning to the domain's tokens for every "-vocab" variant."""
     from pipelines import registry
-    from pipelines.index import build_product_index
+    from pipelines.compress import prune_vocabulary
 
-    result = build_product_index(exported["bundle_dir"], snap["snapshot_dir"])
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "index", result)
+    cfg = config_from_params(params)
+    result = prune_vocabulary(distilled["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "pruned", cfg)
+    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "prune",
+                      {"seconds": result["seconds"], **_flat(result["pruned"])})
+    return {"models": result["models"], "seconds": result["seconds"]}
+
+
+def export(params: dict[str, Any], snap: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
+    """Compression stage 3: an ONNX bundle per variant (optimizer fusions, INT8 per-channel) with its parity."""
+    from pipelines import registry
+    from pipelines.compress import export_variants
+
+    cfg = config_from_params(params)
+    result = export_variants(pruned["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "bundles", cfg)
+    rows = {name: {"size_mb": v["size_mb"], **{f"parity_{k}": x for k, x in v["parity"].items()}}
+            for name, v in result["variants"].items()}
+    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "export", {"seconds": result["seconds"], **_flat(rows)},
+                      params=cfg.export.model_dump())
+    variants = {name: {k: v[k] for k in ("bundle_dir", "model_dir", "parity", "size_mb", "layers", "vocab_size")}
+                for name, v in result["variants"].items()}
+    return {"variants": variants, "models": result["models"], "seconds": result["seconds"]}
+
+
+def evaluate_variants(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
+    """Compression stage 4: every variant and the PyTorch fp32 teacher measured in one run (each ONNX bundle gets
+    the product index built with its own graph)."""
+    from pipelines import registry
+    from pipelines.compress import evaluate_variants as evaluate_all
+
+    cfg = config_from_params(params)
+    result = evaluate_all(exported, snap["snapshot_dir"], Path(snap["run_dir"]) / "evaluation", cfg)
+    rows = {r["variant"]: {k: v for k, v in r.items() if k not in ("layers", "vocab_size")} for r in result["rows"]}
+    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "variants", {"seconds": result["seconds"],
+                                                                           **_flat(rows)})
     return result
+
+
+def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Compression stage 5: the configured rule picks the served variant; the report (table, Pareto plot, JSON) goes
+    to the MLflow run and the task log. No qualifying variant and fallback 'fail' ends the run here."""
+    from pipelines import registry
+    from pipelines.compress import CompressionFailed
+    from pipelines.compress import select_variant as choose
+
+    cfg = config_from_params(params)
+    paths = Paths.from_env()
+    client = registry.client(paths)
+    out = Path(snap["run_dir"]) / "compression"
+    try:
+        chosen = choose(evaluated, out, cfg)
+    except CompressionFailed as err:
+        client.log_artifacts(snap["mlflow_run_id"], str(out / "report"), "compression")
+        client.set_tag(snap["mlflow_run_id"], "compression", f"failed: {err}"[:5000])
+        registry.end_run(paths, snap["mlflow_run_id"], "FAILED")
+        raise
+    client.log_artifacts(snap["mlflow_run_id"], chosen["report_dir"], "compression")
+    client.set_tag(snap["mlflow_run_id"], "compression_variant", chosen["variant"])
+    client.set_tag(snap["mlflow_run_id"], "compression_reason", chosen["reason"][:5000])
+    registry.log_step(paths, snap["mlflow_run_id"], "selected", chosen["metrics"])
+    return {"bundle_dir": chosen["bundle_dir"], "parity_cosine_min": chosen["parity_cosine_min"],
+            "variant": chosen["variant"], "reason": chosen["reason"], "fallback": chosen["fallback"]}
 
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
     from pipelines import registry
-    from pipelines.evaluate import ERRORS_FILE, evaluate_bundle
+    from pipelines.evaluate import ERRORS_FILE, REPORT_FILE, evaluate_bundle
 
     cfg = config_from_params(params)
     report = evaluate_bundle(exported["bundle_dir"], snap["snapshot_dir"], cfg.evaluate,
                              parity_cosine_min=exported["parity_cosine_min"])
+    report.update(variant=exported.get("variant"), compression_reason=exported.get("reason"))
+    (Path(exported["bundle_dir"]) / REPORT_FILE).write_text(json.dumps(report, indent=2))
     paths = Paths.from_env()
     registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)
     registry.client(paths).log_artifact(snap["mlflow_run_id"], str(Path(exported["bundle_dir"]) / ERRORS_FILE))

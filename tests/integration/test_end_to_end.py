@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
@@ -39,8 +42,28 @@ def test_retrain_registers_a_complete_champion(pipeline_run, tmp_path):
     report = retrain.xcom("evaluate")
     assert 0 < report["ndcg_at_10"] <= 1 and 0 < report["category_accuracy"] <= 1
     assert report["parity_cosine_min"] > 0.95
-    run = registry.client(paths).get_run(tags["mlflow_run_id"])
-    assert {"finetune.final_loss", "evaluate.ndcg_at_10", "export.served_cosine_min"} <= set(run.data.metrics)
+    client = registry.client(paths)
+    run = client.get_run(tags["mlflow_run_id"])
+    assert {"finetune.final_loss", "evaluate.ndcg_at_10", "selected.parity_cosine_min",
+            "variants.teacher-torch.ndcg_at_10", "distill.student2.final_loss"} <= set(run.data.metrics)
+
+
+def test_the_registered_version_is_the_selected_compression_variant(pipeline_run, tmp_path):
+    paths, _, retrain = pipeline_run
+    selected = retrain.xcom("select_variant")
+    evaluated = {r["variant"]: r for r in retrain.xcom("evaluate_variants")["rows"]}
+    # the tiny profile builds every stage: a distilled, vocabulary-pruned student beside the teacher INT8
+    assert set(evaluated) == {"teacher-torch", "teacher-int8", "student2-vocab-int8"}
+    assert evaluated["student2-vocab-int8"]["vocab_size"] < evaluated["teacher-int8"]["vocab_size"]
+    assert selected["variant"] in evaluated and selected["variant"] in selected["reason"]
+    version = retrain.xcom("register")["version"]
+    encoder = json.loads((registry.download_bundle(paths, MODEL_NAME, version, tmp_path) / "encoder.json").read_text())
+    assert encoder["variant"] == selected["variant"]
+    client = registry.client(paths)
+    run_id = client.get_model_version(MODEL_NAME, version).tags["mlflow_run_id"]
+    assert client.get_run(run_id).data.tags["compression_variant"] == selected["variant"]
+    logged = {Path(f.path).name for f in client.list_artifacts(run_id, "compression")}
+    assert {"compression.md", "pareto.png", "compression.json"} <= logged
 
 
 def test_champion_loads_as_an_mlflow_pyfunc(pipeline_run):
