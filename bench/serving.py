@@ -11,7 +11,8 @@ p99), each phase bounded by a request count and a time limit.
 Servers:
   shopguide      serving.app (INT8 ONNX Runtime, tuned session, HNSW above SHOPGUIDE_ANN_MIN_PRODUCTS), anonymous,
                  and personalised (user_id: a Feast online read + attention user vector) when features are available
-  mlflow         `mlflow models serve` of the registered pyfunc (pipelines/pyfunc_model.py) over the SAME bundle:
+  mlflow         `mlflow models serve` of the registered pyfunc (pipelines/pyfunc_model.py) over the SAME bundle
+                 (or --mlflow-bundle, e.g. the fp32 teacher's ONNX bundle):
                  the same INT8 graph and index, so the ratio is the serving stack, not the model
   teacher        bench/teacher_app.py: the fp32 PyTorch MiniLM (transformers) + FastAPI, brute-force over the same
                  catalog matrix: what a first, unoptimised service looks like
@@ -238,6 +239,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--teacher", default=None, help="teacher model folder (default: the packaged MiniLM)")
     parser.add_argument("--servers", default="shopguide,mlflow,teacher")
+    parser.add_argument("--mlflow-bundle", type=Path, default=None,
+                        help="the bundle `mlflow models serve` serves (default: --bundle; e.g. the fp32 teacher's)")
     parser.add_argument("--requests-1", type=int, default=1000)
     parser.add_argument("--requests-8", type=int, default=4000)
     parser.add_argument("--max-seconds", type=float, default=30.0, help="per phase")
@@ -264,7 +267,10 @@ def main() -> None:
         from serving.features import OnlineFeatures
 
         os.environ["SHOPGUIDE_HOME"] = str(home)
-        refresh_features(snapshot, AS_OF, paths=Paths(home))
+        # the snapshot's own as-of time: its simulated events lie in the weeks before it
+        as_of = datetime.fromisoformat(json.loads((Path(snapshot) / "manifest.json").read_text()).get("as_of")
+                                       or AS_OF.isoformat())
+        refresh_features(snapshot, as_of, paths=Paths(home))
         online = OnlineFeatures(Paths(home))
         users = [u for u in range(1, 200) if (online.user_features(u) or {}).get("recent_products")][:50]
 
@@ -311,7 +317,7 @@ def main() -> None:
             server.stop()
 
     if "mlflow" in wanted:
-        uri = register_for_mlflow(home, bundle)
+        uri = register_for_mlflow(home, args.mlflow_bundle or bundle)
         port = free_port()
         server = Server("mlflow", [str(Path(py).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager",
                                    "local", "-h", "127.0.0.1", "-p", str(port)], env, port, "/ping",
