@@ -441,23 +441,24 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                          score=float(sc)) for r, sc in zip(top, scores, strict=True)],
         )
 
-    def classify(body: classify_request) -> ClassifyResponse:  # type: ignore[valid-type]
+    def encode_batch(endpoint: str, texts: list[str]):
+        """One timed, counted encode of a request's texts: (predictor, embeddings, logits)."""
         predictor = loaded()
         t = time.perf_counter()
-        _, logits = predictor.encode_many(body.queries)
+        emb, logits = predictor.encode_many(texts)
         _stage(request_context(), metrics, "encode", t)
-        metrics.batch.labels("classify").observe(len(body.queries))
+        metrics.batch.labels(endpoint).observe(len(texts))
+        return predictor, emb, logits
+
+    def classify(body: classify_request) -> ClassifyResponse:  # type: ignore[valid-type]
+        predictor, _, logits = encode_batch("classify", body.queries)
         labels, probs = predictor.categories(logits)
         return ClassifyResponse(model_version=predictor.version, results=[
             Category(query=q, category=c, probability=float(p))
             for q, c, p in zip(body.queries, labels, probs, strict=True)])
 
     def embed(body: embed_request) -> EmbedResponse:  # type: ignore[valid-type]
-        predictor = loaded()
-        t = time.perf_counter()
-        emb, _ = predictor.encode_many(body.texts)
-        _stage(request_context(), metrics, "encode", t)
-        metrics.batch.labels("embed").observe(len(body.texts))
+        predictor, emb, _ = encode_batch("embed", body.texts)
         return EmbedResponse(model_version=predictor.version, dim=int(emb.shape[1]), embeddings=emb.tolist())
 
     # The body models are built per app (their limits come from settings); FastAPI resolves string annotations

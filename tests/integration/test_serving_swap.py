@@ -95,6 +95,14 @@ def _wait_for(url: str, version: str, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def _wait_metric(url: str, name: str, at_least: float, why: str, **labels: str) -> None:
+    """Poll /metrics until the labelled series reaches at_least; fail with `why` after 60 s."""
+    deadline = time.monotonic() + 60
+    while _metric(url, name, **labels) < at_least:
+        assert time.monotonic() < deadline, why
+        time.sleep(0.1)
+
+
 def _metric(url: str, name: str, **labels: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         head, _, value = line.rpartition(" ")
@@ -182,10 +190,8 @@ def test_corrupt_version_is_refused_and_the_old_one_kept(settings: Settings, cha
         _wait_for(url, champion.version)
         load.wait(champion.version)
         move_champion(corrupt)
-        deadline = time.monotonic() + 60
-        while _metric(url, "shopguide_model_swaps_total", alias="champion", result="failed") < 1:
-            assert time.monotonic() < deadline, "the corrupt version was never tried"
-            time.sleep(0.1)
+        _wait_metric(url, "shopguide_model_swaps_total", 1, "the corrupt version was never tried",
+                     alias="champion", result="failed")
         ready = httpx.get(f"{url}/readyz")
         info = httpx.get(f"{url}/v1/model").json()
         failing = _metric(url, "shopguide_model_load_failing", alias="champion")
@@ -223,10 +229,8 @@ def test_registry_down_during_reloads(settings: Settings, champion: RegisteredCh
         _wait_for(url, champion.version)
         load.wait(champion.version)
         _registry_down(monkeypatch)
-        deadline = time.monotonic() + 60
-        while _metric(url, "shopguide_model_polls_total", alias="champion", outcome="registry_unavailable") < 2:
-            assert time.monotonic() < deadline, "no poll saw the registry down"
-            time.sleep(0.1)
+        _wait_metric(url, "shopguide_model_polls_total", 2, "no poll saw the registry down",
+                     alias="champion", outcome="registry_unavailable")
         down = httpx.get(f"{url}/readyz")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the registry is back
         deadline = time.monotonic() + 60
