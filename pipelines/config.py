@@ -68,6 +68,15 @@ class EvaluateConfig(_Section):
     batch_size: int = Field(64, ge=1, le=1024)
 
 
+class SearchConfig(_Section):
+    lexical: bool = Field(True, description="Hybrid search: fuse BM25 over the titles with the dense ranking.")
+    lexical_weight: float | None = Field(
+        None, ge=0, le=1, description="Lexical share of the fused score (0 = dense only); None = the best of "
+                                      "`weight_grid` on the validation terms, chosen per model version.")
+    weight_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+    candidates: int = Field(100, ge=10, le=1000, description="Depth of the dense and the BM25 list before fusion.")
+
+
 # A compression variant is "<weights>[-vocab]-<graph>": weights = teacher | student<N>[-ffn<M>] (N kept layers, M kept
 # feed-forward neurons per layer), -vocab = the vocabulary pruned to the domain's tokens, graph = torch (PyTorch fp32,
 # the baseline) | fp32 (ONNX) | int8 (ONNX).
@@ -146,6 +155,7 @@ class ShopguideConfig(_Section):
     train: TrainConfig = TrainConfig()
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    search: SearchConfig = SearchConfig()
     compress: CompressConfig = CompressConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()

@@ -13,6 +13,7 @@ from pipelines.config import EvaluateConfig
 from pipelines.data import Snapshot, normalize_term
 from pipelines.encoder import ONNX_FILE, OnnxEncoder
 from pipelines.index import ProductIndex
+from pipelines.lexical import LexicalIndex, fuse
 
 REPORT_FILE = "evaluation.json"
 ERRORS_FILE = "error_sample.json"
@@ -44,16 +45,39 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
             "recall_at_100": float(agg[R @ 100])}
 
 
-def retrieval_run(
-    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int
-) -> dict[str, dict[str, float]]:
+def candidate_lists(
+    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], depth: int, batch_size: int,
+    lexical: LexicalIndex | None = None,
+) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]] | None]:
+    """Per term, the dense (rows, scores) top `depth` and, with a lexical index, its BM25 candidates."""
     emb, _ = encoder.encode(terms, batch_size=batch_size)
-    run: dict[str, dict[str, float]] = {}
+    dense: list[tuple[np.ndarray, np.ndarray]] = []
     for start in range(0, len(terms), 256):  # bounded memory: 256 x catalog scores at a time
-        rows, scores = index.search(emb[start : start + 256], k)
-        for term, r, s in zip(terms[start : start + 256], rows, scores, strict=True):
-            run[term] = {str(index.product_ids[i]): float(v) for i, v in zip(r, s, strict=True)}
+        rows, scores = index.search(emb[start : start + 256], depth)
+        dense.extend(zip(rows, scores, strict=True))
+    return dense, (lexical.top_k(terms) if lexical is not None else None)
+
+
+def run_from_lists(
+    index: ProductIndex, terms: list[str], dense: list[tuple[np.ndarray, np.ndarray]],
+    lexical: list[tuple[np.ndarray, np.ndarray]] | None, weight: float, k: int,
+) -> dict[str, dict[str, float]]:
+    """A run (term -> {product id: score}): the dense lists alone, or fused with the lexical ones as serving does."""
+    run: dict[str, dict[str, float]] = {}
+    for i, term in enumerate(terms):
+        rows, scores = dense[i] if lexical is None else fuse(dense[i], lexical[i], weight, k)
+        run[term] = {str(index.product_ids[r]): float(v) for r, v in zip(rows[:k], scores[:k], strict=True)}
     return run
+
+
+def retrieval_run(
+    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int,
+    lexical: LexicalIndex | None = None,
+) -> dict[str, dict[str, float]]:
+    """The served ranking of every term: dense top k, or the hybrid fusion with the bundle's lexical index."""
+    depth = k if lexical is None else max(k, lexical.candidates)
+    dense, lex = candidate_lists(encoder, index, terms, depth, batch_size, lexical)
+    return run_from_lists(index, terms, dense, lex, lexical.weight if lexical is not None else 0.0, k)
 
 
 def category_accuracy(encoder: OnnxEncoder, offers: pd.DataFrame, limit: int | None, batch_size: int) -> dict:
@@ -87,16 +111,26 @@ def error_sample(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
 
 
 def evaluate_bundle(
-    bundle_dir: str | Path, snapshot_dir: str | Path, cfg: EvaluateConfig, parity_cosine_min: float | None = None
+    bundle_dir: str | Path, snapshot_dir: str | Path, cfg: EvaluateConfig, parity_cosine_min: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Every figure the gate reads, measured on the served graph; written to the bundle as evaluation.json."""
+    """Every figure the gate reads, measured on the served graph, plus `extra` facts (variant, compression reason);
+    written to the bundle as evaluation.json."""
     bundle, snap = Path(bundle_dir), Snapshot.open(snapshot_dir)
     encoder, index = OnnxEncoder.load(bundle), ProductIndex.load(bundle)
     qrels = heldout_qrels(snap.table("judgments_heldout"))
     terms = sorted(qrels)
     report: dict[str, Any] = {"heldout_terms": len(terms), "catalog_products": len(index)}
-    run = retrieval_run(encoder, index, terms, cfg.retrieve_k, cfg.batch_size)
+    lexical = LexicalIndex.load(bundle)
+    depth = cfg.retrieve_k if lexical is None else max(cfg.retrieve_k, lexical.candidates)
+    dense, lex = candidate_lists(encoder, index, terms, depth, cfg.batch_size, lexical)
+    run = run_from_lists(index, terms, dense, lex, lexical.weight if lexical else 0.0, cfg.retrieve_k)
     report.update(ir_metrics(qrels, run))
+    if lexical is not None:  # what the fusion adds over the dense ranking alone, same graph, same run
+        dense_run = run_from_lists(index, terms, dense, None, 0.0, cfg.retrieve_k)
+        report["dense_ndcg_at_10"] = ir_metrics(qrels, dense_run)["ndcg_at_10"]
+        report["lexical_weight"] = lexical.weight
+        report.update(lexical.latency_ms(terms[: cfg.latency_queries]))
     # the lexical baseline on the same split, same run: a candidate must be worth its compute
     report["bm25_ndcg_at_10"] = ir_metrics(qrels, bm25_run(snap.table("catalog"), terms, cfg.retrieve_k))["ndcg_at_10"]
     report.update(category_accuracy(encoder, snap.table("offers_test"), cfg.max_category_offers, cfg.batch_size))
@@ -104,6 +138,7 @@ def evaluate_bundle(
     report["size_mb"] = (bundle / ONNX_FILE).stat().st_size / 1e6
     report["parity_cosine_min"] = parity_cosine_min
     report["snapshot_hash"] = snap.hash
+    report.update(extra or {})
     (bundle / REPORT_FILE).write_text(json.dumps(report, indent=2))
     titles = dict(zip(map(str, index.product_ids), index.titles, strict=True))
     (bundle / ERRORS_FILE).write_text(json.dumps(error_sample(qrels, run, titles), indent=2))

@@ -14,16 +14,26 @@ class ShopguideEncoder(PythonModel):
     def load_context(self, context) -> None:
         from pipelines.encoder import OnnxEncoder
         from pipelines.index import ProductIndex
+        from pipelines.lexical import LexicalIndex
 
         bundle = context.artifacts["bundle"]
         self.encoder = OnnxEncoder.load(bundle)
         self.index = ProductIndex.load(bundle)
+        self.lexical = LexicalIndex.load(bundle)
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         k = int((params or {}).get("k", 10))
         queries = model_input["query"].astype(str).tolist()
         emb, logits = self.encoder.encode(queries)
-        rows, scores = self.index.search(emb, k)
+        if self.lexical is None:
+            rows, scores = self.index.search(emb, k)
+        else:  # the hybrid ranking the service returns
+            from pipelines.lexical import fuse
+
+            dense_rows, dense_scores = self.index.search(emb, max(k, self.lexical.candidates))
+            fused = [fuse((r, s), lx, self.lexical.weight, k)
+                     for r, s, lx in zip(dense_rows, dense_scores, self.lexical.top_k(queries), strict=True)]
+            rows, scores = [r for r, _ in fused], [s for _, s in fused]
         return pd.DataFrame({
             "query": queries,
             "category": np.asarray(self.encoder.labels)[logits.argmax(1)],

@@ -162,13 +162,16 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
     from pipelines import registry
-    from pipelines.evaluate import ERRORS_FILE, REPORT_FILE, evaluate_bundle
+    from pipelines.evaluate import ERRORS_FILE, evaluate_bundle
+    from pipelines.lexical import build_lexical_index
 
     cfg = config_from_params(params)
+    lexical = build_lexical_index(exported["bundle_dir"], snap["snapshot_dir"], cfg.search, cfg.evaluate)
+    print(f"hybrid search: {lexical}")
     report = evaluate_bundle(exported["bundle_dir"], snap["snapshot_dir"], cfg.evaluate,
-                             parity_cosine_min=exported["parity_cosine_min"])
-    report.update(variant=exported.get("variant"), compression_reason=exported.get("reason"))
-    (Path(exported["bundle_dir"]) / REPORT_FILE).write_text(json.dumps(report, indent=2))
+                             parity_cosine_min=exported["parity_cosine_min"],
+                             extra={"variant": exported.get("variant"), "compression_reason": exported.get("reason"),
+                                    "lexical_validation_ndcg_by_weight": lexical.get("validation_ndcg_by_weight")})
     paths = Paths.from_env()
     registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)
     registry.client(paths).log_artifact(snap["mlflow_run_id"], str(Path(exported["bundle_dir"]) / ERRORS_FILE))

@@ -399,7 +399,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             t = _stage(ctx, metrics, "features", t)
             if reason is not None:
                 metrics.features_fallbacks.labels("/v1/search", reason).inc()
-        hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight)
+        hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight, body.query)
         _stage(ctx, metrics, "rank", t)
         shadow = state.shadow
         if shadow is not None and shadow.sampled():

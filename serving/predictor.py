@@ -15,6 +15,7 @@ import numpy as np
 
 from pipelines.encoder import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE, OnnxEncoder, load_tokenizer
 from pipelines.index import ProductIndex
+from pipelines.lexical import LexicalIndex, fuse
 from pipelines.registry import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
 from serving import personalize
 from serving.personalize import ATTENTION_TEMPERATURE
@@ -70,6 +71,7 @@ class Predictor:
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     search_backend: CatalogSearch | None = None  # None = brute force
     variant: str | None = None  # encoder.json's quantization, e.g. int8-dynamic-per-channel
+    lexical: LexicalIndex | None = None  # hybrid search (BM25 fused with the dense ranking); None = dense only
 
     def __post_init__(self) -> None:
         if self.search_backend is None:
@@ -99,13 +101,14 @@ class Predictor:
         index = ProductIndex.load(bundle)
         predictor = cls(encoder, index, version or local_version(bundle), bundle, source,
                         search_backend=build_search(index, ann or AnnOptions(min_products=0), ann_cache, build_ann),
-                        variant=meta.get("quantization") or meta.get("variant"))
+                        variant=meta.get("quantization") or meta.get("variant"),
+                        lexical=LexicalIndex.load(bundle))
         # ORT allocates on its first run: pay that here, not on the first request; and prove the graph fits.
         vec, _ = predictor.encode("warm up")
         if vec.shape != (index.embeddings.shape[1],) or not np.isfinite(vec).all():
             raise ModelUnavailable(f"bundle {bundle}: the graph's embedding {vec.shape} does not fit its index "
                                    f"{index.embeddings.shape}")
-        predictor.rank(vec, 10)
+        predictor.rank(vec, 10, query="warm up")
         return predictor
 
     @property
@@ -170,18 +173,24 @@ class Predictor:
         return personalize.user_vector(self.index.embeddings[rows], query_vec)
 
     def rank(self, query_vec: np.ndarray, k: int, user_vector: np.ndarray | None = None,
-             weight: float = 0.0) -> list[Hit]:
-        """Top k by cos(q, p) + weight * cos(u, p).
+             weight: float = 0.0, query: str | None = None) -> list[Hit]:
+        """Top k by cos(q, p) + weight * cos(u, p), fused with BM25 on the query text when the version has a
+        lexical index (scores are then the fused ones, in [0, 1]).
 
         All vectors are unit length, so that sum is (q + weight * u) . p: one matmul over the catalog, not two.
         """
         vec = query_vec if user_vector is None or weight == 0 else query_vec + weight * user_vector
-        rows, scores = self.search_backend.top_k(vec, k)
+        if self.lexical is not None and query is not None:
+            # the same candidate depth as evaluation: min-max normalisation, hence the ranking, depends on it
+            dense = self.search_backend.top_k(vec, max(k, self.lexical.candidates))
+            rows, scores = fuse(dense, self.lexical.top_k([query])[0], self.lexical.weight, k)
+        else:
+            rows, scores = self.search_backend.top_k(vec, k)
         return [Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
                 for r, s in zip(rows, scores, strict=True)]
 
     def search(self, query: str, k: int, user_vector: np.ndarray | None = None, weight: float = 0.0) -> list[Hit]:
-        return self.rank(self.encode(query)[0], k, user_vector, weight)
+        return self.rank(self.encode(query)[0], k, user_vector, weight, query)
 
 
 def local_version(bundle_dir: Path) -> str:

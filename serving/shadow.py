@@ -102,7 +102,7 @@ class ShadowRunner:
             started = time.perf_counter()
             vec, category = shadow.encode(item.query)
             user = shadow.user_vector(list(item.recent), vec) if item.recent else None
-            hits = shadow.rank(vec, item.k, user, item.weight if user is not None else 0.0)
+            hits = shadow.rank(vec, item.k, user, item.weight if user is not None else 0.0, item.query)
             seconds = time.perf_counter() - started
         except Exception:
             log.exception("shadow replay on %s version %s failed", self.alias, shadow.version)

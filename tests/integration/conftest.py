@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import MODEL_NAME, DataConfig, EvaluateConfig, ExportConfig, Paths, TrainConfig
+from pipelines.config import MODEL_NAME, DataConfig, EvaluateConfig, ExportConfig, Paths, SearchConfig, TrainConfig
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 RUN_KEY = "integration-serving-champion"
@@ -29,7 +29,7 @@ class RegisteredChampion:
 
 @pytest.fixture(scope="session")
 def champion(shopguide_home: Paths) -> RegisteredChampion:
-    """Snapshot -> fine-tune (0 steps, real head) -> ONNX INT8 -> index -> evaluate -> register -> @champion.
+    """Snapshot -> fine-tune (0 steps, real head) -> ONNX INT8 -> dense + BM25 index -> evaluate -> @champion.
 
     Every step is the pipeline's own function, on the session's temporary SQLite MLflow store (tests/conftest.py)
     and a home below the session's SHOPGUIDE_HOME; only the sizes are small. ~20-30 s, mostly ONNX export.
@@ -39,6 +39,7 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     from pipelines.export import export_model
     from pipelines.finetune import finetune_encoder
     from pipelines.index import build_product_index
+    from pipelines.lexical import build_lexical_index
     from pipelines.registry import CHAMPION, end_run, register_bundle, set_alias, start_run, write_model_card
 
     paths = Paths(shopguide_home.home / "serving-test")
@@ -49,7 +50,9 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     bundle = work / "bundle"
     export_model(work / "model", snapshot.path, bundle, ExportConfig(parity_texts=8), train.max_seq_length)
     build_product_index(bundle, snapshot.path)
-    report = evaluate_bundle(bundle, snapshot.path, EvaluateConfig(max_category_offers=100, latency_queries=10))
+    evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
+    build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
+    report = evaluate_bundle(bundle, snapshot.path, evaluation)
     lineage = {"snapshot_hash": snapshot.hash, "run_key": RUN_KEY}
     write_model_card(bundle, report, None, {"passed": True, "reasons": ["integration fixture"]}, lineage)
     run_id = start_run(paths, RUN_KEY, lineage)

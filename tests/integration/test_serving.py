@@ -18,7 +18,9 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from pipelines.config import SearchConfig
 from pipelines.encoder import LABELS_FILE
+from pipelines.evaluate import REPORT_FILE
 from serving.app import create_app
 from serving.features import OnlineFeatures
 from serving.personalize import recency_weights
@@ -107,6 +109,26 @@ def test_search_answers_with_the_champion_version(client: TestClient, champion: 
     assert scores == sorted(scores, reverse=True) and -1.0 <= scores[-1] <= scores[0] <= 1.0 + 1e-5
     assert _search(client, query="cordless drill")["results"] == results[:10]  # default k, same ranking
     assert len(_search(client, query="paint", k=100)["results"]) == 100
+
+
+def test_search_is_hybrid_with_the_weight_chosen_on_validation_terms(client: TestClient, predictor: Predictor,
+                                                                    champion: RegisteredChampion) -> None:
+    report = json.loads((champion.bundle_dir / REPORT_FILE).read_text())
+    lexical = predictor.lexical
+    assert lexical is not None and lexical.weight == report["lexical_weight"] in SearchConfig().weight_grid
+    assert {"dense_ndcg_at_10", "lexical_latency_p99_ms"} <= report.keys()
+    # a title's rarest word (a model number, a brand) finds it lexically even where the dense ranking does not
+    catalog = pd.read_parquet(champion.snapshot_dir / "catalog.parquet")
+    words = catalog["product_title"].str.lower().str.findall(r"[a-z]*\d[a-z0-9]{3,}")
+    counts = words.explode().value_counts()
+    row = next(i for i, ws in words.items() if any(counts[w] == 1 for w in ws))
+    token = next(w for w in words[row] if counts[w] == 1)
+    expected = int(catalog["product_uid"][row])
+    lexical_only = predictor.rank(predictor.encode(token)[0], 10, query=token)
+    assert expected in [h.product_id for h in lexical_only[:3]], token
+    body = _search(client, query=token, k=10)
+    assert [r["product_id"] for r in body["results"]] == [h.product_id for h in lexical_only]
+    assert all(0.0 <= r["score"] <= 1.0 + 1e-6 for r in body["results"])  # fused scores
 
 
 @pytest.mark.parametrize(
@@ -240,7 +262,7 @@ def test_user_vector_and_blended_scores(predictor: Predictor, known_user: tuple[
     np.testing.assert_allclose([h.score for h in hits], blended, atol=1e-5)
     everything = predictor.index.embeddings @ query_vec + 0.7 * predictor.index.embeddings @ attended
     assert hits[-1].score >= np.sort(everything)[-K] - 1e-5  # truly the top k of the whole catalog
-    assert predictor.search("garden hose", K) == predictor.rank(query_vec, K)
+    assert predictor.search("garden hose", K) == predictor.rank(query_vec, K, query="garden hose")
     assert predictor.classify("garden hose") in predictor.labels
 
 

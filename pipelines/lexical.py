@@ -1,0 +1,172 @@
+"""Hybrid search's lexical half: a BM25 index (bm25s) over the catalog titles, fused with the dense ranking.
+
+Dense retrieval misses exact tokens (model numbers, sizes, brands) that BM25 gets right, and BM25 misses synonyms
+and paraphrases: on the held-out Home Depot terms a convex fusion of the two beats both (see README). The index is
+stored in the bundle beside the product index, in the same row order, with the fusion weight chosen for that
+version on validation terms (never the held-out ones).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from pipelines.config import EvaluateConfig, SearchConfig
+
+LEXICAL_DIR = "index/bm25"
+FUSION_FILE = "fusion.json"
+STEMMER_LANGUAGE = "english"
+
+
+def _stemmer():
+    import Stemmer
+
+    return Stemmer.Stemmer(STEMMER_LANGUAGE)
+
+
+def tokenize(texts: list[str], stemmer=None) -> list[list[str]]:
+    """Lower-cased words of 2+ characters, English stopwords dropped, Snowball-stemmed (bm25s' tokenizer)."""
+    import bm25s
+
+    return bm25s.tokenize(texts, stopwords="en", stemmer=stemmer or _stemmer(), return_ids=False,
+                          show_progress=False)
+
+
+@dataclass
+class LexicalIndex:
+    """BM25 over product titles; rows are the product index's rows."""
+
+    retriever: Any  # bm25s.BM25
+    weight: float  # the lexical share of the fused score, 0 = dense only
+    candidates: int  # depth of each list before fusion (fixed: min-max normalisation depends on it)
+    size: int
+
+    @classmethod
+    def build(cls, titles: list[str], weight: float, candidates: int) -> LexicalIndex:
+        import bm25s
+
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize(titles, stopwords="en", stemmer=_stemmer(), show_progress=False),
+                        show_progress=False)
+        return cls(retriever, weight, candidates, len(titles))
+
+    def top_k(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(rows, scores) per query, best first, only products sharing a term with the query."""
+        tokens = tokenize(queries, self._stem)
+        k = min(self.candidates, self.size)
+        out = []
+        for words in tokens:
+            if not words:  # only stopwords or one-letter words: nothing lexical to match
+                out.append((np.empty(0, np.int64), np.empty(0, np.float32)))
+                continue
+            rows, scores = self.retriever.retrieve([words], k=k, show_progress=False, n_threads=1)
+            hit = scores[0] > 0
+            out.append((rows[0][hit].astype(np.int64), scores[0][hit].astype(np.float32)))
+        return out
+
+    def latency_ms(self, queries: list[str]) -> dict[str, float]:
+        """p50/p99 of one query's BM25 candidates (tokenise, stem, score, top k): what hybrid search adds."""
+        import time
+
+        self.top_k(queries[:5])  # warm-up
+        times = []
+        for q in queries:
+            t0 = time.perf_counter()
+            self.top_k([q])
+            times.append((time.perf_counter() - t0) * 1e3)
+        return {"lexical_latency_p50_ms": float(np.percentile(times, 50)),
+                "lexical_latency_p99_ms": float(np.percentile(times, 99))}
+
+    @property
+    def _stem(self):
+        stem = getattr(self, "_stemmer_obj", None)
+        if stem is None:
+            stem = self._stemmer_obj = _stemmer()
+        return stem
+
+    def save(self, bundle_dir: str | Path) -> Path:
+        out = Path(bundle_dir) / LEXICAL_DIR
+        self.retriever.save(str(out), show_progress=False)
+        (out / FUSION_FILE).write_text(json.dumps({"weight": self.weight, "candidates": self.candidates,
+                                                   "size": self.size}))
+        return out
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path) -> LexicalIndex | None:
+        """The bundle's lexical index, or None for a dense-only bundle (older versions, lexical search off)."""
+        path = Path(bundle_dir) / LEXICAL_DIR
+        if not (path / FUSION_FILE).is_file():
+            return None
+        import bm25s
+
+        meta = json.loads((path / FUSION_FILE).read_text())
+        retriever = bm25s.BM25.load(str(path), show_progress=False, verbosity=0)
+        return cls(retriever, float(meta["weight"]), int(meta["candidates"]), int(meta["size"]))
+
+
+def _min_max(scores: np.ndarray) -> np.ndarray:
+    if scores.size == 0:
+        return scores
+    lo, hi = float(scores.min()), float(scores.max())
+    return (scores - lo) / (hi - lo) if hi > lo else np.ones_like(scores)
+
+
+def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], weight: float,
+         k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Convex fusion of two candidate lists: (1 - weight) * minmax(dense) + weight * minmax(bm25), top k.
+
+    Each list is min-max normalised over its own candidates (a fixed depth), so the two scales meet; a product
+    missing from one list gets 0 from it. Ties keep the dense order (stable sort over dense-first candidates).
+    """
+    d_rows, d_scores = dense
+    l_rows, l_scores = lexical
+    rows = np.concatenate([d_rows, l_rows])
+    contrib = np.concatenate([(1 - weight) * _min_max(np.asarray(d_scores, np.float32)),
+                              weight * _min_max(np.asarray(l_scores, np.float32))])
+    unique, inverse = np.unique(rows, return_inverse=True)
+    fused = np.zeros(len(unique), np.float32)
+    np.add.at(fused, inverse, contrib)
+    first_seen = np.full(len(unique), len(rows))
+    np.minimum.at(first_seen, inverse, np.arange(len(rows)))
+    order = np.lexsort((first_seen, -fused))[:k]
+    return unique[order], fused[order]
+
+
+def build_lexical_index(bundle_dir: str | Path, snapshot_dir: str | Path, cfg: SearchConfig,
+                        eval_cfg: EvaluateConfig) -> dict[str, Any]:
+    """BM25 over the bundle's catalog (the product index's rows) with the fusion weight for this model version:
+    cfg.lexical_weight, or the grid weight with the best nDCG@10 on the validation terms (training terms the
+    encoder was scored on, never the held-out ones; ties go to the smaller weight). Saved into the bundle."""
+    import time
+
+    from pipelines.data import Snapshot
+    from pipelines.encoder import OnnxEncoder
+    from pipelines.evaluate import candidate_lists, heldout_qrels, ir_metrics, run_from_lists
+    from pipelines.finetune import is_validation_term
+    from pipelines.index import ProductIndex
+
+    if not cfg.lexical:
+        return {"lexical": False}
+    started = time.perf_counter()
+    index = ProductIndex.load(bundle_dir)
+    lexical = LexicalIndex.build([str(t) for t in index.titles], cfg.lexical_weight or 0.0, cfg.candidates)
+    sweep: dict[str, float] = {}
+    terms: list[str] = []
+    if cfg.lexical_weight is None:
+        judgments = Snapshot.open(snapshot_dir).table("judgments_train")
+        qrels = heldout_qrels(judgments[judgments["search_term"].map(is_validation_term).astype(bool)])
+        terms = sorted(qrels)
+        if terms:
+            k = max(eval_cfg.retrieve_k, cfg.candidates)
+            dense, lex = candidate_lists(OnnxEncoder.load(bundle_dir), index, terms, k, eval_cfg.batch_size, lexical)
+            sweep = {str(w): ir_metrics(qrels, run_from_lists(index, terms, dense, lex, w, eval_cfg.retrieve_k))[
+                "ndcg_at_10"] for w in cfg.weight_grid}
+            lexical.weight = float(max(sweep, key=lambda w: (round(sweep[w], 4), -float(w))))
+    lexical.save(bundle_dir)
+    return {"lexical": True, "lexical_weight": lexical.weight, "validation_terms": len(terms),
+            "validation_ndcg_by_weight": sweep, "lexical_seconds": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,55 @@
+"""Hybrid search's lexical half: fusion arithmetic on hand-built lists, and the BM25 index on real titles."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipelines.lexical import LexicalIndex, fuse
+
+
+def lists(rows, scores):
+    return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
+
+
+DENSE = lists([1, 2, 3], [0.9, 0.5, 0.1])
+BM25 = lists([3, 4], [10.0, 5.0])
+
+
+@pytest.mark.parametrize(("weight", "rows", "scores"), [
+    # min-max per list: dense (1, .5, 0), bm25 (1, 0); product 3 is last by meaning, first by words
+    (0.5, [1, 3, 2, 4], [0.5, 0.5, 0.25, 0.0]),  # 1 and 3 tie: the dense order breaks it
+    (0.0, [1, 2, 3, 4], [1.0, 0.5, 0.0, 0.0]),  # dense only
+    (1.0, [3, 1, 2, 4], [1.0, 0.0, 0.0, 0.0]),  # lexical only, then the dense order
+    (0.2, [1, 2, 3, 4], [0.8, 0.4, 0.2, 0.0]),
+])
+def test_fuse_is_a_convex_mix_of_min_max_scores(weight, rows, scores):
+    got_rows, got_scores = fuse(DENSE, BM25, weight, k=10)
+    assert got_rows.tolist() == rows
+    np.testing.assert_allclose(got_scores, scores, atol=1e-6)
+
+
+def test_fuse_keeps_k_and_handles_an_empty_lexical_list():
+    rows, scores = fuse(DENSE, lists([], []), 0.5, k=2)
+    assert rows.tolist() == [1, 2]
+    np.testing.assert_allclose(scores, [0.5, 0.25], atol=1e-6)
+    rows, _ = fuse(lists([7], [0.3]), lists([7], [2.0]), 0.5, k=5)  # one candidate in both: scored once
+    assert rows.tolist() == [7]
+
+
+TITLES = ["Milwaukee M18 cordless drill kit", "Philips 60 watt LED light bulb", "Minwax oak wood stain",
+          "Round white toilet seat", "DEWALT 20V hammer drill"]
+
+
+def test_bm25_index_stems_drops_stopwords_and_round_trips(tmp_path):
+    index = LexicalIndex.build(TITLES, weight=0.3, candidates=10)
+    (rows, scores), (none, _) = index.top_k(["drills", "the of and"])
+    assert sorted(rows.tolist()) == [0, 4] and (scores > 0).all()  # "drills" -> "drill"
+    assert none.size == 0  # only stopwords: no lexical candidates, the dense list decides
+    index.save(tmp_path)
+    loaded = LexicalIndex.load(tmp_path)
+    assert loaded is not None and (loaded.weight, loaded.candidates, loaded.size) == (0.3, 10, len(TITLES))
+    again, again_scores = loaded.top_k(["drills"])[0]
+    assert again.tolist() == rows.tolist()
+    np.testing.assert_allclose(again_scores, scores)
+    assert LexicalIndex.load(tmp_path / "dense-only-bundle") is None
