@@ -1,4 +1,5 @@
-"""Search and category quality of one profile in one run: BM25, the base model, the fine-tuned teacher, INT8 served.
+"""Search and category quality of one profile in one run: BM25, the base model, the fine-tuned teacher, INT8 served
+(dense alone and fused with BM25, the weight chosen on validation terms).
 
     .venv/bin/python bench/quality.py --profile default      # prints a table, then the JSON
 
@@ -46,6 +47,7 @@ def main() -> None:
     from pipelines.export import export_model
     from pipelines.finetune import finetune_encoder, load_encoder, load_finetuned
     from pipelines.index import build_product_index
+    from pipelines.lexical import build_lexical_index
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(args.profile, overrides)
@@ -101,17 +103,21 @@ def main() -> None:
     t0 = time.perf_counter()
     exported = export_model(trained["model_dir"], snap.path, work / "bundle", cfg.export, cfg.train.max_seq_length)
     build_product_index(work / "bundle", snap.path)
+    result["hybrid"] = build_lexical_index(work / "bundle", snap.path, cfg.search, cfg.evaluate)
     served = evaluate_bundle(work / "bundle", snap.path, cfg.evaluate.model_copy(update={"max_category_offers": None}),
                              exported["parity_served"]["cosine_min"])
-    result["retrieval"]["served_int8"] = {m: served[m] for m in ("ndcg_at_10", "mrr_at_10", "recall_at_100")}
+    served_name = "served_int8_hybrid" if result["hybrid"]["lexical"] else "served_int8"
+    if "dense_ndcg_at_10" in served:
+        result["retrieval"]["served_int8_dense"] = {"ndcg_at_10": served["dense_ndcg_at_10"]}
+    result["retrieval"][served_name] = {m: served[m] for m in ("ndcg_at_10", "mrr_at_10", "recall_at_100")}
     result["category"]["served_int8"] = {m: served[m] for m in ("category_accuracy",) if m in served}
     result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
 
     print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
-    print(f"{'model':<16} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15}")
+    print(f"{'model':<18} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15}")
     for name, m in result["retrieval"].items():
-        print(f"{name:<16} {m['ndcg_at_10']:>8.4f} {m['mrr_at_10']:>8.4f} {m['recall_at_100']:>8.4f} "
-              f"{m.get('rerank_ndcg_at_10', float('nan')):>15.4f}")
+        print(f"{name:<18} {m['ndcg_at_10']:>8.4f} {m.get('mrr_at_10', float('nan')):>8.4f} "
+              f"{m.get('recall_at_100', float('nan')):>8.4f} {m.get('rerank_ndcg_at_10', float('nan')):>15.4f}")
     print(f"{'category':<22} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in result["category"].items():
         print(f"{name:<22} {m['category_accuracy']:>8.4f} {m.get('category_macro_f1', float('nan')):>8.4f}")

@@ -72,13 +72,14 @@ def make_snapshot(work: Path) -> Path:
 
 
 def build_bundle(work: Path, snapshot: Path) -> Path:
-    """The whole catalog embedded by the base MiniLM (0 steps, real category head), INT8."""
-    from pipelines.config import EvaluateConfig, ExportConfig, TrainConfig
+    """The whole catalog embedded by the base MiniLM (0 steps, real category head), INT8, with hybrid search."""
+    from pipelines.config import EvaluateConfig, ExportConfig, SearchConfig, TrainConfig
     from pipelines.data import Snapshot
     from pipelines.evaluate import evaluate_bundle
     from pipelines.export import export_model
     from pipelines.finetune import finetune_encoder
     from pipelines.index import build_product_index
+    from pipelines.lexical import build_lexical_index
     from pipelines.registry import write_model_card
 
     bundle = work / "bundle"
@@ -89,7 +90,9 @@ def build_bundle(work: Path, snapshot: Path) -> Path:
     export_model(work / "model", snapshot, bundle, ExportConfig(parity_texts=8), train.max_seq_length)
     print("embedding the catalog ...", file=sys.stderr, flush=True)
     build_product_index(bundle, snapshot)
-    report = evaluate_bundle(bundle, snapshot, EvaluateConfig(max_category_offers=100, latency_queries=10))
+    evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
+    build_lexical_index(bundle, snapshot, SearchConfig(), evaluation)
+    report = evaluate_bundle(bundle, snapshot, evaluation)
     write_model_card(bundle, report, None, {"passed": True, "reasons": ["bench"]},
                      {"snapshot_hash": Snapshot.open(snapshot).hash})
     return bundle
