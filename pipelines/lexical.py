@@ -9,6 +9,7 @@ version on validation terms (never the held-out ones).
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,15 @@ def _stemmer():
     return Stemmer.Stemmer(STEMMER_LANGUAGE)
 
 
-def tokenize(texts: list[str], stemmer=None) -> list[list[str]]:
-    """Lower-cased words of 2+ characters, English stopwords dropped, Snowball-stemmed (bm25s' tokenizer)."""
-    import bm25s
+TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # bm25s' default: words of 2+ characters
 
-    return bm25s.tokenize(texts, stopwords="en", stemmer=stemmer or _stemmer(), return_ids=False,
-                          show_progress=False)
+
+def tokenize(text: str, stemmer) -> list[str]:
+    """bm25s' tokenisation (lower case, 2+ character words, English stopwords out, Snowball stems), without its
+    per-call machinery: 0.005 ms a query instead of 0.11 ms (the index itself is built by bm25s.tokenize)."""
+    from bm25s.stopwords import STOPWORDS_EN
+
+    return stemmer.stemWords([w for w in TOKEN_PATTERN.findall(text.lower()) if w not in STOPWORDS_EN])
 
 
 @dataclass
@@ -56,17 +60,21 @@ class LexicalIndex:
         return cls(retriever, weight, candidates, len(titles))
 
     def top_k(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(rows, scores) per query, best first, only products sharing a term with the query."""
-        tokens = tokenize(queries, self._stem)
-        k = min(self.candidates, self.size)
+        """(rows, scores) per query, best first, only products sharing a term with the query.
+
+        Scores come from bm25s' own get_scores; its retrieve() is bypassed because its per-call machinery costs
+        ~2.7 ms a query on 54,667 titles against ~0.2 ms for this whole path.
+        """
+        vocab = self.retriever.vocab_dict
         out = []
-        for words in tokens:
-            if not words:  # only stopwords or one-letter words: nothing lexical to match
-                out.append((np.empty(0, np.int64), np.empty(0, np.float32)))
-                continue
-            rows, scores = self.retriever.retrieve([words], k=k, show_progress=False, n_threads=1)
-            hit = scores[0] > 0
-            out.append((rows[0][hit].astype(np.int64), scores[0][hit].astype(np.float32)))
+        for query in queries:
+            ids = [vocab[w] for w in tokenize(query, self._stem) if w in vocab]
+            scores = self.retriever.get_scores(ids) if ids else np.zeros(0, np.float32)
+            hits = np.flatnonzero(scores > 0)  # unknown words or only stopwords: no lexical candidates
+            if len(hits) > self.candidates:
+                hits = hits[np.argpartition(-scores[hits], self.candidates - 1)[: self.candidates]]
+            order = np.lexsort((hits, -scores[hits]))  # ties: catalog order
+            out.append((hits[order].astype(np.int64), scores[hits][order].astype(np.float32)))
         return out
 
     def latency_ms(self, queries: list[str]) -> dict[str, float]:

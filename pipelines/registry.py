@@ -84,11 +84,15 @@ def write_model_card(bundle_dir: Path, report: dict[str, Any], champion: dict[st
                      decision: dict[str, Any], lineage: dict[str, str]) -> None:
     rows = "\n".join(
         f"| {k} | {report[k]:.4f} | {champion.get(k, float('nan')) if champion else float('nan'):.4f} |"
-        for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100", "category_accuracy", "latency_p99_ms", "size_mb")
+        for k in ("ndcg_at_10", "dense_ndcg_at_10", "bm25_ndcg_at_10", "mrr_at_10", "recall_at_100",
+                  "category_accuracy", "latency_p99_ms", "lexical_latency_p99_ms", "size_mb")
         if isinstance(report.get(k), int | float)
     )
     encoder = json.loads((bundle_dir / ENCODER_FILE).read_text())
     reasons = "\n".join(f"- {r}" for r in decision.get("reasons", []))
+    search = (f"Hybrid: BM25 over the titles fused with the dense ranking, lexical weight {report['lexical_weight']} "
+              "(chosen on validation terms); ndcg_at_10 is the fused ranking, dense_ndcg_at_10 the encoder alone."
+              if report.get("lexical_weight") is not None else "Dense only.")
     card = f"""# shopguide-encoder
 
 Sentence encoder (mean pooling, L2-normalised) with a category head, served as ONNX ({encoder.get("quantization")}).
@@ -102,6 +106,9 @@ catalog: {report.get("catalog_products")} products
 | metric | candidate | champion |
 | --- | --- | --- |
 {rows}
+
+## Search
+{search}
 
 ## Compression
 Served variant: `{report.get("variant") or "teacher-int8"}`. {report.get("compression_reason") or ""}

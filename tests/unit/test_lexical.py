@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.lexical import LexicalIndex, fuse
+from pipelines.lexical import LexicalIndex, _stemmer, fuse, tokenize
 
 
 def lists(rows, scores):
@@ -53,3 +53,18 @@ def test_bm25_index_stems_drops_stopwords_and_round_trips(tmp_path):
     assert again.tolist() == rows.tolist()
     np.testing.assert_allclose(again_scores, scores)
     assert LexicalIndex.load(tmp_path / "dense-only-bundle") is None
+
+
+def test_query_tokenisation_matches_bm25s_and_top_k_matches_its_retrieve():
+    import bm25s
+
+    texts = ["Drills, 18-Volt!", "the LED bulbs of 60W", "Café table ø 80 cm", "a", "", "Hampton Bay's ceiling fans"]
+    expected = bm25s.tokenize(texts, stopwords="en", stemmer=_stemmer(), return_ids=False, show_progress=False)
+    assert [tokenize(t, _stemmer()) for t in texts] == expected
+    index = LexicalIndex.build(TITLES, weight=0.5, candidates=3)
+    for query in ["drill kit", "white wood", "60 watt bulb"]:
+        rows, scores = index.top_k([query])[0]
+        ref_rows, ref_scores = index.retriever.retrieve([tokenize(query, _stemmer())], k=3, show_progress=False)
+        keep = ref_scores[0] > 0
+        np.testing.assert_allclose(scores, ref_scores[0][keep], rtol=1e-6)
+        assert set(rows.tolist()) == set(ref_rows[0][keep].tolist())
