@@ -30,6 +30,9 @@ PARAMS = {
                                    description="Gate floor on held-out category accuracy."),
     "max_regression": Param(None, type=["null", "number"], minimum=0, maximum=1,
                             description="Allowed drop vs the champion on each quality metric."),
+    "lexical_weight": Param(None, type=["null", "number"], minimum=0, maximum=1,
+                            description="Hybrid search: BM25's share of the fused score; empty = chosen on "
+                                        "validation terms; 0 = the encoder's ranking alone."),
 }
 
 

@@ -17,6 +17,7 @@ PARAM_FIELDS = {
     "min_ndcg_at_10": "gate.min_ndcg_at_10",
     "min_category_accuracy": "gate.min_category_accuracy",
     "max_regression": "gate.max_regression",
+    "lexical_weight": "search.lexical_weight",
 }
 
 
