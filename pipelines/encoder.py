@@ -16,6 +16,18 @@ LABELS_FILE = "labels.json"
 ENCODER_FILE = "encoder.json"
 
 
+def per_query_latency_ms(run_one, queries: list[str], prefix: str) -> dict[str, float]:
+    """{prefix}_p50_ms / {prefix}_p99_ms of run_one(query) over the queries, after a five-query warm-up."""
+    for q in queries[:5]:
+        run_one(q)
+    times = []
+    for q in queries:
+        t0 = time.perf_counter()
+        run_one(q)
+        times.append((time.perf_counter() - t0) * 1000)
+    return {f"{prefix}_p50_ms": float(np.percentile(times, 50)), f"{prefix}_p99_ms": float(np.percentile(times, 99))}
+
+
 def session_options(threads: int = 0):
     import onnxruntime as ort
 
@@ -83,11 +95,4 @@ class OnnxEncoder:
 
     def query_latency_ms(self, queries: list[str]) -> dict[str, float]:
         """Batch-1 latency, tokenisation included, after a short warm-up."""
-        for q in queries[:5]:
-            self._run([q])
-        times = []
-        for q in queries:
-            t0 = time.perf_counter()
-            self._run([q])
-            times.append((time.perf_counter() - t0) * 1000)
-        return {"latency_p50_ms": float(np.percentile(times, 50)), "latency_p99_ms": float(np.percentile(times, 99))}
+        return per_query_latency_ms(lambda q: self._run([q]), queries, "latency")

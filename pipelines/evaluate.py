@@ -46,10 +46,12 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
 
 
 def candidate_lists(
-    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], depth: int, batch_size: int,
+    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int,
     lexical: LexicalIndex | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]] | None]:
-    """Per term, the dense (rows, scores) top `depth` and, with a lexical index, its BM25 candidates."""
+    """Per term, the dense (rows, scores) deep enough for a top k (serving's depth) and, with a lexical index, its
+    BM25 candidates."""
+    depth = k if lexical is None else lexical.depth(k)
     emb, _ = encoder.encode(terms, batch_size=batch_size)
     dense: list[tuple[np.ndarray, np.ndarray]] = []
     for start in range(0, len(terms), 256):  # bounded memory: 256 x catalog scores at a time
@@ -71,13 +73,11 @@ def run_from_lists(
 
 
 def retrieval_run(
-    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int,
-    lexical: LexicalIndex | None = None,
+    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int
 ) -> dict[str, dict[str, float]]:
-    """The served ranking of every term: dense top k, or the hybrid fusion with the bundle's lexical index."""
-    depth = k if lexical is None else max(k, lexical.candidates)
-    dense, lex = candidate_lists(encoder, index, terms, depth, batch_size, lexical)
-    return run_from_lists(index, terms, dense, lex, lexical.weight if lexical is not None else 0.0, k)
+    """The encoder's own top k of every term (what the compression suite compares variants on)."""
+    dense, _ = candidate_lists(encoder, index, terms, k, batch_size)
+    return run_from_lists(index, terms, dense, None, 0.0, k)
 
 
 def category_accuracy(encoder: OnnxEncoder, offers: pd.DataFrame, limit: int | None, batch_size: int) -> dict:
@@ -122,8 +122,7 @@ def evaluate_bundle(
     terms = sorted(qrels)
     report: dict[str, Any] = {"heldout_terms": len(terms), "catalog_products": len(index)}
     lexical = LexicalIndex.load(bundle)
-    depth = cfg.retrieve_k if lexical is None else max(cfg.retrieve_k, lexical.candidates)
-    dense, lex = candidate_lists(encoder, index, terms, depth, cfg.batch_size, lexical)
+    dense, lex = candidate_lists(encoder, index, terms, cfg.retrieve_k, cfg.batch_size, lexical)
     run = run_from_lists(index, terms, dense, lex, lexical.weight if lexical else 0.0, cfg.retrieve_k)
     report.update(ir_metrics(qrels, run))
     if lexical is not None:  # what the fusion adds over the dense ranking alone, same graph, same run

@@ -8,8 +8,10 @@ version on validation terms (never the held-out ones).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,21 +26,34 @@ FUSION_FILE = "fusion.json"
 STEMMER_LANGUAGE = "english"
 
 
-def _stemmer():
-    import Stemmer
+_local = threading.local()
 
-    return Stemmer.Stemmer(STEMMER_LANGUAGE)
+
+def _stemmer():
+    """This thread's Snowball stemmer: PyStemmer objects are not safe to share between the service's threads."""
+    stemmer = getattr(_local, "stemmer", None)
+    if stemmer is None:
+        import Stemmer
+
+        stemmer = _local.stemmer = Stemmer.Stemmer(STEMMER_LANGUAGE)
+    return stemmer
+
+
+@functools.cache
+def _stopwords() -> frozenset[str]:
+    from bm25s.stopwords import STOPWORDS_EN  # a tuple: a set makes each word's check O(1)
+
+    return frozenset(STOPWORDS_EN)
 
 
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # bm25s' default: words of 2+ characters
 
 
-def tokenize(text: str, stemmer) -> list[str]:
+def tokenize(text: str, stemmer=None) -> list[str]:
     """bm25s' tokenisation (lower case, 2+ character words, English stopwords out, Snowball stems), without its
     per-call machinery: 0.005 ms a query instead of 0.11 ms (the index itself is built by bm25s.tokenize)."""
-    from bm25s.stopwords import STOPWORDS_EN
-
-    return stemmer.stemWords([w for w in TOKEN_PATTERN.findall(text.lower()) if w not in STOPWORDS_EN])
+    stopwords = _stopwords()
+    return (stemmer or _stemmer()).stemWords([w for w in TOKEN_PATTERN.findall(text.lower()) if w not in stopwords])
 
 
 @dataclass
@@ -48,7 +63,14 @@ class LexicalIndex:
     retriever: Any  # bm25s.BM25
     weight: float  # the lexical share of the fused score, 0 = dense only
     candidates: int  # depth of each list before fusion (fixed: min-max normalisation depends on it)
-    size: int
+
+    @property
+    def size(self) -> int:
+        return int(self.retriever.scores["num_docs"])
+
+    def depth(self, k: int) -> int:
+        """How deep the dense list must go for a top k: the fixed candidate depth (or k when larger)."""
+        return max(k, self.candidates)
 
     @classmethod
     def build(cls, titles: list[str], weight: float, candidates: int, method: str = "lucene", k1: float = 1.5,
@@ -58,7 +80,7 @@ class LexicalIndex:
         retriever = bm25s.BM25(method=method, k1=k1, b=b)
         retriever.index(bm25s.tokenize(titles, stopwords="en", stemmer=_stemmer(), show_progress=False),
                         show_progress=False)
-        return cls(retriever, weight, candidates, len(titles))
+        return cls(retriever, weight, candidates)
 
     def top_k(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(rows, scores) per query, best first: products sharing a term with the query (BM25+ and BM25L give every
@@ -70,40 +92,32 @@ class LexicalIndex:
         vocab = self.retriever.vocab_dict
         out = []
         for query in queries:
-            ids = [vocab[w] for w in tokenize(query, self._stem) if w in vocab]
+            ids = [vocab[w] for w in tokenize(query) if w in vocab]
             scores = self.retriever.get_scores(ids) if ids else np.zeros(0, np.float32)
-            hits = np.flatnonzero(scores > 0)  # unknown words or only stopwords: no lexical candidates
-            if len(hits) > self.candidates:
-                hits = hits[np.argpartition(-scores[hits], self.candidates - 1)[: self.candidates]]
+            if len(scores) > self.candidates:
+                hits = np.argpartition(-scores, self.candidates - 1)[: self.candidates]
+            else:
+                hits = np.arange(len(scores))
+            hits = hits[scores[hits] > 0]  # unknown words or only stopwords: no lexical candidates
             order = np.lexsort((hits, -scores[hits]))  # ties: catalog order
             out.append((hits[order].astype(np.int64), scores[hits][order].astype(np.float32)))
         return out
 
+    def hybrid(self, queries: list[str], dense: list[tuple[np.ndarray, np.ndarray]],
+               k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each query's dense (rows, scores), self.depth(k) deep, fused with its BM25 candidates: the top k."""
+        return [fuse(d, lx, self.weight, k) for d, lx in zip(dense, self.top_k(queries), strict=True)]
+
     def latency_ms(self, queries: list[str]) -> dict[str, float]:
         """p50/p99 of one query's BM25 candidates (tokenise, stem, score, top k): what hybrid search adds."""
-        import time
+        from pipelines.encoder import per_query_latency_ms
 
-        self.top_k(queries[:5])  # warm-up
-        times = []
-        for q in queries:
-            t0 = time.perf_counter()
-            self.top_k([q])
-            times.append((time.perf_counter() - t0) * 1e3)
-        return {"lexical_latency_p50_ms": float(np.percentile(times, 50)),
-                "lexical_latency_p99_ms": float(np.percentile(times, 99))}
-
-    @property
-    def _stem(self):
-        stem = getattr(self, "_stemmer_obj", None)
-        if stem is None:
-            stem = self._stemmer_obj = _stemmer()
-        return stem
+        return per_query_latency_ms(lambda q: self.top_k([q]), queries, "lexical_latency")
 
     def save(self, bundle_dir: str | Path) -> Path:
         out = Path(bundle_dir) / LEXICAL_DIR
         self.retriever.save(str(out), show_progress=False)
-        (out / FUSION_FILE).write_text(json.dumps({"weight": self.weight, "candidates": self.candidates,
-                                                   "size": self.size}))
+        (out / FUSION_FILE).write_text(json.dumps({"weight": self.weight, "candidates": self.candidates}))
         return out
 
     @classmethod
@@ -116,7 +130,7 @@ class LexicalIndex:
 
         meta = json.loads((path / FUSION_FILE).read_text())
         retriever = bm25s.BM25.load(str(path), show_progress=False, verbosity=0)
-        return cls(retriever, float(meta["weight"]), int(meta["candidates"]), int(meta["size"]))
+        return cls(retriever, float(meta["weight"]), int(meta["candidates"]))
 
 
 def _min_max(scores: np.ndarray) -> np.ndarray:
@@ -166,18 +180,19 @@ def build_lexical_index(bundle_dir: str | Path, snapshot_dir: str | Path, cfg: S
     index = ProductIndex.load(bundle_dir)
     lexical = LexicalIndex.build([str(t) for t in index.titles], cfg.lexical_weight or 0.0, cfg.candidates,
                                  cfg.bm25_method, cfg.bm25_k1, cfg.bm25_b)
-    sweep: dict[str, float] = {}
+    sweep: dict[float, float] = {}
     terms: list[str] = []
     if cfg.lexical_weight is None:
         judgments = Snapshot.open(snapshot_dir).table("judgments_train")
         qrels = heldout_qrels(judgments[judgments["search_term"].map(is_validation_term).astype(bool)])
         terms = sorted(qrels)
         if terms:
-            k = max(eval_cfg.retrieve_k, cfg.candidates)
+            k = eval_cfg.retrieve_k
             dense, lex = candidate_lists(OnnxEncoder.load(bundle_dir), index, terms, k, eval_cfg.batch_size, lexical)
-            sweep = {str(w): ir_metrics(qrels, run_from_lists(index, terms, dense, lex, w, eval_cfg.retrieve_k))[
-                "ndcg_at_10"] for w in cfg.weight_grid}
-            lexical.weight = float(max(sweep, key=lambda w: (round(sweep[w], 4), -float(w))))
+            sweep = {w: ir_metrics(qrels, run_from_lists(index, terms, dense, lex, w, k))["ndcg_at_10"]
+                     for w in cfg.weight_grid}
+            lexical.weight = max(sweep, key=lambda w: (round(sweep[w], 4), -w))
     lexical.save(bundle_dir)
     return {"lexical": True, "lexical_weight": lexical.weight, "validation_terms": len(terms),
-            "validation_ndcg_by_weight": sweep, "lexical_seconds": round(time.perf_counter() - started, 1)}
+            "validation_ndcg_by_weight": {str(w): v for w, v in sweep.items()},
+            "lexical_seconds": round(time.perf_counter() - started, 1)}

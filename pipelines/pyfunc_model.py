@@ -28,11 +28,8 @@ class ShopguideEncoder(PythonModel):
         if self.lexical is None:
             rows, scores = self.index.search(emb, k)
         else:  # the hybrid ranking the service returns
-            from pipelines.lexical import fuse
-
-            dense_rows, dense_scores = self.index.search(emb, max(k, self.lexical.candidates))
-            fused = [fuse((r, s), lx, self.lexical.weight, k)
-                     for r, s, lx in zip(dense_rows, dense_scores, self.lexical.top_k(queries), strict=True)]
+            dense_rows, dense_scores = self.index.search(emb, self.lexical.depth(k))
+            fused = self.lexical.hybrid(queries, list(zip(dense_rows, dense_scores, strict=True)), k)
             rows, scores = [r for r, _ in fused], [s for _, s in fused]
         return pd.DataFrame({
             "query": queries,

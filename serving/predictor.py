@@ -15,7 +15,7 @@ import numpy as np
 
 from pipelines.encoder import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE, OnnxEncoder, load_tokenizer
 from pipelines.index import ProductIndex
-from pipelines.lexical import LexicalIndex, fuse
+from pipelines.lexical import LexicalIndex
 from pipelines.registry import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
 from serving import personalize
 from serving.personalize import ATTENTION_TEMPERATURE
@@ -182,8 +182,8 @@ class Predictor:
         vec = query_vec if user_vector is None or weight == 0 else query_vec + weight * user_vector
         if self.lexical is not None and query is not None:
             # the same candidate depth as evaluation: min-max normalisation, hence the ranking, depends on it
-            dense = self.search_backend.top_k(vec, max(k, self.lexical.candidates))
-            rows, scores = fuse(dense, self.lexical.top_k([query])[0], self.lexical.weight, k)
+            dense = self.search_backend.top_k(vec, self.lexical.depth(k))
+            rows, scores = self.lexical.hybrid([query], [dense], k)[0]
         else:
             rows, scores = self.search_backend.top_k(vec, k)
         return [Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
