@@ -61,7 +61,12 @@ def planned_variants(cfg: CompressConfig) -> list[VariantSpec]:
 
 
 def student_plan(cfg: CompressConfig, teacher_layers: int, teacher_ffn: int) -> dict[str, dict[str, Any]]:
-    """Each planned student's teacher layers (configured per layer count, or spread evenly) and kept FFN width."""
+    """Each planned student's teacher layers (configured per layer count, or spread evenly), kept FFN width and the
+    student it starts from (None: the teacher's layers), in training order.
+
+    With `ffn_after_distill`, an FFN-pruned student is pruned from the distilled full-width student of its depth,
+    which is then planned (and trained) before it even when no variant serves it.
+    """
     from pipelines.distill import spread_layers
 
     out: dict[str, dict[str, Any]] = {}
@@ -75,7 +80,11 @@ def student_plan(cfg: CompressConfig, teacher_layers: int, teacher_ffn: int) -> 
                              f"got {layers}")
         if spec.ffn is not None and spec.ffn >= teacher_ffn:
             raise ValueError(f"{key} keeps {spec.ffn} feed-forward neurons; the teacher has {teacher_ffn}")
-        out[key] = {"layers": layers, "ffn": spec.ffn}
+        init = None
+        if spec.ffn is not None and cfg.ffn_after_distill:
+            init = f"student{spec.layers}"
+            out.setdefault(init, {"layers": layers, "ffn": None, "init": None})
+        out[key] = {"layers": layers, "ffn": spec.ffn, "init": init}
     return out
 
 
@@ -115,8 +124,9 @@ def distill_students(
     result["distill_texts"] = len(texts)
     result["task_pairs"] = {name: len(df) for name, df in (task_sets or {}).items()}
     for name, student in plan.items():
+        init = models[student["init"]] if student["init"] else None
         info = distill_student(teacher, model_dir, out / name, student["layers"], texts, targets, ccfg, task_sets,
-                               ffn=student["ffn"])
+                               ffn=student["ffn"], init_dir=init)
         models[name] = info["model_dir"]
         result["students"][name] = info
     result["seconds"] = round(time.perf_counter() - started, 1)

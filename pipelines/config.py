@@ -106,6 +106,9 @@ class CompressConfig(_Section):
         "cosine", description="Cosine distance to the teacher's embedding, or MSELoss (the pure-distillation recipe).")
     distill_task_pairs: bool = Field(
         True, description="Mix the fine-tuning pairs (MultipleNegativesRankingLoss) into the students' training.")
+    ffn_after_distill: bool = Field(
+        True, description="Prune an FFN-pruned student from the distilled full-width student of its depth, then "
+                          "distill again (two stages); false prunes the teacher's copied layers before one stage.")
     distill_freeze_embeddings: bool = Field(
         True, description="Keep the teacher's word embeddings (most of a student's parameters): faster steps, and "
                           "tokens the distillation texts never show stay where the copied layers expect them.")

@@ -13,7 +13,7 @@ import pandas as pd
 
 from pipelines.config import CompressConfig, TrainConfig
 from pipelines.data import Snapshot
-from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, is_validation_term, training_sets
+from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, is_validation_term, load_finetuned, training_sets
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -179,19 +179,26 @@ def train_student(
 def distill_student(
     teacher: SentenceTransformer, teacher_dir: str | Path, out_dir: str | Path, layers: list[int], texts: list[str],
     targets: np.ndarray, cfg: CompressConfig, task_sets: dict[str, pd.DataFrame] | None = None,
-    ffn: int | None = None,
+    ffn: int | None = None, init_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build, train and save one student as a finetune-shaped folder (encoder/, category head, labels).
 
-    The category head is the teacher's, unchanged: it reads the normalised embedding, so a student that reproduces
-    the teacher's embedding reproduces its logits too.
+    The student starts from the teacher's `layers`, or from the distilled student in `init_dir` (same layers); with
+    `ffn`, its feed-forward blocks are pruned before training. The category head is the teacher's, unchanged: it
+    reads the normalised embedding, so a student that reproduces the teacher's embedding reproduces its logits too.
     """
     import torch
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    student = student_from_teacher(teacher, layers)
+    if init_dir is None:
+        student = student_from_teacher(teacher, layers)
+    else:
+        student = load_finetuned(init_dir, teacher.max_seq_length)[0]
+        if student[0].auto_model.config.num_hidden_layers != len(layers):
+            raise ValueError(f"{init_dir} has {student[0].auto_model.config.num_hidden_layers} layers, not "
+                             f"{len(layers)}")
     if ffn is not None:
         prune_ffn_neurons(student, ffn, texts[:512] + texts[-512:])  # queries and titles
     started = time.perf_counter()
@@ -204,6 +211,7 @@ def distill_student(
     with torch.no_grad():
         check = student.encode(texts[:256], batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     cos = np.sum(check * targets[:256], axis=1)
-    return {"model_dir": str(out), "layers": list(layers), "ffn": ffn, "train_seconds": round(seconds, 1),
+    return {"model_dir": str(out), "layers": list(layers), "ffn": ffn,
+            "initialised_from": str(init_dir) if init_dir else "teacher", "train_seconds": round(seconds, 1),
             "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
             "train_cosine_to_teacher": float(cos.mean())}

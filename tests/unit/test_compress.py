@@ -92,6 +92,24 @@ def test_spread_layers(teacher, student, layers):
     assert spread_layers(teacher, student) == layers
 
 
+@pytest.mark.parametrize(("variants", "after", "plan"), [
+    # the full-width student of the pruned one's depth is trained first, served or not
+    (["student3-ffn768-vocab-int8"], True,
+     {"student3": (None, None), "student3-ffn768": (768, "student3")}),
+    (["student3-ffn768-int8", "student3-vocab-int8"], True,
+     {"student3": (None, None), "student3-ffn768": (768, "student3")}),
+    (["student3-ffn768-int8", "student2-int8"], False, {"student3-ffn768": (768, None), "student2": (None, None)}),
+    (["teacher-int8"], True, {}),
+])
+def test_student_plan_orders_ffn_pruning_after_distillation(variants, after, plan):
+    from pipelines.compress import student_plan
+
+    cfg = load_config("tiny", {"compress.variants": variants, "compress.ffn_after_distill": after}).compress
+    got = student_plan(cfg, teacher_layers=6, teacher_ffn=1536)
+    assert {k: (v["ffn"], v["init"]) for k, v in got.items()} == plan
+    assert list(got) == list(plan)
+
+
 @pytest.mark.parametrize("student", [0, 7])
 def test_spread_layers_rejects_impossible_students(student):
     from pipelines.distill import spread_layers
@@ -146,6 +164,8 @@ def test_distilled_students_are_finetune_folders(compressed, teacher_dir):
     students = compressed["distilled"]["students"]
     assert set(students) == {"student2", "student2-ffn32"} and students["student2"]["layers"] == [0, 2]
     assert students["student2-ffn32"]["ffn"] == 32 and students["student2"]["ffn"] is None
+    # two stages: the FFN-pruned student starts from the distilled full-width one
+    assert students["student2-ffn32"]["initialised_from"] == students["student2"]["model_dir"]
     narrow, _, _ = load_finetuned(students["student2-ffn32"]["model_dir"], 16)
     assert narrow[0].auto_model.config.intermediate_size == 32
     assert np.isfinite(students["student2"]["final_loss"])
