@@ -157,17 +157,16 @@ class ServingState:
         shadow.champion_version = self.predictor.version if self.predictor else None
 
     def warm_features(self) -> None:
-        """Import Feast in a daemon thread, so its seconds-long import does not land on the first personalised
-        request. Only the import: a store read failing here would start OnlineFeatures' retry pause while the
-        store may be fine by the time requests come."""
+        """Connect to Feast in a daemon thread (import, FeatureService resolution, a first read), so that none of
+        it lands on the first personalised request and /readyz never waits for the feature store."""
 
         def warm() -> None:
-            try:
-                from pipelines.features import import_feast
-
-                import_feast()
-            except Exception as exc:
-                log.info("Feast not pre-imported: %s", exc)
+            started = time.perf_counter()
+            problem = self.features.warm_up()
+            if problem is None:
+                log.info("online features ready in %.1f s", time.perf_counter() - started)
+            else:
+                log.info("online features not warmed up (requests will retry): %s", problem)
 
         threading.Thread(target=warm, name="shopguide-features-warmup", daemon=True).start()
 

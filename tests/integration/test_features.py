@@ -268,6 +268,18 @@ def test_unavailable_store_raises_features_unavailable(sqlite_home, tmp_path, mo
     assert time.monotonic() - started < 3  # fail-fast serving defaults, not redis-py's seconds of backoff
 
 
+def test_warm_up_reports_a_broken_store_without_pausing_requests(sqlite_home, tmp_path) -> None:
+    paths, _ = sqlite_home
+    assert OnlineFeatures(paths).warm_up() is None
+    broken = Paths(tmp_path / "broken")
+    shutil.copytree(paths.feast_dir, broken.feast_dir)
+    (broken.feast_dir / "online.db").write_bytes(b"this is not a sqlite database" * 100)
+    online = OnlineFeatures(broken, retry_after_s=60)
+    assert "online read" in online.warm_up()
+    with pytest.raises(FeaturesUnavailable, match="online read"):  # a real new attempt, not "still unavailable"
+        online.user_features(1)
+
+
 def test_service_starts_before_features_exist_and_recovers(events_file, tmp_path, monkeypatch) -> None:
     paths = _use_home(monkeypatch, tmp_path)
     online = OnlineFeatures(paths, retry_after_s=0)
