@@ -112,8 +112,9 @@ def demo_queries(url: str, user_id: int | None) -> None:
     """A few real Home Depot search terms, one of them for a simulated user, printed with the model version."""
     import httpx
 
-    # generous: the first personalised request pays the Feast online store's warm-up (7-11 s seen on a loaded
-    # 2-core machine), and a demo that times out would fail `make run` after the whole pipeline succeeded
+    # generous: the service warms Feast up in the background once ready (7-11 s seen on a loaded 2-core machine) and
+    # a personalised request sent before that ends waits for it; a demo that times out would fail `make run` after
+    # the whole pipeline succeeded
     with httpx.Client(base_url=url, timeout=60) as http:
         asks = [{"query": q, "k": 3} for q in DEMO_QUERIES]
         if user_id is not None:
