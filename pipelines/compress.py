@@ -223,7 +223,7 @@ def export_weights(
                 quantize_int8(graph_file, bundle / ONNX_FILE, cfg.export.per_channel, optimized=cfg.compress.optimize)
             else:
                 shutil.copyfile(graph_file, bundle / ONNX_FILE)
-            write_bundle_files(bundle, model.tokenizer.backend_tokenizer, labels, int(head.in_features),
+            write_bundle_files(bundle, model.tokenizer.backend_tokenizer, labels, model.get_embedding_dimension(),
                                cfg.train.max_seq_length, _quantization_label(spec.graph, cfg.export.per_channel),
                                variant=name, layers=int(config.num_hidden_layers), vocab_size=int(config.vocab_size),
                                optimized=cfg.compress.optimize)

@@ -46,10 +46,16 @@ class TrainConfig(_Section):
     hard_negatives: bool = Field(True, description="Add low-graded judgments of the same query as hard negatives.")
     max_negative_relevance: float = Field(1.67, ge=1, le=3, description="Judgments at or below this are negatives.")
     pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
+    category_offers: int = Field(
+        0, ge=0, description="PriceRunner training offers mixed into fine-tuning under a category cross-entropy "
+                             "(0 = off): the encoder itself learns to separate categories, not only the head.")
+    category_head_learning_rate: float = Field(
+        1e-2, gt=0, lt=1, description="Learning rate of the joint loss's own linear head (the encoder's is tiny).")
     validation_terms: bool = Field(True, description="Hold out 1/16 of the training terms to score the model.")
     eval_steps: int | None = Field(None, ge=1, description="Score the validation terms every N steps, keep the best.")
     head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
     head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
+    head_hidden: int = Field(0, ge=0, le=4096, description="Hidden ReLU units of the category head (0 = linear).")
     seed: int = 42
 
 

@@ -122,7 +122,7 @@ def export_model(
     model.tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
     (out / LABELS_FILE).write_text(json.dumps(labels))
     (out / ENCODER_FILE).write_text(json.dumps({
-        "max_seq_length": max_seq_length, "dim": int(head.in_features), "pooling": "mean", "normalized": True,
+        "max_seq_length": max_seq_length, "dim": model.get_embedding_dimension(), "pooling": "mean", "normalized": True,
         "quantization": "int8-dynamic-per-channel" if cfg.quantize and cfg.per_channel
         else ("int8-dynamic-per-tensor" if cfg.quantize else "none"),
         "outputs": ["embedding", "category_logits"],

@@ -52,12 +52,43 @@ def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> 
     return pairs.sample(frac=1.0, random_state=seed).reset_index(drop=True)
 
 
+CATEGORY_SET = "categories"
+
+
+def category_labels(offers: pd.DataFrame) -> list[str]:
+    return sorted(offers["category_label"].astype(str).unique())
+
+
+def category_loss(model: SentenceTransformer, num_labels: int):
+    """Cross-entropy of a linear head on the normalised embedding, for the `categories` training set.
+
+    Trained jointly with the contrastive losses, it moves the encoder itself (frozen embeddings of the base model cap a
+    linear head below a TF-IDF baseline: fridges, freezers and fridge freezers overlap). The head is only a training
+    device: the served head is refitted on the final embedding by `train_category_head`.
+    """
+    import torch
+
+    class CategoryLoss(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.category_head = torch.nn.Linear(model.get_embedding_dimension(), num_labels)
+
+        def forward(self, sentence_features, labels):
+            embedding = torch.nn.functional.normalize(self.model(sentence_features[0])["sentence_embedding"], dim=-1)
+            # unit-norm inputs: a fixed scale lets the logits separate without huge weights
+            return torch.nn.functional.cross_entropy(self.category_head(20.0 * embedding), labels)
+
+    return CategoryLoss()
+
+
 def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig) -> dict[str, pd.DataFrame]:
     """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
 
     `triplets`: positives whose query also has a low-graded judgment, that product being a real hard negative (a
     human said it does not match); `pairs`: the other positives (in-batch negatives only); `offers`: optional
-    PriceRunner offer title -> canonical product title pairs.
+    PriceRunner offer title -> canonical product title pairs; `categories`: optional PriceRunner offer titles with
+    their category's index in `category_labels(offers)`, for the joint category loss.
     """
     norm = judgments["search_term"].map(normalize_term)
     pos = judgments[judgments["relevance"] >= cfg.min_positive_relevance].assign(term=norm)
@@ -77,6 +108,11 @@ def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfi
         sample = offers.sample(n=min(cfg.pricerunner_pairs, len(offers)), random_state=cfg.seed)
         sets["offers"] = pd.DataFrame({"anchor": sample["offer_title"].astype(str),
                                        "positive": sample["cluster_label"].astype(str)})
+    if cfg.category_offers:
+        sample = offers.sample(n=min(cfg.category_offers, len(offers)), random_state=cfg.seed + 1)
+        index = {label: i for i, label in enumerate(category_labels(offers))}
+        sets[CATEGORY_SET] = pd.DataFrame({"text": sample["offer_title"].astype(str),
+                                           "label": sample["category_label"].astype(str).map(index)})
     return {name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
             for name, df in sets.items() if not df.empty}
 
@@ -112,12 +148,17 @@ def train_contrastive(
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     evaluating = evaluator is not None and cfg.eval_steps is not None
+    ranking = MultipleNegativesRankingLoss(model)
+    losses = {name: ranking for name in sets}
+    if CATEGORY_SET in sets:
+        losses[CATEGORY_SET] = category_loss(model, int(sets[CATEGORY_SET]["label"].max()) + 1)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
         learning_rate=cfg.learning_rate,
+        learning_rate_mapping={"category_head": cfg.category_head_learning_rate} if CATEGORY_SET in sets else {},
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -137,38 +178,50 @@ def train_contrastive(
     )
     train = DatasetDict({name: Dataset.from_pandas(df, preserve_index=False) for name, df in sets.items()})
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train, loss=MultipleNegativesRankingLoss(model),
-        evaluator=evaluator if evaluating else None,
+        model=model, args=args, train_dataset=train, loss=losses, evaluator=evaluator if evaluating else None,
     )
     trainer.train()
     return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
 
 
+def category_head(dim: int, num_labels: int, hidden: int = 0):
+    """The served category head on the normalised embedding: linear, or one ReLU hidden layer when `hidden` > 0."""
+    import torch
+
+    if not hidden:
+        return torch.nn.Linear(dim, num_labels)
+    return torch.nn.Sequential(torch.nn.Linear(dim, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, num_labels))
+
+
 def train_category_head(
     model: SentenceTransformer, offers: pd.DataFrame, cfg: TrainConfig
 ) -> tuple[dict[str, Any], list[str], dict[str, float]]:
-    """A linear head on the frozen, normalised embedding (what the served graph outputs), softmax regression."""
+    """The category head on the frozen, normalised embedding (what the served graph outputs): softmax regression,
+    mini-batch Adam, `head_epochs` passes over `head_max_offers` training offers."""
     import torch
 
     offers = offers.sample(n=min(cfg.head_max_offers, len(offers)), random_state=cfg.seed)
-    labels = sorted(offers["category_label"].astype(str).unique())
+    labels = category_labels(offers)
     y = torch.tensor(offers["category_label"].astype(str).map({lab: i for i, lab in enumerate(labels)}).to_numpy())
     x = torch.from_numpy(
         model.encode(offers["offer_title"].astype(str).tolist(), batch_size=64, normalize_embeddings=True)
     )
     torch.manual_seed(cfg.seed)
-    head = torch.nn.Linear(x.shape[1], len(labels))
-    opt = torch.optim.Adam(head.parameters(), lr=0.05)
-    # the embedding is unit-norm, so logits need a large weight scale: a high lr and full-batch steps converge fast
-    for _ in range(cfg.head_epochs * 10):
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(head(x), y)
-        loss.backward()
-        opt.step()
+    head = category_head(x.shape[1], len(labels), cfg.head_hidden)
+    # a linear head on unit-norm inputs needs a large weight scale, hence its higher learning rate
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3 if cfg.head_hidden else 1e-2, weight_decay=1e-4)
+    order = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.head_epochs):
+        for batch in torch.randperm(len(x), generator=order).split(256):
+            opt.zero_grad()
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch])
+            loss.backward()
+            opt.step()
     with torch.no_grad():
-        acc = float((head(x).argmax(1) == y).float().mean())
-    state = {k: v.detach().contiguous() for k, v in head.state_dict().items()}
-    return state, labels, {"head_train_loss": loss.item(), "head_train_accuracy": acc}
+        logits = head(x)
+        metrics = {"head_train_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+                   "head_train_accuracy": float((logits.argmax(1) == y).float().mean())}
+    return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, labels, metrics
 
 
 def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainConfig) -> dict[str, Any]:
@@ -214,13 +267,13 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
 
 
 def load_finetuned(model_dir: str | Path, max_seq_length: int) -> tuple[SentenceTransformer, Any, list[str]]:
-    """(encoder, category head as a torch Linear, labels) from a finetune_encoder output folder."""
-    import torch
+    """(encoder, category head as a torch module, labels) from a finetune_encoder output folder."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
     model = load_encoder(str(model_dir / ENCODER_DIR), max_seq_length)
     state = load_file(str(model_dir / HEAD_FILE))
-    head = torch.nn.Linear(state["weight"].shape[1], state["weight"].shape[0])
+    first, last = (state["weight"], state["weight"]) if "weight" in state else (state["0.weight"], state["2.weight"])
+    head = category_head(first.shape[1], last.shape[0], 0 if "weight" in state else first.shape[0])
     head.load_state_dict(state)
     return model, head.eval(), json.loads((model_dir / LABELS_FILE).read_text())

@@ -118,7 +118,7 @@ def prune_vocabulary_dir(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model, head, _ = load_finetuned(model_dir, max_seq_length)
+    model, _, _ = load_finetuned(model_dir, max_seq_length)
     original = _clone(model.tokenizer.backend_tokenizer)
     counts = token_counts(original, texts, max_seq_length)
     kept = kept_token_ids(counts, model.tokenizer.get_vocab(), list(model.tokenizer.all_special_ids), min_count,
@@ -132,7 +132,7 @@ def prune_vocabulary_dir(
     model.save(str(out / ENCODER_DIR), create_model_card=False)
     for name in (HEAD_FILE, LABELS_FILE):
         shutil.copyfile(Path(model_dir) / name, out / name)
-    dim = int(head.in_features)
+    dim = model.get_embedding_dimension()
     return {"model_dir": str(out), "vocab_size": len(kept), "original_vocab_size": old_vocab,
             "embedding_params_removed": (old_vocab - len(kept)) * dim, "domain_texts": len(texts),
             "min_count": min_count, "tokens_checked_texts": check["in_vocabulary_texts"]}

@@ -1,0 +1,47 @@
+"""Fine-tuning's training sets and the joint category loss, on the real packaged MiniLM (a few steps)."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+from pipelines.config import TrainConfig
+from pipelines.finetune import CATEGORY_SET, category_labels, load_encoder, train_contrastive, training_sets
+
+OFFERS = pd.DataFrame({
+    "offer_title": ["samsung galaxy s10 128gb black", "iphone xr 64gb red", "lg 55 inch 4k oled tv",
+                    "sony bravia 65in smart tv", "bosch serie 4 dishwasher", "beko freestanding dishwasher 60cm",
+                    "intel core i7 9700k cpu", "amd ryzen 5 3600 processor"] * 4,
+    "cluster_label": [f"product {i}" for i in range(32)],
+    "category_label": ["Mobile Phones", "Mobile Phones", "TVs", "TVs", "Dishwashers", "Dishwashers", "CPUs",
+                       "CPUs"] * 4,
+})
+JUDGMENTS = pd.DataFrame({
+    "search_term": ["cordless drill", "cordless drill", "deck screws", "deck screws", "paint"],
+    "product_title": ["dewalt 20v cordless drill", "garden hose", "3 in deck screws", "led bulb", "white paint"],
+    "relevance": [3.0, 1.0, 2.67, 1.33, 2.5],
+})
+
+
+def test_training_sets_name_their_columns_and_index_categories() -> None:
+    sets = training_sets(JUDGMENTS, OFFERS, TrainConfig(category_offers=20, pricerunner_pairs=5))
+    assert set(sets["triplets"].columns) == {"anchor", "positive", "negative"}
+    assert set(sets["triplets"]["negative"]) == {"garden hose", "led bulb"}  # the low-graded products of the query
+    assert sets["pairs"]["anchor"].tolist() == ["paint"]
+    assert len(sets["offers"]) == 5 and len(sets[CATEGORY_SET]) == 20
+    labels = category_labels(OFFERS)
+    by_title = dict(zip(OFFERS["offer_title"], OFFERS["category_label"], strict=False))
+    for title, label in zip(sets[CATEGORY_SET]["text"], sets[CATEGORY_SET]["label"], strict=True):
+        assert labels[label] == by_title[title]
+    assert CATEGORY_SET not in training_sets(JUDGMENTS, OFFERS, TrainConfig())  # off by default
+
+
+def test_category_loss_trains_through_the_trainer(tmp_path) -> None:
+    cfg = TrainConfig(max_steps=12, batch_size=8, category_offers=len(OFFERS), warmup_ratio=0.0)
+    model = load_encoder(cfg.base_model, 16)
+    before = model.encode(["bosch serie 4 dishwasher"], normalize_embeddings=True)
+    sets = {CATEGORY_SET: training_sets(JUDGMENTS.iloc[:0], OFFERS, cfg)[CATEGORY_SET]}
+    losses = [e["loss"] for e in train_contrastive(model, sets, cfg, tmp_path) if "loss" in e]
+    assert len(losses) >= 3
+    assert losses[-1] < 0.5 * losses[0]  # the head's own learning rate: ten steps separate four categories
+    after = model.encode(["bosch serie 4 dishwasher"], normalize_embeddings=True)
+    assert abs(before - after).max() > 1e-4  # the gradient reaches the encoder, not only the head
