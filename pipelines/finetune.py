@@ -59,6 +59,11 @@ def category_labels(offers: pd.DataFrame) -> list[str]:
     return sorted(offers["category_label"].astype(str).unique())
 
 
+def category_targets(offers: pd.DataFrame, labels: list[str]) -> np.ndarray:
+    """Each offer's category as its index in `labels`: the one label encoding of the joint loss and the head."""
+    return offers["category_label"].astype(str).map({label: i for i, label in enumerate(labels)}).to_numpy()
+
+
 def category_loss(model: SentenceTransformer, num_labels: int):
     """Cross-entropy of a linear head on the normalised embedding, for the `categories` training set.
 
@@ -72,7 +77,7 @@ def category_loss(model: SentenceTransformer, num_labels: int):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            self.category_head = torch.nn.Linear(model.get_embedding_dimension(), num_labels)
+            self.category_head = category_head(model.get_embedding_dimension(), num_labels)
 
         def forward(self, sentence_features, labels):
             embedding = torch.nn.functional.normalize(self.model(sentence_features[0])["sentence_embedding"], dim=-1)
@@ -110,9 +115,8 @@ def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfi
                                        "positive": sample["cluster_label"].astype(str)})
     if cfg.category_offers:
         sample = offers.sample(n=min(cfg.category_offers, len(offers)), random_state=cfg.seed + 1)
-        index = {label: i for i, label in enumerate(category_labels(offers))}
         sets[CATEGORY_SET] = pd.DataFrame({"text": sample["offer_title"].astype(str),
-                                           "label": sample["category_label"].astype(str).map(index)})
+                                           "label": category_targets(sample, category_labels(offers))})
     return {name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
             for name, df in sets.items() if not df.empty}
 
@@ -203,7 +207,7 @@ def train_category_head(
 
     offers = offers.sample(n=min(cfg.head_max_offers, len(offers)), random_state=cfg.seed)
     labels = category_labels(offers)
-    y = torch.tensor(offers["category_label"].astype(str).map({lab: i for i, lab in enumerate(labels)}).to_numpy())
+    y = torch.tensor(category_targets(offers, labels))
     x = torch.from_numpy(
         model.encode(offers["offer_title"].astype(str).tolist(), batch_size=64, normalize_embeddings=True)
     )
