@@ -1,4 +1,5 @@
-"""Vocabulary pruning: keep the embedding rows of the tokens the domain uses, with a consistent WordPiece tokenizer."""
+"""Embedding pruning: keep the rows of the tokens the domain uses (with a consistent WordPiece tokenizer) and of the
+positions the served tokenizer can reach."""
 
 from __future__ import annotations
 
@@ -89,6 +90,28 @@ def prune_model_vocabulary(model: SentenceTransformer, kept_ids: list[int]) -> S
     return model
 
 
+def truncate_positions(model: SentenceTransformer, max_positions: int) -> int:
+    """Keep the first `max_positions` position embeddings (in place); returns the rows removed.
+
+    The served tokenizer truncates every text to max_seq_length tokens, so later positions are never looked up: for
+    MiniLM at 32 tokens, 480 of 512 rows are dead weight in every file.
+    """
+    import torch
+
+    bert = model[0].auto_model
+    emb = bert.embeddings
+    removed = emb.position_embeddings.num_embeddings - max_positions
+    if removed <= 0:
+        return 0
+    rows = emb.position_embeddings.weight.detach()[:max_positions].clone()
+    emb.position_embeddings = torch.nn.Embedding.from_pretrained(rows, freeze=False)
+    # the non-persistent index buffers sized by max_position_embeddings; rebuilt from the config when reloaded
+    emb.position_ids = emb.position_ids[:, :max_positions].clone()
+    emb.token_type_ids = emb.token_type_ids[:, :max_positions].clone()
+    bert.config.max_position_embeddings = max_positions
+    return removed
+
+
 def check_same_tokens(
     original: Tokenizer, pruned: Tokenizer, kept_ids: list[int], texts: list[str], max_seq_length: int
 ) -> dict[str, int]:
@@ -112,7 +135,8 @@ def prune_vocabulary_dir(
     model_dir: str | Path, out_dir: str | Path, texts: list[str], max_seq_length: int, min_count: int = 1,
     keep_ascii_chars: bool = True,
 ) -> dict[str, Any]:
-    """Prune a finetune-shaped folder (encoder/, category head, labels) to the domain's tokens into another one.
+    """Prune a finetune-shaped folder (encoder/, category head, labels) to the domain's tokens and the served
+    positions (max_seq_length) into another one.
 
     Raises if any domain text splits differently after pruning: the rewrite must be invisible to in-domain text.
     """
@@ -125,6 +149,7 @@ def prune_vocabulary_dir(
                           keep_ascii_chars)
     old_vocab = model[0].auto_model.config.vocab_size
     prune_model_vocabulary(model, kept)
+    positions_removed = truncate_positions(model, max_seq_length)
     check = check_same_tokens(original, model.tokenizer.backend_tokenizer, kept, texts[:5000], max_seq_length)
     if check["changed"]:
         raise RuntimeError(f"the pruned tokenizer splits {check['changed']} of {check['in_vocabulary_texts']} "
@@ -134,5 +159,6 @@ def prune_vocabulary_dir(
         shutil.copyfile(Path(model_dir) / name, out / name)
     dim = model.get_embedding_dimension()
     return {"model_dir": str(out), "vocab_size": len(kept), "original_vocab_size": old_vocab,
-            "embedding_params_removed": (old_vocab - len(kept)) * dim, "domain_texts": len(texts),
+            "embedding_params_removed": (old_vocab - len(kept) + positions_removed) * dim,
+            "position_rows_removed": positions_removed, "domain_texts": len(texts),
             "min_count": min_count, "tokens_checked_texts": check["in_vocabulary_texts"]}
