@@ -45,6 +45,12 @@ class TrainConfig(_Section):
     min_positive_relevance: float = Field(2.5, ge=1, le=3, description="Judgments at or above this are positives.")
     hard_negatives: bool = Field(True, description="Add low-graded judgments of the same query as hard negatives.")
     max_negative_relevance: float = Field(1.67, ge=1, le=3, description="Judgments at or below this are negatives.")
+    mined_negatives: bool = Field(
+        True, description="Give each positive without a judged negative one mined by BM25 (stemmed) over the catalog: "
+                          "a product never judged for its query, drawn from the ranks `mined_negative_ranks`.")
+    mined_negative_ranks: tuple[int, int] = Field(
+        (10, 50), description="[from, to) BM25 ranks the mined negative is drawn from; skipping the top ranks avoids "
+                              "unjudged products that match as well as the judged ones (false negatives).")
     pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
     category_offers: int = Field(
         0, ge=0, description="PriceRunner training offers mixed into fine-tuning under a category cross-entropy "
@@ -57,6 +63,13 @@ class TrainConfig(_Section):
     head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
     head_hidden: int = Field(0, ge=0, le=4096, description="Hidden ReLU units of the category head (0 = linear).")
     seed: int = 42
+
+    @field_validator("mined_negative_ranks")
+    @classmethod
+    def _rank_window(cls, value: tuple[int, int]) -> tuple[int, int]:
+        if not 0 <= value[0] < value[1] <= 1000:
+            raise ValueError(f"mined_negative_ranks must be [from, to) with 0 <= from < to <= 1000, got {list(value)}")
+        return value
 
 
 class ExportConfig(_Section):

@@ -115,7 +115,7 @@ def contrastive_sets(snapshot: Snapshot, train: TrainConfig) -> dict[str, pd.Dat
     exactly as finetune_encoder does), for the student to keep learning the task while it matches the teacher."""
     judgments = snapshot.table("judgments_train")
     judgments = judgments[~judgments["search_term"].map(is_validation_term).astype(bool)]
-    return training_sets(judgments, snapshot.table("offers_train"), train)
+    return training_sets(judgments, snapshot.table("offers_train"), train, snapshot.table("catalog"))
 
 
 def train_student(

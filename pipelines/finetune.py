@@ -87,11 +87,38 @@ def category_loss(model: SentenceTransformer, num_labels: int):
     return CategoryLoss()
 
 
-def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig) -> dict[str, pd.DataFrame]:
+def mined_negatives(
+    judgments: pd.DataFrame, catalog: pd.DataFrame, ranks: tuple[int, int], seed: int
+) -> pd.DataFrame:
+    """One BM25-mined negative title per search term: drawn (seeded) among the term's stemmed-BM25 hits at ranks
+    [from, to) over the whole catalog that were never judged for that term, in any grade. Columns: term, negative.
+
+    The held-out evaluation counts unjudged products as misses, and the judged ones look like a lexical engine's hits,
+    so lexically close but unjudged products are the negatives the in-batch ones never show.
+    """
+    from pipelines.evaluate import bm25_run
+
+    terms = judgments.assign(term=judgments["search_term"].map(normalize_term))
+    judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
+    run = bm25_run(catalog, judged.index.tolist(), k=min(ranks[1], len(catalog)))
+    titles = dict(zip(catalog["product_uid"].astype(str), catalog["product_title"].astype(str), strict=True))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for term, hits in run.items():
+        window = [uid for uid in list(hits)[ranks[0]:] if uid not in judged[term]]
+        if window:
+            rows.append((term, titles[window[rng.integers(len(window))]]))
+    return pd.DataFrame(rows, columns=["term", "negative"])
+
+
+def training_sets(
+    judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig, catalog: pd.DataFrame | None = None
+) -> dict[str, pd.DataFrame]:
     """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
 
     `triplets`: positives whose query also has a low-graded judgment, that product being a real hard negative (a
-    human said it does not match); `pairs`: the other positives (in-batch negatives only); `offers`: optional
+    human said it does not match); `mined`: with `cfg.mined_negatives` (and the catalog), the other positives with a
+    BM25-mined negative (`mined_negatives`); `pairs`: the rest (in-batch negatives only); `offers`: optional
     PriceRunner offer title -> canonical product title pairs; `categories`: optional PriceRunner offer titles with
     their category's index in `category_labels(offers)`, for the joint category loss.
     """
@@ -106,6 +133,13 @@ def training_sets(judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfi
         sets["triplets"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
                                          "positive": joined["product_title"].astype(str),
                                          "negative": joined["product_title_neg"].astype(str)})
+        pos = pos[~pos["term"].isin(set(joined["term"]))]
+    if cfg.mined_negatives and catalog is not None and not pos.empty:
+        mined = mined_negatives(judgments, catalog, cfg.mined_negative_ranks, cfg.seed)
+        joined = pos.merge(mined, on="term")
+        sets["mined"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
+                                      "positive": joined["product_title"].astype(str),
+                                      "negative": joined["negative"]})
         pos = pos[~pos["term"].isin(set(joined["term"]))]
     sets["pairs"] = pd.DataFrame({"anchor": pos["search_term"].astype(str),
                                   "positive": pos["product_title"].astype(str)})
@@ -250,7 +284,7 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
     is_val = judgments["search_term"].map(is_validation_term).astype(bool)
     if not cfg.validation_terms:
         is_val[:] = False
-    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg)
+    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"))
     evaluator = (validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
                  if is_val.any() else None)
     metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()}

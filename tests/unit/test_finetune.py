@@ -5,7 +5,14 @@ from __future__ import annotations
 import pandas as pd
 
 from pipelines.config import TrainConfig
-from pipelines.finetune import CATEGORY_SET, category_labels, load_encoder, train_contrastive, training_sets
+from pipelines.finetune import (
+    CATEGORY_SET,
+    category_labels,
+    load_encoder,
+    mined_negatives,
+    train_contrastive,
+    training_sets,
+)
 
 OFFERS = pd.DataFrame({
     "offer_title": ["samsung galaxy s10 128gb black", "iphone xr 64gb red", "lg 55 inch 4k oled tv",
@@ -33,6 +40,26 @@ def test_training_sets_name_their_columns_and_index_categories() -> None:
     for title, label in zip(sets[CATEGORY_SET]["text"], sets[CATEGORY_SET]["label"], strict=True):
         assert labels[label] == by_title[title]
     assert CATEGORY_SET not in training_sets(JUDGMENTS, OFFERS, TrainConfig())  # off by default
+
+
+CATALOG = pd.DataFrame({
+    "product_uid": [1, 2, 3, 4, 5, 6, 7, 8],
+    "product_title": ["white paint", "exterior paint gallon", "paint roller", "dewalt 20v cordless drill",
+                      "garden hose", "3 in deck screws", "led bulb", "cordless drill battery"],
+})
+UIDS = dict(zip(CATALOG["product_title"], CATALOG["product_uid"], strict=True))
+
+
+def test_mined_negatives_are_unjudged_bm25_hits_in_the_rank_window() -> None:
+    judgments = JUDGMENTS.assign(product_uid=JUDGMENTS["product_title"].map(UIDS))
+    mined = mined_negatives(judgments, CATALOG, (0, 10), seed=0).set_index("term")["negative"]
+    assert mined["paint"] in {"exterior paint gallon", "paint roller"}  # matches "paint", was never judged for it
+    assert mined["cordless drill"] == "cordless drill battery"  # the judged drill ranks higher but is never mined
+    assert "deck screws" not in mined  # its only BM25 hit is judged
+    assert len(mined_negatives(judgments, CATALOG, (3, 10), seed=0).query("term == 'paint'")) == 0  # all 3 skipped
+    sets = training_sets(judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 10)), CATALOG)
+    assert sets["mined"]["anchor"].tolist() == ["paint"] and "pairs" not in sets  # the triplets' terms keep theirs
+    assert "mined" not in training_sets(judgments, OFFERS, TrainConfig(mined_negatives=False), CATALOG)
 
 
 def test_category_loss_trains_through_the_trainer(tmp_path) -> None:
