@@ -262,10 +262,13 @@ def test_unavailable_store_raises_features_unavailable(sqlite_home, tmp_path, mo
 
     monkeypatch.setenv(F.ONLINE_STORE_ENV, "redis")
     monkeypatch.setenv(F.REDIS_ENV, f"127.0.0.1:{_free_port()}")  # nothing listens there
-    started = time.monotonic()
+    redis_down = OnlineFeatures(Paths(paths.home), retry_after_s=0)
     with pytest.raises(FeaturesUnavailable):
-        OnlineFeatures(Paths(paths.home)).user_features(1)
-    assert time.monotonic() - started < 3  # fail-fast serving defaults, not redis-py's seconds of backoff
+        redis_down.user_features(1)  # builds the store and the read plan (registry only), then fails to connect
+    started = time.monotonic()
+    with pytest.raises(FeaturesUnavailable, match="online read"):
+        redis_down.user_features(1)  # the read alone, timed: building the store is slow under load, not the point
+    assert time.monotonic() - started < 2  # fail-fast serving defaults, not redis-py's ~4 s of backoff
 
 
 def test_warm_up_reports_a_broken_store_without_pausing_requests(sqlite_home, tmp_path) -> None:
