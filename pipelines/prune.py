@@ -109,6 +109,8 @@ def truncate_positions(model: SentenceTransformer, max_positions: int) -> int:
     emb.position_ids = emb.position_ids[:, :max_positions].clone()
     emb.token_type_ids = emb.token_type_ids[:, :max_positions].clone()
     bert.config.max_position_embeddings = max_positions
+    # and the saved tokenizer says so, so that no caller can ask for a position that is gone
+    model.tokenizer.model_max_length = max_positions
     return removed
 
 

@@ -187,7 +187,7 @@ def test_pruned_vocabulary_keeps_in_vocabulary_tokens_and_embeddings(teacher_dir
     assert pruned[0].auto_model.embeddings.word_embeddings.weight.shape == (info["vocab_size"], 32)
     # only the positions the served tokenizer reaches (16 of the teacher's 64)
     assert pruned[0].auto_model.embeddings.position_embeddings.weight.shape == (16, 32)
-    assert info["position_rows_removed"] == 64 - 16
+    assert info["position_rows_removed"] == 64 - 16 and pruned.tokenizer.model_max_length == 16
     old_tok, new_tok = original.tokenizer, pruned.tokenizer
     assert new_tok.pad_token_id == 0 and len(new_tok.get_vocab()) == info["vocab_size"]
     for text in DOMAIN:
