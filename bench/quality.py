@@ -24,9 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _retrieval(qrels, run) -> dict:
-    from pipelines.evaluate import ir_metrics, rerank_ndcg
+    from pipelines.evaluate import ir_metrics, judgment_coverage, rerank_ndcg
 
-    return {**ir_metrics(qrels, run), "rerank_ndcg_at_10": rerank_ndcg(qrels, run)}
+    return {**ir_metrics(qrels, run), "rerank_ndcg_at_10": rerank_ndcg(qrels, run), **judgment_coverage(qrels, run)}
 
 
 def main() -> None:
@@ -114,10 +114,12 @@ def main() -> None:
     result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
 
     print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
-    print(f"{'model':<18} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15}")
+    print(f"{'model':<18} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15} {'Judged@10':>9} "
+          f"{'cond. nDCG@10':>13}")
     for name, m in result["retrieval"].items():
         print(f"{name:<18} {m['ndcg_at_10']:>8.4f} {m.get('mrr_at_10', float('nan')):>8.4f} "
-              f"{m.get('recall_at_100', float('nan')):>8.4f} {m.get('rerank_ndcg_at_10', float('nan')):>15.4f}")
+              f"{m.get('recall_at_100', float('nan')):>8.4f} {m.get('rerank_ndcg_at_10', float('nan')):>15.4f} "
+              f"{m.get('judged_at_10', float('nan')):>9.4f} {m.get('condensed_ndcg_at_10', float('nan')):>13.4f}")
     print(f"{'category':<22} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in result["category"].items():
         print(f"{name:<22} {m['category_accuracy']:>8.4f} {m.get('category_macro_f1', float('nan')):>8.4f}")

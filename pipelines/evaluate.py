@@ -45,6 +45,18 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
             "recall_at_100": float(agg[R @ 100])}
 
 
+def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """How far the judgments see a run: Judged@10 (share of the top 10 that was judged for the term, in any grade) and
+    nDCG'@10 (nDCG@10 of the condensed list, unjudged products dropped; Sakai 2007). The whole-catalog nDCG@10 counts
+    an unjudged product as a miss, so a model that finds products the Home Depot pool never showed is charged for it.
+    """
+    import ir_measures
+    from ir_measures import Judged, nDCG
+
+    agg = ir_measures.calc_aggregate([Judged @ 10, nDCG(judged_only=True) @ 10], qrels, run)
+    return {"judged_at_10": float(agg[Judged @ 10]), "condensed_ndcg_at_10": float(agg[nDCG(judged_only=True) @ 10])}
+
+
 def candidate_lists(
     encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int,
     lexical: LexicalIndex | None = None,
