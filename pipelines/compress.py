@@ -116,7 +116,7 @@ def distill_students(
     torch.set_num_threads(ccfg.threads)
     snap = Snapshot.open(snapshot_dir)
     texts = distillation_texts(snap, ccfg.distill_max_texts, ccfg.seed)
-    task_sets = contrastive_sets(snap, cfg.train) if ccfg.distill_task_pairs else None
+    task_sets = contrastive_sets(snap, cfg.train, model_dir) if ccfg.distill_task_pairs else None
     t0 = time.perf_counter()
     with torch.no_grad():
         targets = teacher.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)

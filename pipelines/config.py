@@ -46,10 +46,15 @@ class TrainConfig(_Section):
     hard_negatives: bool = Field(True, description="Add low-graded judgments of the same query as hard negatives.")
     max_negative_relevance: float = Field(1.67, ge=1, le=3, description="Judgments at or below this are negatives.")
     mined_negatives: bool = Field(
-        True, description="Give each positive without a judged negative one mined by BM25 (stemmed) over the catalog: "
-                          "a product never judged for its query, drawn from the ranks `mined_negative_ranks`.")
+        True, description="Give each positive without a judged negative one mined over the catalog by "
+                          "`negative_miner`: a product never judged for its query, drawn from `mined_negative_ranks`.")
+    # held-out nDCG@10 of the default profile (200 steps), ranks [10, 50): 0.3258 BM25-mined, 0.3314 base-model-mined
+    # (0.3311 at ranks [0, 30), 0.3296 at [0, 10)); the base model embeds the catalog once for it (~2 min on 2 cores)
+    negative_miner: Literal["bm25", "base_model"] = Field(
+        "base_model", description="Who mines: stemmed BM25 (lexically close products), or the base model before "
+                                  "training (its own nearest unjudged titles: the mistakes fine-tuning should fix).")
     mined_negative_ranks: tuple[int, int] = Field(
-        (10, 50), description="[from, to) BM25 ranks the mined negative is drawn from; skipping the top ranks avoids "
+        (10, 50), description="[from, to) ranks the mined negative is drawn from; skipping the top ranks avoids "
                               "unjudged products that match as well as the judged ones (false negatives).")
     pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
     category_offers: int = Field(

@@ -13,7 +13,15 @@ import pandas as pd
 
 from pipelines.config import CompressConfig, TrainConfig
 from pipelines.data import Snapshot
-from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, is_validation_term, load_finetuned, training_sets
+from pipelines.finetune import (
+    ENCODER_DIR,
+    HEAD_FILE,
+    LABELS_FILE,
+    is_validation_term,
+    load_finetuned,
+    load_training_sets,
+    training_sets,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -110,9 +118,13 @@ def distillation_texts(snapshot: Snapshot, max_texts: int, seed: int) -> list[st
     return queries.tolist() + titles.tolist()
 
 
-def contrastive_sets(snapshot: Snapshot, train: TrainConfig) -> dict[str, pd.DataFrame]:
-    """The teacher's own fine-tuning sets (Home Depot positives, hard-negative triplets; validation terms left out,
-    exactly as finetune_encoder does), for the student to keep learning the task while it matches the teacher."""
+def contrastive_sets(snapshot: Snapshot, train: TrainConfig, teacher_dir: str | Path) -> dict[str, pd.DataFrame]:
+    """The teacher's own fine-tuning sets (Home Depot positives, hard-negative triplets; validation terms left out),
+    for the student to keep learning the task while it matches the teacher: read from the teacher's folder, or for a
+    folder without them built as finetune_encoder does, negatives mined by BM25 (no base model at hand)."""
+    saved = load_training_sets(teacher_dir)
+    if saved is not None:
+        return saved
     judgments = snapshot.table("judgments_train")
     judgments = judgments[~judgments["search_term"].map(is_validation_term).astype(bool)]
     return training_sets(judgments, snapshot.table("offers_train"), train, snapshot.table("catalog"))

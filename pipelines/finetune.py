@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 ENCODER_DIR = "encoder"
 HEAD_FILE = "category_head.safetensors"
 LABELS_FILE = "labels.json"
+SETS_DIR = "training_sets"  # the sets the teacher was trained on, for the students' task loss
 
 
 def resolve_base_model(name: str) -> str:
@@ -88,19 +89,25 @@ def category_loss(model: SentenceTransformer, num_labels: int):
 
 
 def mined_negatives(
-    judgments: pd.DataFrame, catalog: pd.DataFrame, ranks: tuple[int, int], seed: int
+    judgments: pd.DataFrame, catalog: pd.DataFrame, ranks: tuple[int, int], seed: int, encode=None
 ) -> pd.DataFrame:
-    """One BM25-mined negative title per search term: drawn (seeded) among the term's stemmed-BM25 hits at ranks
-    [from, to) over the whole catalog that were never judged for that term, in any grade. Columns: term, negative.
+    """One mined negative title per search term: drawn (seeded) among the term's hits at ranks [from, to) over the
+    whole catalog that were never judged for that term, in any grade. Columns: term, negative.
 
-    The held-out evaluation counts unjudged products as misses, and the judged ones look like a lexical engine's hits,
-    so lexically close but unjudged products are the negatives the in-batch ones never show.
+    Hits are stemmed BM25's, or with `encode` (texts -> unit vectors) that encoder's nearest titles. The held-out
+    evaluation counts unjudged products as misses, so the unjudged products a retriever ranks high are the negatives
+    the in-batch ones never show: lexically close ones from BM25, the model's own mistakes from the encoder.
     """
-    from pipelines.evaluate import bm25_run
+    from pipelines.evaluate import bm25_run, embedding_run
 
     terms = judgments.assign(term=judgments["search_term"].map(normalize_term))
     judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
-    run = bm25_run(catalog, judged.index.tolist(), k=min(ranks[1], len(catalog)))
+    k = min(ranks[1], len(catalog))
+    if encode is None:
+        run = bm25_run(catalog, judged.index.tolist(), k=k)
+    else:
+        run, _, _ = embedding_run(encode, catalog, judged.index.tolist(), k)
+        run = {t: dict(sorted(hits.items(), key=lambda kv: -kv[1])) for t, hits in run.items()}
     titles = dict(zip(catalog["product_uid"].astype(str), catalog["product_title"].astype(str), strict=True))
     rng = np.random.default_rng(seed)
     rows = []
@@ -112,15 +119,17 @@ def mined_negatives(
 
 
 def training_sets(
-    judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig, catalog: pd.DataFrame | None = None
+    judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig, catalog: pd.DataFrame | None = None,
+    encode=None,
 ) -> dict[str, pd.DataFrame]:
     """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
 
     `triplets`: positives whose query also has a low-graded judgment, that product being a real hard negative (a
     human said it does not match); `mined`: with `cfg.mined_negatives` (and the catalog), the other positives with a
-    BM25-mined negative (`mined_negatives`); `pairs`: the rest (in-batch negatives only); `offers`: optional
-    PriceRunner offer title -> canonical product title pairs; `categories`: optional PriceRunner offer titles with
-    their category's index in `category_labels(offers)`, for the joint category loss.
+    mined negative (`mined_negatives`: stemmed BM25's, or `encode`'s nearest titles); `pairs`: the rest (in-batch
+    negatives only); `offers`: optional PriceRunner offer title -> canonical product title pairs; `categories`:
+    optional PriceRunner offer titles with their category's index in `category_labels(offers)`, for the joint
+    category loss.
     """
     norm = judgments["search_term"].map(normalize_term)
     pos = judgments[judgments["relevance"] >= cfg.min_positive_relevance].assign(term=norm)
@@ -135,7 +144,9 @@ def training_sets(
                                          "negative": joined["product_title_neg"].astype(str)})
         pos = pos[~pos["term"].isin(set(joined["term"]))]
     if cfg.mined_negatives and catalog is not None and not pos.empty:
-        mined = mined_negatives(judgments, catalog, cfg.mined_negative_ranks, cfg.seed)
+        # only the terms still without a negative: a judged one beats a mined one
+        mined = mined_negatives(judgments[norm.isin(set(pos["term"]))], catalog, cfg.mined_negative_ranks, cfg.seed,
+                                encode)
         joined = pos.merge(mined, on="term")
         sets["mined"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
                                       "positive": joined["product_title"].astype(str),
@@ -153,6 +164,22 @@ def training_sets(
                                            "label": category_targets(sample, category_labels(offers))})
     return {name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
             for name, df in sets.items() if not df.empty}
+
+
+def save_training_sets(sets: dict[str, pd.DataFrame], folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df in sets.items():
+        df.to_parquet(folder / f"{name}.parquet", index=False)
+    (folder / "order.json").write_text(json.dumps(list(sets)))  # the trainer samples the sets in this order
+
+
+def load_training_sets(model_dir: str | Path) -> dict[str, pd.DataFrame] | None:
+    """The sets a `finetune_encoder` folder was trained on, in its training order; None for a folder without them."""
+    folder = Path(model_dir) / SETS_DIR
+    if not folder.is_dir():
+        return None
+    return {name: pd.read_parquet(folder / f"{name}.parquet")
+            for name in json.loads((folder / "order.json").read_text())}
 
 
 def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int):
@@ -284,10 +311,17 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
     is_val = judgments["search_term"].map(is_validation_term).astype(bool)
     if not cfg.validation_terms:
         is_val[:] = False
-    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"))
+    started = time.perf_counter()
+    encode = None
+    if cfg.negative_miner == "base_model":
+        def encode(texts: list[str]) -> np.ndarray:
+            return model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"), encode)
+    save_training_sets(sets, out / SETS_DIR)
     evaluator = (validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
                  if is_val.any() else None)
     metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()}
+    metrics["sets_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:
         metrics["val_ndcg_at_10_before"] = evaluator(model)["val_cosine_ndcg@10"]
     started = time.perf_counter()

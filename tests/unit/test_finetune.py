@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 
 from pipelines.config import TrainConfig
@@ -9,7 +10,9 @@ from pipelines.finetune import (
     CATEGORY_SET,
     category_labels,
     load_encoder,
+    load_training_sets,
     mined_negatives,
+    save_training_sets,
     train_contrastive,
     training_sets,
 )
@@ -60,6 +63,31 @@ def test_mined_negatives_are_unjudged_bm25_hits_in_the_rank_window() -> None:
     sets = training_sets(judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 10)), CATALOG)
     assert sets["mined"]["anchor"].tolist() == ["paint"] and "pairs" not in sets  # the triplets' terms keep theirs
     assert "mined" not in training_sets(judgments, OFFERS, TrainConfig(mined_negatives=False), CATALOG)
+
+
+def test_model_mined_negatives_are_the_encoders_nearest_unjudged_titles(tmp_path) -> None:
+    model = load_encoder(TrainConfig().base_model, 16)
+
+    def encode(texts: list[str]) -> np.ndarray:
+        return model.encode(texts, normalize_embeddings=True)
+
+    judgments = JUDGMENTS.assign(product_uid=JUDGMENTS["product_title"].map(UIDS))
+    mined = mined_negatives(judgments, CATALOG, (0, 3), seed=0, encode=encode).set_index("term")["negative"]
+    assert mined["paint"] in {"exterior paint gallon", "paint roller"}  # "white paint" is nearer but judged
+    titles, product_embeddings = CATALOG["product_title"].tolist(), encode(CATALOG["product_title"].tolist())
+    for term, negative in mined.items():
+        nearest = [titles[i] for i in np.argsort(-(product_embeddings @ encode([term])[0]))[:3]]
+        assert negative in nearest
+        assert negative not in set(judgments.loc[judgments["search_term"] == term, "product_title"])
+    # the sets go with the model, in the trainer's order, for the students' task loss
+    sets = training_sets(judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 3), category_offers=8), CATALOG,
+                         encode)
+    save_training_sets(sets, tmp_path / "training_sets")
+    loaded = load_training_sets(tmp_path)
+    assert list(loaded) == list(sets)
+    for name, df in sets.items():
+        pd.testing.assert_frame_equal(loaded[name], df)
+    assert load_training_sets(tmp_path / "elsewhere") is None
 
 
 def test_category_loss_trains_through_the_trainer(tmp_path) -> None:
