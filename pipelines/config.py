@@ -67,6 +67,11 @@ class TrainConfig(_Section):
     head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
     head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
     head_hidden: int = Field(0, ge=0, le=4096, description="Hidden ReLU units of the category head (0 = linear).")
+    # chosen on a validation split of the training clusters (default-profile encoder, 512 hidden units, 100 epochs):
+    # accuracy 0.9825 without smoothing, 0.9882 at 0.1, 0.9888 at 0.2; the held-out clusters were never consulted
+    head_label_smoothing: float = Field(
+        0.1, ge=0, lt=1, description="Label smoothing of the head's cross-entropy: the hidden head fits the training "
+                                     "offers perfectly, and smoothed targets keep it from memorising their noise.")
     seed: int = 42
 
     @field_validator("mined_negative_ranks")

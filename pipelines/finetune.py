@@ -263,7 +263,7 @@ def train_category_head(
 ) -> tuple[dict[str, Any], list[str], dict[str, float]]:
     """The category head on the frozen, normalised embedding (what the served graph outputs), softmax regression over
     `head_max_offers` training offers: full-batch Adam for the linear head, `head_epochs` mini-batch passes for the
-    hidden-layer one."""
+    hidden-layer one; the loss is smoothed (`head_label_smoothing`), the reported training loss is not."""
     import torch
 
     offers = offers.sample(n=min(cfg.head_max_offers, len(offers)), random_state=cfg.seed)
@@ -286,7 +286,8 @@ def train_category_head(
     for epoch in batches:
         for batch in epoch:
             opt.zero_grad()
-            torch.nn.functional.cross_entropy(head(x[batch]), y[batch]).backward()
+            loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch], label_smoothing=cfg.head_label_smoothing)
+            loss.backward()
             opt.step()
     with torch.no_grad():
         logits = head(x)
