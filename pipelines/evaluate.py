@@ -53,8 +53,13 @@ def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     import ir_measures
     from ir_measures import Judged, nDCG
 
-    agg = ir_measures.calc_aggregate([Judged @ 10, nDCG(judged_only=True) @ 10], qrels, run)
-    return {"judged_at_10": float(agg[Judged @ 10]), "condensed_ndcg_at_10": float(agg[nDCG(judged_only=True) @ 10])}
+    measures = {"judged_at_10": Judged @ 10, "condensed_ndcg_at_10": nDCG(judged_only=True) @ 10}
+    totals = dict.fromkeys(measures, 0.0)
+    names = {measure: name for name, measure in measures.items()}
+    # ir-measures' Judged divides by the list's length: a term with no hit at all (BM25 can have none) counts as 0
+    for m in ir_measures.iter_calc(list(measures.values()), qrels, {t: r for t, r in run.items() if r}):
+        totals[names[m.measure]] += m.value
+    return {name: total / len(qrels) for name, total in totals.items()}
 
 
 def candidate_lists(

@@ -35,3 +35,6 @@ def test_judgment_coverage_of_a_toy_ranking() -> None:
     coverage = judgment_coverage(QRELS, RUN)
     assert coverage["judged_at_10"] == pytest.approx((2 / 3 + 1) / 2)  # of the retrieved, as trec_eval counts
     assert coverage["condensed_ndcg_at_10"] == pytest.approx((CONDENSED_Q1 + NDCG_Q2) / 2)
+    # a term with no hit at all (a BM25 query of stopwords) scores 0 on both, not a division by zero
+    empty = judgment_coverage({**QRELS, "q3": {"f": 12}}, {**RUN, "q3": {}})
+    assert empty["judged_at_10"] == pytest.approx((2 / 3 + 1) / 3)
