@@ -14,6 +14,7 @@ import pandas as pd
 from pipelines.config import CompressConfig, TrainConfig
 from pipelines.data import Snapshot
 from pipelines.finetune import (
+    CATEGORY_SET,
     ENCODER_DIR,
     HEAD_FILE,
     LABELS_FILE,
@@ -119,15 +120,17 @@ def distillation_texts(snapshot: Snapshot, max_texts: int, seed: int) -> list[st
 
 
 def contrastive_sets(snapshot: Snapshot, train: TrainConfig, teacher_dir: str | Path) -> dict[str, pd.DataFrame]:
-    """The teacher's own fine-tuning sets (Home Depot positives, hard-negative triplets; validation terms left out),
+    """The teacher's own ranking sets (Home Depot positives, hard-negative triplets; validation terms left out),
     for the student to keep learning the task while it matches the teacher: read from the teacher's folder, or for a
-    folder without them built as finetune_encoder does, negatives mined by BM25 (no base model at hand)."""
-    saved = load_training_sets(teacher_dir)
-    if saved is not None:
-        return saved
-    judgments = snapshot.table("judgments_train")
-    judgments = judgments[~judgments["search_term"].map(is_validation_term).astype(bool)]
-    return training_sets(judgments, snapshot.table("offers_train"), train, snapshot.table("catalog"))
+    folder without them built as finetune_encoder does, negatives mined by BM25 (no base model at hand). The joint
+    category set stays out: its (text, label) rows are no ranking pairs, and the student inherits the categories
+    through the teacher's embedding."""
+    sets = load_training_sets(teacher_dir)
+    if sets is None:
+        judgments = snapshot.table("judgments_train")
+        judgments = judgments[~judgments["search_term"].map(is_validation_term).astype(bool)]
+        sets = training_sets(judgments, snapshot.table("offers_train"), train, snapshot.table("catalog"))
+    return {name: df for name, df in sets.items() if name != CATEGORY_SET}
 
 
 def train_student(

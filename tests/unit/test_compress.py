@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pipelines.config import CompressConfig, DataConfig, load_config
@@ -28,7 +29,6 @@ def snapshot_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory, snapshot_dir):
     """A finetune_encoder-shaped folder: random 3-layer BERT, MiniLM's real tokenizer, a head over the real labels."""
-    import pandas as pd
     import torch
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
@@ -379,3 +379,20 @@ def test_parse_variant(name, weights, layers, ffn, vocab, graph):
 def test_config_rejects_unknown_variants(variants):
     with pytest.raises(ValueError, match="unknown variant"):
         CompressConfig(variants=variants)
+
+
+def test_students_learn_from_the_teachers_own_ranking_sets(snapshot_dir, tmp_path):
+    from pipelines.config import TrainConfig
+    from pipelines.data import Snapshot
+    from pipelines.distill import contrastive_sets
+    from pipelines.finetune import CATEGORY_SET, SETS_DIR, save_training_sets
+
+    saved = {"mined": pd.DataFrame({"anchor": ["drill"], "positive": ["cordless drill"], "negative": ["drill bit"]}),
+             CATEGORY_SET: pd.DataFrame({"text": ["iphone xr 64gb"], "label": [3]})}
+    save_training_sets(saved, tmp_path / SETS_DIR)
+    sets = contrastive_sets(Snapshot.open(snapshot_dir), TrainConfig(), tmp_path)
+    assert list(sets) == ["mined"]  # read back, not mined again; the category rows are no ranking pairs
+    pd.testing.assert_frame_equal(sets["mined"], saved["mined"])
+    rebuilt = contrastive_sets(Snapshot.open(snapshot_dir), TrainConfig(mined_negatives=False, category_offers=50),
+                               tmp_path / "no-sets")  # a folder finetune_encoder did not write: built from the data
+    assert "triplets" in rebuilt and CATEGORY_SET not in rebuilt
