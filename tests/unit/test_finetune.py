@@ -100,3 +100,29 @@ def test_category_loss_trains_through_the_trainer(tmp_path) -> None:
     assert losses[-1] < 0.5 * losses[0]  # the head's own learning rate: ten steps separate four categories
     after = model.encode(["bosch serie 4 dishwasher"], normalize_embeddings=True)
     assert abs(before - after).max() > 1e-4  # the gradient reaches the encoder, not only the head
+
+
+def _in_batch_loss(model, pairs: pd.DataFrame, batch: int) -> float:
+    """MultipleNegativesRankingLoss as the trainer computes it (cosine x 20, the positive among the batch's)."""
+    anchors = model.encode(pairs["anchor"].tolist(), normalize_embeddings=True)
+    positives = model.encode(pairs["positive"].tolist(), normalize_embeddings=True)
+    losses = []
+    for start in range(0, len(pairs), batch):
+        scores = 20.0 * anchors[start : start + batch] @ positives[start : start + batch].T
+        log_softmax = scores - np.log(np.exp(scores).sum(axis=1, keepdims=True))
+        losses.append(-np.diag(log_softmax).mean())
+    return float(np.mean(losses))
+
+
+def test_a_tiny_contrastive_run_moves_the_ranking_loss_down(tmp_path) -> None:
+    from pipelines.data import load_judgments
+
+    cfg = TrainConfig(max_steps=16, batch_size=16, learning_rate=1e-4, warmup_ratio=0.0)
+    # 64 real Home Depot positives, one per search term (no false in-batch negatives)
+    judgments = load_judgments().drop_duplicates("search_term").head(4000)
+    pairs = training_sets(judgments, OFFERS, cfg)["pairs"].head(64)
+    model = load_encoder(cfg.base_model, 16)
+    before = _in_batch_loss(model, pairs, cfg.batch_size)
+    history = train_contrastive(model, {"pairs": pairs}, cfg, tmp_path)
+    assert [e["step"] for e in history if "loss" in e] == [4, 8, 12, 16]  # a logged point every max_steps // 4
+    assert _in_batch_loss(model, pairs, cfg.batch_size) < 0.8 * before
