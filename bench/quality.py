@@ -45,7 +45,7 @@ def main() -> None:
     from pipelines.data import Snapshot, snapshot_data
     from pipelines.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
     from pipelines.export import export_model
-    from pipelines.finetune import finetune_encoder, load_encoder, load_finetuned
+    from pipelines.finetune import finetune_encoder, load_encoder, load_finetuned, unit_vectors
     from pipelines.index import build_product_index
     from pipelines.lexical import build_lexical_index
 
@@ -66,12 +66,9 @@ def main() -> None:
     result["retrieval"]["bm25_stemmed"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=True))
     result["seconds"]["bm25"] = round(time.perf_counter() - t0, 1)
 
-    def st_encode(model):
-        return lambda texts: model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
-
     t0 = time.perf_counter()
     base = load_encoder(cfg.train.base_model, cfg.train.max_seq_length)
-    run, _, _ = embedding_run(st_encode(base), catalog, terms, k)
+    run, _, _ = embedding_run(unit_vectors(base), catalog, terms, k)
     result["retrieval"]["base_fp32"] = _retrieval(qrels, run)
     result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
     del base
@@ -83,13 +80,13 @@ def main() -> None:
 
     t0 = time.perf_counter()
     model, head, labels = load_finetuned(trained["model_dir"], cfg.train.max_seq_length)
-    run, _, _ = embedding_run(st_encode(model), catalog, terms, k)
+    run, _, _ = embedding_run(unit_vectors(model), catalog, terms, k)
     result["retrieval"]["finetuned_fp32"] = _retrieval(qrels, run)
     offers_test = snap.table("offers_test")
     import torch
 
     with torch.no_grad():
-        emb = torch.from_numpy(st_encode(model)(offers_test["offer_title"].astype(str).tolist()))
+        emb = torch.from_numpy(unit_vectors(model)(offers_test["offer_title"].astype(str).tolist()))
         predicted = np.asarray(labels)[head(emb).argmax(1).numpy()]
     from sklearn.metrics import accuracy_score, f1_score
 

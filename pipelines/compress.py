@@ -102,7 +102,7 @@ def distill_students(
     import torch
 
     from pipelines.distill import contrastive_sets, distill_student, distillation_texts
-    from pipelines.finetune import load_finetuned
+    from pipelines.finetune import load_finetuned, unit_vectors
 
     started = time.perf_counter()
     out, ccfg = Path(out_dir), cfg.compress
@@ -119,7 +119,7 @@ def distill_students(
     task_sets = contrastive_sets(snap, cfg.train, model_dir) if ccfg.distill_task_pairs else None
     t0 = time.perf_counter()
     with torch.no_grad():
-        targets = teacher.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+        targets = unit_vectors(teacher)(texts)
     result["teacher_encode_seconds"] = round(time.perf_counter() - t0, 1)
     result["distill_texts"] = len(texts)
     result["task_pairs"] = {name: len(df) for name, df in (task_sets or {}).items()}

@@ -53,13 +53,12 @@ def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
     import ir_measures
     from ir_measures import Judged, nDCG
 
-    measures = {"judged_at_10": Judged @ 10, "condensed_ndcg_at_10": nDCG(judged_only=True) @ 10}
-    totals = dict.fromkeys(measures, 0.0)
-    names = {measure: name for name, measure in measures.items()}
+    judged, condensed = Judged @ 10, nDCG(judged_only=True) @ 10
+    totals = {judged: 0.0, condensed: 0.0}
     # ir-measures' Judged divides by the list's length: a term with no hit at all (BM25 can have none) counts as 0
-    for m in ir_measures.iter_calc(list(measures.values()), qrels, {t: r for t, r in run.items() if r}):
-        totals[names[m.measure]] += m.value
-    return {name: total / len(qrels) for name, total in totals.items()}
+    for m in ir_measures.iter_calc([judged, condensed], qrels, {t: r for t, r in run.items() if r}):
+        totals[m.measure] += m.value
+    return {"judged_at_10": totals[judged] / len(qrels), "condensed_ndcg_at_10": totals[condensed] / len(qrels)}
 
 
 def candidate_lists(
@@ -164,9 +163,11 @@ def evaluate_bundle(
 def ranking_from_scores(
     terms: list[str], product_ids: np.ndarray, scores: np.ndarray, k: int
 ) -> dict[str, dict[str, float]]:
-    """A run (term -> {product id: score}) from a dense (terms x products) score matrix, top-k per term."""
+    """A run (term -> {product id: score}) from a dense (terms x products) score matrix: top-k per term, best first
+    (as BM25's runs are), so a caller can read ranks off the dict's order."""
     k = min(k, scores.shape[1])
     top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable"), axis=1)
     return {t: {str(product_ids[i]): float(scores[r, i]) for i in top[r]} for r, t in enumerate(terms)}
 
 

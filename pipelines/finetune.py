@@ -32,6 +32,11 @@ def resolve_base_model(name: str) -> str:
     return name
 
 
+def unit_vectors(model: SentenceTransformer):
+    """texts -> L2-normalised numpy embeddings: the `encode` that retrieval runs and negative mining take."""
+    return lambda texts: model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+
+
 def load_encoder(name_or_path: str, max_seq_length: int) -> SentenceTransformer:
     from sentence_transformers import SentenceTransformer
 
@@ -103,11 +108,9 @@ def mined_negatives(
     terms = judgments.assign(term=judgments["search_term"].map(normalize_term))
     judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
     k = min(ranks[1], len(catalog))
-    if encode is None:
-        run = bm25_run(catalog, judged.index.tolist(), k=k)
-    else:
-        run, _, _ = embedding_run(encode, catalog, judged.index.tolist(), k)
-        run = {t: dict(sorted(hits.items(), key=lambda kv: -kv[1])) for t, hits in run.items()}
+    # both runs list a term's hits best first
+    run = (bm25_run(catalog, judged.index.tolist(), k=k) if encode is None
+           else embedding_run(encode, catalog, judged.index.tolist(), k)[0])
     titles = dict(zip(catalog["product_uid"].astype(str), catalog["product_title"].astype(str), strict=True))
     rng = np.random.default_rng(seed)
     rows = []
@@ -313,10 +316,7 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
     if not cfg.validation_terms:
         is_val[:] = False
     started = time.perf_counter()
-    encode = None
-    if cfg.negative_miner == "base_model":
-        def encode(texts: list[str]) -> np.ndarray:
-            return model.encode(texts, batch_size=128, normalize_embeddings=True, convert_to_numpy=True)
+    encode = unit_vectors(model) if cfg.negative_miner == "base_model" else None  # the model before training
     sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"), encode)
     save_training_sets(sets, out / SETS_DIR)
     evaluator = (validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
