@@ -52,10 +52,10 @@ def main() -> None:
 
     import yaml
 
-    from pipelines.compress import compress_model
+    from pipelines.compression.variants import compress_model
     from pipelines.config import load_config
-    from pipelines.data import Snapshot, snapshot_data
-    from pipelines.finetune import finetune_encoder
+    from pipelines.data.dataset import Snapshot, snapshot_data
+    from pipelines.training.finetune import finetune_encoder
 
     overrides = {**(QUICK if args.quick else {}),
                  **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}

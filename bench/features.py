@@ -8,7 +8,7 @@ own functions; Redis is a private redis-server on a free loopback port (never a 
 Timed, per store and batch size (users drawn uniformly, a fixed seed):
 
 - `feast_sdk`: FeatureStore.get_online_features(FeatureService, entity_rows).to_dict() (the issue's reference);
-- `serving`: serving.features.OnlineFeatures.user_features / users_features (what the service calls per request);
+- `serving`: serving.online_features.OnlineFeatures.user_features / users_features (what the service calls per request);
 - `popularity`: OnlineFeatures.popularity over the whole catalog (the recommend fallback's cached read).
 
 Per repeat: p50/p99 wall time, p99 of the calling thread's CPU time, and the share of reads during which the thread
@@ -48,9 +48,9 @@ REPO = Path(__file__).resolve().parents[1]
 # The repo first: bench/ (this script's folder, sys.path[0]) holds serving.py, which would shadow the package.
 sys.path.insert(0, str(REPO))
 
-from pipelines import features as F  # noqa: E402
 from pipelines.config import Paths  # noqa: E402
-from serving.features import OnlineFeatures  # noqa: E402
+from pipelines.features import store as F  # noqa: E402
+from serving.online_features import OnlineFeatures  # noqa: E402
 
 AS_OF = datetime(2026, 1, 1, tzinfo=UTC)
 CATALOG = 54_667  # the Home Depot catalog size: the popularity read covers a whole index

@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def _retrieval(qrels, run) -> dict:
-    from pipelines.evaluate import ir_metrics, judgment_coverage, rerank_ndcg
+    from pipelines.evaluation.evaluate import ir_metrics, judgment_coverage, rerank_ndcg
 
     return {**ir_metrics(qrels, run), "rerank_ndcg_at_10": rerank_ndcg(qrels, run), **judgment_coverage(qrels, run)}
 
@@ -41,13 +41,12 @@ def main() -> None:
     import numpy as np
     import yaml
 
+    from pipelines.compression.export import build_product_index, export_model
     from pipelines.config import load_config
-    from pipelines.data import Snapshot, snapshot_data
-    from pipelines.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
-    from pipelines.export import export_model
-    from pipelines.finetune import finetune_encoder, load_encoder, load_finetuned, unit_vectors
-    from pipelines.index import build_product_index
-    from pipelines.lexical import build_lexical_index
+    from pipelines.data.dataset import Snapshot, snapshot_data
+    from pipelines.evaluation.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.training.finetune import finetune_encoder, load_encoder, load_finetuned, unit_vectors
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(args.profile, overrides)

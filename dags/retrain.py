@@ -13,10 +13,10 @@ from airflow.sdk import (
     task,
 )
 
-from dags.assets import USER_EVENTS
+from dags.assets import PROFILES, USER_EVENTS
 
 PARAMS = {
-    "profile": Param("default", type="string", enum=["default", "tiny"],
+    "profile": Param("default", type="string", enum=PROFILES,
                      description="Config profile (configs/<profile>.yaml) every other value starts from."),
     "judgments_path": Param(None, type=["null", "string"],
                             description="A Home Depot-format judgments CSV that landed; empty = the shipped data."),
@@ -59,82 +59,82 @@ def _run() -> tuple[dict, str, str, dict]:
 def shopguide_retrain():
     @task
     def snapshot() -> dict:
-        from pipelines.retrain import snapshot
+        from pipelines.steps.retrain import snapshot
 
         params, run_key, as_of, lineage = _run()
         return snapshot(params, run_key, as_of, lineage)
 
     @task
     def validate(snap: dict) -> dict:
-        from pipelines.retrain import validate
+        from pipelines.steps.retrain import validate
 
         return validate(snap)
 
     @task
     def finetune(snap: dict, validated: dict) -> dict:
-        from pipelines.retrain import finetune
+        from pipelines.steps.retrain import finetune
 
         return finetune(_run()[0], snap)
 
     @task
     def distill(snap: dict, trained: dict) -> dict:
-        from pipelines.retrain import distill
+        from pipelines.steps.retrain import distill
 
         return distill(_run()[0], snap, trained)
 
     @task
     def prune(snap: dict, distilled: dict) -> dict:
-        from pipelines.retrain import prune
+        from pipelines.steps.retrain import prune
 
         return prune(_run()[0], snap, distilled)
 
     @task
     def export_onnx(snap: dict, pruned: dict) -> dict:
-        from pipelines.retrain import export
+        from pipelines.steps.retrain import export
 
         return export(_run()[0], snap, pruned)
 
     @task
     def evaluate_variants(snap: dict, exported: dict) -> dict:
-        from pipelines.retrain import evaluate_variants
+        from pipelines.steps.retrain import evaluate_variants
 
         return evaluate_variants(_run()[0], snap, exported)
 
     @task
     def select_variant(snap: dict, evaluated: dict) -> dict:
-        from pipelines.retrain import select_variant
+        from pipelines.steps.retrain import select_variant
 
         return select_variant(_run()[0], snap, evaluated)
 
     @task
     def evaluate(snap: dict, selected: dict) -> dict:
-        from pipelines.retrain import evaluate
+        from pipelines.steps.retrain import evaluate
 
         return evaluate(_run()[0], snap, selected)
 
     @task
     def gate(snap: dict, report: dict) -> dict:
-        from pipelines.retrain import gate
+        from pipelines.steps.retrain import gate
 
         return gate(_run()[0], snap, report)
 
     @task
     def register(snap: dict, selected: dict, report: dict, decision: dict) -> dict:
-        from pipelines.retrain import register
+        from pipelines.steps.retrain import register
 
         params, run_key, _, lineage = _run()
         return register(params, snap, selected, report, decision, lineage, run_key)
 
     @task
     def promote(snap: dict, registered: dict, decision: dict) -> dict:
-        from pipelines.retrain import promote
+        from pipelines.steps.retrain import promote
 
         params, run_key, _, lineage = _run()
         return promote(params, snap, registered, decision, lineage, run_key)
 
     @task
     def conclude(decision: dict, outcome: dict) -> dict:
-        from pipelines.retrain import conclude
+        from pipelines.steps.retrain import conclude
 
         return conclude(decision, outcome)
 

@@ -31,14 +31,14 @@ user_activity_source = FileSource(
     name="user_activity_source",
     path=str(OFFLINE_DATA / "user_activity.parquet"),
     timestamp_field="event_timestamp",
-    description="Daily point-in-time snapshots of per-user activity, built by pipelines.features.",
+    description="Daily point-in-time snapshots of per-user activity, built by pipelines.features.store.",
 )
 
 product_popularity_source = FileSource(
     name="product_popularity_source",
     path=str(OFFLINE_DATA / "product_popularity.parquet"),
     timestamp_field="event_timestamp",
-    description="Daily point-in-time snapshots of per-product popularity, built by pipelines.features.",
+    description="Daily point-in-time snapshots of per-product popularity, built by pipelines.features.store.",
 )
 
 user_activity = FeatureView(

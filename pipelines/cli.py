@@ -147,7 +147,7 @@ def _actor() -> str:
 
 
 def _move(action: str, version: str | None, reason: str, force: bool, model: str) -> None:
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     paths = Paths.from_env()
     _env(paths)
@@ -182,7 +182,7 @@ def rollback(reason: Reason, force: Force = False, model: Model = MODEL_NAME) ->
 @app.command()
 def history(model: Model = MODEL_NAME) -> None:
     """Every recorded move of @champion, oldest first, and where the aliases point now."""
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     paths = Paths.from_env()
     _env(paths)

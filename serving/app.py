@@ -20,11 +20,11 @@ from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 
-from serving import personalize
+from pipelines.runtime import personalize
 from serving.batching import MicroBatcher
-from serving.features import FeaturesUnavailable, OnlineFeatures
 from serving.logs import configure_logging
 from serving.metrics import Metrics
+from serving.online_features import FeaturesUnavailable, OnlineFeatures
 from serving.predictor import ModelUnavailable, Predictor, load_options, resolve
 from serving.schemas import (
     Category,
@@ -412,7 +412,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         )
 
     def recommend(body: recommend_request) -> RecommendResponse:  # type: ignore[valid-type]
-        """serving.personalize.recommend: nearest products to the user's recency-weighted history (history itself
+        """runtime.personalize.recommend: nearest products to the user's recency-weighted history (history itself
         excluded); without a usable history, the most popular products (product_v1 features), flagged."""
         predictor = loaded()
         ctx = request_context()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.encoder import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE, OnnxEncoder, load_tokenizer
-from pipelines.index import ProductIndex
-from pipelines.lexical import LexicalIndex
-from pipelines.registry import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
-from serving import personalize
-from serving.personalize import ATTENTION_TEMPERATURE
-from serving.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
+from pipelines.registry.mlflow_client import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
+from pipelines.runtime import personalize
+from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.encoder import OnnxEncoder, load_tokenizer
+from pipelines.runtime.index import ProductIndex
+from pipelines.runtime.lexical import LexicalIndex
+from pipelines.runtime.personalize import ATTENTION_TEMPERATURE
+from pipelines.runtime.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class Predictor:
         return self.encode(query)[1]
 
     def user_vector(self, product_ids: list[int], query_vec: np.ndarray | None = None) -> np.ndarray | None:
-        """serving.personalize.user_vector of the user's recent products (most recent first) in this version's
+        """pipelines.runtime.personalize.user_vector of the user's recent products (most recent first) in this version's
         index: softmax(q.p_i / T)-weighted with a query, recency-weighted without.
 
         None when none of the products is in this version's index (a history from another catalog).
@@ -207,7 +208,7 @@ def _cache_dir(settings: Settings) -> Path:
 
 
 def _cached_bundle_path(cache: Path, version: str) -> Path:
-    return cache / version / "model" / "artifacts" / BUNDLE_ARTIFACT  # pipelines.registry.download_bundle's layout
+    return cache / version / "model" / "artifacts" / BUNDLE_ARTIFACT  # mlflow_client.download_bundle's layout
 
 
 def _pointer(cache: Path, alias: str) -> Path:

@@ -34,13 +34,19 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     Every step is the pipeline's own function, on the session's temporary SQLite MLflow store (tests/conftest.py)
     and a home below the session's SHOPGUIDE_HOME; only the sizes are small. ~20-30 s, mostly ONNX export.
     """
-    from pipelines.data import snapshot_data
-    from pipelines.evaluate import evaluate_bundle
-    from pipelines.export import export_model
-    from pipelines.finetune import finetune_encoder
-    from pipelines.index import build_product_index
-    from pipelines.lexical import build_lexical_index
-    from pipelines.registry import CHAMPION, end_run, register_bundle, set_alias, start_run, write_model_card
+    from pipelines.compression.export import build_product_index, export_model
+    from pipelines.data.dataset import snapshot_data
+    from pipelines.evaluation.evaluate import evaluate_bundle
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.registry.mlflow_client import (
+        CHAMPION,
+        end_run,
+        register_bundle,
+        set_alias,
+        start_run,
+        write_model_card,
+    )
+    from pipelines.training.finetune import finetune_encoder
 
     paths = Paths(shopguide_home.home / "serving-test")
     work = paths.run_dir(RUN_KEY)

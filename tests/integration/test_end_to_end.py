@@ -9,10 +9,10 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from pipelines import registry
 from pipelines.airflow_env import run_dag_test
 from pipelines.config import MODEL_NAME
-from pipelines.data import HOMEDEPOT_FILE
+from pipelines.data.dataset import HOMEDEPOT_FILE
+from pipelines.registry import mlflow_client as registry
 
 pytestmark = pytest.mark.slow
 LOGICAL_DATE = "2026-11-01T00:00:00+00:00"

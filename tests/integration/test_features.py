@@ -17,10 +17,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import features as F
 from pipelines.config import FEATURE_REPO, Paths
-from pipelines.data import load_judgments, select_terms, simulate_events
-from serving.features import FeaturesUnavailable, OnlineFeatures
+from pipelines.data.dataset import load_judgments, select_terms, simulate_events
+from pipelines.features import store as F
+from serving.online_features import FeaturesUnavailable, OnlineFeatures
 
 END = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RECENT_N = 5
@@ -181,7 +181,7 @@ def test_freshness_reads_back_the_online_store_and_fails_loudly(sqlite_home, eve
     assert passed["ok"] and passed["stale"] == []
     with pytest.raises(F.StaleFeaturesError, match=r"user_activity: newest online row .* is 2\.00 h old"):
         F.check_freshness(paths, max_age_s=3600, now=later)
-    with caplog.at_level(logging.WARNING, logger="pipelines.features"):
+    with caplog.at_level(logging.WARNING, logger="pipelines.features.store"):
         warned = F.check_freshness(paths, max_age_s=3600, now=later, on_stale="warn")
     assert not warned["ok"] and len(warned["stale"]) == 2
     assert caplog.text.count("STALE ONLINE FEATURES") == 2

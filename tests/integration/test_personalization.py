@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from pipelines.config import Paths
-from pipelines.features import apply_feature_repo, build_feature_tables, write_feature_tables
-from pipelines.personalization import evaluate_registered, heldout_events, point_in_time_histories
-from serving import personalize as P
+from pipelines.evaluation.personalization import evaluate_registered, heldout_events, point_in_time_histories
+from pipelines.features.store import apply_feature_repo, build_feature_tables, write_feature_tables
+from pipelines.runtime import personalize as P
 
 if TYPE_CHECKING:
     from tests.integration.conftest import RegisteredChampion
@@ -59,8 +59,8 @@ def test_evaluation_histories_never_see_the_event_or_its_future(tmp_path) -> Non
 
 @pytest.fixture(scope="module")
 def bundle(champion: RegisteredChampion):
-    from pipelines.encoder import OnnxEncoder
-    from pipelines.index import ProductIndex
+    from pipelines.runtime.encoder import OnnxEncoder
+    from pipelines.runtime.index import ProductIndex
 
     return OnnxEncoder.load(champion.bundle_dir, threads=1), ProductIndex.load(champion.bundle_dir)
 
@@ -96,7 +96,7 @@ def test_real_encoder_history_of_one_kind_moves_that_kind_up(champion: Registere
 
 
 def test_evaluation_of_the_registered_champion_is_logged_to_mlflow(champion: RegisteredChampion) -> None:
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     result = evaluate_registered(champion.snapshot_dir / "events.parquet", champion.as_of, paths=champion.paths,
                                  model_name=champion.model_name, heldout_days=7, sweep=(1.0,))

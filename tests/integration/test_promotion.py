@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines import registry
 from pipelines.airflow_env import DAGS_FOLDER, DagTestResult, airflow_command, airflow_environ, run_dag_test
 from pipelines.config import MODEL_NAME, Paths
-from pipelines.encoder import ONNX_FILE
+from pipelines.registry import mlflow_client as registry
+from pipelines.runtime.bundle import ONNX_FILE
 
 RETRAIN_DATE = "2026-12-07T00:00:00+00:00"
 FAILED_GATE = ["ok: ndcg_at_10 0.3 >= 0.2", "FAIL: ndcg_at_10 0.3000 vs champion 0.4000 (tolerance 0.01)"]

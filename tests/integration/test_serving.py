@@ -19,11 +19,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from pipelines.config import SearchConfig
-from pipelines.encoder import LABELS_FILE
-from pipelines.evaluate import REPORT_FILE
+from pipelines.runtime.bundle import LABELS_FILE, REPORT_FILE
+from pipelines.runtime.personalize import recency_weights
 from serving.app import create_app
-from serving.features import OnlineFeatures
-from serving.personalize import recency_weights
+from serving.online_features import OnlineFeatures
 from serving.predictor import ATTENTION_TEMPERATURE, Predictor
 from serving.settings import Settings
 
@@ -53,7 +52,7 @@ def predictor(client: TestClient) -> Predictor:
 @pytest.fixture(scope="module")
 def online(champion: RegisteredChampion) -> OnlineFeatures:
     """The snapshot's simulated events built, applied and materialized into the fixture home's Feast stores."""
-    from pipelines.features import refresh_features
+    from pipelines.features.store import refresh_features
 
     result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
     assert result["materialized"]["user_activity"]["entities"] > 0, json.dumps(result)
@@ -288,7 +287,7 @@ def test_personalization_weight_zero_skips_features(settings: Settings, predicto
 
 
 def test_alias_move_is_hot_swapped(client: TestClient, settings: Settings, champion: RegisteredChampion) -> None:
-    from pipelines.registry import CHAMPION, end_run, register_bundle, set_alias, start_run
+    from pipelines.registry.mlflow_client import CHAMPION, end_run, register_bundle, set_alias, start_run
 
     paths = champion.paths
     run_id = start_run(paths, "integration-serving-hot-swap", {})

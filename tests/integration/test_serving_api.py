@@ -24,9 +24,9 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
+from pipelines.runtime.search import AnnOptions, HnswSearch, build_search
 from serving.app import create_app
 from serving.predictor import Predictor, load_options
-from serving.search import AnnOptions, HnswSearch, build_search
 from serving.settings import Settings
 
 if TYPE_CHECKING:
@@ -108,8 +108,8 @@ def test_classify_and_embed_match_the_encoder(client: TestClient, predictor: Pre
 
 def test_recommend_from_history_and_fallbacks(client: TestClient, settings: Settings, predictor: Predictor,
                                               champion: RegisteredChampion) -> None:
-    from pipelines.features import refresh_features
-    from serving.features import OnlineFeatures
+    from pipelines.features.store import refresh_features
+    from serving.online_features import OnlineFeatures
 
     refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
     online = OnlineFeatures(champion.paths)

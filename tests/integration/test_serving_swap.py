@@ -29,7 +29,7 @@ SWAP_RUN_KEY = "integration-serving-hot-swap"
 
 
 def _register(champion: RegisteredChampion, bundle: Path, run_key: str) -> str:
-    from pipelines.registry import end_run, register_bundle, start_run
+    from pipelines.registry.mlflow_client import end_run, register_bundle, start_run
 
     run_id = start_run(champion.paths, run_key, {})
     version = register_bundle(champion.paths, run_id, bundle, champion.model_name, run_key, {})
@@ -47,7 +47,7 @@ def newer(champion: RegisteredChampion) -> str:
 @pytest.fixture()
 def move_champion(champion: RegisteredChampion) -> Iterator[Callable[[str], None]]:
     """Moves @champion of the fixture model; always moved back to the fixture's version afterwards."""
-    from pipelines.registry import CHAMPION, set_alias
+    from pipelines.registry.mlflow_client import CHAMPION, set_alias
 
     def move(version: str) -> None:
         set_alias(champion.paths, champion.model_name, CHAMPION, version)
@@ -244,7 +244,7 @@ def test_registry_down_during_reloads(settings: Settings, champion: RegisteredCh
 
 
 def test_shadow_mode_replays_on_the_challenger(settings: Settings, champion: RegisteredChampion, newer: str) -> None:
-    from pipelines.registry import CHALLENGER, client, set_alias
+    from pipelines.registry.mlflow_client import CHALLENGER, client, set_alias
 
     set_alias(champion.paths, champion.model_name, CHALLENGER, newer)
     shadowing = settings.model_copy(update={"shadow_alias": CHALLENGER, "shadow_fraction": 1.0,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.registry import champion_lineage
+from pipelines.registry.mlflow_client import champion_lineage
 
 
 def promote(version: str, previous: str | None) -> dict:

@@ -11,8 +11,9 @@ import pandas as pd
 import pytest
 
 from pipelines.config import CompressConfig, DataConfig, load_config
-from pipelines.data import snapshot_data
-from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, load_finetuned, resolve_base_model
+from pipelines.data.dataset import snapshot_data
+from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned, resolve_base_model
 
 LAYERS = 3
 DOMAIN = ["cordless drill with battery", "deck screws 3 inch", "white interior paint", "garden hose nozzle",
@@ -64,7 +65,7 @@ def tiny_config(**compress):
 @pytest.fixture(scope="module")
 def compressed(teacher_dir, snapshot_dir, tmp_path_factory):
     """Every stage once, as the DAG would call them."""
-    from pipelines import compress
+    from pipelines.compression import variants as compress
 
     cfg = tiny_config()
     out = tmp_path_factory.mktemp("compress")
@@ -87,7 +88,7 @@ def compressed(teacher_dir, snapshot_dir, tmp_path_factory):
     (6, 3, [0, 2, 5]), (6, 2, [0, 5]), (6, 6, [0, 1, 2, 3, 4, 5]), (12, 4, [0, 4, 7, 11]), (4, 1, [3]),
 ])
 def test_spread_layers(teacher, student, layers):
-    from pipelines.distill import spread_layers
+    from pipelines.compression.distill import spread_layers
 
     assert spread_layers(teacher, student) == layers
 
@@ -102,7 +103,7 @@ def test_spread_layers(teacher, student, layers):
     (["teacher-int8"], True, {}),
 ])
 def test_student_plan_orders_ffn_pruning_after_distillation(variants, after, plan):
-    from pipelines.compress import student_plan
+    from pipelines.compression.variants import student_plan
 
     cfg = load_config("tiny", {"compress.variants": variants, "compress.ffn_after_distill": after}).compress
     got = student_plan(cfg, teacher_layers=6, teacher_ffn=1536)
@@ -112,7 +113,7 @@ def test_student_plan_orders_ffn_pruning_after_distillation(variants, after, pla
 
 @pytest.mark.parametrize("student", [0, 7])
 def test_spread_layers_rejects_impossible_students(student):
-    from pipelines.distill import spread_layers
+    from pipelines.compression.distill import spread_layers
 
     with pytest.raises(ValueError):
         spread_layers(6, student)
@@ -121,7 +122,7 @@ def test_spread_layers_rejects_impossible_students(student):
 def test_student_copies_the_chosen_teacher_layers(teacher_dir):
     import torch
 
-    from pipelines.distill import student_from_teacher
+    from pipelines.compression.distill import student_from_teacher
 
     teacher, _, _ = load_finetuned(teacher_dir, 16)
     student = student_from_teacher(teacher, [0, 2])
@@ -141,7 +142,7 @@ def test_student_copies_the_chosen_teacher_layers(teacher_dir):
 def test_ffn_pruning_keeps_the_most_important_neurons(teacher_dir):
     import torch
 
-    from pipelines.distill import prune_ffn_neurons, student_from_teacher
+    from pipelines.compression.distill import prune_ffn_neurons, student_from_teacher
 
     teacher, _, _ = load_finetuned(teacher_dir, 16)
     full = student_from_teacher(teacher, [0, 1, 2])
@@ -178,7 +179,7 @@ def test_distilled_students_are_finetune_folders(compressed, teacher_dir):
 
 
 def test_pruned_vocabulary_keeps_in_vocabulary_tokens_and_embeddings(teacher_dir, tmp_path):
-    from pipelines.prune import prune_vocabulary_dir
+    from pipelines.compression.prune import prune_vocabulary_dir
 
     info = prune_vocabulary_dir(teacher_dir, tmp_path, DOMAIN, 16, keep_ascii_chars=False)
     original, _, _ = load_finetuned(teacher_dir, 16)
@@ -202,7 +203,7 @@ def test_pruned_vocabulary_keeps_in_vocabulary_tokens_and_embeddings(teacher_dir
 def test_kept_ids_include_specials_and_single_characters():
     from collections import Counter
 
-    from pipelines.prune import kept_token_ids
+    from pipelines.compression.prune import kept_token_ids
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "a": 2, "##a": 3, "drill": 4, "é": 5, "rare": 6}
     kept = kept_token_ids(Counter({4: 3, 6: 1}), vocab, [0, 1], min_count=2, keep_ascii_chars=True)
@@ -215,7 +216,7 @@ def test_kept_ids_include_specials_and_single_characters():
 def test_variant_bundles_keep_the_serving_contract(compressed):
     import onnx
 
-    from pipelines.encoder import OnnxEncoder
+    from pipelines.runtime.encoder import OnnxEncoder
 
     variants = compressed["exported"]["variants"]
     assert set(variants) == {"teacher-fp32", "teacher-int8", "student2-int8", "student2-vocab-int8",
@@ -262,7 +263,7 @@ def test_every_variant_is_evaluated_with_ratios(compressed):
 
 
 def test_selection_returns_a_complete_bundle_and_a_report(compressed):
-    from pipelines.index import ProductIndex
+    from pipelines.runtime.index import ProductIndex
 
     selected = compressed["selected"]
     bundle = Path(selected["bundle_dir"])
@@ -277,7 +278,7 @@ def test_selection_returns_a_complete_bundle_and_a_report(compressed):
 
 
 def test_peak_memory_is_measured_in_a_subprocess(compressed):
-    from pipelines.compress import measure_peak_memory
+    from pipelines.compression.variants import measure_peak_memory
 
     bundle = compressed["exported"]["variants"]["student2-vocab-int8"]["bundle_dir"]
     mem = measure_peak_memory("onnx", bundle, bundle, 16, 1, DOMAIN)
@@ -315,7 +316,7 @@ ROWS = [
     (ROWS[:1], {}, None, False),  # only the (unservable) baseline
 ])
 def test_selection_rule(rows, settings, variant, fallback):
-    from pipelines.compress import choose_variant
+    from pipelines.compression.variants import choose_variant
 
     selection = choose_variant(rows, CompressConfig(**settings))
     assert selection.variant == variant and selection.fallback is fallback
@@ -326,7 +327,7 @@ def test_selection_rule(rows, settings, variant, fallback):
 
 
 def test_selection_reasons_name_every_rejection():
-    from pipelines.compress import choose_variant
+    from pipelines.compression.variants import choose_variant
 
     selection = choose_variant(ROWS, CompressConfig())
     assert "nDCG@10" in selection.rejected["student2-int8"]
@@ -335,14 +336,14 @@ def test_selection_reasons_name_every_rejection():
 
 
 def test_selection_needs_the_baseline():
-    from pipelines.compress import choose_variant
+    from pipelines.compression.variants import choose_variant
 
     with pytest.raises(ValueError, match="baseline"):
         choose_variant(ROWS[1:], CompressConfig())
 
 
 def test_failed_selection_raises_after_writing_the_report(tmp_path):
-    from pipelines.compress import CompressionFailed, select_variant, with_ratios
+    from pipelines.compression.variants import CompressionFailed, select_variant, with_ratios
 
     cfg = load_config("tiny", {"compress.fallback": "fail", "compress.min_ndcg_retained": 1.01})
     evaluated = {"rows": with_ratios(ROWS), "baseline": "teacher-torch"}
@@ -352,7 +353,7 @@ def test_failed_selection_raises_after_writing_the_report(tmp_path):
 
 
 def test_pareto_front_and_ratios():
-    from pipelines.compress import pareto_front, with_ratios
+    from pipelines.compression.variants import pareto_front, with_ratios
 
     assert pareto_front(ROWS) == ["student2-vocab-int8", "student3-int8", "teacher-int8", "teacher-fp32"]
     rows = {r["variant"]: r for r in with_ratios(ROWS)}
@@ -368,7 +369,7 @@ def test_pareto_front_and_ratios():
     ("student3-ffn1024-vocab-int8", "student3-ffn1024-vocab", 3, 1024, True, "int8"),
 ])
 def test_parse_variant(name, weights, layers, ffn, vocab, graph):
-    from pipelines.compress import parse_variant
+    from pipelines.compression.variants import parse_variant
 
     spec = parse_variant(name)
     assert (spec.weights, spec.layers, spec.ffn, spec.vocab, spec.graph) == (weights, layers, ffn, vocab, graph)
@@ -382,10 +383,10 @@ def test_config_rejects_unknown_variants(variants):
 
 
 def test_students_learn_from_the_teachers_own_ranking_sets(snapshot_dir, tmp_path):
+    from pipelines.compression.distill import contrastive_sets
     from pipelines.config import TrainConfig
-    from pipelines.data import Snapshot
-    from pipelines.distill import contrastive_sets
-    from pipelines.finetune import CATEGORY_SET, SETS_DIR, save_training_sets
+    from pipelines.data.dataset import Snapshot
+    from pipelines.training.finetune import CATEGORY_SET, SETS_DIR, save_training_sets
 
     saved = {"mined": pd.DataFrame({"anchor": ["drill"], "positive": ["cordless drill"], "negative": ["drill bit"]}),
              CATEGORY_SET: pd.DataFrame({"text": ["iphone xr 64gb"], "label": [3]})}

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipelines.data import (
+from pipelines.data.dataset import (
     catalog_from,
     is_heldout_term,
     load_judgments,
@@ -16,7 +16,7 @@ from pipelines.data import (
     split_judgments,
     split_offers,
 )
-from pipelines.evaluate import heldout_qrels
+from pipelines.evaluation.evaluate import heldout_qrels
 
 END = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from pipelines.evaluate import ir_metrics, judgment_coverage, rerank_ndcg
+from pipelines.evaluation.evaluate import ir_metrics, judgment_coverage, rerank_ndcg
 
 # gains x12 as heldout_qrels writes them: a = relevance 3 (gain 2), b = relevance 2 (gain 1), c = irrelevant
 QRELS = {"q1": {"a": 24, "b": 12, "c": 0}, "q2": {"d": 12, "e": 12}}

@@ -8,11 +8,12 @@ from datetime import UTC, datetime
 import numpy as np
 import pytest
 
+from pipelines.compression.export import export_model, parity
 from pipelines.config import DataConfig, ExportConfig
-from pipelines.data import snapshot_data
-from pipelines.encoder import OnnxEncoder
-from pipelines.export import export_model, parity
-from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, resolve_base_model
+from pipelines.data.dataset import snapshot_data
+from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.runtime.encoder import OnnxEncoder
+from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, resolve_base_model
 
 LABELS = ["a", "b", "c"]
 

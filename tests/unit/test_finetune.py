@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import TrainConfig
-from pipelines.finetune import (
+from pipelines.training.finetune import (
     CATEGORY_SET,
     category_labels,
     load_encoder,
@@ -115,7 +115,7 @@ def _in_batch_loss(model, pairs: pd.DataFrame, batch: int) -> float:
 
 
 def test_a_tiny_contrastive_run_moves_the_ranking_loss_down(tmp_path) -> None:
-    from pipelines.data import load_judgments
+    from pipelines.data.dataset import load_judgments
 
     cfg = TrainConfig(max_steps=16, batch_size=16, learning_rate=1e-4, warmup_ratio=0.0)
     # 64 real Home Depot positives, one per search term (no false in-batch negatives)

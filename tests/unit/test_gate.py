@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import GateConfig
-from pipelines.gate import decide
+from pipelines.evaluation.gate import decide
 
 CFG = GateConfig(min_ndcg_at_10=0.30, min_category_accuracy=0.80, min_parity_cosine=0.97, max_latency_p99_ms=10,
                  max_size_mb=30, max_regression=0.01)

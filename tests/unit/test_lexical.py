@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.lexical import LexicalIndex, _stemmer, fuse, tokenize
+from pipelines.runtime.lexical import LexicalIndex, _stemmer, fuse, tokenize
 
 
 def lists(rows, scores):

@@ -1,11 +1,11 @@
-"""serving.personalize on a small synthetic embedding matrix: user vector, blended ranking, recommend + fallback."""
+"""runtime.personalize on a small synthetic embedding matrix: user vector, blended ranking, recommend + fallback."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from serving import personalize as P
+from pipelines.runtime import personalize as P
 
 DIM = 16
 PER_KIND = 20

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 
 from pipelines.config import REPO_ROOT, DataConfig
-from pipelines.data import SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
-from pipelines.validate import DataValidationError, validate_events, validate_frame, validate_snapshot
+from pipelines.data.dataset import SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
+from pipelines.data.validate import DataValidationError, validate_events, validate_frame, validate_snapshot
 
 
 @pytest.fixture(scope="module")
@@ -175,6 +175,6 @@ def test_wrong_dtype_is_reported(snapshot: Snapshot) -> None:
 
 
 def test_module_import_is_cheap() -> None:
-    code = "import sys, pipelines.validate; print('great_expectations' in sys.modules)"
+    code = "import sys, pipelines.data.validate; print('great_expectations' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

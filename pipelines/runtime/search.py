@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from pipelines.index import ProductIndex
+from pipelines.runtime.index import ProductIndex
 
 log = logging.getLogger(__name__)
 

@@ -12,9 +12,9 @@ class ShopguideEncoder(PythonModel):
     """predict(DataFrame[query]) -> category and top-k products, the same ONNX graph and index that serving uses."""
 
     def load_context(self, context) -> None:
-        from pipelines.encoder import OnnxEncoder
-        from pipelines.index import ProductIndex
-        from pipelines.lexical import LexicalIndex
+        from pipelines.runtime.encoder import OnnxEncoder
+        from pipelines.runtime.index import ProductIndex
+        from pipelines.runtime.lexical import LexicalIndex
 
         bundle = context.artifacts["bundle"]
         self.encoder = OnnxEncoder.load(bundle)

@@ -10,13 +10,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import EvaluateConfig
-from pipelines.data import Snapshot, normalize_term
-from pipelines.encoder import ONNX_FILE, OnnxEncoder
-from pipelines.index import ProductIndex
-from pipelines.lexical import LexicalIndex, fuse
+from pipelines.data.dataset import Snapshot, normalize_term
+from pipelines.runtime.bundle import ERRORS_FILE, ONNX_FILE, REPORT_FILE
+from pipelines.runtime.encoder import OnnxEncoder
+from pipelines.runtime.index import ProductIndex
+from pipelines.runtime.lexical import LexicalIndex, fuse
 
-REPORT_FILE = "evaluation.json"
-ERRORS_FILE = "error_sample.json"
 # Home Depot grades are means of 3 (sometimes 4) raters; x12 makes every gain an integer, as trec_eval needs.
 # nDCG with linear gains is scale-invariant, so this equals nDCG with gains = relevance - 1.
 GAIN_SCALE = 12

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import DataConfig
-from pipelines.data import load_judgments, select_terms, simulate_events, split_judgments
+from pipelines.data.dataset import load_judgments, select_terms, simulate_events, split_judgments
 
 EVENTS_FILE = "events.parquet"
 
 
 def land_events(cfg: DataConfig, out_dir: str | Path, as_of: datetime) -> dict[str, Any]:
     """Write the event log a real shop would receive (here: simulated from training judgments) and validate it."""
-    from pipelines.validate import validate_events
+    from pipelines.data.validate import validate_events
 
     train, _ = split_judgments(select_terms(load_judgments(), cfg.max_terms))
     events = simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed)

@@ -36,6 +36,11 @@ def is_heldout_term(term: str) -> bool:
     return _md5(normalize_term(term))[-1] in "01"
 
 
+def is_validation_term(term: str) -> bool:
+    """1/16 of the training terms (md5 digit 2; held-out terms are 0 and 1) score the model during training."""
+    return _md5(normalize_term(term))[-1] == "2"
+
+
 def is_test_cluster(cluster_id: int) -> bool:
     """PriceRunner split by product cluster, same md5 rule, so no product leaks across splits."""
     return _md5(str(int(cluster_id)))[-1] in "01"

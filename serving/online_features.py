@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipelines.config import Paths
-from pipelines.features import PRODUCT_SERVICE, USER_SERVICE
+from pipelines.features.store import PRODUCT_SERVICE, USER_SERVICE
 
 if TYPE_CHECKING:
     from feast import FeatureStore, FeatureView, RepoConfig
@@ -49,7 +49,7 @@ class _Plan:
 class OnlineFeatures:
     """Reads FeatureService rows (user: search_v2, product: product_v1) from the Feast online store.
 
-    SQLite by default, Redis in production (pipelines.features.repo_config). The FeatureService is resolved once
+    SQLite by default, Redis in production (pipelines.features.store.repo_config). The FeatureService is resolved once
     through the registry; each read then goes straight to the store through Feast's provider (`online_read`, the
     same call the SDK makes), without the SDK's per-request registry lookup, request validation and response
     assembly: ~3x less CPU per read, and no synchronous registry reload on the request path when the registry cache
@@ -98,7 +98,7 @@ class OnlineFeatures:
             try:
                 if self._store is None:
                     # Imported here: Feast is slow to import and the app must start (non-personalised) without it.
-                    from pipelines.features import feature_store, import_feast
+                    from pipelines.features.store import feature_store, import_feast
 
                     import_feast()
                     self._store = feature_store(self._paths or Paths.from_env(), serving=True)
@@ -183,7 +183,7 @@ class OnlineFeatures:
         return self._read(self._product_service_name, [int(p) for p in product_ids])
 
     def _read_popularity(self, product_ids: np.ndarray) -> np.ndarray:
-        from serving.personalize import popularity_scores
+        from pipelines.runtime.personalize import popularity_scores
 
         rows = self.product_features(product_ids)
         views = np.asarray([(r.get("views_30d") or 0) if r else 0 for r in rows], dtype=np.float64)
@@ -201,7 +201,7 @@ class OnlineFeatures:
             self._refreshing.release()
 
     def popularity(self, product_ids: np.ndarray, wait: bool = True) -> np.ndarray:
-        """serving.personalize.popularity_scores of these products from product_v1 (one per id, 0 without a row).
+        """runtime.personalize.popularity_scores of these products from product_v1 (one per id, 0 without a row).
 
         The read covers the whole id array (a model version's index: 54,667 products, 1.5-6 s of CPU on a busy
         2-core machine), so the scores are cached per id array (compared by identity: pass the index's own array).

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from pipelines.config import ExportConfig
-from pipelines.data import Snapshot
-from pipelines.encoder import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE, OnnxEncoder
-from pipelines.finetune import load_finetuned
+from pipelines.data.dataset import Snapshot
+from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.encoder import OnnxEncoder
+from pipelines.runtime.index import ProductIndex
+from pipelines.training.finetune import load_finetuned
 
 FP32_FILE = "model_fp32.onnx"
 
@@ -139,3 +142,16 @@ def export_model(
     report["size_fp32_mb"] = (out / FP32_FILE).stat().st_size / 1e6
     (out / FP32_FILE).unlink()  # the bundle ships the served graph only; sizes and parity are recorded
     return report
+
+
+def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_size: int = 64) -> dict[str, Any]:
+    """Embed the snapshot's whole catalog with the bundle's served graph and store the index in the bundle."""
+    catalog = Snapshot.open(snapshot_dir).table("catalog")
+    encoder = OnnxEncoder.load(bundle_dir)
+    t0 = time.perf_counter()
+    emb, _ = encoder.encode(catalog["product_title"].astype(str).tolist(), batch_size=batch_size)
+    seconds = time.perf_counter() - t0
+    index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object), emb)
+    index.save(bundle_dir)
+    return {"products": len(index), "index_seconds": round(seconds, 2),
+            "products_per_s": round(len(index) / max(seconds, 1e-9), 1)}

@@ -33,8 +33,8 @@ def _dirs(run_key: str) -> tuple[Paths, Path]:
 
 def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str, str]) -> dict[str, Any]:
     """Freeze this run's inputs and open its MLflow run."""
-    from pipelines import registry
-    from pipelines.data import snapshot_data
+    from pipelines.data.dataset import snapshot_data
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths, run_dir = _dirs(run_key)
@@ -47,8 +47,8 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
 
 def validate(snap: dict[str, Any]) -> dict[str, Any]:
     """Great Expectations on every table; a failure raises DataValidationError before any training."""
-    from pipelines import registry
-    from pipelines.validate import DataValidationError, validate_snapshot
+    from pipelines.data.validate import DataValidationError, validate_snapshot
+    from pipelines.registry import mlflow_client as registry
 
     paths = Paths.from_env()
     try:
@@ -64,8 +64,8 @@ def validate(snap: dict[str, Any]) -> dict[str, Any]:
 
 
 def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
-    from pipelines import registry
-    from pipelines.finetune import finetune_encoder
+    from pipelines.registry import mlflow_client as registry
+    from pipelines.training.finetune import finetune_encoder
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
@@ -83,8 +83,8 @@ def _flat(prefix_rows: dict[str, dict[str, Any]]) -> dict[str, float]:
 
 def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 1: students initialised from the teacher's layers, trained to reproduce its embeddings."""
-    from pipelines import registry
-    from pipelines.compress import distill_students
+    from pipelines.compression.variants import distill_students
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg)
@@ -95,8 +95,8 @@ def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any
 
 def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 2: vocabulary pruning to the domain's tokens for every "-vocab" variant."""
-    from pipelines import registry
-    from pipelines.compress import prune_vocabulary
+    from pipelines.compression.variants import prune_vocabulary
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     result = prune_vocabulary(distilled["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "pruned", cfg)
@@ -107,8 +107,8 @@ def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any
 
 def export(params: dict[str, Any], snap: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 3: an ONNX bundle per variant (optimizer fusions, INT8 per-channel) with its parity."""
-    from pipelines import registry
-    from pipelines.compress import export_variants
+    from pipelines.compression.variants import export_variants
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     result = export_variants(pruned["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "bundles", cfg)
@@ -124,8 +124,8 @@ def export(params: dict[str, Any], snap: dict[str, Any], pruned: dict[str, Any])
 def evaluate_variants(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 4: every variant and the PyTorch fp32 teacher measured in one run (each ONNX bundle gets
     the product index built with its own graph)."""
-    from pipelines import registry
-    from pipelines.compress import evaluate_variants as evaluate_all
+    from pipelines.compression.variants import evaluate_variants as evaluate_all
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     result = evaluate_all(exported, snap["snapshot_dir"], Path(snap["run_dir"]) / "evaluation", cfg)
@@ -138,9 +138,9 @@ def evaluate_variants(params: dict[str, Any], snap: dict[str, Any], exported: di
 def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 5: the configured rule picks the served variant; the report (table, Pareto plot, JSON) goes
     to the MLflow run and the task log. No qualifying variant and fallback 'fail' ends the run here."""
-    from pipelines import registry
-    from pipelines.compress import CompressionFailed
-    from pipelines.compress import select_variant as choose
+    from pipelines.compression.variants import CompressionFailed
+    from pipelines.compression.variants import select_variant as choose
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
@@ -162,9 +162,10 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
 
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
-    from pipelines import registry
-    from pipelines.evaluate import ERRORS_FILE, evaluate_bundle
-    from pipelines.lexical import build_lexical_index
+    from pipelines.evaluation.evaluate import evaluate_bundle
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.registry import mlflow_client as registry
+    from pipelines.runtime.bundle import ERRORS_FILE
 
     cfg = config_from_params(params)
     lexical = build_lexical_index(exported["bundle_dir"], snap["snapshot_dir"], cfg.search, cfg.evaluate)
@@ -181,8 +182,8 @@ def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
 
 def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """Compare with the current champion's stored report; the decision and every reason go to MLflow."""
-    from pipelines import registry
-    from pipelines.gate import decide
+    from pipelines.evaluation.gate import decide
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
@@ -199,7 +200,7 @@ def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -
 def register(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any], report: dict[str, Any],
              decision: dict[str, Any], lineage: dict[str, str], run_key: str) -> dict[str, Any]:
     """Register the candidate (model card included) and point @challenger at it; never touches @champion."""
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
@@ -224,7 +225,7 @@ def promote(params: dict[str, Any], snap: dict[str, Any], registered: dict[str, 
             lineage: dict[str, str], run_key: str) -> dict[str, Any]:
     """Move @champion to the candidate when the gate passed and auto-promotion is on, through registry.promote
     (artifact re-check + history); idempotent per run: a re-run never moves the alias a second time."""
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()

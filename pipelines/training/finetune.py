@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -12,14 +11,14 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
-from pipelines.data import Snapshot, normalize_term
+from pipelines.data.dataset import Snapshot, is_validation_term, normalize_term
+from pipelines.runtime.bundle import LABELS_FILE
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
 ENCODER_DIR = "encoder"
 HEAD_FILE = "category_head.safetensors"
-LABELS_FILE = "labels.json"
 SETS_DIR = "training_sets"  # the sets the teacher was trained on, for the students' task loss
 
 
@@ -44,11 +43,6 @@ def load_encoder(name_or_path: str, max_seq_length: int) -> SentenceTransformer:
     model = SentenceTransformer(resolve_base_model(name_or_path), device="cpu")
     model.max_seq_length = max_seq_length
     return model
-
-
-def is_validation_term(term: str) -> bool:
-    """1/16 of the training terms (md5 digit 2; held-out terms are 0 and 1) score the model during training."""
-    return hashlib.md5(normalize_term(term).encode()).hexdigest()[-1] == "2"
 
 
 def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> pd.DataFrame:
@@ -103,7 +97,7 @@ def mined_negatives(
     evaluation counts unjudged products as misses, so the unjudged products a retriever ranks high are the negatives
     the in-batch ones never show: lexically close ones from BM25, the model's own mistakes from the encoder.
     """
-    from pipelines.evaluate import bm25_run, embedding_run
+    from pipelines.evaluation.evaluate import bm25_run, embedding_run
 
     terms = judgments.assign(term=judgments["search_term"].map(normalize_term))
     judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))

@@ -9,16 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import REPO_ROOT, Paths
-from pipelines.encoder import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
-from pipelines.evaluate import REPORT_FILE
-from pipelines.index import EMBEDDINGS_FILE, INDEX_DIR, PRODUCTS_FILE
+from pipelines.runtime.bundle import ENCODER_FILE, MODEL_CARD_FILE, REPORT_FILE, REQUIRED_FILES
 
 EXPERIMENT = "shopguide"
-PYFUNC_FILE = REPO_ROOT / "pipelines" / "pyfunc_model.py"
-MODEL_CARD_FILE = "model_card.md"
-# A version is servable only if its bundle holds all of these.
-REQUIRED_FILES = (ONNX_FILE, TOKENIZER_FILE, LABELS_FILE, ENCODER_FILE, REPORT_FILE, MODEL_CARD_FILE,
-                  f"{INDEX_DIR}/{EMBEDDINGS_FILE}", f"{INDEX_DIR}/{PRODUCTS_FILE}")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 BUNDLE_ARTIFACT = "bundle"
 CHAMPION, CHALLENGER = "champion", "challenger"
 

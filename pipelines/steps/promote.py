@@ -12,7 +12,7 @@ def move_champion(params: dict[str, Any], actor: str, paths: Paths | None = None
 
     Raises registry.PromotionError (nothing moved) for a refused move or an inconsistent request.
     """
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     paths = paths or Paths.from_env()
     model = load_config(params.get("profile") or "default").registry.model_name

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipelines.finetune import ENCODER_DIR, HEAD_FILE, LABELS_FILE, load_finetuned
+from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer

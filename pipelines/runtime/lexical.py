@@ -14,15 +14,12 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from pipelines.config import EvaluateConfig, SearchConfig
+from pipelines.runtime.bundle import FUSION_FILE, LEXICAL_DIR
 
-LEXICAL_DIR = "index/bm25"
-FUSION_FILE = "fusion.json"
 STEMMER_LANGUAGE = "english"
 
 
@@ -110,7 +107,7 @@ class LexicalIndex:
 
     def latency_ms(self, queries: list[str]) -> dict[str, float]:
         """p50/p99 of one query's BM25 candidates (tokenise, stem, score, top k): what hybrid search adds."""
-        from pipelines.encoder import per_query_latency_ms
+        from pipelines.runtime.encoder import per_query_latency_ms
 
         return per_query_latency_ms(lambda q: self.top_k([q]), queries, "lexical_latency")
 
@@ -159,40 +156,3 @@ def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.nda
     np.minimum.at(first_seen, inverse, np.arange(len(rows)))
     order = np.lexsort((first_seen, -fused))[:k]
     return unique[order], fused[order]
-
-
-def build_lexical_index(bundle_dir: str | Path, snapshot_dir: str | Path, cfg: SearchConfig,
-                        eval_cfg: EvaluateConfig) -> dict[str, Any]:
-    """BM25 over the bundle's catalog (the product index's rows) with the fusion weight for this model version:
-    cfg.lexical_weight, or the grid weight with the best nDCG@10 on the validation terms (training terms the
-    encoder was scored on, never the held-out ones; ties go to the smaller weight). Saved into the bundle."""
-    import time
-
-    from pipelines.data import Snapshot
-    from pipelines.encoder import OnnxEncoder
-    from pipelines.evaluate import candidate_lists, heldout_qrels, ir_metrics, run_from_lists
-    from pipelines.finetune import is_validation_term
-    from pipelines.index import ProductIndex
-
-    if not cfg.lexical:
-        return {"lexical": False}
-    started = time.perf_counter()
-    index = ProductIndex.load(bundle_dir)
-    lexical = LexicalIndex.build([str(t) for t in index.titles], cfg.lexical_weight or 0.0, cfg.candidates,
-                                 cfg.bm25_method, cfg.bm25_k1, cfg.bm25_b)
-    sweep: dict[float, float] = {}
-    terms: list[str] = []
-    if cfg.lexical_weight is None:
-        judgments = Snapshot.open(snapshot_dir).table("judgments_train")
-        qrels = heldout_qrels(judgments[judgments["search_term"].map(is_validation_term).astype(bool)])
-        terms = sorted(qrels)
-        if terms:
-            k = eval_cfg.retrieve_k
-            dense, lex = candidate_lists(OnnxEncoder.load(bundle_dir), index, terms, k, eval_cfg.batch_size, lexical)
-            sweep = {w: ir_metrics(qrels, run_from_lists(index, terms, dense, lex, w, k))["ndcg_at_10"]
-                     for w in cfg.weight_grid}
-            lexical.weight = max(sweep, key=lambda w: (round(sweep[w], 4), -w))
-    lexical.save(bundle_dir)
-    return {"lexical": True, "lexical_weight": lexical.weight, "validation_terms": len(terms),
-            "validation_ndcg_by_weight": {str(w): v for w, v in sweep.items()},
-            "lexical_seconds": round(time.perf_counter() - started, 1)}

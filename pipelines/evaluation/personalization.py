@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
-from pipelines.features import (
+from pipelines.features.store import (
     PRODUCT_SERVICE,
     PRODUCT_VIEW,
     USER_SERVICE,
@@ -23,7 +23,7 @@ from pipelines.features import (
     load_events,
     write_feature_tables,
 )
-from serving import personalize
+from pipelines.runtime import personalize
 
 STEP = "personalization"
 HELDOUT_EVENT_TYPES = ("click",)
@@ -128,13 +128,13 @@ def evaluate_personalization(
     product) after it is one evaluation query. Its features come from Feast's point-in-time join on the served
     FeatureService (search_v2) as of just before the event, built from the whole log up to `as_of` in a private
     Feast home (`feast_home`, default a temporary folder): never from the event's own future. The catalog is ranked
-    for the query by cos(q, p) (plain) and by cos(q, p) + weight * cos(u, p) with u = serving.personalize.user_vector
+    for the query by cos(q, p) (plain) and by cos(q, p) + weight * cos(u, p) with u = runtime.personalize.user_vector
     (attention over the history, `temperature`): HitRate@k and nDCG@k of the clicked product. Also scored:
     `recommend` (history only, history excluded) against the product_v1 popularity fallback as of the cutoff.
     Returns a flat dict of numbers (what log_personalization logs) and `sweep` weights' HitRate/nDCG.
     """
-    from pipelines.encoder import OnnxEncoder
-    from pipelines.index import ProductIndex
+    from pipelines.runtime.encoder import OnnxEncoder
+    from pipelines.runtime.index import ProductIndex
 
     as_of_utc = _as_utc(as_of)
     cutoff = as_of_utc - pd.Timedelta(days=heldout_days)
@@ -212,8 +212,8 @@ def evaluate_personalization(
 
 def log_personalization(paths: Paths, run_id: str, metrics: dict[str, Any],
                         params: dict[str, Any] | None = None) -> None:
-    """Log the metrics (as `personalization.<name>`) and params on an MLflow run through pipelines.registry."""
-    from pipelines.registry import log_step
+    """Log the metrics (as `personalization.<name>`) and params on an MLflow run (registry.mlflow_client)."""
+    from pipelines.registry.mlflow_client import log_step
 
     log_step(paths, run_id, STEP, metrics, params)
 
@@ -227,7 +227,7 @@ def evaluate_registered(
     The run is keyed by (model, version, as_of) unless `run_key` is given, so re-running the same evaluation reuses
     its run. Raises LookupError when the alias does not resolve.
     """
-    from pipelines import registry
+    from pipelines.registry import mlflow_client as registry
 
     paths = paths or Paths.from_env()
     version = registry.alias_version(paths, model_name, alias)

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from pipelines.config import BASELINE_VARIANT, VARIANT_PATTERN, CompressConfig, ShopguideConfig
-from pipelines.data import Snapshot
-from pipelines.encoder import ONNX_FILE, TOKENIZER_FILE, OnnxEncoder, load_tokenizer
+from pipelines.data.dataset import Snapshot
+from pipelines.runtime.bundle import ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.encoder import OnnxEncoder, load_tokenizer
 
 TEACHER = "teacher"
 FALLBACK_VARIANT = "teacher-int8"
@@ -67,7 +68,7 @@ def student_plan(cfg: CompressConfig, teacher_layers: int, teacher_ffn: int) -> 
     With `ffn_after_distill`, an FFN-pruned student is pruned from the distilled full-width student of its depth,
     which is then planned (and trained) before it even when no variant serves it.
     """
-    from pipelines.distill import spread_layers
+    from pipelines.compression.distill import spread_layers
 
     out: dict[str, dict[str, Any]] = {}
     for spec in planned_variants(cfg):
@@ -101,8 +102,8 @@ def distill_students(
     """
     import torch
 
-    from pipelines.distill import contrastive_sets, distill_student, distillation_texts
-    from pipelines.finetune import load_finetuned, unit_vectors
+    from pipelines.compression.distill import contrastive_sets, distill_student, distillation_texts
+    from pipelines.training.finetune import load_finetuned, unit_vectors
 
     started = time.perf_counter()
     out, ccfg = Path(out_dir), cfg.compress
@@ -151,7 +152,7 @@ def prune_vocabulary(
     models: dict[str, str], snapshot_dir: str | Path, out_dir: str | Path, cfg: ShopguideConfig
 ) -> dict[str, Any]:
     """Prune the vocabulary of every weight set a "-vocab" variant needs; returns all models plus the pruned ones."""
-    from pipelines.prune import prune_vocabulary_dir
+    from pipelines.compression.prune import prune_vocabulary_dir
 
     started = time.perf_counter()
     needed = list(dict.fromkeys(s.weights for s in planned_variants(cfg.compress) if s.vocab))
@@ -188,7 +189,7 @@ def export_weights(
 
     import torch
 
-    from pipelines.export import (
+    from pipelines.compression.export import (
         _pooled_encoder,
         export_to_onnx,
         optimize_onnx,
@@ -196,7 +197,7 @@ def export_weights(
         quantize_int8,
         write_bundle_files,
     )
-    from pipelines.finetune import load_finetuned
+    from pipelines.training.finetune import load_finetuned
 
     model, head, labels = load_finetuned(model_dir, cfg.train.max_seq_length)
     config = model[0].auto_model.config
@@ -241,7 +242,7 @@ def export_variants(
 ) -> dict[str, Any]:
     """A servable bundle per planned ONNX variant (same files as export_model's bundle; the index comes with the
     evaluation). Returns {"variants": name -> {bundle_dir, parity, size_mb, ...}, "models": ...}."""
-    from pipelines.export import parity_texts
+    from pipelines.compression.export import parity_texts
 
     started = time.perf_counter()
     texts = parity_texts(Snapshot.open(snapshot_dir), cfg.export.parity_texts)
@@ -270,8 +271,8 @@ class TorchEncoder(OnnxEncoder):
     def load_torch(cls, model_dir: str | Path, work_dir: str | Path, max_seq_length: int, threads: int) -> TorchEncoder:
         import torch
 
-        from pipelines.export import _pooled_encoder
-        from pipelines.finetune import load_finetuned
+        from pipelines.compression.export import _pooled_encoder
+        from pipelines.training.finetune import load_finetuned
 
         torch.set_num_threads(threads)
         model, head, labels = load_finetuned(model_dir, max_seq_length)
@@ -344,7 +345,7 @@ def measure_peak_memory(kind: str, path: str, work_dir: str, max_seq_length: int
     """Peak memory of one variant in a fresh subprocess, so that variants measured earlier cannot hide it."""
     args = json.dumps({"kind": kind, "path": path, "work_dir": work_dir, "max_seq_length": max_seq_length,
                        "threads": threads, "texts": texts})
-    code = "import sys; from pipelines.compress import _peak_memory_child; _peak_memory_child(sys.argv[1])"
+    code = "import sys; from pipelines.compression.variants import _peak_memory_child; _peak_memory_child(sys.argv[1])"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
                                                                      os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, timeout=900,
@@ -379,8 +380,8 @@ def evaluate_variants(
     size, p50/p99 query latency at batch 1, products/s at batch 32, peak memory, parity, and ratios to the PyTorch
     fp32 teacher. Each ONNX bundle gets the product index it was evaluated with (its own graph), so the selected
     bundle is complete; rows are also written to out_dir/variants.json."""
-    from pipelines.evaluate import category_accuracy, heldout_qrels, ir_metrics, retrieval_run
-    from pipelines.index import ProductIndex
+    from pipelines.evaluation.evaluate import category_accuracy, heldout_qrels, ir_metrics, retrieval_run
+    from pipelines.runtime.index import ProductIndex
 
     started = time.perf_counter()
     ccfg, ecfg, out = cfg.compress, cfg.evaluate, Path(out_dir)

@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import CompressConfig, TrainConfig
-from pipelines.data import Snapshot
-from pipelines.finetune import (
+from pipelines.data.dataset import Snapshot, is_validation_term
+from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.training.finetune import (
     CATEGORY_SET,
     ENCODER_DIR,
     HEAD_FILE,
-    LABELS_FILE,
-    is_validation_term,
     load_finetuned,
     load_training_sets,
     training_sets,

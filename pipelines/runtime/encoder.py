@@ -9,11 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-# The files of a self-contained model bundle (one registered version).
-ONNX_FILE = "model.onnx"
-TOKENIZER_FILE = "tokenizer.json"
-LABELS_FILE = "labels.json"
-ENCODER_FILE = "encoder.json"
+from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
 
 
 def per_query_latency_ms(run_one, queries: list[str], prefix: str) -> dict[str, float]:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
-INDEX_DIR = "index"
-EMBEDDINGS_FILE = "embeddings.npy"
-PRODUCTS_FILE = "products.parquet"
+from pipelines.runtime.bundle import EMBEDDINGS_FILE, INDEX_DIR, PRODUCTS_FILE
 
 
 @dataclass
@@ -57,21 +54,3 @@ class ProductIndex:
         products = pd.read_parquet(path / PRODUCTS_FILE)
         emb = np.load(path / EMBEDDINGS_FILE, allow_pickle=False).astype(np.float32)
         return cls(products["product_id"].to_numpy(np.int64), products["title"].to_numpy(object), emb)
-
-
-def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_size: int = 64) -> dict[str, Any]:
-    """Embed the snapshot's whole catalog with the bundle's served graph and store the index in the bundle."""
-    import time
-
-    from pipelines.data import Snapshot
-    from pipelines.encoder import OnnxEncoder
-
-    catalog = Snapshot.open(snapshot_dir).table("catalog")
-    encoder = OnnxEncoder.load(bundle_dir)
-    t0 = time.perf_counter()
-    emb, _ = encoder.encode(catalog["product_title"].astype(str).tolist(), batch_size=batch_size)
-    seconds = time.perf_counter() - t0
-    index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object), emb)
-    index.save(bundle_dir)
-    return {"products": len(index), "index_seconds": round(seconds, 2),
-            "products_per_s": round(len(index) / max(seconds, 1e-9), 1)}

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
-from pipelines.data import EVENT_TYPES, SNAPSHOT_TABLES, Snapshot, normalize_term
+from pipelines.data.dataset import EVENT_TYPES, SNAPSHOT_TABLES, Snapshot, normalize_term
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite

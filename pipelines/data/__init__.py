@@ -1,0 +1,1 @@
+"""Data: load the shipped real sets, split them, simulate the event log, snapshot, validate (GX)."""

@@ -1,0 +1,1 @@
+"""Evaluation: a bundle's retrieval and category metrics, the fusion-weight sweep, personalisation, the gate."""

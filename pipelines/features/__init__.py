@@ -1,0 +1,1 @@
+"""Features: point-in-time feature tables and the Feast steps (apply, materialize, freshness)."""

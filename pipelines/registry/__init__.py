@@ -1,0 +1,1 @@
+"""Registry: the MLflow client (runs, versions, aliases, promotion) and the pyfunc wrapper."""

@@ -1,0 +1,1 @@
+"""Training: domain fine-tuning of the sentence encoder and its category head."""
