@@ -42,8 +42,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--quick", action="store_true", help="a small data slice and short training")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set compress.distill_steps=500 (YAML value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set compress.distill_steps=500 (YAML value)",
+    )
     parser.add_argument("--model-dir", default=None, help="a fine-tuned teacher folder (skips fine-tuning)")
     parser.add_argument("--snapshot-dir", default=None, help="an existing data snapshot (skips snapshotting)")
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
@@ -57,8 +62,10 @@ def main() -> None:
     from pipelines.data.dataset import Snapshot, snapshot_data
     from pipelines.training.finetune import finetune_encoder
 
-    overrides = {**(QUICK if args.quick else {}),
-                 **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    overrides = {
+        **(QUICK if args.quick else {}),
+        **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)},
+    }
     cfg = load_config(args.profile, overrides)
     work = Path(args.out or tempfile.mkdtemp(prefix="shopguide-compression-"))
     seconds: dict[str, float] = {}
@@ -72,23 +79,39 @@ def main() -> None:
         model_dir = finetune_encoder(snap.path, work / "finetune", cfg.train)["model_dir"]
         seconds["finetune"] = round(time.perf_counter() - t0, 1)
     result = compress_model(model_dir, snap.path, work / "compress", cfg)
-    result = {"profile": cfg.profile, "quick": args.quick, "overrides": overrides, "work_dir": str(work),
-              "teacher_dir": str(model_dir), "cpu_count": os.cpu_count(), "load_average": os.getloadavg(),
-              "compress_config": cfg.compress.model_dump(), **result,
-              "stage_seconds": {**seconds, **result["stage_seconds"]}}
+    result = {
+        "profile": cfg.profile,
+        "quick": args.quick,
+        "overrides": overrides,
+        "work_dir": str(work),
+        "teacher_dir": str(model_dir),
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "compress_config": cfg.compress.model_dump(),
+        **result,
+        "stage_seconds": {**seconds, **result["stage_seconds"]},
+    }
 
-    print(f"\nprofile {cfg.profile}{' (quick)' if args.quick else ''}: {result['heldout_terms']} held-out terms x "
-          f"{result['catalog_products']} products, {cfg.compress.threads} threads, load average "
-          f"{result['load_average'][0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"{'variant':<22} {'nDCG@10':>8} {'%teach':>7} {'cat acc':>8} {'MB':>6} {'p50 ms':>7} {'p99 ms':>7} "
-          f"{'x fast':>6} {'prod/s':>7} {'x thru':>6} {'peak MB':>7} {'parity':>7}")
+    print(
+        f"\nprofile {cfg.profile}{' (quick)' if args.quick else ''}: {result['heldout_terms']} held-out terms x "
+        f"{result['catalog_products']} products, {cfg.compress.threads} threads, load average "
+        f"{result['load_average'][0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    print(
+        f"{'variant':<22} {'nDCG@10':>8} {'%teach':>7} {'cat acc':>8} {'MB':>6} {'p50 ms':>7} {'p99 ms':>7} "
+        f"{'x fast':>6} {'prod/s':>7} {'x thru':>6} {'peak MB':>7} {'parity':>7}"
+    )
     for r in result["rows"]:
+
         def f(key, fmt, r=r):
             return "-" if r.get(key) is None else format(r[key], fmt)
-        print(f"{r['variant']:<22} {f('ndcg_at_10', '.4f'):>8} {f('ndcg_retained', '.1%'):>7} "
-              f"{f('category_accuracy', '.4f'):>8} {f('size_mb', '.1f'):>6} {f('latency_p50_ms', '.2f'):>7} "
-              f"{f('latency_p99_ms', '.2f'):>7} {f('latency_speedup', '.1f'):>6} {f('products_per_s', '.0f'):>7} "
-              f"{f('throughput_gain', '.1f'):>6} {f('model_peak_mb', '.0f'):>7} {f('parity_cosine_min', '.4f'):>7}")
+
+        print(
+            f"{r['variant']:<22} {f('ndcg_at_10', '.4f'):>8} {f('ndcg_retained', '.1%'):>7} "
+            f"{f('category_accuracy', '.4f'):>8} {f('size_mb', '.1f'):>6} {f('latency_p50_ms', '.2f'):>7} "
+            f"{f('latency_p99_ms', '.2f'):>7} {f('latency_speedup', '.1f'):>6} {f('products_per_s', '.0f'):>7} "
+            f"{f('throughput_gain', '.1f'):>6} {f('model_peak_mb', '.0f'):>7} {f('parity_cosine_min', '.4f'):>7}"
+        )
     print(f"selected: {result['selected']['variant']} -- {result['selected']['reason']}")
     print(f"stage seconds: {result['stage_seconds']}")
     print(f"report: {result['selected'].get('report_dir')}")

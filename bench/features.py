@@ -62,21 +62,33 @@ def feature_tables(users: int, products: int, recent_n: int = 10, seed: int = 0)
     rng = np.random.default_rng(seed)
     first_product = 100_001
     ts = pd.Timestamp(AS_OF)
-    user_rows = pd.DataFrame({
-        "user_id": np.arange(1, users + 1, dtype=np.int64), "event_timestamp": ts,
-        "events_1d": rng.integers(0, 20, users), "events_7d": rng.integers(0, 80, users),
-        "clicks_7d": rng.integers(0, 30, users), "purchases_30d": rng.integers(0, 5, users),
-        "events_30d": rng.integers(0, 300, users),
-        "last_event_ts": int(AS_OF.timestamp()) - rng.integers(0, 86400, users),
-        "recent_products": [[int(p) for p in row] for row in
-                            rng.integers(first_product, first_product + products, (users, recent_n))],
-    })
+    user_rows = pd.DataFrame(
+        {
+            "user_id": np.arange(1, users + 1, dtype=np.int64),
+            "event_timestamp": ts,
+            "events_1d": rng.integers(0, 20, users),
+            "events_7d": rng.integers(0, 80, users),
+            "clicks_7d": rng.integers(0, 30, users),
+            "purchases_30d": rng.integers(0, 5, users),
+            "events_30d": rng.integers(0, 300, users),
+            "last_event_ts": int(AS_OF.timestamp()) - rng.integers(0, 86400, users),
+            "recent_products": [
+                [int(p) for p in row]
+                for row in rng.integers(first_product, first_product + products, (users, recent_n))
+            ],
+        }
+    )
     views = rng.integers(0, 500, products)
     clicks = (views * rng.uniform(0, 0.4, products)).astype(np.int64)
-    product_rows = pd.DataFrame({
-        "product_id": np.arange(first_product, first_product + products, dtype=np.int64), "event_timestamp": ts,
-        "views_30d": views, "clicks_30d": clicks, "ctr": np.where(views > 0, clicks / np.maximum(views, 1), 0.0),
-    })
+    product_rows = pd.DataFrame(
+        {
+            "product_id": np.arange(first_product, first_product + products, dtype=np.int64),
+            "event_timestamp": ts,
+            "views_30d": views,
+            "clicks_30d": clicks,
+            "ctr": np.where(views > 0, clicks / np.maximum(views, 1), 0.0),
+        }
+    )
     return {F.USER_VIEW: user_rows, F.PRODUCT_VIEW: product_rows}
 
 
@@ -89,9 +101,23 @@ def _free_port() -> int:
 @contextmanager
 def private_redis(workdir: Path) -> Iterator[int]:
     port = _free_port()
-    proc = subprocess.Popen([REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(workdir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -162,9 +188,13 @@ def time_calls(call: Callable[[Any], Any], args: list[Any]) -> dict[str, float]:
     ms = np.asarray(wall) * 1000
     hit = np.asarray(preempted)
     clean = ms[~hit] if (~hit).any() else ms
-    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "cpu_p99_ms": float(np.percentile(np.asarray(cpu) * 1000, 99)),
-            "preempted_share": float(hit.mean()), "p99_not_preempted_ms": float(np.percentile(clean, 99))}
+    return {
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "cpu_p99_ms": float(np.percentile(np.asarray(cpu) * 1000, 99)),
+        "preempted_share": float(hit.mean()),
+        "p99_not_preempted_ms": float(np.percentile(clean, 99)),
+    }
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -174,6 +204,7 @@ def _median(runs: list[dict[str, float]]) -> dict[str, float]:
 def _null_work(n: int) -> Callable[[Any], Any]:
     def work(_: Any) -> int:
         return sum(range(n))
+
     return work
 
 
@@ -186,11 +217,11 @@ def bench_store(paths: Paths, users: int, reads: int, batch_reads: int, repeats:
     batches = [[int(u) for u in row] for row in rng.integers(1, users + 1, (batch_reads, 32))]
     assert online.user_features(singles[0]) is not None, "no online row: materialization did not reach the store"
     calls = {
-        ("feast_sdk", 1): lambda u: store.get_online_features(
-            features=service, entity_rows=[{"user_id": u}]).to_dict(),
+        ("feast_sdk", 1): lambda u: store.get_online_features(features=service, entity_rows=[{"user_id": u}]).to_dict(),
         ("serving", 1): online.user_features,
         ("feast_sdk", 32): lambda b: store.get_online_features(
-            features=service, entity_rows=[{"user_id": u} for u in b]).to_dict(),
+            features=service, entity_rows=[{"user_id": u} for u in b]
+        ).to_dict(),
         ("serving", 32): online.users_features,
     }
     results: dict[str, Any] = {}
@@ -232,10 +263,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
 
     report: dict[str, Any] = {
-        "bench": "features", "at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg(), "python": platform.python_version(),
-                    "feast": F.import_feast().__version__},
-        "feature_service": F.USER_SERVICE, "users": args.users, "products": args.products, "stores": {},
+        "bench": "features",
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "python": platform.python_version(),
+            "feast": F.import_feast().__version__,
+        },
+        "feature_service": F.USER_SERVICE,
+        "users": args.users,
+        "products": args.products,
+        "stores": {},
     }
     with tempfile.TemporaryDirectory(prefix="shopguide-bench-features-") as tmp:
         for kind in [s.strip() for s in args.stores.split(",") if s.strip()]:
@@ -245,9 +284,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             with store_home(kind, args.users, args.products, Path(tmp)) as paths:
                 setup_s = time.perf_counter() - t0
-                report["stores"][kind] = {"setup_s": round(setup_s, 1),
-                                          **bench_store(paths, args.users, args.reads, args.batch_reads,
-                                                        args.repeats, args.seed)}
+                report["stores"][kind] = {
+                    "setup_s": round(setup_s, 1),
+                    **bench_store(paths, args.users, args.reads, args.batch_reads, args.repeats, args.seed),
+                }
     report["machine"]["loadavg_end"] = os.getloadavg()
     text = json.dumps(report, indent=2)
     if args.out:

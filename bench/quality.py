@@ -32,8 +32,13 @@ def _retrieval(qrels, run) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, e.g. --set train.max_steps=50 (YAML value)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set train.max_steps=50 (YAML value)",
+    )
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the JSON here")
     args = parser.parse_args()
@@ -57,8 +62,15 @@ def main() -> None:
     qrels = heldout_qrels(heldout)
     terms = sorted(qrels)
     k = cfg.evaluate.retrieve_k
-    result: dict = {"profile": cfg.profile, "overrides": overrides, "heldout_terms": len(terms),
-                    "catalog": len(catalog), "retrieval": {}, "category": {}, "seconds": {}}
+    result: dict = {
+        "profile": cfg.profile,
+        "overrides": overrides,
+        "heldout_terms": len(terms),
+        "catalog": len(catalog),
+        "retrieval": {},
+        "category": {},
+        "seconds": {},
+    }
 
     t0 = time.perf_counter()
     result["retrieval"]["bm25"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=False))
@@ -90,9 +102,10 @@ def main() -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
     truth = offers_test["category_label"].astype(str).to_numpy()
-    result["category"]["finetuned_head_fp32"] = {"category_accuracy": float(accuracy_score(truth, predicted)),
-                                                 "category_macro_f1": float(f1_score(truth, predicted,
-                                                                                     average="macro"))}
+    result["category"]["finetuned_head_fp32"] = {
+        "category_accuracy": float(accuracy_score(truth, predicted)),
+        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
+    }
     result["seconds"]["finetuned_eval"] = round(time.perf_counter() - t0, 1)
     result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
 
@@ -100,8 +113,12 @@ def main() -> None:
     exported = export_model(trained["model_dir"], snap.path, work / "bundle", cfg.export, cfg.train.max_seq_length)
     build_product_index(work / "bundle", snap.path)
     result["hybrid"] = build_lexical_index(work / "bundle", snap.path, cfg.search, cfg.evaluate)
-    served = evaluate_bundle(work / "bundle", snap.path, cfg.evaluate.model_copy(update={"max_category_offers": None}),
-                             exported["parity_served"]["cosine_min"])
+    served = evaluate_bundle(
+        work / "bundle",
+        snap.path,
+        cfg.evaluate.model_copy(update={"max_category_offers": None}),
+        exported["parity_served"]["cosine_min"],
+    )
     served_name = "served_int8_hybrid" if result["hybrid"]["lexical"] else "served_int8"
     if "dense_ndcg_at_10" in served:
         result["retrieval"]["served_int8_dense"] = {"ndcg_at_10": served["dense_ndcg_at_10"]}
@@ -110,12 +127,16 @@ def main() -> None:
     result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
 
     print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
-    print(f"{'model':<18} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15} {'Judged@10':>9} "
-          f"{'cond. nDCG@10':>13}")
+    print(
+        f"{'model':<18} {'nDCG@10':>8} {'MRR@10':>8} {'R@100':>8} {'rerank nDCG@10':>15} {'Judged@10':>9} "
+        f"{'cond. nDCG@10':>13}"
+    )
     for name, m in result["retrieval"].items():
-        print(f"{name:<18} {m['ndcg_at_10']:>8.4f} {m.get('mrr_at_10', float('nan')):>8.4f} "
-              f"{m.get('recall_at_100', float('nan')):>8.4f} {m.get('rerank_ndcg_at_10', float('nan')):>15.4f} "
-              f"{m.get('judged_at_10', float('nan')):>9.4f} {m.get('condensed_ndcg_at_10', float('nan')):>13.4f}")
+        print(
+            f"{name:<18} {m['ndcg_at_10']:>8.4f} {m.get('mrr_at_10', float('nan')):>8.4f} "
+            f"{m.get('recall_at_100', float('nan')):>8.4f} {m.get('rerank_ndcg_at_10', float('nan')):>15.4f} "
+            f"{m.get('judged_at_10', float('nan')):>9.4f} {m.get('condensed_ndcg_at_10', float('nan')):>13.4f}"
+        )
     print(f"{'category':<22} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in result["category"].items():
         print(f"{name:<22} {m['category_accuracy']:>8.4f} {m.get('category_macro_f1', float('nan')):>8.4f}")

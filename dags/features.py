@@ -19,17 +19,29 @@ from dags.assets import PROFILES, USER_EVENTS
     catchup=False,
     max_active_runs=1,
     params={
-        "profile": Param("default", type="string", enum=PROFILES,
-                         description="Config profile (configs/<profile>.yaml)."),
-        "max_feature_age_hours": Param(2.0, type="number", exclusiveMinimum=0, maximum=24 * 30,
-                                       description="Freshness bound: the newest online row of each feature view may "
-                                                   "be at most this old at the run's time."),
-        "on_stale": Param("fail", type="string", enum=["fail", "warn"],
-                          description="When the online store is older than the bound: fail the run, or log a "
-                                      "warning and continue."),
-        "evaluate_personalization": Param(False, type="boolean",
-                                          description="Also score personalised vs plain ranking of the held-out "
-                                                      "events with the @champion model (minutes) and log to MLflow."),
+        "profile": Param(
+            "default", type="string", enum=PROFILES, description="Config profile (configs/<profile>.yaml)."
+        ),
+        "max_feature_age_hours": Param(
+            2.0,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=24 * 30,
+            description="Freshness bound: the newest online row of each feature view may "
+            "be at most this old at the run's time.",
+        ),
+        "on_stale": Param(
+            "fail",
+            type="string",
+            enum=["fail", "warn"],
+            description="When the online store is older than the bound: fail the run, or log a warning and continue.",
+        ),
+        "evaluate_personalization": Param(
+            False,
+            type="boolean",
+            description="Also score personalised vs plain ranking of the held-out "
+            "events with the @champion model (minutes) and log to MLflow.",
+        ),
     },
     tags=["shopguide", "features"],
     doc_md=__doc__,

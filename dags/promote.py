@@ -6,14 +6,26 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 PARAMS = {
-    "action": Param("promote", type="string", enum=["promote", "rollback"],
-                    description="promote: move @champion to `version`; rollback: back to the previous champion."),
-    "version": Param(None, type=["null", "integer"], minimum=1,
-                     description="Registered version of shopguide-encoder to promote; empty for a rollback."),
-    "reason": Param(type="string", minLength=1, maxLength=1000,
-                    description="Why (recorded in the registry with who triggered it)."),
-    "force": Param(False, type="boolean",
-                   description="Promote even though the version failed its evaluation gate (the reason is recorded)."),
+    "action": Param(
+        "promote",
+        type="string",
+        enum=["promote", "rollback"],
+        description="promote: move @champion to `version`; rollback: back to the previous champion.",
+    ),
+    "version": Param(
+        None,
+        type=["null", "integer"],
+        minimum=1,
+        description="Registered version of shopguide-encoder to promote; empty for a rollback.",
+    ),
+    "reason": Param(
+        type="string", minLength=1, maxLength=1000, description="Why (recorded in the registry with who triggered it)."
+    ),
+    "force": Param(
+        False,
+        type="boolean",
+        description="Promote even though the version failed its evaluation gate (the reason is recorded).",
+    ),
 }
 
 

@@ -16,23 +16,52 @@ from airflow.sdk import (
 from dags.assets import PROFILES, USER_EVENTS
 
 PARAMS = {
-    "profile": Param("default", type="string", enum=PROFILES,
-                     description="Config profile (configs/<profile>.yaml) every other value starts from."),
-    "judgments_path": Param(None, type=["null", "string"],
-                            description="A Home Depot-format judgments CSV that landed; empty = the shipped data."),
-    "max_steps": Param(None, type=["null", "integer"], minimum=0, maximum=100_000,
-                       description="Contrastive training steps; empty = the profile's value; 0 = base model."),
-    "auto_promote": Param(None, type=["null", "boolean"],
-                          description="Move @champion when the gate passes; empty = the profile's value."),
-    "min_ndcg_at_10": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                            description="Gate floor on held-out nDCG@10; empty = the profile's value."),
-    "min_category_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                                   description="Gate floor on held-out category accuracy."),
-    "max_regression": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                            description="Allowed drop vs the champion on each quality metric."),
-    "lexical_weight": Param(None, type=["null", "number"], minimum=0, maximum=1,
-                            description="Hybrid search: BM25's share of the fused score; empty = chosen on "
-                                        "validation terms; 0 = the encoder's ranking alone."),
+    "profile": Param(
+        "default",
+        type="string",
+        enum=PROFILES,
+        description="Config profile (configs/<profile>.yaml) every other value starts from.",
+    ),
+    "judgments_path": Param(
+        None,
+        type=["null", "string"],
+        description="A Home Depot-format judgments CSV that landed; empty = the shipped data.",
+    ),
+    "max_steps": Param(
+        None,
+        type=["null", "integer"],
+        minimum=0,
+        maximum=100_000,
+        description="Contrastive training steps; empty = the profile's value; 0 = base model.",
+    ),
+    "auto_promote": Param(
+        None, type=["null", "boolean"], description="Move @champion when the gate passes; empty = the profile's value."
+    ),
+    "min_ndcg_at_10": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=1,
+        description="Gate floor on held-out nDCG@10; empty = the profile's value.",
+    ),
+    "min_category_accuracy": Param(
+        None, type=["null", "number"], minimum=0, maximum=1, description="Gate floor on held-out category accuracy."
+    ),
+    "max_regression": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=1,
+        description="Allowed drop vs the champion on each quality metric.",
+    ),
+    "lexical_weight": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=1,
+        description="Hybrid search: BM25's share of the fused score; empty = chosen on "
+        "validation terms; 0 = the encoder's ranking alone.",
+    ),
 }
 
 

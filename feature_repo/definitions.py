@@ -78,15 +78,19 @@ product_popularity = FeatureView(
 # features explicitly, so a column added to a view later never changes a published service under a serving model.
 search_v1 = FeatureService(
     name="search_v1",
-    features=[user_activity[["events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
-                             "recent_products"]]],
+    features=[
+        user_activity[["events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts", "recent_products"]]
+    ],
     description="User features that personalise search and recommendations (first version, kept unchanged).",
 )
 
 search_v2 = FeatureService(
     name="search_v2",
-    features=[user_activity[["events_1d", "events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
-                             "recent_products"]]],
+    features=[
+        user_activity[
+            ["events_1d", "events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts", "recent_products"]
+        ]
+    ],
     description="search_v1 + events_1d: what serving reads and the personalisation evaluation joins point-in-time.",
 )
 

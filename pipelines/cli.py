@@ -14,8 +14,11 @@ import typer
 
 from pipelines.config import MODEL_NAME, Paths
 
-app = typer.Typer(help="shopguide: train, compress, gate, promote and serve a shopping-guide encoder.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="shopguide: train, compress, gate, promote and serve a shopping-guide encoder.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 
 DEMO_QUERIES = ["cordless drill", "outdoor patio furniture", "led light bulbs 60 watt", "toilet seat", "wood stain"]
 Profile = Annotated[str, typer.Option(help="Config profile: configs/<profile>.yaml.")]
@@ -25,8 +28,12 @@ def _env(paths: Paths) -> None:
     """Point this process and every child (Airflow, MLflow, Feast, uvicorn) at one SHOPGUIDE_HOME, offline."""
     from pipelines.airflow_env import airflow_environ
 
-    for key, value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                       "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}.items():
+    for key, value in {
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }.items():
         os.environ.setdefault(key, value)
     os.environ.update(airflow_environ(paths))
 
@@ -56,8 +63,10 @@ def init() -> None:
     _env(paths)
     paths.home.mkdir(parents=True, exist_ok=True)
     ensure_airflow_db(paths)
-    typer.echo(f"SHOPGUIDE_HOME={paths.home}\nMLFLOW_TRACKING_URI={paths.mlflow_tracking_uri}\n"
-               f"AIRFLOW_HOME={paths.airflow_home}")
+    typer.echo(
+        f"SHOPGUIDE_HOME={paths.home}\nMLFLOW_TRACKING_URI={paths.mlflow_tracking_uri}\n"
+        f"AIRFLOW_HOME={paths.airflow_home}"
+    )
 
 
 @app.command()
@@ -87,8 +96,21 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve models:/shopguide-encoder@champion with uvicorn (FastAPI + ONNX Runtime)."""
     paths = Paths.from_env()
     _env(paths)
-    os.execvp(sys.executable, [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", host, "--port",
-                               str(port), "--log-level", "warning"])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "serving.app:app",
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ],
+    )
 
 
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
@@ -126,8 +148,11 @@ def demo_queries(url: str, user_id: int | None) -> None:
             r.raise_for_status()
             ans = r.json()
             who = f" user {body['user_id']} (personalized={ans.get('personalized')})" if "user_id" in body else ""
-            typer.secho(f"\n> {body['query']!r}{who} -> category {ans.get('category')!r}, "
-                        f"model v{ans['model_version']}, {ms:.1f} ms", bold=True)
+            typer.secho(
+                f"\n> {body['query']!r}{who} -> category {ans.get('category')!r}, "
+                f"model v{ans['model_version']}, {ms:.1f} ms",
+                bold=True,
+            )
             for hit in ans["results"]:
                 typer.echo(f"    {hit['score']:.3f}  {hit['product_id']}  {hit['title']}")
 
@@ -188,8 +213,10 @@ def history(model: Model = MODEL_NAME) -> None:
     _env(paths)
     for e in registry.champion_history(paths, model):
         forced = " FORCED" if e.get("forced") else ""
-        typer.echo(f"{e['at']}  {e['action']:<8} {e.get('previous') or '(none)'} -> {e['version']}{forced}  "
-                   f"by {e['actor']}: {e['reason']}")
+        typer.echo(
+            f"{e['at']}  {e['action']:<8} {e.get('previous') or '(none)'} -> {e['version']}{forced}  "
+            f"by {e['actor']}: {e['reason']}"
+        )
     for alias in (registry.CHAMPION, registry.CHALLENGER):
         typer.echo(f"@{alias} = {registry.alias_version(paths, model, alias) or '(none)'}")
 
@@ -210,8 +237,21 @@ def mlflow_ui(port: int = 5000) -> None:
     """The MLflow UI over the embedded tracking store and registry."""
     paths = Paths.from_env()
     _env(paths)
-    os.execvp(sys.executable, [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", paths.mlflow_tracking_uri,
-                               "--host", "127.0.0.1", "--port", str(port)])
+    os.execvp(
+        sys.executable,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            paths.mlflow_tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+    )
 
 
 @app.command()
@@ -230,15 +270,45 @@ def run(
     _banner("2/3 retrain DAG: snapshot, validate, fine-tune, export ONNX + INT8, index, evaluate, gate, promote")
     xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet)
     report, decision = xcoms.get("evaluate", {}), xcoms.get("gate", {})
-    typer.echo(json.dumps({k: report.get(k) for k in ("ndcg_at_10", "mrr_at_10", "recall_at_100",
-                                                       "category_accuracy", "latency_p99_ms", "size_mb",
-                                                       "parity_cosine_min")}, indent=2))
-    typer.echo("gate: " + ("PASSED" if decision.get("passed") else "FAILED") + "\n  "
-               + "\n  ".join(decision.get("reasons", [])))
+    typer.echo(
+        json.dumps(
+            {
+                k: report.get(k)
+                for k in (
+                    "ndcg_at_10",
+                    "mrr_at_10",
+                    "recall_at_100",
+                    "category_accuracy",
+                    "latency_p99_ms",
+                    "size_mb",
+                    "parity_cosine_min",
+                )
+            },
+            indent=2,
+        )
+    )
+    typer.echo(
+        "gate: "
+        + ("PASSED" if decision.get("passed") else "FAILED")
+        + "\n  "
+        + "\n  ".join(decision.get("reasons", []))
+    )
     _banner(f"3/3 serving models:/{MODEL_NAME}@champion on http://127.0.0.1:{port}")
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--log-level", "warning"])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "uvicorn",
+            "serving.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+        ]
+    )
     try:
         ready = _wait_ready(url, proc)
         typer.echo(f"ready: {ready}")

@@ -35,8 +35,9 @@ class DataConfig(_Section):
 
 class TrainConfig(_Section):
     base_model: str = Field(PACKAGED_BASE_MODEL, description="Packaged model, a local folder or a hub id.")
-    max_steps: int = Field(200, ge=-1, le=100_000,
-                           description="Contrastive training steps (0 = base model, -1 = `epochs` over all pairs).")
+    max_steps: int = Field(
+        200, ge=-1, le=100_000, description="Contrastive training steps (0 = base model, -1 = `epochs` over all pairs)."
+    )
     epochs: float = Field(1.0, gt=0, le=20, description="Passes over the training pairs when max_steps is -1.")
     batch_size: int = Field(32, ge=2, le=512)
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -46,24 +47,34 @@ class TrainConfig(_Section):
     hard_negatives: bool = Field(True, description="Add low-graded judgments of the same query as hard negatives.")
     max_negative_relevance: float = Field(1.67, ge=1, le=3, description="Judgments at or below this are negatives.")
     mined_negatives: bool = Field(
-        True, description="Give each positive without a judged negative one mined over the catalog by "
-                          "`negative_miner`: a product never judged for its query, drawn from `mined_negative_ranks`.")
+        True,
+        description="Give each positive without a judged negative one mined over the catalog by "
+        "`negative_miner`: a product never judged for its query, drawn from `mined_negative_ranks`.",
+    )
     # held-out nDCG@10 of the default profile (200 steps), ranks [10, 50): 0.3258 BM25-mined, 0.3314 base-model-mined
     # (0.3311 at ranks [0, 30), 0.3296 at [0, 10)), for ~2 min of catalog embedding. BM25 stays the default: with the
     # base-model-mined teacher the served 3-layer student keeps 96.8% (< 97%), make run falls back to the 23 MB
     # teacher INT8, and the served hybrid ranking is 0.387 against 0.392 (fresh-clone runs, 2026-12-02)
     negative_miner: Literal["bm25", "base_model"] = Field(
-        "bm25", description="Who mines: stemmed BM25 (lexically close products), or the base model before "
-                                  "training (its own nearest unjudged titles: the mistakes fine-tuning should fix).")
+        "bm25",
+        description="Who mines: stemmed BM25 (lexically close products), or the base model before "
+        "training (its own nearest unjudged titles: the mistakes fine-tuning should fix).",
+    )
     mined_negative_ranks: tuple[int, int] = Field(
-        (10, 50), description="[from, to) ranks the mined negative is drawn from; skipping the top ranks avoids "
-                              "unjudged products that match as well as the judged ones (false negatives).")
+        (10, 50),
+        description="[from, to) ranks the mined negative is drawn from; skipping the top ranks avoids "
+        "unjudged products that match as well as the judged ones (false negatives).",
+    )
     pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
     category_offers: int = Field(
-        0, ge=0, description="PriceRunner training offers mixed into fine-tuning under a category cross-entropy "
-                             "(0 = off): the encoder itself learns to separate categories, not only the head.")
+        0,
+        ge=0,
+        description="PriceRunner training offers mixed into fine-tuning under a category cross-entropy "
+        "(0 = off): the encoder itself learns to separate categories, not only the head.",
+    )
     category_head_learning_rate: float = Field(
-        1e-2, gt=0, lt=1, description="Learning rate of the joint loss's own linear head (the encoder's is tiny).")
+        1e-2, gt=0, lt=1, description="Learning rate of the joint loss's own linear head (the encoder's is tiny)."
+    )
     validation_terms: bool = Field(True, description="Hold out 1/16 of the training terms to score the model.")
     eval_steps: int | None = Field(None, ge=1, description="Score the validation terms every N steps, keep the best.")
     head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
@@ -72,8 +83,12 @@ class TrainConfig(_Section):
     # chosen on a validation split of the training clusters (default-profile encoder, 512 hidden units, 100 epochs):
     # accuracy 0.9825 without smoothing, 0.9882 at 0.1, 0.9888 at 0.2; the held-out clusters were never consulted
     head_label_smoothing: float = Field(
-        0.1, ge=0, lt=1, description="Label smoothing of the head's cross-entropy: the hidden head fits the training "
-                                     "offers perfectly, and smoothed targets keep it from memorising their noise.")
+        0.1,
+        ge=0,
+        lt=1,
+        description="Label smoothing of the head's cross-entropy: the hidden head fits the training "
+        "offers perfectly, and smoothed targets keep it from memorising their noise.",
+    )
     seed: int = 42
 
     @field_validator("mined_negative_ranks")
@@ -102,8 +117,12 @@ class EvaluateConfig(_Section):
 class SearchConfig(_Section):
     lexical: bool = Field(True, description="Hybrid search: fuse BM25 over the titles with the dense ranking.")
     lexical_weight: float | None = Field(
-        None, ge=0, le=1, description="Lexical share of the fused score (0 = dense only); None = the best of "
-                                      "`weight_grid` on the validation terms, chosen per model version.")
+        None,
+        ge=0,
+        le=1,
+        description="Lexical share of the fused score (0 = dense only); None = the best of "
+        "`weight_grid` on the validation terms, chosen per model version.",
+    )
     weight_grid: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
     candidates: int = Field(100, ge=10, le=1000, description="Depth of the dense and the BM25 list before fusion.")
     # chosen on the validation terms (never the held-out ones) over lucene/BM25+/BM25L, k1 0.9-2.0, b 0.3-0.9 with
@@ -118,41 +137,60 @@ class SearchConfig(_Section):
 # the baseline) | fp32 (ONNX) | int8 (ONNX).
 VARIANT_PATTERN = re.compile(
     r"^(?P<weights>teacher|student(?P<layers>[1-9]\d*)(?:-ffn(?P<ffn>[1-9]\d*))?)(?P<vocab>-vocab)?"
-    r"-(?P<graph>torch|fp32|int8)$")
+    r"-(?P<graph>torch|fp32|int8)$"
+)
 BASELINE_VARIANT = "teacher-torch"
 
 
 class CompressConfig(_Section):
     variants: tuple[str, ...] = Field(
-        ("teacher-fp32", "teacher-int8", "student3-fp32", "student3-int8", "student2-fp32", "student2-int8",
-         "student3-vocab-int8", "student2-vocab-int8"),
-        description="Variants built and evaluated besides the PyTorch fp32 teacher (always the baseline).")
+        (
+            "teacher-fp32",
+            "teacher-int8",
+            "student3-fp32",
+            "student3-int8",
+            "student2-fp32",
+            "student2-int8",
+            "student3-vocab-int8",
+            "student2-vocab-int8",
+        ),
+        description="Variants built and evaluated besides the PyTorch fp32 teacher (always the baseline).",
+    )
     student_layers: dict[str, tuple[int, ...]] = Field(
-        {}, description="Teacher layers copied into a student, e.g. {student3: [0, 2, 5]}; default: spread evenly.")
+        {}, description="Teacher layers copied into a student, e.g. {student3: [0, 2, 5]}; default: spread evenly."
+    )
     distill_steps: int = Field(400, ge=0, le=100_000, description="Student training steps (0 = layer copy only).")
     distill_batch_size: int = Field(64, ge=2, le=1024)
     distill_learning_rate: float = Field(1e-4, gt=0, lt=1)
     distill_max_texts: int = Field(25_600, ge=10, description="Train queries + catalog/offer titles the students see.")
     distill_loss: Literal["mse", "cosine"] = Field(
-        "cosine", description="Cosine distance to the teacher's embedding, or MSELoss (the pure-distillation recipe).")
+        "cosine", description="Cosine distance to the teacher's embedding, or MSELoss (the pure-distillation recipe)."
+    )
     distill_task_pairs: bool = Field(
-        True, description="Mix the fine-tuning pairs (MultipleNegativesRankingLoss) into the students' training.")
+        True, description="Mix the fine-tuning pairs (MultipleNegativesRankingLoss) into the students' training."
+    )
     ffn_after_distill: bool = Field(
-        True, description="Prune an FFN-pruned student from the distilled full-width student of its depth, then "
-                          "distill again (two stages); false prunes the teacher's copied layers before one stage.")
+        True,
+        description="Prune an FFN-pruned student from the distilled full-width student of its depth, then "
+        "distill again (two stages); false prunes the teacher's copied layers before one stage.",
+    )
     distill_freeze_embeddings: bool = Field(
-        True, description="Keep the teacher's word embeddings (most of a student's parameters): faster steps, and "
-                          "tokens the distillation texts never show stay where the copied layers expect them.")
+        True,
+        description="Keep the teacher's word embeddings (most of a student's parameters): faster steps, and "
+        "tokens the distillation texts never show stay where the copied layers expect them.",
+    )
     vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the domain texts.")
     vocab_keep_ascii_chars: bool = Field(True, description="Keep single ASCII characters so unseen words still split.")
     optimize: bool = Field(True, description="onnxruntime transformer optimizer (fusions) on every ONNX graph.")
     objective: Literal["latency", "size", "throughput"] = Field(
-        "latency", description="What the selection minimises (p50 query latency, file size) or maximises.")
+        "latency", description="What the selection minimises (p50 query latency, file size) or maximises."
+    )
     min_ndcg_retained: float = Field(0.97, ge=0, le=1.5, description="Share of the teacher's held-out nDCG@10 kept.")
     min_parity_cosine: float = Field(0.95, ge=0, le=1, description="Floor on min cosine(PyTorch, ONNX) per variant.")
     max_size_mb: float | None = Field(None, gt=0, description="Optional ceiling on the served file size.")
     fallback: Literal["teacher-int8", "fail"] = Field(
-        "teacher-int8", description="When no variant qualifies: serve the teacher INT8, or fail the step.")
+        "teacher-int8", description="When no variant qualifies: serve the teacher INT8, or fail the step."
+    )
     throughput_texts: int = Field(1024, ge=32, le=100_000, description="Catalog titles timed at batch 32.")
     timing_repeats: int = Field(3, ge=1, le=20, description="Timing passes per variant; medians are reported.")
     measure_memory: bool = Field(True, description="Peak RSS of each variant, measured in a fresh subprocess.")

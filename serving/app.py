@@ -111,12 +111,19 @@ class ServingState:
             if previous is not None:
                 m.swaps.labels(alias, "ok").inc()
             self._publish(loaded)
-            log.info("serving %s version %s (was %s, source %s, search %s)", self.settings.model_name,
-                     loaded.version, previous.version if previous else None, loaded.source, loaded.search_kind)
+            log.info(
+                "serving %s version %s (was %s, source %s, search %s)",
+                self.settings.model_name,
+                loaded.version,
+                previous.version if previous else None,
+                loaded.source,
+                loaded.search_kind,
+            )
             self.warm_features()
             if loaded.needs_ann(load_options(self.settings)["ann"]):
-                threading.Thread(target=self._upgrade_search, args=(loaded,), name="shopguide-ann-build",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._upgrade_search, args=(loaded,), name="shopguide-ann-build", daemon=True
+                ).start()
         if self.shadow is not None:
             self._refresh_shadow()
 
@@ -133,9 +140,16 @@ class ServingState:
         log.info("version %s now searches with %s", predictor.version, predictor.search_kind)
 
     def _publish(self, loaded: Predictor) -> None:
-        self.metrics.set_model(self.metrics.model_info, {
-            "model_name": self.settings.model_name, "alias": self.settings.alias, "version": loaded.version,
-            "source": loaded.source, "search": loaded.search_kind})
+        self.metrics.set_model(
+            self.metrics.model_info,
+            {
+                "model_name": self.settings.model_name,
+                "alias": self.settings.alias,
+                "version": loaded.version,
+                "source": loaded.source,
+                "search": loaded.search_kind,
+            },
+        )
         self.metrics.model_loaded_at.set(loaded.loaded_at.timestamp())
 
     def _refresh_shadow(self) -> None:
@@ -152,8 +166,12 @@ class ServingState:
         self.metrics.polls.labels(shadow.alias, result.outcome).inc()
         if result.predictor is not shadow.predictor:
             shadow.set_predictor(result.predictor)
-            log.info("shadowing %s version %s on %.0f%% of searches", shadow.alias, result.predictor.version,
-                     100 * shadow.fraction)
+            log.info(
+                "shadowing %s version %s on %.0f%% of searches",
+                shadow.alias,
+                result.predictor.version,
+                100 * shadow.fraction,
+            )
         shadow.champion_version = self.predictor.version if self.predictor else None
 
     def warm_features(self) -> None:
@@ -184,8 +202,9 @@ class ServingState:
         recent = [int(p) for p in (features or {}).get("recent_products") or []]
         return (recent, None) if recent else ([], "no_online_features")
 
-    def user_vector(self, user_id: int, predictor: Predictor, query_vec: np.ndarray
-                    ) -> tuple[np.ndarray | None, FallbackReason | None, list[int]]:
+    def user_vector(
+        self, user_id: int, predictor: Predictor, query_vec: np.ndarray
+    ) -> tuple[np.ndarray | None, FallbackReason | None, list[int]]:
         """(attention user vector, fallback reason, recent product ids) for a personalised search."""
         if self.settings.personalization_weight <= 0:
             return None, "personalization_disabled", []
@@ -248,10 +267,19 @@ class ServingMiddleware:
             m = self.state.metrics
             m.requests.labels(endpoint, scope["method"], str(status)).inc()
             m.latency.labels(endpoint, str(status)).observe(seconds)
-            access_log.info("request", extra={
-                "request_id": ctx.request_id, "method": scope["method"], "path": path, "status": status,
-                "duration_ms": round(seconds * 1000, 3), "model_version": ctx.model_version,
-                "stages_ms": ctx.stages_ms or None, **ctx.fields})
+            access_log.info(
+                "request",
+                extra={
+                    "request_id": ctx.request_id,
+                    "method": scope["method"],
+                    "path": path,
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 3),
+                    "model_version": ctx.model_version,
+                    "stages_ms": ctx.stages_ms or None,
+                    **ctx.fields,
+                },
+            )
             _context.reset(token)
 
     def _refuse(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
@@ -326,8 +354,11 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     if settings.shadow_alias and predictor is None and settings.bundle_dir is None:
         state.shadow = ShadowRunner(settings.shadow_alias, settings.shadow_fraction, settings.shadow_queue, metrics)
     if settings.batch_window_ms > 0:
-        state.batcher = MicroBatcher(settings.batch_window_ms / 1000, settings.batch_max_size,
-                                     on_batch=metrics.batch.labels("search_micro").observe)
+        state.batcher = MicroBatcher(
+            settings.batch_window_ms / 1000,
+            settings.batch_max_size,
+            on_batch=metrics.batch.labels("search_micro").observe,
+        )
     poll = predictor is None and settings.model_poll_seconds > 0
 
     @contextlib.asynccontextmanager
@@ -349,9 +380,12 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             if state.shadow is not None:
                 state.shadow.close()
 
-    app = FastAPI(title="shopguide", version="0.2.0", lifespan=lifespan,
-                  summary="Product search, recommendations, query categories and embeddings over the @champion "
-                          "encoder.")
+    app = FastAPI(
+        title="shopguide",
+        version="0.2.0",
+        lifespan=lifespan,
+        summary="Product search, recommendations, query categories and embeddings over the @champion encoder.",
+    )
     app.state.serving = state
 
     @app.exception_handler(Exception)
@@ -364,8 +398,10 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     errors: dict[int | str, dict[str, Any]] = {
         503: {"model": ErrorResponse, "description": "No model loaded yet."},
         413: {"model": ErrorResponse, "description": "Body larger than SHOPGUIDE_MAX_BODY_BYTES."},
-        400: {"model": ErrorResponse, "description": "Body that cannot be decoded (not UTF-8); malformed JSON is "
-                                                     "a 422."},
+        400: {
+            "model": ErrorResponse,
+            "description": "Body that cannot be decoded (not UTF-8); malformed JSON is a 422.",
+        },
     }
     if settings.api_keys:
         errors[401] = {"model": ErrorResponse, "description": "Missing or unknown X-API-Key."}
@@ -402,12 +438,23 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         _stage(ctx, metrics, "rank", t)
         shadow = state.shadow
         if shadow is not None and shadow.sampled():
-            shadow.submit(ShadowItem(body.query, body.k, tuple(recent) if user_vec is not None else None,
-                                     settings.personalization_weight, tuple(h.product_id for h in hits),
-                                     category, time.perf_counter() - t0))
+            shadow.submit(
+                ShadowItem(
+                    body.query,
+                    body.k,
+                    tuple(recent) if user_vec is not None else None,
+                    settings.personalization_weight,
+                    tuple(h.product_id for h in hits),
+                    category,
+                    time.perf_counter() - t0,
+                )
+            )
         return SearchResponse(
-            model_version=predictor.version, query=body.query, category=category,
-            personalized=user_vec is not None, fallback_reason=reason,
+            model_version=predictor.version,
+            query=body.query,
+            category=category,
+            personalized=user_vec is not None,
+            fallback_reason=reason,
             results=[Hit(product_id=h.product_id, title=h.title, score=h.score) for h in hits],
         )
 
@@ -434,10 +481,19 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             metrics.features_fallbacks.labels("/v1/recommend", reason).inc()
         method = "history" if len(rows) else ("popularity" if popularity is not None else "none")
         return RecommendResponse(
-            model_version=predictor.version, user_id=body.user_id, personalized=bool(len(rows)),
-            fallback_reason=reason, method=method,
-            results=[Hit(product_id=int(predictor.index.product_ids[r]), title=str(predictor.index.titles[r]),
-                         score=float(sc)) for r, sc in zip(top, scores, strict=True)],
+            model_version=predictor.version,
+            user_id=body.user_id,
+            personalized=bool(len(rows)),
+            fallback_reason=reason,
+            method=method,
+            results=[
+                Hit(
+                    product_id=int(predictor.index.product_ids[r]),
+                    title=str(predictor.index.titles[r]),
+                    score=float(sc),
+                )
+                for r, sc in zip(top, scores, strict=True)
+            ],
         )
 
     def encode_batch(endpoint: str, texts: list[str]):
@@ -452,9 +508,13 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def classify(body: classify_request) -> ClassifyResponse:  # type: ignore[valid-type]
         predictor, _, logits = encode_batch("classify", body.queries)
         labels, probs = predictor.categories(logits)
-        return ClassifyResponse(model_version=predictor.version, results=[
-            Category(query=q, category=c, probability=float(p))
-            for q, c, p in zip(body.queries, labels, probs, strict=True)])
+        return ClassifyResponse(
+            model_version=predictor.version,
+            results=[
+                Category(query=q, category=c, probability=float(p))
+                for q, c, p in zip(body.queries, labels, probs, strict=True)
+            ],
+        )
 
     def embed(body: embed_request) -> EmbedResponse:  # type: ignore[valid-type]
         predictor, emb, _ = encode_batch("embed", body.texts)
@@ -477,8 +537,12 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     def healthz() -> Health:
         return Health()
 
-    @app.get("/readyz", response_model=Readiness, tags=["ops"],
-             responses={503: {"model": Readiness, "description": "No model loaded yet."}})
+    @app.get(
+        "/readyz",
+        response_model=Readiness,
+        tags=["ops"],
+        responses={503: {"model": Readiness, "description": "No model loaded yet."}},
+    )
     def readyz() -> Readiness | JSONResponse:
         current = state.predictor
         if current is None:
@@ -492,15 +556,33 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         shadow = None
         if state.shadow is not None:
             sp = state.shadow.predictor
-            shadow = ShadowInfo(alias=state.shadow.alias, version=sp.version if sp else None,
-                                fraction=state.shadow.fraction, replayed=state.shadow.processed)
-        return ModelInfo(model_name=settings.model_name, alias=settings.alias, version=current.version,
-                         source=current.source, loaded_at=current.loaded_at, products=len(current.index),
-                         categories=len(current.labels), variant=current.variant, search=current.search_kind,
-                         problem=state.problem, shadow=shadow)
+            shadow = ShadowInfo(
+                alias=state.shadow.alias,
+                version=sp.version if sp else None,
+                fraction=state.shadow.fraction,
+                replayed=state.shadow.processed,
+            )
+        return ModelInfo(
+            model_name=settings.model_name,
+            alias=settings.alias,
+            version=current.version,
+            source=current.source,
+            loaded_at=current.loaded_at,
+            products=len(current.index),
+            categories=len(current.labels),
+            variant=current.variant,
+            search=current.search_kind,
+            problem=state.problem,
+            shadow=shadow,
+        )
 
-    @app.get("/metrics", tags=["ops"], response_class=Response, dependencies=secured,
-             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}})
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        response_class=Response,
+        dependencies=secured,
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format."}},
+    )
     def prometheus_metrics() -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -17,46 +17,97 @@ class Metrics:
         self._info_labels: dict[int, dict[str, str]] = {}
         self.registry = r = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)  # CPU seconds, resident memory, open fds of the serving process
-        self.requests = Counter("shopguide_requests", "HTTP requests by endpoint, method and status.",
-                                ["endpoint", "method", "status"], registry=r)
-        self.latency = Histogram("shopguide_request_duration_seconds",
-                                 "Request latency in the app (body read to response sent).",
-                                 ["endpoint", "status"], buckets=LATENCY_BUCKETS, registry=r)
-        self.stage = Histogram("shopguide_stage_duration_seconds",
-                               "Time per serving stage (encode, features, rank, queue).",
-                               ["stage"], buckets=LATENCY_BUCKETS, registry=r)
-        self.batch = Histogram("shopguide_batch_size",
-                               "Texts per encoder run: micro-batches of /v1/search, request batches of "
-                               "/v1/classify and /v1/embed.", ["kind"], buckets=BATCH_BUCKETS, registry=r)
-        self.model_info = Gauge("shopguide_model_info", "1 for the version being served.",
-                                ["model_name", "alias", "version", "source", "search"], registry=r)
-        self.model_loaded_at = Gauge("shopguide_model_loaded_timestamp_seconds",
-                                     "When the served version was loaded.", registry=r)
-        self.polls = Counter("shopguide_model_polls",
-                             "Alias resolutions by outcome (unchanged, loaded, registry_unavailable, load_failed).",
-                             ["alias", "outcome"], registry=r)
-        self.swaps = Counter("shopguide_model_swaps", "Hot swaps to a new version, by result (ok, failed).",
-                             ["alias", "result"], registry=r)
-        self.load_failing = Gauge("shopguide_model_load_failing",
-                                  "1 while the alias points at a version that cannot be loaded (the previous "
-                                  "version keeps serving).", ["alias"], registry=r)
-        self.features_fallbacks = Counter("shopguide_features_fallbacks",
-                                          "Requests with user_id answered without personalisation, by reason.",
-                                          ["endpoint", "reason"], registry=r)
-        self.shadow_requests = Counter("shopguide_shadow_requests",
-                                       "Shadow replays by result (ok, dropped, failed, skipped_same_version).",
-                                       ["result"], registry=r)
-        self.shadow_overlap = Histogram("shopguide_shadow_overlap_at_10",
-                                        "|top-10 champion & top-10 shadow| / 10 per replayed search.",
-                                        buckets=OVERLAP_BUCKETS, registry=r)
-        self.shadow_category_agreement = Counter("shopguide_shadow_category_agreement",
-                                                 "Replayed searches whose predicted category matches (agree) or "
-                                                 "not (disagree).", ["result"], registry=r)
-        self.shadow_latency = Histogram("shopguide_shadow_duration_seconds",
-                                        "Encode + rank time of the shadow model, by model (champion, shadow).",
-                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.shadow_info = Gauge("shopguide_shadow_model_info", "1 for the shadow version being replayed on.",
-                                 ["alias", "version"], registry=r)
+        self.requests = Counter(
+            "shopguide_requests",
+            "HTTP requests by endpoint, method and status.",
+            ["endpoint", "method", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "shopguide_request_duration_seconds",
+            "Request latency in the app (body read to response sent).",
+            ["endpoint", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage = Histogram(
+            "shopguide_stage_duration_seconds",
+            "Time per serving stage (encode, features, rank, queue).",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch = Histogram(
+            "shopguide_batch_size",
+            "Texts per encoder run: micro-batches of /v1/search, request batches of /v1/classify and /v1/embed.",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "shopguide_model_info",
+            "1 for the version being served.",
+            ["model_name", "alias", "version", "source", "search"],
+            registry=r,
+        )
+        self.model_loaded_at = Gauge(
+            "shopguide_model_loaded_timestamp_seconds", "When the served version was loaded.", registry=r
+        )
+        self.polls = Counter(
+            "shopguide_model_polls",
+            "Alias resolutions by outcome (unchanged, loaded, registry_unavailable, load_failed).",
+            ["alias", "outcome"],
+            registry=r,
+        )
+        self.swaps = Counter(
+            "shopguide_model_swaps",
+            "Hot swaps to a new version, by result (ok, failed).",
+            ["alias", "result"],
+            registry=r,
+        )
+        self.load_failing = Gauge(
+            "shopguide_model_load_failing",
+            "1 while the alias points at a version that cannot be loaded (the previous version keeps serving).",
+            ["alias"],
+            registry=r,
+        )
+        self.features_fallbacks = Counter(
+            "shopguide_features_fallbacks",
+            "Requests with user_id answered without personalisation, by reason.",
+            ["endpoint", "reason"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "shopguide_shadow_requests",
+            "Shadow replays by result (ok, dropped, failed, skipped_same_version).",
+            ["result"],
+            registry=r,
+        )
+        self.shadow_overlap = Histogram(
+            "shopguide_shadow_overlap_at_10",
+            "|top-10 champion & top-10 shadow| / 10 per replayed search.",
+            buckets=OVERLAP_BUCKETS,
+            registry=r,
+        )
+        self.shadow_category_agreement = Counter(
+            "shopguide_shadow_category_agreement",
+            "Replayed searches whose predicted category matches (agree) or not (disagree).",
+            ["result"],
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "shopguide_shadow_duration_seconds",
+            "Encode + rank time of the shadow model, by model (champion, shadow).",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_info = Gauge(
+            "shopguide_shadow_model_info",
+            "1 for the shadow version being replayed on.",
+            ["alias", "version"],
+            registry=r,
+        )
 
     def set_model(self, gauge: Gauge, labels: dict[str, str]) -> None:
         """One series at 1: the old version's series disappears in the same step."""

@@ -61,9 +61,16 @@ class OnlineFeatures:
     or the registry is back.
     """
 
-    def __init__(self, paths: Paths | None = None, *, store: FeatureStore | None = None,
-                 service: str = USER_SERVICE, product_service: str = PRODUCT_SERVICE,
-                 retry_after_s: float = 2.0, popularity_ttl_s: float = POPULARITY_TTL_S) -> None:
+    def __init__(
+        self,
+        paths: Paths | None = None,
+        *,
+        store: FeatureStore | None = None,
+        service: str = USER_SERVICE,
+        product_service: str = PRODUCT_SERVICE,
+        retry_after_s: float = 2.0,
+        popularity_ttl_s: float = POPULARITY_TTL_S,
+    ) -> None:
         self._paths = paths
         self._store = store
         self._service_name = service
@@ -92,8 +99,9 @@ class OnlineFeatures:
         if plan is not None:
             return plan
         if self._down_until and time.monotonic() < self._down_until:
-            raise FeaturesUnavailable(f"still unavailable (retrying in <= {self._retry_after_s:g} s): "
-                                      f"{self._last_error}")
+            raise FeaturesUnavailable(
+                f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
+            )
         with self._lock:
             try:
                 if self._store is None:
@@ -118,8 +126,15 @@ class OnlineFeatures:
                     names = tuple(f.name for f in projection.features) or tuple(f.name for f in view.features)
                     views.append(_View(view, view.join_keys[0], names))
                 columns = tuple(name for v in views for name in v.features)
-                plan = _Plan(store.config, get_provider(store.config), tuple(views), columns, EntityKey, Value,
-                             feast_value_type_to_python_type)
+                plan = _Plan(
+                    store.config,
+                    get_provider(store.config),
+                    tuple(views),
+                    columns,
+                    EntityKey,
+                    Value,
+                    feast_value_type_to_python_type,
+                )
             except Exception as exc:  # any Feast, registry or driver error means "no features", never a crash
                 raise self._fail(f"feature service {service_name!r} unavailable", exc) from exc
             self._plans[service_name] = plan
@@ -128,8 +143,9 @@ class OnlineFeatures:
     def _read(self, service_name: str, ids: list[int]) -> list[dict[str, Any] | None]:
         """One row per id (None when the store has no row for it), features by name, in the service's order."""
         if self._down_until and time.monotonic() < self._down_until:
-            raise FeaturesUnavailable(f"still unavailable (retrying in <= {self._retry_after_s:g} s): "
-                                      f"{self._last_error}")
+            raise FeaturesUnavailable(
+                f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
+            )
         plan = self._plan(service_name)
         entity_key, value, to_python = plan.entity_key, plan.value, plan.to_python
         out: list[dict[str, Any] | None] = [None] * len(ids)
@@ -137,12 +153,16 @@ class OnlineFeatures:
             for part in plan.views:
                 keys = [entity_key(join_keys=[part.join_key], entity_values=[value(int64_val=int(i))]) for i in ids]
                 for start in range(0, len(keys), READ_CHUNK):
-                    rows = plan.provider.online_read(plan.config, part.view, keys[start:start + READ_CHUNK],
-                                                     list(part.features))
+                    rows = plan.provider.online_read(
+                        plan.config, part.view, keys[start : start + READ_CHUNK], list(part.features)
+                    )
                     for offset, (_, values) in enumerate(rows):
                         # SQLite answers a missing key with no values, Redis with empty ones: both mean "no row".
-                        found = {name: to_python(values[name]) for name in part.features if name in values} \
-                            if values else {}
+                        found = (
+                            {name: to_python(values[name]) for name in part.features if name in values}
+                            if values
+                            else {}
+                        )
                         if not any(v is not None for v in found.values()):
                             continue
                         row = out[start + offset]
@@ -216,10 +236,12 @@ class OnlineFeatures:
             if wait:
                 return self._read_popularity(product_ids)
             if self._refreshing.acquire(blocking=False):
-                threading.Thread(target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh",
-                                 daemon=True).start()
+                threading.Thread(
+                    target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh", daemon=True
+                ).start()
             raise FeaturesUnavailable("product popularity is being read (warming up)")
         if time.monotonic() - cached[0] >= self._popularity_ttl_s and self._refreshing.acquire(blocking=False):
-            threading.Thread(target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh", daemon=True
+            ).start()
         return cached[2]

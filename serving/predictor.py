@@ -79,9 +79,17 @@ class Predictor:
             self.search_backend = ExactSearch(self.index)
 
     @classmethod
-    def load(cls, bundle_dir: str | Path, version: str | None = None, threads: int = 1,
-             source: str = "bundle_dir", optimization: str = "all", ann: AnnOptions | None = None,
-             ann_cache: Path | None = None, build_ann: bool = True) -> Predictor:
+    def load(
+        cls,
+        bundle_dir: str | Path,
+        version: str | None = None,
+        threads: int = 1,
+        source: str = "bundle_dir",
+        optimization: str = "all",
+        ann: AnnOptions | None = None,
+        ann_cache: Path | None = None,
+        build_ann: bool = True,
+    ) -> Predictor:
         """Load, check and warm one bundle; raises on anything unservable (missing files, a graph ORT refuses,
         outputs that do not fit the index), so a hot swap never replaces a working model with a broken one.
 
@@ -100,15 +108,22 @@ class Predictor:
             max_seq_length=meta["max_seq_length"],
         )
         index = ProductIndex.load(bundle)
-        predictor = cls(encoder, index, version or local_version(bundle), bundle, source,
-                        search_backend=build_search(index, ann or AnnOptions(min_products=0), ann_cache, build_ann),
-                        variant=meta.get("quantization") or meta.get("variant"),
-                        lexical=LexicalIndex.load(bundle))
+        predictor = cls(
+            encoder,
+            index,
+            version or local_version(bundle),
+            bundle,
+            source,
+            search_backend=build_search(index, ann or AnnOptions(min_products=0), ann_cache, build_ann),
+            variant=meta.get("quantization") or meta.get("variant"),
+            lexical=LexicalIndex.load(bundle),
+        )
         # ORT allocates on its first run: pay that here, not on the first request; and prove the graph fits.
         vec, _ = predictor.encode("warm up")
         if vec.shape != (index.embeddings.shape[1],) or not np.isfinite(vec).all():
-            raise ModelUnavailable(f"bundle {bundle}: the graph's embedding {vec.shape} does not fit its index "
-                                   f"{index.embeddings.shape}")
+            raise ModelUnavailable(
+                f"bundle {bundle}: the graph's embedding {vec.shape} does not fit its index {index.embeddings.shape}"
+            )
         predictor.rank(vec, 10, query="warm up")
         return predictor
 
@@ -173,8 +188,14 @@ class Predictor:
             return None
         return personalize.user_vector(self.index.embeddings[rows], query_vec)
 
-    def rank(self, query_vec: np.ndarray, k: int, user_vector: np.ndarray | None = None,
-             weight: float = 0.0, query: str | None = None) -> list[Hit]:
+    def rank(
+        self,
+        query_vec: np.ndarray,
+        k: int,
+        user_vector: np.ndarray | None = None,
+        weight: float = 0.0,
+        query: str | None = None,
+    ) -> list[Hit]:
         """Top k by cos(q, p) + weight * cos(u, p), fused with BM25 on the query text when the version has a
         lexical index (scores are then the fused ones, in [0, 1]).
 
@@ -187,8 +208,10 @@ class Predictor:
             rows, scores = self.lexical.hybrid([query], [dense], k)[0]
         else:
             rows, scores = self.search_backend.top_k(vec, k)
-        return [Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
-                for r, s in zip(rows, scores, strict=True)]
+        return [
+            Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
+            for r, s in zip(rows, scores, strict=True)
+        ]
 
     def search(self, query: str, k: int, user_vector: np.ndarray | None = None, weight: float = 0.0) -> list[Hit]:
         return self.rank(self.encode(query)[0], k, user_vector, weight, query)
@@ -248,10 +271,17 @@ def cached_bundle(settings: Settings, alias: str | None = None) -> tuple[str, Pa
 
 def load_options(settings: Settings) -> dict:
     """Predictor.load's tuning arguments from the settings (ORT threads and level, ANN index and its cache)."""
-    ann = AnnOptions(min_products=settings.ann_min_products, connectivity=settings.ann_connectivity,
-                     expansion_search=settings.ann_ef_search)
-    return {"threads": settings.ort_threads, "optimization": settings.ort_optimization, "ann": ann,
-            "ann_cache": settings.paths.serving_cache / "ann"}
+    ann = AnnOptions(
+        min_products=settings.ann_min_products,
+        connectivity=settings.ann_connectivity,
+        expansion_search=settings.ann_ef_search,
+    )
+    return {
+        "threads": settings.ort_threads,
+        "optimization": settings.ort_optimization,
+        "ann": ann,
+        "ann_cache": settings.paths.serving_cache / "ann",
+    }
 
 
 @dataclass(frozen=True)
@@ -264,8 +294,9 @@ class Resolution:
     outcome: str = "unchanged"  # unchanged | loaded | registry_unavailable | load_failed | cache
 
 
-def resolve(settings: Settings, current: Predictor | None = None, alias: str | None = None,
-            use_cache: bool = True) -> Resolution:
+def resolve(
+    settings: Settings, current: Predictor | None = None, alias: str | None = None, use_cache: bool = True
+) -> Resolution:
     """The predictor for `alias` (default settings.alias); `current` itself when that version is already loaded.
 
     Order: a fixed SHOPGUIDE_BUNDLE_DIR; else alias -> version in MLflow, downloaded into the serving cache, loaded
@@ -301,8 +332,7 @@ def resolve(settings: Settings, current: Predictor | None = None, alias: str | N
     else:
         problem = f"cannot resolve {settings.model_name}@{alias} in the registry"
         outcome = "registry_unavailable"
-        log.warning("cannot resolve %s@%s in the registry at %s", settings.model_name, alias,
-                    paths.mlflow_tracking_uri)
+        log.warning("cannot resolve %s@%s in the registry at %s", settings.model_name, alias, paths.mlflow_tracking_uri)
     if current is not None:
         return Resolution(current, problem, outcome)
     for cached_version, bundle in cached_bundles(settings, alias) if use_cache else []:
@@ -315,8 +345,10 @@ def resolve(settings: Settings, current: Predictor | None = None, alias: str | N
             continue
         log.warning("serving cached %s version %s (%s)", settings.model_name, cached_version, problem)
         return Resolution(predictor, problem, "cache")
-    raise ModelUnavailable(f"{settings.model_name}@{alias} cannot be resolved or downloaded and {cache} holds no "
-                           f"loadable bundle" + (f" ({problem})" if problem else ""))
+    raise ModelUnavailable(
+        f"{settings.model_name}@{alias} cannot be resolved or downloaded and {cache} holds no "
+        f"loadable bundle" + (f" ({problem})" if problem else "")
+    )
 
 
 def load_champion(settings: Settings, current: Predictor | None = None) -> Predictor:

@@ -45,23 +45,30 @@ class StrictBody(BaseModel):
 
 def classify_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
     return create_model(
-        "ClassifyRequest", __base__=StrictBody,
-        queries=(list[_text(max_chars)], Field(..., min_length=1, max_length=max_batch,
-                                              description="Queries to categorise, one ORT run per batch.")),
+        "ClassifyRequest",
+        __base__=StrictBody,
+        queries=(
+            list[_text(max_chars)],
+            Field(..., min_length=1, max_length=max_batch, description="Queries to categorise, one ORT run per batch."),
+        ),
     )
 
 
 def embed_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
     return create_model(
-        "EmbedRequest", __base__=StrictBody,
-        texts=(list[_text(max_chars)], Field(..., min_length=1, max_length=max_batch,
-                                            description="Texts (queries or product titles) to embed.")),
+        "EmbedRequest",
+        __base__=StrictBody,
+        texts=(
+            list[_text(max_chars)],
+            Field(..., min_length=1, max_length=max_batch, description="Texts (queries or product titles) to embed."),
+        ),
     )
 
 
 def recommend_request_model(max_k: int) -> type[StrictBody]:
     return create_model(
-        "RecommendRequest", __base__=StrictBody,
+        "RecommendRequest",
+        __base__=StrictBody,
         user_id=(int, Field(..., ge=0, le=2**63 - 1, description="Recommend from this user's online history.")),
         k=(int, Field(10, ge=1, le=max_k, description="Number of products to return.")),
     )
@@ -79,7 +86,8 @@ class SearchResponse(BaseModel):
     category: str = Field(description="Predicted category of the query.")
     personalized: bool
     fallback_reason: FallbackReason | None = Field(
-        None, description="Why a request with user_id was answered without personalisation.")
+        None, description="Why a request with user_id was answered without personalisation."
+    )
     results: list[Hit]
 
 
@@ -107,7 +115,8 @@ class RecommendResponse(BaseModel):
     fallback_reason: FallbackReason | None = None
     method: Literal["history", "popularity", "none"] = Field(
         description="history: nearest products to the user's recency-weighted recent products (those excluded); "
-                    "popularity: the fallback, most clicked products; none: no history and no popularity (empty).")
+        "popularity: the fallback, most clicked products; none: no history and no popularity (empty)."
+    )
     results: list[Hit]
 
 
@@ -126,8 +135,9 @@ class ModelInfo(BaseModel):
     loaded_at: datetime
     products: int
     categories: int
-    variant: str | None = Field(None, description="Model variant from the bundle's encoder.json (e.g. its "
-                                                  "quantization).")
+    variant: str | None = Field(
+        None, description="Model variant from the bundle's encoder.json (e.g. its quantization)."
+    )
     search: Literal["exact", "hnsw"] = Field(description="Catalog search: brute force or HNSW + exact re-scoring.")
     problem: str | None = Field(None, description="Why the alias's current version is not the one served, if so.")
     shadow: ShadowInfo | None = None
@@ -144,5 +154,8 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not_ready"]
     model_version: str | None = None
-    detail: str | None = Field(None, description="Not ready: why. Ready: set when the alias points at a version that "
-                                                 "could not be loaded or resolved (the one named keeps serving).")
+    detail: str | None = Field(
+        None,
+        description="Not ready: why. Ready: set when the alias points at a version that "
+        "could not be loaded or resolved (the one named keeps serving).",
+    )

@@ -21,66 +21,143 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True)
 
-    model_name: str = Field(MODEL_NAME, min_length=1, alias="SHOPGUIDE_MODEL_NAME",
-                            description="Registered MLflow model to serve.")
-    alias: str = Field("champion", min_length=1, alias="SHOPGUIDE_MODEL_ALIAS",
-                       description="Registry alias resolved to a version at start-up and on every poll.")
-    home: Path = Field(default_factory=_default_home, alias="SHOPGUIDE_HOME",
-                       description="State root: MLflow (unless MLFLOW_TRACKING_URI says otherwise), Feast, cache.")
-    bundle_dir: Path | None = Field(None, alias="SHOPGUIDE_BUNDLE_DIR",
-                                    description="Serve this bundle folder and never ask MLflow (dev, air-gapped).")
-    personalization_weight: float = Field(FeaturesConfig().personalization_weight, ge=0, le=1,
-                                          alias="SHOPGUIDE_PERSONALIZATION_WEIGHT",
-                                          description="w in cos(q, p) + w * cos(u, p); 0 turns personalisation off.")
-    model_poll_seconds: float = Field(60.0, ge=0, alias="SHOPGUIDE_MODEL_POLL_SECONDS",
-                                      description="How often the alias is re-resolved for a hot swap; 0 = never.")
+    model_name: str = Field(
+        MODEL_NAME, min_length=1, alias="SHOPGUIDE_MODEL_NAME", description="Registered MLflow model to serve."
+    )
+    alias: str = Field(
+        "champion",
+        min_length=1,
+        alias="SHOPGUIDE_MODEL_ALIAS",
+        description="Registry alias resolved to a version at start-up and on every poll.",
+    )
+    home: Path = Field(
+        default_factory=_default_home,
+        alias="SHOPGUIDE_HOME",
+        description="State root: MLflow (unless MLFLOW_TRACKING_URI says otherwise), Feast, cache.",
+    )
+    bundle_dir: Path | None = Field(
+        None,
+        alias="SHOPGUIDE_BUNDLE_DIR",
+        description="Serve this bundle folder and never ask MLflow (dev, air-gapped).",
+    )
+    personalization_weight: float = Field(
+        FeaturesConfig().personalization_weight,
+        ge=0,
+        le=1,
+        alias="SHOPGUIDE_PERSONALIZATION_WEIGHT",
+        description="w in cos(q, p) + w * cos(u, p); 0 turns personalisation off.",
+    )
+    model_poll_seconds: float = Field(
+        60.0,
+        ge=0,
+        alias="SHOPGUIDE_MODEL_POLL_SECONDS",
+        description="How often the alias is re-resolved for a hot swap; 0 = never.",
+    )
 
     # Request limits: a violation is a 422 (or 413 for the body) that names the limit, never a 500.
-    max_query_chars: int = Field(256, ge=1, le=4096, alias="SHOPGUIDE_MAX_QUERY_CHARS",
-                                 description="Longest query or text (characters); the encoder reads 32 tokens anyway.")
+    max_query_chars: int = Field(
+        256,
+        ge=1,
+        le=4096,
+        alias="SHOPGUIDE_MAX_QUERY_CHARS",
+        description="Longest query or text (characters); the encoder reads 32 tokens anyway.",
+    )
     max_k: int = Field(100, ge=1, le=1000, alias="SHOPGUIDE_MAX_K", description="Upper bound on results per request.")
-    max_batch: int = Field(64, ge=1, le=1024, alias="SHOPGUIDE_MAX_BATCH",
-                           description="Most queries or texts in one /v1/classify or /v1/embed request.")
-    max_body_bytes: int = Field(64 * 1024, ge=1024, alias="SHOPGUIDE_MAX_BODY_BYTES",
-                                description="Larger request bodies are refused with 413 before they are parsed.")
-    api_keys: frozenset[str] = Field(frozenset(), alias="SHOPGUIDE_API_KEYS",
-                                     description="Comma-separated keys accepted in X-API-Key; empty = no auth. "
-                                                 "/healthz, /readyz and the API docs stay open.")
+    max_batch: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        alias="SHOPGUIDE_MAX_BATCH",
+        description="Most queries or texts in one /v1/classify or /v1/embed request.",
+    )
+    max_body_bytes: int = Field(
+        64 * 1024,
+        ge=1024,
+        alias="SHOPGUIDE_MAX_BODY_BYTES",
+        description="Larger request bodies are refused with 413 before they are parsed.",
+    )
+    api_keys: frozenset[str] = Field(
+        frozenset(),
+        alias="SHOPGUIDE_API_KEYS",
+        description="Comma-separated keys accepted in X-API-Key; empty = no auth. "
+        "/healthz, /readyz and the API docs stay open.",
+    )
 
     # Fast path. Defaults are what measured best on a loaded 2-core machine (bench/serving.py, issue 7 notes).
-    ort_threads: int = Field(1, ge=0, le=64, alias="SHOPGUIDE_ORT_THREADS",
-                             description="ONNX Runtime intra-op threads per request; 0 = one per physical core. "
-                                         "1 wins when requests already run in parallel on few cores.")
+    ort_threads: int = Field(
+        1,
+        ge=0,
+        le=64,
+        alias="SHOPGUIDE_ORT_THREADS",
+        description="ONNX Runtime intra-op threads per request; 0 = one per physical core. "
+        "1 wins when requests already run in parallel on few cores.",
+    )
     ort_optimization: Literal["disabled", "basic", "extended", "all"] = Field(
-        "all", alias="SHOPGUIDE_ORT_OPTIMIZATION", description="ONNX Runtime graph optimization level.")
-    ann_min_products: int = Field(20_000, ge=0, alias="SHOPGUIDE_ANN_MIN_PRODUCTS",
-                                  description="Catalogs this large or larger are searched with an HNSW index "
-                                              "(usearch) and exact re-scoring; smaller ones by brute force. "
-                                              "0 = always brute force.")
-    ann_ef_search: int = Field(128, ge=10, le=4096, alias="SHOPGUIDE_ANN_EF_SEARCH",
-                               description="HNSW search breadth: recall against speed (128: recall@10 ~0.98).")
-    ann_connectivity: int = Field(16, ge=4, le=128, alias="SHOPGUIDE_ANN_CONNECTIVITY",
-                                  description="HNSW graph degree (M); part of the cached index's key.")
-    batch_window_ms: float = Field(0.0, ge=0, le=50, alias="SHOPGUIDE_BATCH_WINDOW_MS",
-                                   description="Micro-batching: concurrent /v1/search encodes arriving within this "
-                                               "window share one ONNX Runtime run (waited only while several "
-                                               "requests are in flight); 0 = off. Only batch-invariant graphs "
-                                               "(fp32, static INT8) are batched: a dynamic-INT8 graph's outputs "
-                                               "depend on the batch, so it still encodes each query alone.")
-    batch_max_size: int = Field(16, ge=1, le=256, alias="SHOPGUIDE_BATCH_MAX_SIZE",
-                                description="Most queries in one micro-batch.")
+        "all", alias="SHOPGUIDE_ORT_OPTIMIZATION", description="ONNX Runtime graph optimization level."
+    )
+    ann_min_products: int = Field(
+        20_000,
+        ge=0,
+        alias="SHOPGUIDE_ANN_MIN_PRODUCTS",
+        description="Catalogs this large or larger are searched with an HNSW index "
+        "(usearch) and exact re-scoring; smaller ones by brute force. "
+        "0 = always brute force.",
+    )
+    ann_ef_search: int = Field(
+        128,
+        ge=10,
+        le=4096,
+        alias="SHOPGUIDE_ANN_EF_SEARCH",
+        description="HNSW search breadth: recall against speed (128: recall@10 ~0.98).",
+    )
+    ann_connectivity: int = Field(
+        16,
+        ge=4,
+        le=128,
+        alias="SHOPGUIDE_ANN_CONNECTIVITY",
+        description="HNSW graph degree (M); part of the cached index's key.",
+    )
+    batch_window_ms: float = Field(
+        0.0,
+        ge=0,
+        le=50,
+        alias="SHOPGUIDE_BATCH_WINDOW_MS",
+        description="Micro-batching: concurrent /v1/search encodes arriving within this "
+        "window share one ONNX Runtime run (waited only while several "
+        "requests are in flight); 0 = off. Only batch-invariant graphs "
+        "(fp32, static INT8) are batched: a dynamic-INT8 graph's outputs "
+        "depend on the batch, so it still encodes each query alone.",
+    )
+    batch_max_size: int = Field(
+        16, ge=1, le=256, alias="SHOPGUIDE_BATCH_MAX_SIZE", description="Most queries in one micro-batch."
+    )
 
     # Shadow mode: a second alias answers a sample of /v1/search off the response path, only for metrics.
-    shadow_alias: str | None = Field(None, alias="SHOPGUIDE_SHADOW_ALIAS",
-                                     description="Alias to shadow (e.g. challenger); unset = no shadow traffic.")
-    shadow_fraction: float = Field(0.1, ge=0, le=1, alias="SHOPGUIDE_SHADOW_FRACTION",
-                                   description="Share of /v1/search requests replayed on the shadow model.")
-    shadow_queue: int = Field(256, ge=1, le=100_000, alias="SHOPGUIDE_SHADOW_QUEUE",
-                              description="Pending shadow requests beyond this are dropped (and counted).")
+    shadow_alias: str | None = Field(
+        None,
+        alias="SHOPGUIDE_SHADOW_ALIAS",
+        description="Alias to shadow (e.g. challenger); unset = no shadow traffic.",
+    )
+    shadow_fraction: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        alias="SHOPGUIDE_SHADOW_FRACTION",
+        description="Share of /v1/search requests replayed on the shadow model.",
+    )
+    shadow_queue: int = Field(
+        256,
+        ge=1,
+        le=100_000,
+        alias="SHOPGUIDE_SHADOW_QUEUE",
+        description="Pending shadow requests beyond this are dropped (and counted).",
+    )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
-        "INFO", alias="SHOPGUIDE_LOG_LEVEL", description="Level of the service's JSON-lines log (INFO = one line "
-                                                         "per request).")
+        "INFO",
+        alias="SHOPGUIDE_LOG_LEVEL",
+        description="Level of the service's JSON-lines log (INFO = one line per request).",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -73,6 +73,7 @@ def prune_ffn_neurons(student: SentenceTransformer, keep: int, texts: list[str])
     def hook(i):
         def record(_module, _inputs, output):
             sums[i] += output.detach().abs().reshape(-1, output.shape[-1]).sum(0)
+
         return record
 
     handles = [layer.intermediate.register_forward_hook(hook(i)) for i, layer in enumerate(bert.encoder.layer)]
@@ -133,7 +134,11 @@ def contrastive_sets(snapshot: Snapshot, train: TrainConfig, teacher_dir: str | 
 
 
 def train_student(
-    student: SentenceTransformer, texts: list[str], targets: np.ndarray, cfg: CompressConfig, out_dir: Path,
+    student: SentenceTransformer,
+    texts: list[str],
+    targets: np.ndarray,
+    cfg: CompressConfig,
+    out_dir: Path,
     task_sets: dict[str, pd.DataFrame] | None = None,
 ) -> list[dict]:
     """Embedding distillation with the sentence-transformers trainer on precomputed teacher embeddings: MSELoss (the
@@ -179,10 +184,12 @@ def train_student(
     loss = MSELoss(student) if cfg.distill_loss == "mse" else EmbedDistillLoss(student, distance_metric="cosine")
     if task_sets:
         mnrl = MultipleNegativesRankingLoss(student)
-        train = DatasetDict({"distill": data, **{name: Dataset.from_pandas(df, preserve_index=False)
-                                                 for name, df in task_sets.items()}})
-        trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=train,
-                                             loss={"distill": loss, **{name: mnrl for name in task_sets}})
+        train = DatasetDict(
+            {"distill": data, **{name: Dataset.from_pandas(df, preserve_index=False) for name, df in task_sets.items()}}
+        )
+        trainer = SentenceTransformerTrainer(
+            model=student, args=args, train_dataset=train, loss={"distill": loss, **{name: mnrl for name in task_sets}}
+        )
     else:
         trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=data, loss=loss)
     trainer.train()
@@ -191,9 +198,16 @@ def train_student(
 
 
 def distill_student(
-    teacher: SentenceTransformer, teacher_dir: str | Path, out_dir: str | Path, layers: list[int], texts: list[str],
-    targets: np.ndarray, cfg: CompressConfig, task_sets: dict[str, pd.DataFrame] | None = None,
-    ffn: int | None = None, init_dir: str | Path | None = None,
+    teacher: SentenceTransformer,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    layers: list[int],
+    texts: list[str],
+    targets: np.ndarray,
+    cfg: CompressConfig,
+    task_sets: dict[str, pd.DataFrame] | None = None,
+    ffn: int | None = None,
+    init_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Build, train and save one student as a finetune-shaped folder (encoder/, category head, labels).
 
@@ -211,8 +225,9 @@ def distill_student(
     else:
         student = load_finetuned(init_dir, teacher.max_seq_length)[0]
         if student[0].auto_model.config.num_hidden_layers != len(layers):
-            raise ValueError(f"{init_dir} has {student[0].auto_model.config.num_hidden_layers} layers, not "
-                             f"{len(layers)}")
+            raise ValueError(
+                f"{init_dir} has {student[0].auto_model.config.num_hidden_layers} layers, not {len(layers)}"
+            )
     if ffn is not None:
         prune_ffn_neurons(student, ffn, texts[:512] + texts[-512:])  # queries and titles
     started = time.perf_counter()
@@ -225,7 +240,13 @@ def distill_student(
     with torch.no_grad():
         check = student.encode(texts[:256], batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
     cos = np.sum(check * targets[:256], axis=1)
-    return {"model_dir": str(out), "layers": list(layers), "ffn": ffn,
-            "initialised_from": str(init_dir) if init_dir else "teacher", "train_seconds": round(seconds, 1),
-            "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-            "train_cosine_to_teacher": float(cos.mean())}
+    return {
+        "model_dir": str(out),
+        "layers": list(layers),
+        "ffn": ffn,
+        "initialised_from": str(init_dir) if init_dir else "teacher",
+        "train_seconds": round(seconds, 1),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "train_cosine_to_teacher": float(cos.mean()),
+    }

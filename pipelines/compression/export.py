@@ -51,8 +51,12 @@ def export_to_onnx(module, path: Path, opset: int) -> None:
         str(path),
         input_names=["input_ids", "attention_mask"],
         output_names=["embedding", "category_logits"],
-        dynamic_axes={"input_ids": dynamic, "attention_mask": dynamic, "embedding": {0: "batch"},
-                      "category_logits": {0: "batch"}},
+        dynamic_axes={
+            "input_ids": dynamic,
+            "attention_mask": dynamic,
+            "embedding": {0: "batch"},
+            "category_logits": {0: "batch"},
+        },
         opset_version=opset,
         dynamo=False,
     )
@@ -80,15 +84,25 @@ def optimize_onnx(src: Path, dst: Path, num_heads: int, hidden_size: int) -> dic
     return {k: int(v) for k, v in model.get_fused_operator_statistics().items() if v}
 
 
-def write_bundle_files(out: Path, tokenizer, labels: list[str], dim: int, max_seq_length: int, quantization: str,
-                       **meta: Any) -> None:
+def write_bundle_files(
+    out: Path, tokenizer, labels: list[str], dim: int, max_seq_length: int, quantization: str, **meta: Any
+) -> None:
     """Everything of a bundle except the graph: tokenizer.json (a `tokenizers.Tokenizer`), labels, encoder.json."""
     tokenizer.save(str(out / TOKENIZER_FILE))
     (out / LABELS_FILE).write_text(json.dumps(labels))
-    (out / ENCODER_FILE).write_text(json.dumps({
-        "max_seq_length": max_seq_length, "dim": dim, "pooling": "mean", "normalized": True,
-        "quantization": quantization, "outputs": ["embedding", "category_logits"], **meta,
-    }))
+    (out / ENCODER_FILE).write_text(
+        json.dumps(
+            {
+                "max_seq_length": max_seq_length,
+                "dim": dim,
+                "pooling": "mean",
+                "normalized": True,
+                "quantization": quantization,
+                "outputs": ["embedding", "category_logits"],
+                **meta,
+            }
+        )
+    )
 
 
 def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -96,8 +110,11 @@ def parity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
     cos = np.sum(reference * candidate, axis=1) / (
         np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1) + 1e-12
     )
-    return {"cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()),
-            "max_abs_diff": float(np.abs(reference - candidate).max())}
+    return {
+        "cosine_mean": float(cos.mean()),
+        "cosine_min": float(cos.min()),
+        "max_abs_diff": float(np.abs(reference - candidate).max()),
+    }
 
 
 def parity_texts(snapshot: Snapshot, n: int) -> list[str]:
@@ -124,12 +141,20 @@ def export_model(
         shutil.copyfile(out / FP32_FILE, out / ONNX_FILE)
     model.tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
     (out / LABELS_FILE).write_text(json.dumps(labels))
-    (out / ENCODER_FILE).write_text(json.dumps({
-        "max_seq_length": max_seq_length, "dim": model.get_embedding_dimension(), "pooling": "mean", "normalized": True,
-        "quantization": "int8-dynamic-per-channel" if cfg.quantize and cfg.per_channel
-        else ("int8-dynamic-per-tensor" if cfg.quantize else "none"),
-        "outputs": ["embedding", "category_logits"],
-    }))
+    (out / ENCODER_FILE).write_text(
+        json.dumps(
+            {
+                "max_seq_length": max_seq_length,
+                "dim": model.get_embedding_dimension(),
+                "pooling": "mean",
+                "normalized": True,
+                "quantization": "int8-dynamic-per-channel"
+                if cfg.quantize and cfg.per_channel
+                else ("int8-dynamic-per-tensor" if cfg.quantize else "none"),
+                "outputs": ["embedding", "category_logits"],
+            }
+        )
+    )
 
     texts = parity_texts(Snapshot.open(snapshot_dir), cfg.parity_texts)
     with torch.no_grad():
@@ -153,5 +178,8 @@ def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_
     seconds = time.perf_counter() - t0
     index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object), emb)
     index.save(bundle_dir)
-    return {"products": len(index), "index_seconds": round(seconds, 2),
-            "products_per_s": round(len(index) / max(seconds, 1e-9), 1)}
+    return {
+        "products": len(index),
+        "index_seconds": round(seconds, 2),
+        "products_per_s": round(len(index) / max(seconds, 1e-9), 1),
+    }

@@ -135,7 +135,11 @@ def check_same_tokens(
 
 
 def prune_vocabulary_dir(
-    model_dir: str | Path, out_dir: str | Path, texts: list[str], max_seq_length: int, min_count: int = 1,
+    model_dir: str | Path,
+    out_dir: str | Path,
+    texts: list[str],
+    max_seq_length: int,
+    min_count: int = 1,
     keep_ascii_chars: bool = True,
 ) -> dict[str, Any]:
     """Prune a finetune-shaped folder (encoder/, category head, labels) to the domain's tokens and the served
@@ -148,20 +152,29 @@ def prune_vocabulary_dir(
     model, _, _ = load_finetuned(model_dir, max_seq_length)
     original = _clone(model.tokenizer.backend_tokenizer)
     counts = token_counts(original, texts, max_seq_length)
-    kept = kept_token_ids(counts, model.tokenizer.get_vocab(), list(model.tokenizer.all_special_ids), min_count,
-                          keep_ascii_chars)
+    kept = kept_token_ids(
+        counts, model.tokenizer.get_vocab(), list(model.tokenizer.all_special_ids), min_count, keep_ascii_chars
+    )
     old_vocab = model[0].auto_model.config.vocab_size
     prune_model_vocabulary(model, kept)
     positions_removed = truncate_positions(model, max_seq_length)
     check = check_same_tokens(original, model.tokenizer.backend_tokenizer, kept, texts[:5000], max_seq_length)
     if check["changed"]:
-        raise RuntimeError(f"the pruned tokenizer splits {check['changed']} of {check['in_vocabulary_texts']} "
-                           "in-vocabulary texts differently from the original")
+        raise RuntimeError(
+            f"the pruned tokenizer splits {check['changed']} of {check['in_vocabulary_texts']} "
+            "in-vocabulary texts differently from the original"
+        )
     model.save(str(out / ENCODER_DIR), create_model_card=False)
     for name in (HEAD_FILE, LABELS_FILE):
         shutil.copyfile(Path(model_dir) / name, out / name)
     dim = model.get_embedding_dimension()
-    return {"model_dir": str(out), "vocab_size": len(kept), "original_vocab_size": old_vocab,
-            "embedding_params_removed": (old_vocab - len(kept) + positions_removed) * dim,
-            "position_rows_removed": positions_removed, "domain_texts": len(texts),
-            "min_count": min_count, "tokens_checked_texts": check["in_vocabulary_texts"]}
+    return {
+        "model_dir": str(out),
+        "vocab_size": len(kept),
+        "original_vocab_size": old_vocab,
+        "embedding_params_removed": (old_vocab - len(kept) + positions_removed) * dim,
+        "position_rows_removed": positions_removed,
+        "domain_texts": len(texts),
+        "min_count": min_count,
+        "tokens_checked_texts": check["in_vocabulary_texts"],
+    }

@@ -52,8 +52,14 @@ def parse_variant(name: str) -> VariantSpec:
     if not match:
         raise ValueError(f"not a variant name: {name!r}")
     weights = match["weights"] + ("-vocab" if match["vocab"] else "")
-    return VariantSpec(name, weights, int(match["layers"]) if match["layers"] else None,
-                       int(match["ffn"]) if match["ffn"] else None, bool(match["vocab"]), match["graph"])
+    return VariantSpec(
+        name,
+        weights,
+        int(match["layers"]) if match["layers"] else None,
+        int(match["ffn"]) if match["ffn"] else None,
+        bool(match["vocab"]),
+        match["graph"],
+    )
 
 
 def planned_variants(cfg: CompressConfig) -> list[VariantSpec]:
@@ -77,8 +83,9 @@ def student_plan(cfg: CompressConfig, teacher_layers: int, teacher_ffn: int) -> 
         key = spec.weights.removesuffix("-vocab")
         layers = list(cfg.student_layers.get(f"student{spec.layers}") or spread_layers(teacher_layers, spec.layers))
         if len(set(layers)) != spec.layers or not all(0 <= i < teacher_layers for i in layers):
-            raise ValueError(f"{key} needs {spec.layers} distinct teacher layers in 0..{teacher_layers - 1}, "
-                             f"got {layers}")
+            raise ValueError(
+                f"{key} needs {spec.layers} distinct teacher layers in 0..{teacher_layers - 1}, got {layers}"
+            )
         if spec.ffn is not None and spec.ffn >= teacher_ffn:
             raise ValueError(f"{key} keeps {spec.ffn} feed-forward neurons; the teacher has {teacher_ffn}")
         init = None
@@ -126,8 +133,18 @@ def distill_students(
     result["task_pairs"] = {name: len(df) for name, df in (task_sets or {}).items()}
     for name, student in plan.items():
         init = models[student["init"]] if student["init"] else None
-        info = distill_student(teacher, model_dir, out / name, student["layers"], texts, targets, ccfg, task_sets,
-                               ffn=student["ffn"], init_dir=init)
+        info = distill_student(
+            teacher,
+            model_dir,
+            out / name,
+            student["layers"],
+            texts,
+            targets,
+            ccfg,
+            task_sets,
+            ffn=student["ffn"],
+            init_dir=init,
+        )
         models[name] = info["model_dir"]
         result["students"][name] = info
     result["seconds"] = round(time.perf_counter() - started, 1)
@@ -143,8 +160,13 @@ def vocabulary_texts(snapshot: Snapshot) -> list[str]:
     never the held-out queries, so their unseen words are a fair test of the pruned tokenizer."""
     import pandas as pd
 
-    texts = pd.concat([snapshot.table("judgments_train")["search_term"], snapshot.table("catalog")["product_title"],
-                       snapshot.table("offers_train")["offer_title"]])
+    texts = pd.concat(
+        [
+            snapshot.table("judgments_train")["search_term"],
+            snapshot.table("catalog")["product_title"],
+            snapshot.table("offers_train")["offer_title"],
+        ]
+    )
     return texts.astype(str).drop_duplicates().tolist()
 
 
@@ -164,8 +186,14 @@ def prune_vocabulary(
             source = key.removesuffix("-vocab")
             if source not in models:
                 raise ValueError(f"{key} needs the {source} weights, which no earlier stage produced")
-            pruned[key] = prune_vocabulary_dir(models[source], Path(out_dir) / key, texts, cfg.train.max_seq_length,
-                                               cfg.compress.vocab_min_count, cfg.compress.vocab_keep_ascii_chars)
+            pruned[key] = prune_vocabulary_dir(
+                models[source],
+                Path(out_dir) / key,
+                texts,
+                cfg.train.max_seq_length,
+                cfg.compress.vocab_min_count,
+                cfg.compress.vocab_keep_ascii_chars,
+            )
             models[key] = pruned[key]["model_dir"]
     return {"models": models, "pruned": pruned, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -224,16 +252,29 @@ def export_weights(
                 quantize_int8(graph_file, bundle / ONNX_FILE, cfg.export.per_channel, optimized=cfg.compress.optimize)
             else:
                 shutil.copyfile(graph_file, bundle / ONNX_FILE)
-            write_bundle_files(bundle, model.tokenizer.backend_tokenizer, labels, model.get_embedding_dimension(),
-                               cfg.train.max_seq_length, _quantization_label(spec.graph, cfg.export.per_channel),
-                               variant=name, layers=int(config.num_hidden_layers), vocab_size=int(config.vocab_size),
-                               optimized=cfg.compress.optimize)
+            write_bundle_files(
+                bundle,
+                model.tokenizer.backend_tokenizer,
+                labels,
+                model.get_embedding_dimension(),
+                cfg.train.max_seq_length,
+                _quantization_label(spec.graph, cfg.export.per_channel),
+                variant=name,
+                layers=int(config.num_hidden_layers),
+                vocab_size=int(config.vocab_size),
+                optimized=cfg.compress.optimize,
+            )
             emb, logits = OnnxEncoder.load(bundle, threads=cfg.compress.threads).encode(texts)
             agreement = float((logits.argmax(1) == classes).mean())
-            out[name] = {"bundle_dir": str(bundle), "model_dir": str(model_dir),
-                         "parity": {**parity(reference, emb), "category_agreement": agreement},
-                         "size_mb": (bundle / ONNX_FILE).stat().st_size / 1e6, "fused_ops": fused,
-                         "layers": int(config.num_hidden_layers), "vocab_size": int(config.vocab_size)}
+            out[name] = {
+                "bundle_dir": str(bundle),
+                "model_dir": str(model_dir),
+                "parity": {**parity(reference, emb), "category_agreement": agreement},
+                "size_mb": (bundle / ONNX_FILE).stat().st_size / 1e6,
+                "fused_ops": fused,
+                "layers": int(config.num_hidden_layers),
+                "vocab_size": int(config.vocab_size),
+            }
     return out
 
 
@@ -254,8 +295,12 @@ def export_variants(
     variants: dict[str, Any] = {}
     for weights, bundles in by_weights.items():
         variants.update(export_weights(models[weights], bundles, texts, cfg))
-    return {"variants": variants, "models": models, "parity_texts": len(texts),
-            "seconds": round(time.perf_counter() - started, 1)}
+    return {
+        "variants": variants,
+        "models": models,
+        "parity_texts": len(texts),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -279,8 +324,12 @@ class TorchEncoder(OnnxEncoder):
         work = Path(work_dir)
         work.mkdir(parents=True, exist_ok=True)
         model.tokenizer.backend_tokenizer.save(str(work / TOKENIZER_FILE))
-        return cls(session=_pooled_encoder(model[0].auto_model, head), tokenizer=load_tokenizer(
-            work / TOKENIZER_FILE, max_seq_length), labels=labels, max_seq_length=max_seq_length)
+        return cls(
+            session=_pooled_encoder(model[0].auto_model, head),
+            tokenizer=load_tokenizer(work / TOKENIZER_FILE, max_seq_length),
+            labels=labels,
+            max_seq_length=max_seq_length,
+        )
 
     def _run(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         import torch
@@ -336,27 +385,45 @@ def _peak_memory_child(args_json: str) -> None:
     encoder = _load_encoder(args["kind"], args["path"], args["work_dir"], args["max_seq_length"], args["threads"])
     encoder.encode(args["texts"], batch_size=THROUGHPUT_BATCH)
     peak = _peak_rss_bytes()
-    print(json.dumps({"rss_before_mb": before / 1e6, "peak_rss_mb": peak / 1e6,
-                      "model_peak_mb": max(peak - before, 0) / 1e6}))
+    print(
+        json.dumps(
+            {"rss_before_mb": before / 1e6, "peak_rss_mb": peak / 1e6, "model_peak_mb": max(peak - before, 0) / 1e6}
+        )
+    )
 
 
-def measure_peak_memory(kind: str, path: str, work_dir: str, max_seq_length: int, threads: int,
-                        texts: list[str]) -> dict[str, float]:
+def measure_peak_memory(
+    kind: str, path: str, work_dir: str, max_seq_length: int, threads: int, texts: list[str]
+) -> dict[str, float]:
     """Peak memory of one variant in a fresh subprocess, so that variants measured earlier cannot hide it."""
-    args = json.dumps({"kind": kind, "path": path, "work_dir": work_dir, "max_seq_length": max_seq_length,
-                       "threads": threads, "texts": texts})
+    args = json.dumps(
+        {
+            "kind": kind,
+            "path": path,
+            "work_dir": work_dir,
+            "max_seq_length": max_seq_length,
+            "threads": threads,
+            "texts": texts,
+        }
+    )
     code = "import sys; from pipelines.compression.variants import _peak_memory_child; _peak_memory_child(sys.argv[1])"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
-                                                                     os.environ.get("PYTHONPATH")]))}
-    done = subprocess.run([sys.executable, "-c", code, args], capture_output=True, text=True, env=env, timeout=900,
-                          check=False)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            filter(None, [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])
+        ),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", code, args], capture_output=True, text=True, env=env, timeout=900, check=False
+    )
     if done.returncode != 0:
         return {"peak_memory_error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _timings(encoders: dict[str, OnnxEncoder], queries: list[str], titles: list[str],
-             repeats: int) -> dict[str, dict[str, float]]:
+def _timings(
+    encoders: dict[str, OnnxEncoder], queries: list[str], titles: list[str], repeats: int
+) -> dict[str, dict[str, float]]:
     """Batch-1 query latency (tokenisation included) and batch-32 products/s, medians over `repeats` passes that
     go round-robin over the variants, so that a noisy neighbour slows every variant alike."""
     samples: dict[str, dict[str, list[float]]] = {n: {"p50": [], "p99": [], "pps": []} for n in encoders}
@@ -369,8 +436,14 @@ def _timings(encoders: dict[str, OnnxEncoder], queries: list[str], titles: list[
             t0 = time.perf_counter()
             encoder.encode(titles, batch_size=THROUGHPUT_BATCH)
             samples[name]["pps"].append(len(titles) / (time.perf_counter() - t0))
-    return {n: {"latency_p50_ms": float(np.median(s["p50"])), "latency_p99_ms": float(np.median(s["p99"])),
-                "products_per_s": float(np.median(s["pps"]))} for n, s in samples.items()}
+    return {
+        n: {
+            "latency_p50_ms": float(np.median(s["p50"])),
+            "latency_p99_ms": float(np.median(s["p99"])),
+            "products_per_s": float(np.median(s["pps"])),
+        }
+        for n, s in samples.items()
+    }
 
 
 def evaluate_variants(
@@ -391,8 +464,12 @@ def evaluate_variants(
     terms = sorted(qrels)
     catalog, offers_test = snap.table("catalog"), snap.table("offers_test")
     titles = catalog["product_title"].astype(str).tolist()
-    bench_titles = catalog["product_title"].astype(str).sample(
-        n=min(ccfg.throughput_texts, len(catalog)), random_state=ccfg.seed).tolist()
+    bench_titles = (
+        catalog["product_title"]
+        .astype(str)
+        .sample(n=min(ccfg.throughput_texts, len(catalog)), random_state=ccfg.seed)
+        .tolist()
+    )
     variants = exported["variants"]
     # (kind, path) per variant, baseline first
     sources = {BASELINE_VARIANT: ("torch", exported["models"][TEACHER])}
@@ -407,12 +484,16 @@ def evaluate_variants(
         t0 = time.perf_counter()
         emb, _ = encoder.encode(titles, batch_size=ecfg.batch_size)
         index_seconds = time.perf_counter() - t0
-        index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object),
-                             emb)
+        index = ProductIndex(catalog["product_uid"].to_numpy(np.int64), catalog["product_title"].to_numpy(object), emb)
         if kind == "onnx":
             index.save(path)
-        row: dict[str, Any] = {"variant": name, "weights": spec.weights, "graph": spec.graph,
-                               "servable": kind == "onnx", "bundle_dir": path if kind == "onnx" else None}
+        row: dict[str, Any] = {
+            "variant": name,
+            "weights": spec.weights,
+            "graph": spec.graph,
+            "servable": kind == "onnx",
+            "bundle_dir": path if kind == "onnx" else None,
+        }
         row.update(ir_metrics(qrels, retrieval_run(encoder, index, terms, ecfg.retrieve_k, ecfg.batch_size)))
         row.update(category_accuracy(encoder, offers_test, ecfg.max_category_offers, ecfg.batch_size))
         row["index_seconds"] = round(index_seconds, 2)
@@ -420,10 +501,14 @@ def evaluate_variants(
             row.update(size_mb=weights_size_mb(path), parity_cosine_min=None, parity_cosine_mean=None)
         else:
             v = variants[name]
-            row.update(size_mb=v["size_mb"], parity_cosine_min=v["parity"]["cosine_min"],
-                       parity_cosine_mean=v["parity"]["cosine_mean"],
-                       parity_category_agreement=v["parity"].get("category_agreement"), layers=v["layers"],
-                       vocab_size=v["vocab_size"])
+            row.update(
+                size_mb=v["size_mb"],
+                parity_cosine_min=v["parity"]["cosine_min"],
+                parity_cosine_mean=v["parity"]["cosine_mean"],
+                parity_category_agreement=v["parity"].get("category_agreement"),
+                layers=v["layers"],
+                vocab_size=v["vocab_size"],
+            )
         rows[name] = row
         encoders[name] = encoder
         del emb, index
@@ -433,11 +518,20 @@ def evaluate_variants(
     gc.collect()
     if ccfg.measure_memory:
         for name, (kind, path) in sources.items():
-            rows[name].update(measure_peak_memory(kind, path, str(out / name), cfg.train.max_seq_length, ccfg.threads,
-                                                  bench_titles[:256]))
-    result = {"rows": with_ratios(list(rows.values())), "baseline": BASELINE_VARIANT, "heldout_terms": len(terms),
-              "catalog_products": len(catalog), "threads": ccfg.threads, "snapshot_hash": snap.hash,
-              "seconds": round(time.perf_counter() - started, 1)}
+            rows[name].update(
+                measure_peak_memory(
+                    kind, path, str(out / name), cfg.train.max_seq_length, ccfg.threads, bench_titles[:256]
+                )
+            )
+    result = {
+        "rows": with_ratios(list(rows.values())),
+        "baseline": BASELINE_VARIANT,
+        "heldout_terms": len(terms),
+        "catalog_products": len(catalog),
+        "threads": ccfg.threads,
+        "snapshot_hash": snap.hash,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     (out / "variants.json").write_text(json.dumps(result, indent=2))
     return result
 
@@ -451,12 +545,17 @@ def with_ratios(rows: list[dict[str, Any]], baseline: str = BASELINE_VARIANT) ->
     def ratio(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None or b == 0 else a / b
 
-    return [{**r,
-             "ndcg_retained": ratio(r.get("ndcg_at_10"), base.get("ndcg_at_10")),
-             "category_retained": ratio(r.get("category_accuracy"), base.get("category_accuracy")),
-             "size_reduction": ratio(base.get("size_mb"), r.get("size_mb")),
-             "latency_speedup": ratio(base.get("latency_p50_ms"), r.get("latency_p50_ms")),
-             "throughput_gain": ratio(r.get("products_per_s"), base.get("products_per_s"))} for r in rows]
+    return [
+        {
+            **r,
+            "ndcg_retained": ratio(r.get("ndcg_at_10"), base.get("ndcg_at_10")),
+            "category_retained": ratio(r.get("category_accuracy"), base.get("category_accuracy")),
+            "size_reduction": ratio(base.get("size_mb"), r.get("size_mb")),
+            "latency_speedup": ratio(base.get("latency_p50_ms"), r.get("latency_p50_ms")),
+            "throughput_gain": ratio(r.get("products_per_s"), base.get("products_per_s")),
+        }
+        for r in rows
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -497,8 +596,10 @@ def choose_variant(rows: list[dict[str, Any]], cfg: CompressConfig, baseline: st
             continue
         why = []
         if r.get("ndcg_at_10") is None or r["ndcg_at_10"] < floor:
-            why.append(f"nDCG@10 {r.get('ndcg_at_10') or 0:.4f} < {cfg.min_ndcg_retained:.0%} of the teacher's "
-                       f"{base['ndcg_at_10']:.4f}")
+            why.append(
+                f"nDCG@10 {r.get('ndcg_at_10') or 0:.4f} < {cfg.min_ndcg_retained:.0%} of the teacher's "
+                f"{base['ndcg_at_10']:.4f}"
+            )
         if r.get("parity_cosine_min") is None or r["parity_cosine_min"] < cfg.min_parity_cosine:
             why.append(f"parity min cosine {r.get('parity_cosine_min') or 0:.4f} < {cfg.min_parity_cosine}")
         if cfg.max_size_mb is not None and r["size_mb"] > cfg.max_size_mb:
@@ -511,19 +612,22 @@ def choose_variant(rows: list[dict[str, Any]], cfg: CompressConfig, baseline: st
     if qualified:
         key, what = _OBJECTIVES[cfg.objective]
         best = min(qualified, key=key)
-        reason = (f"{best['variant']}: the {what} of {len(qualified)} qualifying variant(s) "
-                  f"(p50 {best['latency_p50_ms']:.2f} ms, {best['products_per_s']:.0f} products/s, "
-                  f"{best['size_mb']:.1f} MB, nDCG@10 {best['ndcg_at_10']:.4f} = "
-                  f"{best['ndcg_at_10'] / base['ndcg_at_10']:.1%} of the teacher's, parity min cosine "
-                  f"{best['parity_cosine_min']:.4f})")
+        reason = (
+            f"{best['variant']}: the {what} of {len(qualified)} qualifying variant(s) "
+            f"(p50 {best['latency_p50_ms']:.2f} ms, {best['products_per_s']:.0f} products/s, "
+            f"{best['size_mb']:.1f} MB, nDCG@10 {best['ndcg_at_10']:.4f} = "
+            f"{best['ndcg_at_10'] / base['ndcg_at_10']:.1%} of the teacher's, parity min cosine "
+            f"{best['parity_cosine_min']:.4f})"
+        )
         return Selection(best["variant"], reason, False, names, rejected)
     summary = "no variant qualifies: " + "; ".join(f"{k}: {v}" for k, v in rejected.items())
     if not rejected:
         summary = "no servable variant was evaluated"
     available = {r["variant"] for r in rows if r.get("servable")}
     if cfg.fallback == "teacher-int8" and FALLBACK_VARIANT in available:
-        return Selection(FALLBACK_VARIANT, f"{summary}. Falling back to {FALLBACK_VARIANT} as configured", True,
-                         names, rejected)
+        return Selection(
+            FALLBACK_VARIANT, f"{summary}. Falling back to {FALLBACK_VARIANT} as configured", True, names, rejected
+        )
     tail = "fallback is 'fail'" if cfg.fallback == "fail" else f"fallback {FALLBACK_VARIANT} was not built"
     return Selection(None, f"{summary}. Nothing selected: {tail}", False, names, rejected)
 
@@ -538,13 +642,28 @@ def select_variant(evaluated: dict[str, Any], out_dir: str | Path, cfg: Shopguid
     if selection.variant is None:
         raise CompressionFailed(selection.reason)
     chosen = next(r for r in evaluated["rows"] if r["variant"] == selection.variant)
-    metric_keys = ("ndcg_at_10", "category_accuracy", "size_mb", "latency_p50_ms", "latency_p99_ms",
-                   "products_per_s", "parity_cosine_min", "ndcg_retained", "size_reduction", "latency_speedup",
-                   "throughput_gain")
-    return {"bundle_dir": chosen["bundle_dir"], "variant": selection.variant, "reason": selection.reason,
-            "fallback": selection.fallback, "report_dir": str(report_dir),
-            "parity_cosine_min": chosen["parity_cosine_min"],
-            "metrics": {k: chosen.get(k) for k in metric_keys}}
+    metric_keys = (
+        "ndcg_at_10",
+        "category_accuracy",
+        "size_mb",
+        "latency_p50_ms",
+        "latency_p99_ms",
+        "products_per_s",
+        "parity_cosine_min",
+        "ndcg_retained",
+        "size_reduction",
+        "latency_speedup",
+        "throughput_gain",
+    )
+    return {
+        "bundle_dir": chosen["bundle_dir"],
+        "variant": selection.variant,
+        "reason": selection.reason,
+        "fallback": selection.fallback,
+        "report_dir": str(report_dir),
+        "parity_cosine_min": chosen["parity_cosine_min"],
+        "metrics": {k: chosen.get(k) for k in metric_keys},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -576,9 +695,11 @@ def markdown_table(rows: list[dict[str, Any]], selection: Selection | None = Non
         cells = [("-" if r.get(key) is None else fmt.format(r[key])) for _, key, fmt in TABLE_COLUMNS]
         note = "baseline" if not r.get("servable") else ""
         if selection is not None and r.get("servable"):
-            note = ("**selected**" + (" (fallback)" if selection.fallback else "")
-                    if r["variant"] == selection.variant
-                    else selection.rejected.get(r["variant"], "qualifies"))
+            note = (
+                "**selected**" + (" (fallback)" if selection.fallback else "")
+                if r["variant"] == selection.variant
+                else selection.rejected.get(r["variant"], "qualifies")
+            )
         lines.append("| " + " | ".join(cells + [note]) + " |")
     return "\n".join(lines)
 
@@ -603,11 +724,25 @@ def pareto_plot(rows: list[dict[str, Any]], selection: Selection | None, floor: 
     for rank, r in enumerate(sorted(rows, key=lambda r: r["latency_p50_ms"])):
         chosen = selection is not None and r["variant"] == selection.variant
         color = "tab:red" if chosen else ("tab:blue" if r.get("servable") else "tab:gray")
-        ax.scatter(r["latency_p50_ms"], r["ndcg_at_10"], s=250 if chosen else 25 + 3 * r["size_mb"], alpha=0.75,
-                   marker="*" if chosen else "o", color=color, edgecolors="black", linewidths=0.5, zorder=3)
+        ax.scatter(
+            r["latency_p50_ms"],
+            r["ndcg_at_10"],
+            s=250 if chosen else 25 + 3 * r["size_mb"],
+            alpha=0.75,
+            marker="*" if chosen else "o",
+            color=color,
+            edgecolors="black",
+            linewidths=0.5,
+            zorder=3,
+        )
         # neighbours in latency alternate above / below their point so that labels overlap less
-        ax.annotate(f"{r['variant']}\n{r['size_mb']:.1f} MB", (r["latency_p50_ms"], r["ndcg_at_10"]),
-                    textcoords="offset points", xytext=(6, 6 if rank % 2 else -18), fontsize=7)
+        ax.annotate(
+            f"{r['variant']}\n{r['size_mb']:.1f} MB",
+            (r["latency_p50_ms"], r["ndcg_at_10"]),
+            textcoords="offset points",
+            xytext=(6, 6 if rank % 2 else -18),
+            fontsize=7,
+        )
     pts = sorted((r["latency_p50_ms"], r["ndcg_at_10"]) for r in rows if r["variant"] in front)
     if pts:
         ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", color="tab:green", lw=1, label="Pareto front")
@@ -623,23 +758,30 @@ def pareto_plot(rows: list[dict[str, Any]], selection: Selection | None, floor: 
     fig.savefig(path)
 
 
-def write_report(evaluated: dict[str, Any], selection: Selection | None, report_dir: Path,
-                 cfg: CompressConfig) -> Path:
+def write_report(evaluated: dict[str, Any], selection: Selection | None, report_dir: Path, cfg: CompressConfig) -> Path:
     """compression.md (table + choice), pareto.png and compression.json in one folder, for MLflow to log."""
     report_dir.mkdir(parents=True, exist_ok=True)
     rows = evaluated["rows"]
     base = next((r for r in rows if r["variant"] == evaluated.get("baseline", BASELINE_VARIANT)), None)
     floor = cfg.min_ndcg_retained * base["ndcg_at_10"] if base else None
     pareto_plot(rows, selection, floor, report_dir / PARETO_PNG)
-    md = [f"# Compression report ({evaluated.get('heldout_terms')} held-out terms x "
-          f"{evaluated.get('catalog_products')} products, {evaluated.get('threads')} threads)", "",
-          markdown_table(rows, selection), "",
-          f"Selection ({cfg.objective}, >= {cfg.min_ndcg_retained:.0%} of the teacher's nDCG@10, parity >= "
-          f"{cfg.min_parity_cosine}): {selection.reason if selection else 'not run'}", "",
-          f"Pareto front (latency vs nDCG@10): {', '.join(pareto_front(rows))}", "", f"![pareto]({PARETO_PNG})"]
+    md = [
+        f"# Compression report ({evaluated.get('heldout_terms')} held-out terms x "
+        f"{evaluated.get('catalog_products')} products, {evaluated.get('threads')} threads)",
+        "",
+        markdown_table(rows, selection),
+        "",
+        f"Selection ({cfg.objective}, >= {cfg.min_ndcg_retained:.0%} of the teacher's nDCG@10, parity >= "
+        f"{cfg.min_parity_cosine}): {selection.reason if selection else 'not run'}",
+        "",
+        f"Pareto front (latency vs nDCG@10): {', '.join(pareto_front(rows))}",
+        "",
+        f"![pareto]({PARETO_PNG})",
+    ]
     (report_dir / REPORT_MD).write_text("\n".join(md) + "\n")
-    (report_dir / REPORT_JSON).write_text(json.dumps(
-        {**evaluated, "selection": selection.to_dict() if selection else None}, indent=2, default=str))
+    (report_dir / REPORT_JSON).write_text(
+        json.dumps({**evaluated, "selection": selection.to_dict() if selection else None}, indent=2, default=str)
+    )
     return report_dir
 
 
@@ -668,8 +810,13 @@ def compress_model(
         selected = timed("select", select_variant, evaluated, out, cfg)
     except CompressionFailed as err:
         selected = {"bundle_dir": None, "variant": None, "reason": str(err), "report_dir": str(out / REPORT_DIR)}
-    return {"selected": selected, "rows": evaluated["rows"], "students": distilled["students"],
-            "pruned": pruned["pruned"], "exported": {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"}
-                                                     for k, v in exported["variants"].items()},
-            "stage_seconds": seconds, "heldout_terms": evaluated["heldout_terms"],
-            "catalog_products": evaluated["catalog_products"]}
+    return {
+        "selected": selected,
+        "rows": evaluated["rows"],
+        "students": distilled["students"],
+        "pruned": pruned["pruned"],
+        "exported": {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"} for k, v in exported["variants"].items()},
+        "stage_seconds": seconds,
+        "heldout_terms": evaluated["heldout_terms"],
+        "catalog_products": evaluated["catalog_products"],
+    }

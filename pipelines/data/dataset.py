@@ -16,7 +16,13 @@ from pipelines.config import DATA_DIR, DataConfig
 HOMEDEPOT_FILE = DATA_DIR / "homedepot_train.csv.zip"
 PRICERUNNER_FILE = DATA_DIR / "pricerunner_aggregate.csv.gz"
 PRICERUNNER_COLUMNS = [
-    "product_id", "offer_title", "merchant_id", "cluster_id", "cluster_label", "category_id", "category_label",
+    "product_id",
+    "offer_title",
+    "merchant_id",
+    "cluster_id",
+    "cluster_label",
+    "category_id",
+    "category_label",
 ]
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
 SNAPSHOT_TABLES = ("judgments_train", "judgments_heldout", "catalog", "offers_train", "offers_test", "events")
@@ -50,8 +56,13 @@ def load_judgments(path: Path = HOMEDEPOT_FILE) -> pd.DataFrame:
     """Home Depot relevance judgments: id, product_uid, product_title, search_term, relevance (1.0-3.0)."""
     df = pd.read_csv(path, encoding="latin-1")
     # cast only what is there: a missing column is the validation step's to report, readably
-    types = {"id": "int64", "product_uid": "int64", "product_title": "string", "search_term": "string",
-             "relevance": "float64"}
+    types = {
+        "id": "int64",
+        "product_uid": "int64",
+        "product_title": "string",
+        "search_term": "string",
+        "relevance": "float64",
+    }
     return df.astype({c: t for c, t in types.items() if c in df.columns})
 
 
@@ -59,8 +70,15 @@ def load_offers(path: Path = PRICERUNNER_FILE) -> pd.DataFrame:
     """PriceRunner offers: offer title, its canonical product (cluster) and one of 10 categories."""
     df = pd.read_csv(path, header=None, names=PRICERUNNER_COLUMNS)
     return df.astype(
-        {"product_id": "int64", "offer_title": "string", "merchant_id": "int64", "cluster_id": "int64",
-         "cluster_label": "string", "category_id": "int64", "category_label": "string"}
+        {
+            "product_id": "int64",
+            "offer_title": "string",
+            "merchant_id": "int64",
+            "cluster_id": "int64",
+            "cluster_label": "string",
+            "category_id": "int64",
+            "category_label": "string",
+        }
     )
 
 
@@ -104,8 +122,9 @@ def related_terms(judgments: pd.DataFrame) -> dict[str, list[str]]:
     "shower only faucet", "honda mower" and "briggs and stratton lawn mower"); 7,801 of the 10,296 training terms
     have at least one.
     """
-    pairs = pd.DataFrame({"term": judgments["search_term"].map(normalize_term),
-                          "product": judgments["product_uid"]}).drop_duplicates()
+    pairs = pd.DataFrame(
+        {"term": judgments["search_term"].map(normalize_term), "product": judgments["product_uid"]}
+    ).drop_duplicates()
     pairs = pairs[pairs["term"] != ""]
     linked = pairs.merge(pairs, on="product")
     linked = linked[linked["term_x"] != linked["term_y"]].drop_duplicates(["term_x", "term_y"])
@@ -203,7 +222,12 @@ def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime) -> Snapshot:
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
         hashes[name] = _frame_hash(df)
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
-    manifest = {"hash": digest, "tables": {n: {"rows": len(t), "sha256": hashes[n]} for n, t in tables.items()},
-                "as_of": as_of.isoformat(), "config": cfg.model_dump(), "simulated": ["events"]}
+    manifest = {
+        "hash": digest,
+        "tables": {n: {"rows": len(t), "sha256": hashes[n]} for n, t in tables.items()},
+        "as_of": as_of.isoformat(),
+        "config": cfg.model_dump(),
+        "simulated": ["events"],
+    }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Snapshot(out_dir, digest)

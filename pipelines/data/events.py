@@ -22,5 +22,9 @@ def land_events(cfg: DataConfig, out_dir: str | Path, as_of: datetime) -> dict[s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     events.to_parquet(out / EVENTS_FILE, index=False)
-    return {"events_path": str(out / EVENTS_FILE), "events": len(events), "users": int(events["user_id"].nunique()),
-            "newest": events["event_timestamp"].max().isoformat()}
+    return {
+        "events_path": str(out / EVENTS_FILE),
+        "events": len(events),
+        "users": int(events["user_id"].nunique()),
+        "newest": events["event_timestamp"].max().isoformat(),
+    }

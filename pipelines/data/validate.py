@@ -105,81 +105,123 @@ def judgments_suite() -> ExpectationSuite:
     """Home Depot relevance pairs: complete, typed, unique ids, non-empty texts, graded relevance in [1, 3]."""
     exp = _gx().expectations
     columns = ["id", "product_uid", "product_title", "search_term", "relevance"]
-    return _suite("judgments", [
-        _non_empty_table(),
-        *_present(columns),
-        *_not_null(columns),
-        exp.ExpectColumnValuesToBeUnique(column="id"),
-        exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1),
-        exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
-        exp.ExpectColumnValuesToBeBetween(column="relevance", min_value=1.0, max_value=3.0),
-        *_typed({"id": INT_TYPES, "product_uid": INT_TYPES, "product_title": STRING_TYPES,
-                 "search_term": STRING_TYPES, "relevance": FLOAT_TYPES}),
-    ])
+    return _suite(
+        "judgments",
+        [
+            _non_empty_table(),
+            *_present(columns),
+            *_not_null(columns),
+            exp.ExpectColumnValuesToBeUnique(column="id"),
+            exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1),
+            exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
+            exp.ExpectColumnValuesToBeBetween(column="relevance", min_value=1.0, max_value=3.0),
+            *_typed(
+                {
+                    "id": INT_TYPES,
+                    "product_uid": INT_TYPES,
+                    "product_title": STRING_TYPES,
+                    "search_term": STRING_TYPES,
+                    "relevance": FLOAT_TYPES,
+                }
+            ),
+        ],
+    )
 
 
 def catalog_suite() -> ExpectationSuite:
     """Distinct products: one row per product_uid, each with a title."""
     exp = _gx().expectations
-    return _suite("catalog", [
-        _non_empty_table(),
-        *_present(["product_uid", "product_title"]),
-        *_not_null(["product_uid", "product_title"]),
-        exp.ExpectColumnValuesToBeUnique(column="product_uid"),
-        exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
-        *_typed({"product_uid": INT_TYPES, "product_title": STRING_TYPES}),
-    ])
+    return _suite(
+        "catalog",
+        [
+            _non_empty_table(),
+            *_present(["product_uid", "product_title"]),
+            *_not_null(["product_uid", "product_title"]),
+            exp.ExpectColumnValuesToBeUnique(column="product_uid"),
+            exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
+            *_typed({"product_uid": INT_TYPES, "product_title": STRING_TYPES}),
+        ],
+    )
 
 
 def offers_suite() -> ExpectationSuite:
     """PriceRunner offers: complete rows, one row per offer, every offer labelled with a category."""
     exp = _gx().expectations
-    columns = ["product_id", "offer_title", "merchant_id", "cluster_id", "cluster_label", "category_id",
-               "category_label"]
-    return _suite("offers", [
-        _non_empty_table(),
-        *_present(columns),
-        *_not_null(columns),
-        exp.ExpectColumnValuesToBeUnique(column="product_id"),
-        exp.ExpectColumnValueLengthsToBeBetween(column="offer_title", min_value=1),
-        exp.ExpectColumnValueLengthsToBeBetween(column="category_label", min_value=1),
-        *_typed({"product_id": INT_TYPES, "cluster_id": INT_TYPES, "category_id": INT_TYPES,
-                 "offer_title": STRING_TYPES, "category_label": STRING_TYPES}),
-    ])
+    columns = [
+        "product_id",
+        "offer_title",
+        "merchant_id",
+        "cluster_id",
+        "cluster_label",
+        "category_id",
+        "category_label",
+    ]
+    return _suite(
+        "offers",
+        [
+            _non_empty_table(),
+            *_present(columns),
+            *_not_null(columns),
+            exp.ExpectColumnValuesToBeUnique(column="product_id"),
+            exp.ExpectColumnValueLengthsToBeBetween(column="offer_title", min_value=1),
+            exp.ExpectColumnValueLengthsToBeBetween(column="category_label", min_value=1),
+            *_typed(
+                {
+                    "product_id": INT_TYPES,
+                    "cluster_id": INT_TYPES,
+                    "category_id": INT_TYPES,
+                    "offer_title": STRING_TYPES,
+                    "category_label": STRING_TYPES,
+                }
+            ),
+        ],
+    )
 
 
 def events_suite() -> ExpectationSuite:
     """Simulated user event log: keys and timestamps present, known event types, positive user ids."""
     exp = _gx().expectations
     required = ["user_id", "product_id", "event_type", "event_timestamp"]
-    return _suite("events", [
-        _non_empty_table(),
-        *_present([*required, "query"]),
-        *_not_null(required),
-        exp.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES)),
-        exp.ExpectColumnValuesToBeBetween(column="user_id", min_value=1),
-        # GX's pandas type matching cannot name a tz-aware datetime dtype, so only the integer keys are typed.
-        *_typed({"user_id": INT_TYPES, "product_id": INT_TYPES}),
-    ])
+    return _suite(
+        "events",
+        [
+            _non_empty_table(),
+            *_present([*required, "query"]),
+            *_not_null(required),
+            exp.ExpectColumnValuesToBeInSet(column="event_type", value_set=list(EVENT_TYPES)),
+            exp.ExpectColumnValuesToBeBetween(column="user_id", min_value=1),
+            # GX's pandas type matching cannot name a tz-aware datetime dtype, so only the integer keys are typed.
+            *_typed({"user_id": INT_TYPES, "product_id": INT_TYPES}),
+        ],
+    )
 
 
 def term_leakage_suite(heldout_terms: Iterable[str]) -> ExpectationSuite:
     """No normalised held-out search term may appear in the training judgments (split is by query, never by row)."""
     exp = _gx().expectations
-    return _suite("term_leakage", [
-        exp.ExpectColumnValuesToNotBeInSet(
-            column=TERM_COLUMN, value_set=sorted(set(heldout_terms)), meta={"value_set_name": "held-out terms"}),
-    ])
+    return _suite(
+        "term_leakage",
+        [
+            exp.ExpectColumnValuesToNotBeInSet(
+                column=TERM_COLUMN, value_set=sorted(set(heldout_terms)), meta={"value_set_name": "held-out terms"}
+            ),
+        ],
+    )
 
 
 def cluster_leakage_suite(test_cluster_ids: Iterable[int]) -> ExpectationSuite:
     """No PriceRunner test product cluster may appear in the training offers (split is by cluster)."""
     exp = _gx().expectations
-    return _suite("cluster_leakage", [
-        exp.ExpectColumnValuesToNotBeInSet(
-            column="cluster_id", value_set=sorted({int(c) for c in test_cluster_ids}),
-            meta={"value_set_name": "test cluster ids"}),
-    ])
+    return _suite(
+        "cluster_leakage",
+        [
+            exp.ExpectColumnValuesToNotBeInSet(
+                column="cluster_id",
+                value_set=sorted({int(c) for c in test_cluster_ids}),
+                meta={"value_set_name": "test cluster ids"},
+            ),
+        ],
+    )
 
 
 SUITES: dict[str, Callable[[], ExpectationSuite]] = {
@@ -222,8 +264,15 @@ class _Runner:
             if f["error"] and f["column"] in missing:
                 f["missing_column"], f["error"] = f["column"], None
         failures.sort(key=lambda f: order.get((f["expectation"], f["column"]), len(order)))
-        return ValidationSummary(name=name, suite=suite.name, table=table, success=bool(result.success),
-                                 rows=len(df), evaluated=len(result.results), failures=failures)
+        return ValidationSummary(
+            name=name,
+            suite=suite.name,
+            table=table,
+            success=bool(result.success),
+            rows=len(df),
+            evaluated=len(result.results),
+            failures=failures,
+        )
 
 
 def _jsonable(value: Any) -> Any:
@@ -261,9 +310,20 @@ def _exception_message(exception_info: Any) -> str | None:
 def _failure_dict(suite: str, table: str, expectation: str, column: str | None, **fields: Any) -> dict[str, Any]:
     """The structured form of one failed expectation (DataValidationError.failures holds a list of these)."""
     return {
-        "suite": suite, "table": table, "expectation": expectation, "column": column, "kwargs": {},
-        "value_set_name": None, "element_count": None, "unexpected_count": None, "unexpected_values": [],
-        "unexpected_rows": [], "observed_value": None, "missing_column": None, "error": None, **fields,
+        "suite": suite,
+        "table": table,
+        "expectation": expectation,
+        "column": column,
+        "kwargs": {},
+        "value_set_name": None,
+        "element_count": None,
+        "unexpected_count": None,
+        "unexpected_values": [],
+        "unexpected_rows": [],
+        "observed_value": None,
+        "missing_column": None,
+        "error": None,
+        **fields,
     }
 
 
@@ -273,8 +333,11 @@ def _failure(r: Any, suite: str, table: str) -> dict[str, Any]:
     column = config.kwargs.get("column")
     result = r.result or {}
     counts = result.get("partial_unexpected_counts") or []
-    values = [c["value"] for c in counts] if counts else list(dict.fromkeys(
-        map(_jsonable, result.get("partial_unexpected_list") or [])))
+    values = (
+        [c["value"] for c in counts]
+        if counts
+        else list(dict.fromkeys(map(_jsonable, result.get("partial_unexpected_list") or [])))
+    )
     error = _exception_message(r.exception_info)
     missing = _MISSING_COLUMN.search(error or "")
     if config.type == "expect_column_to_exist":
@@ -283,7 +346,10 @@ def _failure(r: Any, suite: str, table: str) -> dict[str, Any]:
     else:
         missing_column = missing.group("column") if missing else None
     return _failure_dict(
-        suite, table, config.type, column,
+        suite,
+        table,
+        config.type,
+        column,
         kwargs=_jsonable(kwargs),
         value_set_name=(config.meta or {}).get("value_set_name"),
         element_count=result.get("element_count"),
@@ -356,8 +422,16 @@ def _raise_for(summaries: list[ValidationSummary]) -> None:
 
 
 def _counts(summaries: list[ValidationSummary]) -> dict[str, dict[str, Any]]:
-    return {s.name: {"suite": s.suite, "table": s.table, "rows": s.rows, "expectations": s.evaluated,
-                      "failed": len(s.failures)} for s in summaries}
+    return {
+        s.name: {
+            "suite": s.suite,
+            "table": s.table,
+            "rows": s.rows,
+            "expectations": s.evaluated,
+            "failed": len(s.failures),
+        }
+        for s in summaries
+    }
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -377,11 +451,13 @@ def validate_events(df: pd.DataFrame) -> dict[str, Any]:
     return {"success": True, **_counts([summary])["events"]}
 
 
-def _unrunnable(name: str, suite: str, table: str, column: str | None, expectation: str, error: str
-                ) -> ValidationSummary:
+def _unrunnable(
+    name: str, suite: str, table: str, column: str | None, expectation: str, error: str
+) -> ValidationSummary:
     failure = _failure_dict(suite, table, expectation, column, error=error)
-    return ValidationSummary(name=name, suite=suite, table=table, success=False, rows=0, evaluated=1,
-                             failures=[failure])
+    return ValidationSummary(
+        name=name, suite=suite, table=table, success=False, rows=0, evaluated=1, failures=[failure]
+    )
 
 
 def _check_leakage(runner: _Runner, frames: dict[str, pd.DataFrame]) -> list[ValidationSummary]:
@@ -394,16 +470,32 @@ def _check_leakage(runner: _Runner, frames: dict[str, pd.DataFrame]) -> list[Val
             suite = term_leakage_suite(heldout["search_term"].dropna().map(normalize_term))
             out.append(runner.run(terms, suite, "judgments_train", name="term_leakage"))
         else:
-            out.append(_unrunnable("term_leakage", "term_leakage", "judgments_train", TERM_COLUMN, not_in_set,
-                                   "needs column 'search_term' in judgments_train and judgments_heldout"))
+            out.append(
+                _unrunnable(
+                    "term_leakage",
+                    "term_leakage",
+                    "judgments_train",
+                    TERM_COLUMN,
+                    not_in_set,
+                    "needs column 'search_term' in judgments_train and judgments_heldout",
+                )
+            )
     offers_train, offers_test = frames.get("offers_train"), frames.get("offers_test")
     if offers_train is not None and offers_test is not None:
         if "cluster_id" in offers_train and "cluster_id" in offers_test:
             suite = cluster_leakage_suite(offers_test["cluster_id"].dropna())
             out.append(runner.run(offers_train[["cluster_id"]], suite, "offers_train", name="cluster_leakage"))
         else:
-            out.append(_unrunnable("cluster_leakage", "cluster_leakage", "offers_train", "cluster_id", not_in_set,
-                                   "needs column 'cluster_id' in offers_train and offers_test"))
+            out.append(
+                _unrunnable(
+                    "cluster_leakage",
+                    "cluster_leakage",
+                    "offers_train",
+                    "cluster_id",
+                    not_in_set,
+                    "needs column 'cluster_id' in offers_train and offers_test",
+                )
+            )
     return out
 
 
@@ -417,8 +509,16 @@ def validate_snapshot(snapshot_dir: str | Path) -> dict[str, Any]:
         try:
             frames[table] = snapshot.table(table)
         except FileNotFoundError:
-            summaries.append(_unrunnable(table, TABLE_SUITES[table], table, None, "table_exists",
-                                         f"{table}.parquet is missing from the snapshot"))
+            summaries.append(
+                _unrunnable(
+                    table,
+                    TABLE_SUITES[table],
+                    table,
+                    None,
+                    "table_exists",
+                    f"{table}.parquet is missing from the snapshot",
+                )
+            )
             continue
         summaries.append(runner.run(frames[table], SUITES[TABLE_SUITES[table]](), table))
     summaries += _check_leakage(runner, frames)

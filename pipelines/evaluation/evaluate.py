@@ -23,8 +23,10 @@ GAIN_SCALE = 12
 
 def heldout_qrels(heldout: pd.DataFrame) -> dict[str, dict[str, int]]:
     """Graded qrels for held-out terms with >= 2 judged products and >= 1 relevant one (1,326 terms in full)."""
-    df = heldout.assign(term=heldout["search_term"].map(normalize_term),
-                        gain=((heldout["relevance"] - 1.0) * GAIN_SCALE).round().astype(int))
+    df = heldout.assign(
+        term=heldout["search_term"].map(normalize_term),
+        gain=((heldout["relevance"] - 1.0) * GAIN_SCALE).round().astype(int),
+    )
     stats = df.groupby("term").agg(n=("gain", "size"), best=("gain", "max"))
     keep = stats[(stats["n"] >= 2) & (stats["best"] > 0)].index
     qrels: dict[str, dict[str, int]] = {}
@@ -40,8 +42,7 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
 
     # Recall and RR count a document as relevant at gain >= 1 (here: any grade above "irrelevant")
     agg = ir_measures.calc_aggregate([nDCG @ 10, RR @ 10, R @ 100], qrels, run)
-    return {"ndcg_at_10": float(agg[nDCG @ 10]), "mrr_at_10": float(agg[RR @ 10]),
-            "recall_at_100": float(agg[R @ 100])}
+    return {"ndcg_at_10": float(agg[nDCG @ 10]), "mrr_at_10": float(agg[RR @ 10]), "recall_at_100": float(agg[R @ 100])}
 
 
 def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -61,7 +62,11 @@ def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str,
 
 
 def candidate_lists(
-    encoder: OnnxEncoder, index: ProductIndex, terms: list[str], k: int, batch_size: int,
+    encoder: OnnxEncoder,
+    index: ProductIndex,
+    terms: list[str],
+    k: int,
+    batch_size: int,
     lexical: LexicalIndex | None = None,
 ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]] | None]:
     """Per term, the dense (rows, scores) deep enough for a top k (serving's depth) and, with a lexical index, its
@@ -76,8 +81,12 @@ def candidate_lists(
 
 
 def run_from_lists(
-    index: ProductIndex, terms: list[str], dense: list[tuple[np.ndarray, np.ndarray]],
-    lexical: list[tuple[np.ndarray, np.ndarray]] | None, weight: float, k: int,
+    index: ProductIndex,
+    terms: list[str],
+    dense: list[tuple[np.ndarray, np.ndarray]],
+    lexical: list[tuple[np.ndarray, np.ndarray]] | None,
+    weight: float,
+    k: int,
 ) -> dict[str, dict[str, float]]:
     """A run (term -> {product id: score}): the dense lists alone, or fused with the lexical ones as serving does."""
     run: dict[str, dict[str, float]] = {}
@@ -103,12 +112,16 @@ def category_accuracy(encoder: OnnxEncoder, offers: pd.DataFrame, limit: int | N
 
     predicted = np.asarray(encoder.labels)[logits.argmax(1)]
     truth = offers["category_label"].astype(str).to_numpy()
-    return {"category_accuracy": float((predicted == truth).mean()),
-            "category_macro_f1": float(f1_score(truth, predicted, average="macro")), "category_offers": len(offers)}
+    return {
+        "category_accuracy": float((predicted == truth).mean()),
+        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
+        "category_offers": len(offers),
+    }
 
 
-def error_sample(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], titles: dict[str, str],
-                 n: int = 25) -> list[dict[str, Any]]:
+def error_sample(
+    qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], titles: dict[str, str], n: int = 25
+) -> list[dict[str, Any]]:
     """The n held-out terms with the lowest nDCG@10: what was retrieved vs what the judges liked best."""
     import ir_measures
     from ir_measures import nDCG
@@ -119,14 +132,22 @@ def error_sample(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, floa
     for term in worst:
         top = sorted(run.get(term, {}).items(), key=lambda kv: -kv[1])[:3]
         best = sorted(qrels[term].items(), key=lambda kv: -kv[1])[:3]
-        out.append({"query": term, "ndcg_at_10": round(per_query[term], 4),
-                    "retrieved": [titles.get(d, d) for d, _ in top],
-                    "relevant": [f"{titles.get(d, d)} (gain {g / GAIN_SCALE:.2f})" for d, g in best]})
+        out.append(
+            {
+                "query": term,
+                "ndcg_at_10": round(per_query[term], 4),
+                "retrieved": [titles.get(d, d) for d, _ in top],
+                "relevant": [f"{titles.get(d, d)} (gain {g / GAIN_SCALE:.2f})" for d, g in best],
+            }
+        )
     return out
 
 
 def evaluate_bundle(
-    bundle_dir: str | Path, snapshot_dir: str | Path, cfg: EvaluateConfig, parity_cosine_min: float | None = None,
+    bundle_dir: str | Path,
+    snapshot_dir: str | Path,
+    cfg: EvaluateConfig,
+    parity_cosine_min: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Every figure the gate reads, measured on the served graph, plus `extra` facts (variant, compression reason);
@@ -192,15 +213,18 @@ def bm25_run(catalog: pd.DataFrame, terms: list[str], k: int, stem: bool = True)
         import Stemmer
 
         stemmer = Stemmer.Stemmer("english")
-    corpus = bm25s.tokenize(catalog["product_title"].astype(str).tolist(), stopwords="en", stemmer=stemmer,
-                            show_progress=False)
+    corpus = bm25s.tokenize(
+        catalog["product_title"].astype(str).tolist(), stopwords="en", stemmer=stemmer, show_progress=False
+    )
     retriever = bm25s.BM25()
     retriever.index(corpus, show_progress=False)
     queries = bm25s.tokenize(terms, stopwords="en", stemmer=stemmer, show_progress=False)
     docs, scores = retriever.retrieve(queries, k=min(k, len(catalog)), show_progress=False)
     ids = catalog["product_uid"].to_numpy()
-    return {t: {str(ids[d]): float(s) for d, s in zip(dr, sr, strict=True) if s > 0}
-            for t, dr, sr in zip(terms, docs, scores, strict=True)}
+    return {
+        t: {str(ids[d]): float(s) for d, s in zip(dr, sr, strict=True) if s > 0}
+        for t, dr, sr in zip(terms, docs, scores, strict=True)
+    }
 
 
 def rerank_ndcg(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> float:
@@ -219,11 +243,15 @@ def category_baseline(offers_train: pd.DataFrame, offers_test: pd.DataFrame) -> 
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.pipeline import make_pipeline, make_union
 
-    features = make_union(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2),
-                          TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2))
+    features = make_union(
+        TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2),
+        TfidfVectorizer(analyzer="char_wb", ngram_range=(3, 5), sublinear_tf=True, min_df=2),
+    )
     model = make_pipeline(features, LogisticRegression(max_iter=2000, C=10.0))
     model.fit(offers_train["offer_title"].astype(str), offers_train["category_label"].astype(str))
     predicted = model.predict(offers_test["offer_title"].astype(str))
     truth = offers_test["category_label"].astype(str)
-    return {"category_accuracy": float(accuracy_score(truth, predicted)),
-            "category_macro_f1": float(f1_score(truth, predicted, average="macro"))}
+    return {
+        "category_accuracy": float(accuracy_score(truth, predicted)),
+        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
+    }

@@ -33,16 +33,20 @@ JOIN_MARGIN = pd.Timedelta(milliseconds=1)
 CHUNK = 256  # events scored per matmul: 256 x catalog float32 scores (~55 MB for the full catalog)
 
 
-def heldout_events(events: pd.DataFrame, cutoff: datetime, event_types: tuple[str, ...] = HELDOUT_EVENT_TYPES,
-                   max_events: int | None = None, seed: int = 0) -> pd.DataFrame:
+def heldout_events(
+    events: pd.DataFrame,
+    cutoff: datetime,
+    event_types: tuple[str, ...] = HELDOUT_EVENT_TYPES,
+    max_events: int | None = None,
+    seed: int = 0,
+) -> pd.DataFrame:
     """The held-out (user, query, product) events: `event_types` strictly after `cutoff` (each user's later events).
 
     One row per (user, query, product), its first occurrence; rows without a query are dropped (nothing to rank).
     `max_events` keeps a deterministic random subset (by `seed`), in time order.
     """
     at = _as_utc(cutoff)
-    held = events[events["event_type"].isin(event_types) & (events["event_timestamp"] > at)
-                  & events["query"].notna()]
+    held = events[events["event_type"].isin(event_types) & (events["event_timestamp"] > at) & events["query"].notna()]
     held = held.sort_values("event_timestamp", kind="stable").drop_duplicates(["user_id", "query", "product_id"])
     if max_events is not None and len(held) > max_events:
         held = held.sample(n=max_events, random_state=seed).sort_values("event_timestamp", kind="stable")
@@ -51,8 +55,9 @@ def heldout_events(events: pd.DataFrame, cutoff: datetime, event_types: tuple[st
 
 def point_in_time_histories(paths: Paths, held: pd.DataFrame) -> list[list[int]]:
     """Each held-out event's `recent_products` from the served FeatureService as of just before the event."""
-    entity_df = pd.DataFrame({"user_id": held["user_id"].astype("int64"),
-                              "event_timestamp": held["event_timestamp"] - JOIN_MARGIN})
+    entity_df = pd.DataFrame(
+        {"user_id": held["user_id"].astype("int64"), "event_timestamp": held["event_timestamp"] - JOIN_MARGIN}
+    )
     joined = historical_user_features(paths, entity_df)
     return [[int(p) for p in v] if isinstance(v, list | np.ndarray) else [] for v in joined["recent_products"]]
 
@@ -63,16 +68,20 @@ def popularity_as_of(paths: Paths, product_ids: np.ndarray, at: datetime) -> np.
     Only products with an offline row are asked for (the rest have no popularity at any time).
     """
     source = paths.feast_dir / "data" / f"{PRODUCT_VIEW}.parquet"
-    known = set(pd.read_parquet(source, columns=["product_id"])["product_id"].astype("int64")) if source.is_file() \
+    known = (
+        set(pd.read_parquet(source, columns=["product_id"])["product_id"].astype("int64"))
+        if source.is_file()
         else set()
+    )
     asked = np.asarray([p for p in product_ids if int(p) in known], dtype=np.int64)
     views = np.zeros(len(product_ids))
     clicks = np.zeros(len(product_ids))
     if len(asked):
         store = feature_store(paths)
         entity_df = pd.DataFrame({"product_id": asked, "event_timestamp": _as_utc(at)})
-        joined = store.get_historical_features(entity_df=entity_df,
-                                               features=store.get_feature_service(PRODUCT_SERVICE)).to_df()
+        joined = store.get_historical_features(
+            entity_df=entity_df, features=store.get_feature_service(PRODUCT_SERVICE)
+        ).to_df()
         by_id = joined.set_index("product_id")
         position = {int(p): i for i, p in enumerate(product_ids)}
         rows = np.asarray([position[int(p)] for p in by_id.index], dtype=np.int64)
@@ -85,10 +94,10 @@ def _top(index_embeddings: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarra
     """Top-k index rows for each vector (n, k), best first, CHUNK vectors per matmul."""
     out = np.empty((len(vectors), k), dtype=np.int64)
     for start in range(0, len(vectors), CHUNK):
-        scores = vectors[start:start + CHUNK] @ index_embeddings.T
+        scores = vectors[start : start + CHUNK] @ index_embeddings.T
         top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        out[start:start + CHUNK] = np.take_along_axis(top, order, axis=1)
+        out[start : start + CHUNK] = np.take_along_axis(top, order, axis=1)
     return out
 
 
@@ -117,10 +126,17 @@ def _bootstrap_delta(users: np.ndarray, delta: np.ndarray, resamples: int = 1000
 
 
 def evaluate_personalization(
-    bundle_dir: str | Path, events: pd.DataFrame, as_of: datetime, heldout_days: float = 7.0,
-    weight: float = FeaturesConfig().personalization_weight, k: int = 10,
-    temperature: float = personalize.ATTENTION_TEMPERATURE, recent_n: int = FeaturesConfig().recent_products,
-    max_events: int | None = None, sweep: tuple[float, ...] = (), feast_home: str | Path | None = None,
+    bundle_dir: str | Path,
+    events: pd.DataFrame,
+    as_of: datetime,
+    heldout_days: float = 7.0,
+    weight: float = FeaturesConfig().personalization_weight,
+    k: int = 10,
+    temperature: float = personalize.ATTENTION_TEMPERATURE,
+    recent_n: int = FeaturesConfig().recent_products,
+    max_events: int | None = None,
+    sweep: tuple[float, ...] = (),
+    feast_home: str | Path | None = None,
 ) -> dict[str, Any]:
     """Personalised vs plain ranking of the held-out events with one bundle's encoder and product index.
 
@@ -139,8 +155,7 @@ def evaluate_personalization(
     as_of_utc = _as_utc(as_of)
     cutoff = as_of_utc - pd.Timedelta(days=heldout_days)
     index = ProductIndex.load(bundle_dir)
-    held = heldout_events(events[events["event_timestamp"] <= as_of_utc], cutoff.to_pydatetime(),
-                          max_events=max_events)
+    held = heldout_events(events[events["event_timestamp"] <= as_of_utc], cutoff.to_pydatetime(), max_events=max_events)
     rows_of = index.rows_of
     in_index = np.asarray([len(rows_of([p])) == 1 for p in held["product_id"]], dtype=bool)
     skipped = int((~in_index).sum())
@@ -176,8 +191,10 @@ def evaluate_personalization(
 
     plain_hit, plain_ndcg = score(0.0)
     pers_hit, pers_ndcg = score(weight)
-    recommended = [personalize.recommend(emb, rows, k, exclude_history=True, popularity=popularity)[0].tolist()
-                   for rows in history_rows]
+    recommended = [
+        personalize.recommend(emb, rows, k, exclude_history=True, popularity=popularity)[0].tolist()
+        for rows in history_rows
+    ]
     rec_hit, rec_ndcg = _per_event(targets, recommended, k)
     popular = personalize.top_k(popularity, k)[0].tolist()
     pop_hit, pop_ndcg = _per_event(targets, [popular] * len(targets), k)
@@ -185,10 +202,16 @@ def evaluate_personalization(
     users = held["user_id"].to_numpy()
     new = ~target_in_history
     metrics: dict[str, Any] = {
-        "events": len(held), "users": int(held["user_id"].nunique()), "skipped_not_in_index": skipped,
-        "events_with_history": int(has_user.sum()), "target_in_history_share": float(target_in_history.mean()),
-        "weight": float(weight), "temperature": float(temperature), "heldout_days": float(heldout_days),
-        f"plain_hit_rate_at_{k}": float(plain_hit.mean()), f"plain_ndcg_at_{k}": float(plain_ndcg.mean()),
+        "events": len(held),
+        "users": int(held["user_id"].nunique()),
+        "skipped_not_in_index": skipped,
+        "events_with_history": int(has_user.sum()),
+        "target_in_history_share": float(target_in_history.mean()),
+        "weight": float(weight),
+        "temperature": float(temperature),
+        "heldout_days": float(heldout_days),
+        f"plain_hit_rate_at_{k}": float(plain_hit.mean()),
+        f"plain_ndcg_at_{k}": float(plain_ndcg.mean()),
         f"personalized_hit_rate_at_{k}": float(pers_hit.mean()),
         f"personalized_ndcg_at_{k}": float(pers_ndcg.mean()),
         f"delta_hit_rate_at_{k}": float(pers_hit.mean() - plain_hit.mean()),
@@ -198,8 +221,10 @@ def evaluate_personalization(
         f"personalized_hit_rate_at_{k}_new_product": float(pers_hit[new].mean()) if new.any() else float("nan"),
         f"plain_hit_rate_at_{k}_in_history": float(plain_hit[~new].mean()) if (~new).any() else float("nan"),
         f"personalized_hit_rate_at_{k}_in_history": float(pers_hit[~new].mean()) if (~new).any() else float("nan"),
-        f"recommend_hit_rate_at_{k}": float(rec_hit.mean()), f"recommend_ndcg_at_{k}": float(rec_ndcg.mean()),
-        f"popularity_hit_rate_at_{k}": float(pop_hit.mean()), f"popularity_ndcg_at_{k}": float(pop_ndcg.mean()),
+        f"recommend_hit_rate_at_{k}": float(rec_hit.mean()),
+        f"recommend_ndcg_at_{k}": float(rec_ndcg.mean()),
+        f"popularity_hit_rate_at_{k}": float(pop_hit.mean()),
+        f"popularity_ndcg_at_{k}": float(pop_ndcg.mean()),
     }
     low, high = _bootstrap_delta(users, pers_hit - plain_hit)
     metrics[f"delta_hit_rate_at_{k}_ci95_low"], metrics[f"delta_hit_rate_at_{k}_ci95_high"] = low, high
@@ -210,8 +235,9 @@ def evaluate_personalization(
     return metrics
 
 
-def log_personalization(paths: Paths, run_id: str, metrics: dict[str, Any],
-                        params: dict[str, Any] | None = None) -> None:
+def log_personalization(
+    paths: Paths, run_id: str, metrics: dict[str, Any], params: dict[str, Any] | None = None
+) -> None:
     """Log the metrics (as `personalization.<name>`) and params on an MLflow run (registry.mlflow_client)."""
     from pipelines.registry.mlflow_client import log_step
 
@@ -219,8 +245,13 @@ def log_personalization(paths: Paths, run_id: str, metrics: dict[str, Any],
 
 
 def evaluate_registered(
-    events_path: str | Path, as_of: datetime, paths: Paths | None = None, model_name: str = MODEL_NAME,
-    alias: str = "champion", run_key: str | None = None, **kwargs: Any,
+    events_path: str | Path,
+    as_of: datetime,
+    paths: Paths | None = None,
+    model_name: str = MODEL_NAME,
+    alias: str = "champion",
+    run_key: str | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Evaluate the version `alias` points to and log it to MLflow in its own run; small JSON values back.
 
@@ -239,17 +270,28 @@ def evaluate_registered(
     events = load_events(events_path)
     metrics = evaluate_personalization(bundle, events, as_of_utc.to_pydatetime(), **kwargs)
     key = run_key or f"personalization-{model_name}-v{version}-{as_of_utc.isoformat()}"
-    run_id = registry.start_run(paths, key, {"model_name": model_name, "model_version": str(version),
-                                             "evaluation": STEP, "feature_service": USER_SERVICE})
-    params = {"events_path": str(events_path), "as_of": as_of_utc.isoformat(), "alias": alias,
-              "feature_service": USER_SERVICE, **{k: v for k, v in kwargs.items() if k != "feast_home"}}
+    run_id = registry.start_run(
+        paths,
+        key,
+        {"model_name": model_name, "model_version": str(version), "evaluation": STEP, "feature_service": USER_SERVICE},
+    )
+    params = {
+        "events_path": str(events_path),
+        "as_of": as_of_utc.isoformat(),
+        "alias": alias,
+        "feature_service": USER_SERVICE,
+        **{k: v for k, v in kwargs.items() if k != "feast_home"},
+    }
     log_personalization(paths, run_id, metrics, params)
     registry.end_run(paths, run_id)
     return {"model_name": model_name, "version": str(version), "run_id": run_id, **metrics}
 
 
 __all__ = [
-    "evaluate_personalization", "evaluate_registered", "heldout_events", "log_personalization",
-    "point_in_time_histories", "popularity_as_of",
+    "evaluate_personalization",
+    "evaluate_registered",
+    "heldout_events",
+    "log_personalization",
+    "point_in_time_histories",
+    "popularity_as_of",
 ]
-

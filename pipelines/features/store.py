@@ -37,8 +37,15 @@ ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redi
 REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
 DEFAULT_REDIS = "127.0.0.1:6379"
 EVENT_COLUMNS = ("user_id", "product_id", "event_type", "event_timestamp")
-USER_COLUMNS = ("events_1d", "events_7d", "clicks_7d", "purchases_30d", "events_30d", "last_event_ts",
-                "recent_products")
+USER_COLUMNS = (
+    "events_1d",
+    "events_7d",
+    "clicks_7d",
+    "purchases_30d",
+    "events_30d",
+    "last_event_ts",
+    "recent_products",
+)
 PRODUCT_COLUMNS = ("views_30d", "clicks_30d", "ctr")
 DAY_WINDOW = pd.Timedelta(days=1)
 SHORT_WINDOW = pd.Timedelta(days=7)
@@ -147,11 +154,13 @@ def snapshot_times(events: pd.DataFrame, as_of: datetime, freq: str = "1D") -> l
 def _user_rows(window: pd.DataFrame, at: pd.Timestamp, recent_n: int) -> pd.DataFrame:
     short = window[window["event_timestamp"] > at - SHORT_WINDOW]
     by_user = window.groupby("user_id", sort=True)
-    out = pd.DataFrame({
-        "events_30d": by_user.size(),
-        "purchases_30d": (window["event_type"] == "purchase").groupby(window["user_id"]).sum(),
-        "last_event_ts": by_user["event_timestamp"].max(),
-    })
+    out = pd.DataFrame(
+        {
+            "events_30d": by_user.size(),
+            "purchases_30d": (window["event_type"] == "purchase").groupby(window["user_id"]).sum(),
+            "last_event_ts": by_user["event_timestamp"].max(),
+        }
+    )
     day = short[short["event_timestamp"] > at - DAY_WINDOW]
     out["events_1d"] = day.groupby("user_id").size().reindex(out.index, fill_value=0)
     out["events_7d"] = short.groupby("user_id").size().reindex(out.index, fill_value=0)
@@ -168,10 +177,12 @@ def _user_rows(window: pd.DataFrame, at: pd.Timestamp, recent_n: int) -> pd.Data
 
 def _product_rows(window: pd.DataFrame, at: pd.Timestamp) -> pd.DataFrame:
     kind = window["event_type"]
-    out = pd.DataFrame({
-        "views_30d": (kind == "view").groupby(window["product_id"]).sum(),
-        "clicks_30d": (kind == "click").groupby(window["product_id"]).sum(),
-    })
+    out = pd.DataFrame(
+        {
+            "views_30d": (kind == "view").groupby(window["product_id"]).sum(),
+            "clicks_30d": (kind == "click").groupby(window["product_id"]).sum(),
+        }
+    )
     views = out["views_30d"].to_numpy()
     out["ctr"] = (out["clicks_30d"] / views.clip(min=1)).where(views > 0, 0.0)
     out["event_timestamp"] = at
@@ -205,8 +216,9 @@ def build_feature_tables(
     user_table = pd.concat(users, ignore_index=True) if users else pd.DataFrame(columns=user_columns)
     product_table = pd.concat(products, ignore_index=True) if products else pd.DataFrame(columns=product_columns)
     user_table = user_table.astype({c: "int64" for c in ("user_id", *USER_COLUMNS[:-1])})
-    product_table = product_table.astype({"product_id": "int64", "views_30d": "int64", "clicks_30d": "int64",
-                                          "ctr": "float32"})
+    product_table = product_table.astype(
+        {"product_id": "int64", "views_30d": "int64", "clicks_30d": "int64", "ctr": "float32"}
+    )
     for table in (user_table, product_table):
         table["event_timestamp"] = pd.to_datetime(table["event_timestamp"], utc=True)
     return {USER_VIEW: user_table[user_columns], PRODUCT_VIEW: product_table[product_columns]}
@@ -218,14 +230,23 @@ def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[
     import pyarrow.parquet as pq
 
     schemas = {
-        USER_VIEW: pa.schema([
-            ("user_id", pa.int64()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-            *[(c, pa.int64()) for c in USER_COLUMNS[:-1]], ("recent_products", pa.list_(pa.int64())),
-        ]),
-        PRODUCT_VIEW: pa.schema([
-            ("product_id", pa.int64()), ("event_timestamp", pa.timestamp("us", tz="UTC")),
-            ("views_30d", pa.int64()), ("clicks_30d", pa.int64()), ("ctr", pa.float32()),
-        ]),
+        USER_VIEW: pa.schema(
+            [
+                ("user_id", pa.int64()),
+                ("event_timestamp", pa.timestamp("us", tz="UTC")),
+                *[(c, pa.int64()) for c in USER_COLUMNS[:-1]],
+                ("recent_products", pa.list_(pa.int64())),
+            ]
+        ),
+        PRODUCT_VIEW: pa.schema(
+            [
+                ("product_id", pa.int64()),
+                ("event_timestamp", pa.timestamp("us", tz="UTC")),
+                ("views_30d", pa.int64()),
+                ("clicks_30d", pa.int64()),
+                ("ctr", pa.float32()),
+            ]
+        ),
     }
     targets = offline_paths(paths)
     unknown = set(tables) - set(targets)
@@ -283,7 +304,9 @@ def apply_feature_repo(paths: Paths) -> list[str]:
     objects = load_definitions(paths)
     declared = {(type(o).__name__, o.name) for o in objects}
     registered = [
-        *store.list_entities(), *store.list_feature_views(), *store.list_feature_services(),
+        *store.list_entities(),
+        *store.list_feature_views(),
+        *store.list_feature_services(),
         *store.list_data_sources(),
     ]
     stale = [o for o in registered if (type(o).__name__, o.name) not in declared and o.name != "__dummy"]
@@ -304,8 +327,11 @@ def _source_rows(paths: Paths, view: str, start: datetime | None, end: datetime)
         keep &= ts >= _as_utc(start)
     df = df[keep]
     newest = df["event_timestamp"].max() if len(df) else None
-    return {"rows": len(df), "entities": int(df[key].nunique()),
-            "newest_row": newest.isoformat() if newest is not None else None}
+    return {
+        "rows": len(df),
+        "entities": int(df[key].nunique()),
+        "newest_row": newest.isoformat() if newest is not None else None,
+    }
 
 
 def materialize(paths: Paths, end: datetime) -> dict[str, Any]:
@@ -319,8 +345,9 @@ def materialize(paths: Paths, end: datetime) -> dict[str, Any]:
     end_utc = _as_utc(end).to_pydatetime()
     views = {fv.name: fv for fv in store.list_feature_views() if fv.name in VIEWS}
     first = sorted(name for name, fv in views.items() if fv.most_recent_end_time is None)
-    later = sorted(name for name, fv in views.items()
-                   if fv.most_recent_end_time is not None and fv.most_recent_end_time < end_utc)
+    later = sorted(
+        name for name, fv in views.items() if fv.most_recent_end_time is not None and fv.most_recent_end_time < end_utc
+    )
     for name in first:
         ttl = views[name].ttl or LONG_WINDOW.to_pytimedelta()
         store.materialize(start_date=end_utc - ttl, end_date=end_utc, feature_views=[name])
@@ -333,11 +360,20 @@ def materialize(paths: Paths, end: datetime) -> dict[str, Any]:
         elif name in later:
             start = fv.most_recent_end_time
         else:
-            pushed[name] = {"start": None, "end": None, "rows": 0, "entities": 0, "newest_row": None,
-                            "skipped": "already materialized to " + fv.most_recent_end_time.isoformat()}
+            pushed[name] = {
+                "start": None,
+                "end": None,
+                "rows": 0,
+                "entities": 0,
+                "newest_row": None,
+                "skipped": "already materialized to " + fv.most_recent_end_time.isoformat(),
+            }
             continue
-        pushed[name] = {"start": start.isoformat() if start else None, "end": end_utc.isoformat(),
-                        **_source_rows(paths, name, start, end_utc)}
+        pushed[name] = {
+            "start": start.isoformat() if start else None,
+            "end": end_utc.isoformat(),
+            **_source_rows(paths, name, start, end_utc),
+        }
     return {"views": sorted(views), "end": end_utc.isoformat(), "materialized": pushed}
 
 
@@ -390,7 +426,8 @@ def freshness(paths: Paths, now: datetime | None = None, probe: int = 50) -> dic
             wanted = [n for n in names if n == "last_event_ts"] or names[:1]
             try:
                 response = store.get_online_features(
-                    features=[f"{fv.name}:{n}" for n in wanted], entity_rows=[{key: k} for k in keys[:probe]],
+                    features=[f"{fv.name}:{n}" for n in wanted],
+                    entity_rows=[{key: k} for k in keys[:probe]],
                 ).to_dict(include_event_timestamps=True)
             except Exception as exc:  # an unreadable online store is the stalest of all: report, never crash
                 online_error = f"{type(exc).__name__}: {exc}"[:300]
@@ -408,15 +445,23 @@ def freshness(paths: Paths, now: datetime | None = None, probe: int = 50) -> dic
             "materialized_age_s": (now_utc - _as_utc(until)).total_seconds() if until else None,
             "newest_row_age_s": (now_utc - online_ts).total_seconds() if online_ts is not None else None,
             **({"online_error": online_error} if online_error else {}),
-            **({"newest_event": newest_event.isoformat() if newest_event is not None else None,
-                "newest_event_age_s": (now_utc - newest_event).total_seconds() if newest_event is not None else None}
-               if fv.name == USER_VIEW else {}),
+            **(
+                {
+                    "newest_event": newest_event.isoformat() if newest_event is not None else None,
+                    "newest_event_age_s": (now_utc - newest_event).total_seconds()
+                    if newest_event is not None
+                    else None,
+                }
+                if fv.name == USER_VIEW
+                else {}
+            ),
         }
     return out
 
 
-def check_freshness(paths: Paths, max_age_s: float, now: datetime | None = None, on_stale: str = "fail",
-                    views: tuple[str, ...] = VIEWS) -> dict[str, Any]:
+def check_freshness(
+    paths: Paths, max_age_s: float, now: datetime | None = None, on_stale: str = "fail", views: tuple[str, ...] = VIEWS
+) -> dict[str, Any]:
     """`freshness` plus a verdict: a view is stale when its newest online row is older than `max_age_s` at `now`
     (default: the wall clock) or when nothing of it is online.
 
@@ -439,10 +484,17 @@ def check_freshness(paths: Paths, max_age_s: float, now: datetime | None = None,
             why = f"; online read failed: {entry['online_error']}" if entry.get("online_error") else ""
             problems.append(f"{view}: no row online (materialized until {entry['materialized_until']}{why})")
         elif age > max_age_s:
-            problems.append(f"{view}: newest online row {entry['newest_online_row']} is {age / 3600:.2f} h old "
-                            f"at {now_utc.isoformat()} (bound {max_age_s / 3600:.2f} h)")
-    result = {"now": now_utc.isoformat(), "max_age_s": float(max_age_s), "ok": not problems,
-              "stale": problems, "views": report}
+            problems.append(
+                f"{view}: newest online row {entry['newest_online_row']} is {age / 3600:.2f} h old "
+                f"at {now_utc.isoformat()} (bound {max_age_s / 3600:.2f} h)"
+            )
+    result = {
+        "now": now_utc.isoformat(),
+        "max_age_s": float(max_age_s),
+        "ok": not problems,
+        "stale": problems,
+        "views": report,
+    }
     if problems:
         message = "STALE ONLINE FEATURES: " + "; ".join(problems)
         if on_stale == "fail":
@@ -502,8 +554,19 @@ def refresh_features(
 
 
 __all__ = [
-    "PRODUCT_SERVICE", "USER_SERVICE", "StaleFeaturesError", "apply_feature_repo", "build_feature_tables",
-    "check_freshness", "feature_store", "freshness",
-    "historical_user_features", "import_feast", "load_events", "materialize", "refresh_features", "repo_config",
+    "PRODUCT_SERVICE",
+    "USER_SERVICE",
+    "StaleFeaturesError",
+    "apply_feature_repo",
+    "build_feature_tables",
+    "check_freshness",
+    "feature_store",
+    "freshness",
+    "historical_user_features",
+    "import_feast",
+    "load_events",
+    "materialize",
+    "refresh_features",
+    "repo_config",
     "write_feature_tables",
 ]

@@ -49,7 +49,11 @@ def start_run(paths: Paths, run_key: str, tags: dict[str, str]) -> str:
 
 
 def log_step(
-    paths: Paths, run_id: str, step: str, metrics: dict[str, Any], params: dict[str, Any] | None = None,
+    paths: Paths,
+    run_id: str,
+    step: str,
+    metrics: dict[str, Any],
+    params: dict[str, Any] | None = None,
     history: list[dict[str, float]] | None = None,
 ) -> None:
     """Numeric metrics as `<step>.<name>`, params once, and a per-step curve (e.g. training loss)."""
@@ -59,13 +63,17 @@ def log_step(
 
     c = client(paths)
     now = int(time.time() * 1000)
-    flat = [Metric(f"{step}.{k}", float(v), now, 0) for k, v in metrics.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)]
+    flat = [
+        Metric(f"{step}.{k}", float(v), now, 0)
+        for k, v in metrics.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    ]
     for point in history or []:
         flat.append(Metric(f"{step}.loss", float(point["loss"]), now, int(point["step"])))
     existing = c.get_run(run_id).data.params
-    new_params = [Param(f"{step}.{k}", str(v)[:6000]) for k, v in (params or {}).items()
-                  if f"{step}.{k}" not in existing]  # params are immutable in MLflow: a retried task skips them
+    new_params = [
+        Param(f"{step}.{k}", str(v)[:6000]) for k, v in (params or {}).items() if f"{step}.{k}" not in existing
+    ]  # params are immutable in MLflow: a retried task skips them
     c.log_batch(run_id, metrics=flat, params=new_params)
     c.log_dict(run_id, metrics, f"steps/{step}.json")
 
@@ -74,19 +82,36 @@ def end_run(paths: Paths, run_id: str, status: str = "FINISHED") -> None:
     client(paths).set_terminated(run_id, status=status)
 
 
-def write_model_card(bundle_dir: Path, report: dict[str, Any], champion: dict[str, Any] | None,
-                     decision: dict[str, Any], lineage: dict[str, str]) -> None:
+def write_model_card(
+    bundle_dir: Path,
+    report: dict[str, Any],
+    champion: dict[str, Any] | None,
+    decision: dict[str, Any],
+    lineage: dict[str, str],
+) -> None:
     rows = "\n".join(
         f"| {k} | {report[k]:.4f} | {champion.get(k, float('nan')) if champion else float('nan'):.4f} |"
-        for k in ("ndcg_at_10", "dense_ndcg_at_10", "bm25_ndcg_at_10", "mrr_at_10", "recall_at_100",
-                  "category_accuracy", "latency_p99_ms", "lexical_latency_p99_ms", "size_mb")
+        for k in (
+            "ndcg_at_10",
+            "dense_ndcg_at_10",
+            "bm25_ndcg_at_10",
+            "mrr_at_10",
+            "recall_at_100",
+            "category_accuracy",
+            "latency_p99_ms",
+            "lexical_latency_p99_ms",
+            "size_mb",
+        )
         if isinstance(report.get(k), int | float)
     )
     encoder = json.loads((bundle_dir / ENCODER_FILE).read_text())
     reasons = "\n".join(f"- {r}" for r in decision.get("reasons", []))
-    search = (f"Hybrid: BM25 over the titles fused with the dense ranking, lexical weight {report['lexical_weight']} "
-              "(chosen on validation terms); ndcg_at_10 is the fused ranking, dense_ndcg_at_10 the encoder alone."
-              if report.get("lexical_weight") is not None else "Dense only.")
+    search = (
+        f"Hybrid: BM25 over the titles fused with the dense ranking, lexical weight {report['lexical_weight']} "
+        "(chosen on validation terms); ndcg_at_10 is the fused ranking, dense_ndcg_at_10 the encoder alone."
+        if report.get("lexical_weight") is not None
+        else "Dense only."
+    )
     card = f"""# shopguide-encoder
 
 Sentence encoder (mean pooling, L2-normalised) with a category head, served as ONNX ({encoder.get("quantization")}).
@@ -211,8 +236,7 @@ def version_report(paths: Paths, model_name: str, version: str) -> dict[str, Any
 
     client(paths)
     try:
-        text = mlflow.artifacts.load_text(
-            f"models:/{model_name}/{version}/artifacts/{BUNDLE_ARTIFACT}/{REPORT_FILE}")
+        text = mlflow.artifacts.load_text(f"models:/{model_name}/{version}/artifacts/{BUNDLE_ARTIFACT}/{REPORT_FILE}")
     except Exception:
         return None
     return json.loads(text)
@@ -254,8 +278,10 @@ class AliasMove:
         if not self.moved:
             return f"{self.action}: {self.model_name}@{CHAMPION} stays at version {self.version} ({self.note})"
         forced = "; FORCED past a failed gate" if self.forced else ""
-        return (f"{self.action}: {self.model_name}@{CHAMPION} {self.previous or '(none)'} -> {self.version} "
-                f"(reason: {self.reason}; by {self.actor}{forced})")
+        return (
+            f"{self.action}: {self.model_name}@{CHAMPION} {self.previous or '(none)'} -> {self.version} "
+            f"(reason: {self.reason}; by {self.actor}{forced})"
+        )
 
 
 def champion_history(paths: Paths, model_name: str) -> list[dict[str, Any]]:
@@ -310,8 +336,9 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
             raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
         missing = missing_files(bundle)
     if missing:
-        raise PromotionError(f"{model_name} version {version} is not servable, its bundle is missing: "
-                             f"{', '.join(missing)}")
+        raise PromotionError(
+            f"{model_name} version {version} is not servable, its bundle is missing: {', '.join(missing)}"
+        )
     gate = mv.tags.get("gate_passed")
     if gate == "true":
         return False
@@ -321,12 +348,23 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
         raise PromotionError(
             f"{model_name} version {version} did not pass its gate (gate_passed={gate or 'missing'})"
             + (": " + "; ".join(failed) if failed else "")
-            + "; promoting it anyway needs force with a reason")
+            + "; promoting it anyway needs force with a reason"
+        )
     return True
 
 
-def _move(paths: Paths, model_name: str, action: str, version: str, previous: str | None, reason: str, actor: str,
-          forced: bool, run_key: str | None, note: str = "") -> AliasMove:
+def _move(
+    paths: Paths,
+    model_name: str,
+    action: str,
+    version: str,
+    previous: str | None,
+    reason: str,
+    actor: str,
+    forced: bool,
+    run_key: str | None,
+    note: str = "",
+) -> AliasMove:
     """The single atomic alias call, then the record of who/why (a crash in between leaves a move unrecorded,
     which rollback detects: the champion is then not the top of the recorded lineage)."""
     from datetime import UTC, datetime
@@ -334,17 +372,31 @@ def _move(paths: Paths, model_name: str, action: str, version: str, previous: st
     c = client(paths)
     now = datetime.now(UTC)
     c.set_registered_model_alias(model_name, CHAMPION, str(version))
-    entry = {"action": action, "version": str(version), "previous": previous, "reason": reason[:_REASON_MAX],
-             "actor": actor, "at": now.isoformat(timespec="seconds"), "forced": forced, "run_key": run_key}
+    entry = {
+        "action": action,
+        "version": str(version),
+        "previous": previous,
+        "reason": reason[:_REASON_MAX],
+        "actor": actor,
+        "at": now.isoformat(timespec="seconds"),
+        "forced": forced,
+        "run_key": run_key,
+    }
     c.set_registered_model_tag(model_name, f"{HISTORY_TAG_PREFIX}{now:%Y%m%dT%H%M%S.%fZ}", json.dumps(entry))
-    version_tags = {"promoted_at": entry["at"], "promoted_by": actor, "promotion_reason": entry["reason"],
-                    "promoted_from": previous or "none", "promotion_action": action}
+    version_tags = {
+        "promoted_at": entry["at"],
+        "promoted_by": actor,
+        "promotion_reason": entry["reason"],
+        "promoted_from": previous or "none",
+        "promotion_action": action,
+    }
     if forced:
         version_tags.update(forced="true", force_reason=entry["reason"])
     for k, v in version_tags.items():
         c.set_model_version_tag(model_name, str(version), k, v)
-    return AliasMove(action, model_name, str(version), previous, True, entry["reason"], actor, forced, entry["at"],
-                     note)
+    return AliasMove(
+        action, model_name, str(version), previous, True, entry["reason"], actor, forced, entry["at"], note
+    )
 
 
 def _require_reason(reason: str, action: str) -> str:
@@ -353,8 +405,15 @@ def _require_reason(reason: str, action: str) -> str:
     return reason.strip()
 
 
-def promote(paths: Paths, model_name: str, version: str | int, reason: str, actor: str, force: bool = False,
-            run_key: str | None = None) -> AliasMove:
+def promote(
+    paths: Paths,
+    model_name: str,
+    version: str | int,
+    reason: str,
+    actor: str,
+    force: bool = False,
+    run_key: str | None = None,
+) -> AliasMove:
     """Move @champion to `version` after re-checking it (check_version); records the move in the history.
 
     Idempotent: promoting the current champion, or promoting again from the same pipeline run (`run_key`, e.g. a
@@ -367,11 +426,27 @@ def promote(paths: Paths, model_name: str, version: str | int, reason: str, acto
         history = champion_history(paths, model_name)
         done = [e for e in history if e.get("run_key") == run_key and e["action"] == PROMOTE]
         if done:
-            return AliasMove(PROMOTE, model_name, current or done[-1]["version"], current, False, reason, actor,
-                             note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}")
+            return AliasMove(
+                PROMOTE,
+                model_name,
+                current or done[-1]["version"],
+                current,
+                False,
+                reason,
+                actor,
+                note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}",
+            )
     if current == version:
-        return AliasMove(PROMOTE, model_name, version, current, False, reason, actor,
-                         note=f"version {version} already is the champion")
+        return AliasMove(
+            PROMOTE,
+            model_name,
+            version,
+            current,
+            False,
+            reason,
+            actor,
+            note=f"version {version} already is the champion",
+        )
     forced = check_version(paths, model_name, version, force)
     return _move(paths, model_name, PROMOTE, version, current, reason, actor, forced, run_key)
 
@@ -392,11 +467,23 @@ def rollback(paths: Paths, model_name: str, reason: str, actor: str, force: bool
         raise PromotionError(
             f"{model_name}@{CHAMPION} is version {current}, but the last recorded move left version "
             f"{lineage[-1] if lineage else '(none)'}: the alias was moved outside shopguide promote/rollback, so "
-            "the version it held before is unknown; promote the version you want explicitly")
+            "the version it held before is unknown; promote the version you want explicitly"
+        )
     if len(lineage) < 2:
-        raise PromotionError(f"{model_name}@{CHAMPION} is version {current} and no earlier champion is recorded: "
-                             "nothing to roll back to")
+        raise PromotionError(
+            f"{model_name}@{CHAMPION} is version {current} and no earlier champion is recorded: nothing to roll back to"
+        )
     target = lineage[-2]
     forced = check_version(paths, model_name, target, force)
-    return _move(paths, model_name, ROLLBACK, target, current, reason, actor, forced, None,
-                 note=f"back to the champion before version {current}")
+    return _move(
+        paths,
+        model_name,
+        ROLLBACK,
+        target,
+        current,
+        reason,
+        actor,
+        forced,
+        None,
+        note=f"back to the champion before version {current}",
+    )

@@ -31,12 +31,14 @@ class ShopguideEncoder(PythonModel):
             dense_rows, dense_scores = self.index.search(emb, self.lexical.depth(k))
             fused = self.lexical.hybrid(queries, list(zip(dense_rows, dense_scores, strict=True)), k)
             rows, scores = [r for r, _ in fused], [s for _, s in fused]
-        return pd.DataFrame({
-            "query": queries,
-            "category": np.asarray(self.encoder.labels)[logits.argmax(1)],
-            "product_ids": [self.index.product_ids[r].tolist() for r in rows],
-            "scores": [s.round(6).tolist() for s in scores],
-        })
+        return pd.DataFrame(
+            {
+                "query": queries,
+                "category": np.asarray(self.encoder.labels)[logits.argmax(1)],
+                "product_ids": [self.index.product_ids[r].tolist() for r in rows],
+                "scores": [s.round(6).tolist() for s in scores],
+            }
+        )
 
 
 mlflow.models.set_model(ShopguideEncoder())

@@ -15,5 +15,13 @@ REPORT_FILE = "evaluation.json"
 ERRORS_FILE = "error_sample.json"
 MODEL_CARD_FILE = "model_card.md"
 # A version is servable only if its bundle holds all of these.
-REQUIRED_FILES = (ONNX_FILE, TOKENIZER_FILE, LABELS_FILE, ENCODER_FILE, REPORT_FILE, MODEL_CARD_FILE,
-                  f"{INDEX_DIR}/{EMBEDDINGS_FILE}", f"{INDEX_DIR}/{PRODUCTS_FILE}")
+REQUIRED_FILES = (
+    ONNX_FILE,
+    TOKENIZER_FILE,
+    LABELS_FILE,
+    ENCODER_FILE,
+    REPORT_FILE,
+    MODEL_CARD_FILE,
+    f"{INDEX_DIR}/{EMBEDDINGS_FILE}",
+    f"{INDEX_DIR}/{PRODUCTS_FILE}",
+)

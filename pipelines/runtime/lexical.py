@@ -70,13 +70,15 @@ class LexicalIndex:
         return max(k, self.candidates)
 
     @classmethod
-    def build(cls, titles: list[str], weight: float, candidates: int, method: str = "lucene", k1: float = 1.5,
-              b: float = 0.75) -> LexicalIndex:
+    def build(
+        cls, titles: list[str], weight: float, candidates: int, method: str = "lucene", k1: float = 1.5, b: float = 0.75
+    ) -> LexicalIndex:
         import bm25s
 
         retriever = bm25s.BM25(method=method, k1=k1, b=b)
-        retriever.index(bm25s.tokenize(titles, stopwords="en", stemmer=_stemmer(), show_progress=False),
-                        show_progress=False)
+        retriever.index(
+            bm25s.tokenize(titles, stopwords="en", stemmer=_stemmer(), show_progress=False), show_progress=False
+        )
         return cls(retriever, weight, candidates)
 
     def top_k(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -100,8 +102,9 @@ class LexicalIndex:
             out.append((hits[order].astype(np.int64), scores[hits][order].astype(np.float32)))
         return out
 
-    def hybrid(self, queries: list[str], dense: list[tuple[np.ndarray, np.ndarray]],
-               k: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    def hybrid(
+        self, queries: list[str], dense: list[tuple[np.ndarray, np.ndarray]], k: int
+    ) -> list[tuple[np.ndarray, np.ndarray]]:
         """Each query's dense (rows, scores), self.depth(k) deep, fused with its BM25 candidates: the top k."""
         return [fuse(d, lx, self.weight, k) for d, lx in zip(dense, self.top_k(queries), strict=True)]
 
@@ -137,8 +140,9 @@ def _min_max(scores: np.ndarray) -> np.ndarray:
     return (scores - lo) / (hi - lo) if hi > lo else np.ones_like(scores)
 
 
-def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], weight: float,
-         k: int) -> tuple[np.ndarray, np.ndarray]:
+def fuse(
+    dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.ndarray], weight: float, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Convex fusion of two candidate lists: (1 - weight) * minmax(dense) + weight * minmax(bm25), top k.
 
     Each list is min-max normalised over its own candidates (a fixed depth), so the two scales meet; a product
@@ -147,8 +151,9 @@ def fuse(dense: tuple[np.ndarray, np.ndarray], lexical: tuple[np.ndarray, np.nda
     d_rows, d_scores = dense
     l_rows, l_scores = lexical
     rows = np.concatenate([d_rows, l_rows])
-    contrib = np.concatenate([(1 - weight) * _min_max(np.asarray(d_scores, np.float32)),
-                              weight * _min_max(np.asarray(l_scores, np.float32))])
+    contrib = np.concatenate(
+        [(1 - weight) * _min_max(np.asarray(d_scores, np.float32)), weight * _min_max(np.asarray(l_scores, np.float32))]
+    )
     unique, inverse = np.unique(rows, return_inverse=True)
     fused = np.zeros(len(unique), np.float32)
     np.add.at(fused, inverse, contrib)

@@ -23,9 +23,12 @@ def recency_weights(n: int, half_life: float = RECENCY_HALF_LIFE) -> np.ndarray:
     return (weights / weights.sum()).astype(np.float32)
 
 
-def user_vector(history_embeddings: np.ndarray, query_vec: np.ndarray | None = None,
-                temperature: float = ATTENTION_TEMPERATURE,
-                half_life: float = RECENCY_HALF_LIFE) -> np.ndarray | None:
+def user_vector(
+    history_embeddings: np.ndarray,
+    query_vec: np.ndarray | None = None,
+    temperature: float = ATTENTION_TEMPERATURE,
+    half_life: float = RECENCY_HALF_LIFE,
+) -> np.ndarray | None:
     """Unit vector r = sum_i a_i p_i over the user's recent product embeddings (rows most recent first).
 
     With a query, a_i = softmax(q . p_i / temperature): the history items closest to what is being searched now
@@ -55,8 +58,9 @@ def blend_query(query_vec: np.ndarray, user_vec: np.ndarray | None, weight: floa
     return (np.asarray(query_vec, dtype=np.float32) + np.float32(weight) * user_vec).astype(np.float32)
 
 
-def blend_scores(index_embeddings: np.ndarray, query_vec: np.ndarray, user_vec: np.ndarray | None = None,
-                 weight: float = 0.0) -> np.ndarray:
+def blend_scores(
+    index_embeddings: np.ndarray, query_vec: np.ndarray, user_vec: np.ndarray | None = None, weight: float = 0.0
+) -> np.ndarray:
     """Scores of every index row: cos(q, p) + weight * cos(u, p); weight 0 or no user vector = the plain search."""
     return index_embeddings @ blend_query(query_vec, user_vec, weight)
 
@@ -76,8 +80,9 @@ def top_k(scores: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) ->
     return rows, scores[rows]
 
 
-def popularity_scores(views_30d: np.ndarray, clicks_30d: np.ndarray,
-                      prior_views: float = CTR_PRIOR_VIEWS) -> np.ndarray:
+def popularity_scores(
+    views_30d: np.ndarray, clicks_30d: np.ndarray, prior_views: float = CTR_PRIOR_VIEWS
+) -> np.ndarray:
     """Popularity of products from their product_popularity features (product_v1): clicks, ties broken by CTR.
 
     score = clicks_30d + smoothed CTR, where the CTR is shrunk towards the catalog's with `prior_views` pseudo-views;
@@ -91,9 +96,14 @@ def popularity_scores(views_30d: np.ndarray, clicks_30d: np.ndarray,
     return np.where(views + clicks > 0, clicks + np.minimum(ctr, 0.999), 0.0).astype(np.float32)
 
 
-def recommend(index_embeddings: np.ndarray, history_rows: np.ndarray | list[int], k: int,
-              exclude_history: bool = True, popularity: np.ndarray | None = None,
-              half_life: float = RECENCY_HALF_LIFE) -> tuple[np.ndarray, np.ndarray]:
+def recommend(
+    index_embeddings: np.ndarray,
+    history_rows: np.ndarray | list[int],
+    k: int,
+    exclude_history: bool = True,
+    popularity: np.ndarray | None = None,
+    half_life: float = RECENCY_HALF_LIFE,
+) -> tuple[np.ndarray, np.ndarray]:
     """Top-k index rows for a user from their history alone: (rows, scores), best first.
 
     `history_rows` are the index rows of the user's recent products, most recent first (search_v2's
@@ -120,6 +130,13 @@ def recommend(index_embeddings: np.ndarray, history_rows: np.ndarray | list[int]
 
 
 __all__ = [
-    "ATTENTION_TEMPERATURE", "RECENCY_HALF_LIFE", "blend_query", "blend_scores", "popularity_scores", "recency_weights",
-    "recommend", "top_k", "user_vector",
+    "ATTENTION_TEMPERATURE",
+    "RECENCY_HALF_LIFE",
+    "blend_query",
+    "blend_scores",
+    "popularity_scores",
+    "recency_weights",
+    "recommend",
+    "top_k",
+    "user_vector",
 ]

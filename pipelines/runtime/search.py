@@ -87,8 +87,9 @@ def wants_ann(index: ProductIndex, options: AnnOptions) -> bool:
     return options.min_products > 0 and len(index) >= options.min_products
 
 
-def build_search(index: ProductIndex, options: AnnOptions, cache_dir: Path | None = None,
-                 build: bool = True) -> CatalogSearch:
+def build_search(
+    index: ProductIndex, options: AnnOptions, cache_dir: Path | None = None, build: bool = True
+) -> CatalogSearch:
     """Exact search below options.min_products; above, an HNSW index loaded from cache_dir or built (and cached).
 
     Building takes ~25-50 s for 54,667 products on 2 busy cores, so the graph is cached by the content hash of the
@@ -113,8 +114,13 @@ def build_search(index: ProductIndex, options: AnnOptions, cache_dir: Path | Non
         return ExactSearch(index)
     if ann is None:
         started = time.perf_counter()
-        ann = Index(ndim=index.embeddings.shape[1], metric="ip", dtype=options.dtype,
-                    connectivity=options.connectivity, expansion_add=options.expansion_add)
+        ann = Index(
+            ndim=index.embeddings.shape[1],
+            metric="ip",
+            dtype=options.dtype,
+            connectivity=options.connectivity,
+            expansion_add=options.expansion_add,
+        )
         ann.add(np.arange(len(index), dtype=np.uint64), index.embeddings, threads=0)
         log.info("built the HNSW index over %d products in %.1f s", len(index), time.perf_counter() - started)
         if path is not None:

@@ -22,8 +22,9 @@ def materialize(profile: str, landed: dict[str, Any]) -> dict[str, Any]:
     from pipelines.features.store import refresh_features
 
     cfg = load_config(profile)
-    return refresh_features(landed["events_path"], datetime.fromisoformat(landed["as_of"]),
-                            cfg.features.recent_products)
+    return refresh_features(
+        landed["events_path"], datetime.fromisoformat(landed["as_of"]), cfg.features.recent_products
+    )
 
 
 def check_freshness(landed: dict[str, Any], max_age_hours: float, on_stale: str) -> dict[str, Any]:
@@ -31,8 +32,9 @@ def check_freshness(landed: dict[str, Any], max_age_hours: float, on_stale: str)
     from pipelines.features.store import check_freshness as check
 
     # Against the run's own time, so a backfill or `airflow dags test` of a past date is judged fairly.
-    report = check(Paths.from_env(), max_age_hours * 3600, now=datetime.fromisoformat(landed["as_of"]),
-                   on_stale=on_stale)
+    report = check(
+        Paths.from_env(), max_age_hours * 3600, now=datetime.fromisoformat(landed["as_of"]), on_stale=on_stale
+    )
     print(f"Feast online store freshness: {report}")
     return report
 
@@ -42,6 +44,10 @@ def evaluate_personalization(profile: str, landed: dict[str, Any]) -> dict[str, 
     from pipelines.evaluation.personalization import evaluate_registered
 
     cfg = load_config(profile)
-    return evaluate_registered(landed["events_path"], datetime.fromisoformat(landed["as_of"]),
-                               model_name=cfg.registry.model_name, weight=cfg.features.personalization_weight,
-                               recent_n=cfg.features.recent_products)
+    return evaluate_registered(
+        landed["events_path"],
+        datetime.fromisoformat(landed["as_of"]),
+        model_name=cfg.registry.model_name,
+        weight=cfg.features.personalization_weight,
+        recent_n=cfg.features.recent_products,
+    )

@@ -26,7 +26,8 @@ def move_champion(params: dict[str, Any], actor: str, paths: Paths | None = None
         if version is not None:
             raise registry.PromotionError(
                 f"rollback goes back to the recorded previous champion; leave version empty (got {version}) or use "
-                "action promote to pick a version")
+                "action promote to pick a version"
+            )
         move = registry.rollback(paths, model, reason, actor, force=force)
     else:
         raise registry.PromotionError(f"unknown action {action!r}: expected promote or rollback")

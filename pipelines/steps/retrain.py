@@ -41,8 +41,12 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
     snap = snapshot_data(cfg.data, run_dir / "data", datetime.fromisoformat(as_of))
     mlflow_run = registry.start_run(paths, run_key, {**lineage, "data_snapshot": snap.hash, "profile": cfg.profile})
     registry.log_step(paths, mlflow_run, "config", {}, params={"json": cfg.model_dump_json()})
-    return {"snapshot_dir": str(snap.path), "snapshot_hash": snap.hash, "mlflow_run_id": mlflow_run,
-            "run_dir": str(run_dir)}
+    return {
+        "snapshot_dir": str(snap.path),
+        "snapshot_hash": snap.hash,
+        "mlflow_run_id": mlflow_run,
+        "run_dir": str(run_dir),
+    }
 
 
 def validate(snap: dict[str, Any]) -> dict[str, Any]:
@@ -77,8 +81,12 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
 
 def _flat(prefix_rows: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{name: {metric: value}} -> {name.metric: value} for MLflow, numbers only."""
-    return {f"{name}.{k}": v for name, row in prefix_rows.items() for k, v in row.items()
-            if isinstance(v, int | float) and not isinstance(v, bool)}
+    return {
+        f"{name}.{k}": v
+        for name, row in prefix_rows.items()
+        for k, v in row.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
 
 
 def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
@@ -88,8 +96,13 @@ def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any
 
     cfg = config_from_params(params)
     result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg)
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "distill",
-                      {"seconds": result["seconds"], **_flat(result["students"])}, params=cfg.compress.model_dump())
+    registry.log_step(
+        Paths.from_env(),
+        snap["mlflow_run_id"],
+        "distill",
+        {"seconds": result["seconds"], **_flat(result["students"])},
+        params=cfg.compress.model_dump(),
+    )
     return {"models": result["models"], "seconds": result["seconds"]}
 
 
@@ -100,8 +113,9 @@ def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any
 
     cfg = config_from_params(params)
     result = prune_vocabulary(distilled["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "pruned", cfg)
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "prune",
-                      {"seconds": result["seconds"], **_flat(result["pruned"])})
+    registry.log_step(
+        Paths.from_env(), snap["mlflow_run_id"], "prune", {"seconds": result["seconds"], **_flat(result["pruned"])}
+    )
     return {"models": result["models"], "seconds": result["seconds"]}
 
 
@@ -112,12 +126,21 @@ def export(params: dict[str, Any], snap: dict[str, Any], pruned: dict[str, Any])
 
     cfg = config_from_params(params)
     result = export_variants(pruned["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "bundles", cfg)
-    rows = {name: {"size_mb": v["size_mb"], **{f"parity_{k}": x for k, x in v["parity"].items()}}
-            for name, v in result["variants"].items()}
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "export", {"seconds": result["seconds"], **_flat(rows)},
-                      params=cfg.export.model_dump())
-    variants = {name: {k: v[k] for k in ("bundle_dir", "model_dir", "parity", "size_mb", "layers", "vocab_size")}
-                for name, v in result["variants"].items()}
+    rows = {
+        name: {"size_mb": v["size_mb"], **{f"parity_{k}": x for k, x in v["parity"].items()}}
+        for name, v in result["variants"].items()
+    }
+    registry.log_step(
+        Paths.from_env(),
+        snap["mlflow_run_id"],
+        "export",
+        {"seconds": result["seconds"], **_flat(rows)},
+        params=cfg.export.model_dump(),
+    )
+    variants = {
+        name: {k: v[k] for k in ("bundle_dir", "model_dir", "parity", "size_mb", "layers", "vocab_size")}
+        for name, v in result["variants"].items()
+    }
     return {"variants": variants, "models": result["models"], "seconds": result["seconds"]}
 
 
@@ -130,8 +153,9 @@ def evaluate_variants(params: dict[str, Any], snap: dict[str, Any], exported: di
     cfg = config_from_params(params)
     result = evaluate_all(exported, snap["snapshot_dir"], Path(snap["run_dir"]) / "evaluation", cfg)
     rows = {r["variant"]: {k: v for k, v in r.items() if k not in ("layers", "vocab_size")} for r in result["rows"]}
-    registry.log_step(Paths.from_env(), snap["mlflow_run_id"], "variants", {"seconds": result["seconds"],
-                                                                           **_flat(rows)})
+    registry.log_step(
+        Paths.from_env(), snap["mlflow_run_id"], "variants", {"seconds": result["seconds"], **_flat(rows)}
+    )
     return result
 
 
@@ -157,8 +181,13 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
     client.set_tag(snap["mlflow_run_id"], "compression_variant", chosen["variant"])
     client.set_tag(snap["mlflow_run_id"], "compression_reason", chosen["reason"][:5000])
     registry.log_step(paths, snap["mlflow_run_id"], "selected", chosen["metrics"])
-    return {"bundle_dir": chosen["bundle_dir"], "parity_cosine_min": chosen["parity_cosine_min"],
-            "variant": chosen["variant"], "reason": chosen["reason"], "fallback": chosen["fallback"]}
+    return {
+        "bundle_dir": chosen["bundle_dir"],
+        "parity_cosine_min": chosen["parity_cosine_min"],
+        "variant": chosen["variant"],
+        "reason": chosen["reason"],
+        "fallback": chosen["fallback"],
+    }
 
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
@@ -170,10 +199,17 @@ def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
     cfg = config_from_params(params)
     lexical = build_lexical_index(exported["bundle_dir"], snap["snapshot_dir"], cfg.search, cfg.evaluate)
     print(f"hybrid search: {lexical}")
-    report = evaluate_bundle(exported["bundle_dir"], snap["snapshot_dir"], cfg.evaluate,
-                             parity_cosine_min=exported["parity_cosine_min"],
-                             extra={"variant": exported.get("variant"), "compression_reason": exported.get("reason"),
-                                    "lexical_validation_ndcg_by_weight": lexical.get("validation_ndcg_by_weight")})
+    report = evaluate_bundle(
+        exported["bundle_dir"],
+        snap["snapshot_dir"],
+        cfg.evaluate,
+        parity_cosine_min=exported["parity_cosine_min"],
+        extra={
+            "variant": exported.get("variant"),
+            "compression_reason": exported.get("reason"),
+            "lexical_validation_ndcg_by_weight": lexical.get("validation_ndcg_by_weight"),
+        },
+    )
     paths = Paths.from_env()
     registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)
     registry.client(paths).log_artifact(snap["mlflow_run_id"], str(Path(exported["bundle_dir"]) / ERRORS_FILE))
@@ -197,8 +233,15 @@ def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -
     return {**decision.to_dict(), "champion_version": champion}
 
 
-def register(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any], report: dict[str, Any],
-             decision: dict[str, Any], lineage: dict[str, str], run_key: str) -> dict[str, Any]:
+def register(
+    params: dict[str, Any],
+    snap: dict[str, Any],
+    exported: dict[str, Any],
+    report: dict[str, Any],
+    decision: dict[str, Any],
+    lineage: dict[str, str],
+    run_key: str,
+) -> dict[str, Any]:
     """Register the candidate (model card included) and point @challenger at it; never touches @champion."""
     from pipelines.registry import mlflow_client as registry
 
@@ -206,13 +249,19 @@ def register(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
     paths = Paths.from_env()
     if not decision["passed"] and not cfg.registry.register_failed:
         return {"version": None, "registered": False}
-    champion_report = (registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
-                       if decision.get("champion_version") else None)
+    champion_report = (
+        registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
+        if decision.get("champion_version")
+        else None
+    )
     bundle = Path(exported["bundle_dir"])
     lineage = {**lineage, "mlflow_run_id": snap["mlflow_run_id"], "data_snapshot": snap["snapshot_hash"]}
     registry.write_model_card(bundle, report, champion_report, decision, lineage)
-    tags = {**lineage, "gate_passed": str(decision["passed"]).lower(),
-            "gate_reasons": json.dumps(decision["reasons"])[:5000]}
+    tags = {
+        **lineage,
+        "gate_passed": str(decision["passed"]).lower(),
+        "gate_reasons": json.dumps(decision["reasons"])[:5000],
+    }
     version = registry.register_bundle(paths, snap["mlflow_run_id"], bundle, cfg.registry.model_name, run_key, tags)
     # @challenger is the newest candidate: a re-run of an older DAG run finds its version and must not pull it back
     challenger = registry.alias_version(paths, cfg.registry.model_name, registry.CHALLENGER)
@@ -221,8 +270,14 @@ def register(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
     return {"version": version, "registered": True}
 
 
-def promote(params: dict[str, Any], snap: dict[str, Any], registered: dict[str, Any], decision: dict[str, Any],
-            lineage: dict[str, str], run_key: str) -> dict[str, Any]:
+def promote(
+    params: dict[str, Any],
+    snap: dict[str, Any],
+    registered: dict[str, Any],
+    decision: dict[str, Any],
+    lineage: dict[str, str],
+    run_key: str,
+) -> dict[str, Any]:
     """Move @champion to the candidate when the gate passed and auto-promotion is on, through registry.promote
     (artifact re-check + history); idempotent per run: a re-run never moves the alias a second time."""
     from pipelines.registry import mlflow_client as registry
@@ -240,8 +295,9 @@ def promote(params: dict[str, Any], snap: dict[str, Any], registered: dict[str, 
         note = "nothing registered"
     else:
         actor = f"airflow:{lineage.get('airflow_dag_id')}/{lineage.get('airflow_run_id')}"
-        move = registry.promote(paths, model, registered["version"], f"gate passed in retrain run {run_key}", actor,
-                                run_key=run_key)
+        move = registry.promote(
+            paths, model, registered["version"], f"gate passed in retrain run {run_key}", actor, run_key=run_key
+        )
         note = move.summary()
         outcome.update(champion=move.version, promoted=True, moved=move.moved)
     print(f"Promotion: {note}")
@@ -259,6 +315,8 @@ class GateFailed(RuntimeError):
 def conclude(decision: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
     """The run's last word: success with the champion it leaves, or GateFailed with every reason."""
     if not decision["passed"]:
-        raise GateFailed("candidate failed the gate; champion unchanged ("
-                         f"{outcome.get('champion') or 'none'}):\n" + "\n".join(f"- {r}" for r in decision["reasons"]))
+        raise GateFailed(
+            "candidate failed the gate; champion unchanged ("
+            f"{outcome.get('champion') or 'none'}):\n" + "\n".join(f"- {r}" for r in decision["reasons"])
+        )
     return outcome

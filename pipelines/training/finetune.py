@@ -103,20 +103,26 @@ def mined_negatives(
     judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
     k = min(ranks[1], len(catalog))
     # both runs list a term's hits best first
-    run = (bm25_run(catalog, judged.index.tolist(), k=k) if encode is None
-           else embedding_run(encode, catalog, judged.index.tolist(), k)[0])
+    run = (
+        bm25_run(catalog, judged.index.tolist(), k=k)
+        if encode is None
+        else embedding_run(encode, catalog, judged.index.tolist(), k)[0]
+    )
     titles = dict(zip(catalog["product_uid"].astype(str), catalog["product_title"].astype(str), strict=True))
     rng = np.random.default_rng(seed)
     rows = []
     for term, hits in run.items():
-        window = [uid for uid in list(hits)[ranks[0]:] if uid not in judged[term]]
+        window = [uid for uid in list(hits)[ranks[0] :] if uid not in judged[term]]
         if window:
             rows.append((term, titles[window[rng.integers(len(window))]]))
     return pd.DataFrame(rows, columns=["term", "negative"])
 
 
 def training_sets(
-    judgments: pd.DataFrame, offers: pd.DataFrame, cfg: TrainConfig, catalog: pd.DataFrame | None = None,
+    judgments: pd.DataFrame,
+    offers: pd.DataFrame,
+    cfg: TrainConfig,
+    catalog: pd.DataFrame | None = None,
     encode=None,
 ) -> dict[str, pd.DataFrame]:
     """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
@@ -136,31 +142,46 @@ def training_sets(
         # one negative per positive, drawn deterministically among the query's low-graded products
         neg = neg.sample(frac=1.0, random_state=cfg.seed).drop_duplicates("term")
         joined = pos.merge(neg[["term", "product_title"]], on="term", suffixes=("", "_neg"))
-        sets["triplets"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
-                                         "positive": joined["product_title"].astype(str),
-                                         "negative": joined["product_title_neg"].astype(str)})
+        sets["triplets"] = pd.DataFrame(
+            {
+                "anchor": joined["search_term"].astype(str),
+                "positive": joined["product_title"].astype(str),
+                "negative": joined["product_title_neg"].astype(str),
+            }
+        )
         pos = pos[~pos["term"].isin(set(joined["term"]))]
     if cfg.mined_negatives and catalog is not None and not pos.empty:
         # only the terms still without a negative: a judged one beats a mined one
-        mined = mined_negatives(judgments[norm.isin(set(pos["term"]))], catalog, cfg.mined_negative_ranks, cfg.seed,
-                                encode)
+        mined = mined_negatives(
+            judgments[norm.isin(set(pos["term"]))], catalog, cfg.mined_negative_ranks, cfg.seed, encode
+        )
         joined = pos.merge(mined, on="term")
-        sets["mined"] = pd.DataFrame({"anchor": joined["search_term"].astype(str),
-                                      "positive": joined["product_title"].astype(str),
-                                      "negative": joined["negative"]})
+        sets["mined"] = pd.DataFrame(
+            {
+                "anchor": joined["search_term"].astype(str),
+                "positive": joined["product_title"].astype(str),
+                "negative": joined["negative"],
+            }
+        )
         pos = pos[~pos["term"].isin(set(joined["term"]))]
-    sets["pairs"] = pd.DataFrame({"anchor": pos["search_term"].astype(str),
-                                  "positive": pos["product_title"].astype(str)})
+    sets["pairs"] = pd.DataFrame(
+        {"anchor": pos["search_term"].astype(str), "positive": pos["product_title"].astype(str)}
+    )
     if cfg.pricerunner_pairs:
         sample = offers.sample(n=min(cfg.pricerunner_pairs, len(offers)), random_state=cfg.seed)
-        sets["offers"] = pd.DataFrame({"anchor": sample["offer_title"].astype(str),
-                                       "positive": sample["cluster_label"].astype(str)})
+        sets["offers"] = pd.DataFrame(
+            {"anchor": sample["offer_title"].astype(str), "positive": sample["cluster_label"].astype(str)}
+        )
     if cfg.category_offers:
         sample = offers.sample(n=min(cfg.category_offers, len(offers)), random_state=cfg.seed + 1)
-        sets[CATEGORY_SET] = pd.DataFrame({"text": sample["offer_title"].astype(str),
-                                           "label": category_targets(sample, category_labels(offers))})
-    return {name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
-            for name, df in sets.items() if not df.empty}
+        sets[CATEGORY_SET] = pd.DataFrame(
+            {"text": sample["offer_title"].astype(str), "label": category_targets(sample, category_labels(offers))}
+        )
+    return {
+        name: df.sample(frac=1.0, random_state=cfg.seed).reset_index(drop=True)
+        for name, df in sets.items()
+        if not df.empty
+    }
 
 
 def save_training_sets(sets: dict[str, pd.DataFrame], folder: Path) -> None:
@@ -175,8 +196,9 @@ def load_training_sets(model_dir: str | Path) -> dict[str, pd.DataFrame] | None:
     folder = Path(model_dir) / SETS_DIR
     if not folder.is_dir():
         return None
-    return {name: pd.read_parquet(folder / f"{name}.parquet")
-            for name in json.loads((folder / "order.json").read_text())}
+    return {
+        name: pd.read_parquet(folder / f"{name}.parquet") for name in json.loads((folder / "order.json").read_text())
+    }
 
 
 def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int):
@@ -189,9 +211,17 @@ def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_rel
     corpus = dict(zip(distractors["product_uid"].astype(str), distractors["product_title"].astype(str), strict=True))
     corpus.update(zip(val["product_uid"].astype(str), val["product_title"].astype(str), strict=True))
     return InformationRetrievalEvaluator(
-        queries={t: t for t in relevant.index}, corpus=corpus, relevant_docs=relevant.to_dict(), name="val",
-        ndcg_at_k=[10], mrr_at_k=[10], accuracy_at_k=[10], precision_recall_at_k=[10], map_at_k=[10],
-        write_csv=False, batch_size=64,
+        queries={t: t for t in relevant.index},
+        corpus=corpus,
+        relevant_docs=relevant.to_dict(),
+        name="val",
+        ndcg_at_k=[10],
+        mrr_at_k=[10],
+        accuracy_at_k=[10],
+        precision_recall_at_k=[10],
+        map_at_k=[10],
+        write_csv=False,
+        batch_size=64,
     )
 
 
@@ -240,7 +270,11 @@ def train_contrastive(
     )
     train = DatasetDict({name: Dataset.from_pandas(df, preserve_index=False) for name, df in sets.items()})
     trainer = SentenceTransformerTrainer(
-        model=model, args=args, train_dataset=train, loss=losses, evaluator=evaluator if evaluating else None,
+        model=model,
+        args=args,
+        train_dataset=train,
+        loss=losses,
+        evaluator=evaluator if evaluating else None,
     )
     trainer.train()
     return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
@@ -288,8 +322,10 @@ def train_category_head(
             opt.step()
     with torch.no_grad():
         logits = head(x)
-        metrics = {"head_train_loss": float(torch.nn.functional.cross_entropy(logits, y)),
-                   "head_train_accuracy": float((logits.argmax(1) == y).float().mean())}
+        metrics = {
+            "head_train_loss": float(torch.nn.functional.cross_entropy(logits, y)),
+            "head_train_accuracy": float((logits.argmax(1) == y).float().mean()),
+        }
     return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, labels, metrics
 
 
@@ -313,8 +349,11 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
     encode = unit_vectors(model) if cfg.negative_miner == "base_model" else None  # the model before training
     sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"), encode)
     save_training_sets(sets, out / SETS_DIR)
-    evaluator = (validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
-                 if is_val.any() else None)
+    evaluator = (
+        validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
+        if is_val.any()
+        else None
+    )
     metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()}
     metrics["sets_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:

@@ -44,8 +44,13 @@ def test_retrain_registers_a_complete_champion(pipeline_run, tmp_path):
     assert report["parity_cosine_min"] > 0.95
     client = registry.client(paths)
     run = client.get_run(tags["mlflow_run_id"])
-    assert {"finetune.final_loss", "evaluate.ndcg_at_10", "selected.parity_cosine_min",
-            "variants.teacher-torch.ndcg_at_10", "distill.student2.final_loss"} <= set(run.data.metrics)
+    assert {
+        "finetune.final_loss",
+        "evaluate.ndcg_at_10",
+        "selected.parity_cosine_min",
+        "variants.teacher-torch.ndcg_at_10",
+        "distill.student2.final_loss",
+    } <= set(run.data.metrics)
 
 
 def test_the_registered_version_is_the_selected_compression_variant(pipeline_run, tmp_path):
@@ -70,7 +75,8 @@ def test_champion_loads_as_an_mlflow_pyfunc(pipeline_run):
     import mlflow
 
     out = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion").predict(
-        pd.DataFrame({"query": ["cordless drill", "garden hose"]}), params={"k": 5})
+        pd.DataFrame({"query": ["cordless drill", "garden hose"]}), params={"k": 5}
+    )
     assert list(out["query"]) == ["cordless drill", "garden hose"]
     assert all(len(ids) == 5 for ids in out["product_ids"])
 
@@ -106,8 +112,13 @@ def test_broken_data_stops_before_training_and_keeps_the_champion(pipeline_run, 
         df.loc[3, "relevance"] = 7.0
     broken = tmp_path / "judgments.csv"
     df.to_csv(broken, index=False)
-    run = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny", "judgments_path": str(broken)},
-                       f"2026-11-0{day}T00:00:00+00:00", capture=True)
+    run = run_dag_test(
+        paths,
+        "shopguide_retrain",
+        {"profile": "tiny", "judgments_path": str(broken)},
+        f"2026-11-0{day}T00:00:00+00:00",
+        capture=True,
+    )
     assert not run.ok, run.output[-3000:]
     assert "validate" in run.task_states, run.output[-3000:]
     assert run.task_states["validate"] == "failed"

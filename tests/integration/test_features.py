@@ -80,8 +80,15 @@ def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Path
     paths, result = sqlite_home
     json.dumps(result)  # small JSON values for XCom, never frames
     assert result["applied"] == [
-        "user", "product", "user_activity_source", "product_popularity_source", "user_activity",
-        "product_popularity", "search_v1", "search_v2", "product_v1",
+        "user",
+        "product",
+        "user_activity_source",
+        "product_popularity_source",
+        "user_activity",
+        "product_popularity",
+        "search_v1",
+        "search_v2",
+        "product_v1",
     ]
     assert result["views"] == ["product_popularity", "user_activity"]
     users = result["materialized"]["user_activity"]
@@ -127,8 +134,11 @@ def test_feature_services_are_versioned(sqlite_home: tuple[Paths, dict]) -> None
 def test_batch_user_reads_product_reads_and_popularity(sqlite_home: tuple[Paths, dict], events) -> None:
     paths, _ = sqlite_home
     online = OnlineFeatures(paths)
-    assert online.users_features([17, 10_000, 1]) == [expected_user(events, 17, END), None,
-                                                      expected_user(events, 1, END)]
+    assert online.users_features([17, 10_000, 1]) == [
+        expected_user(events, 17, END),
+        None,
+        expected_user(events, 1, END),
+    ]
     products = sorted({int(p) for p in events["product_id"]})[:20]
     rows = online.product_features([*products, -1])
     assert rows[-1] is None  # a product without activity has no row
@@ -219,13 +229,15 @@ def test_materialize_is_idempotent_and_incremental(events_file: Path, tmp_path, 
 def test_point_in_time_never_leaks_the_future(tmp_path, monkeypatch) -> None:
     paths = _use_home(monkeypatch, tmp_path)
     t0 = datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
-    log = pd.DataFrame({
-        "user_id": [1, 1, 1],
-        "product_id": [10, 20, 30],
-        "event_type": ["view", "click", "purchase"],
-        "event_timestamp": pd.to_datetime([t0, t0 + timedelta(days=1), t0 + timedelta(days=2)], utc=True),
-        "query": ["drill"] * 3,
-    })
+    log = pd.DataFrame(
+        {
+            "user_id": [1, 1, 1],
+            "product_id": [10, 20, 30],
+            "event_type": ["view", "click", "purchase"],
+            "event_timestamp": pd.to_datetime([t0, t0 + timedelta(days=1), t0 + timedelta(days=2)], utc=True),
+            "query": ["drill"] * 3,
+        }
+    )
     as_of = t0 + timedelta(days=2, hours=2)
     tables = F.build_feature_tables(log, as_of, recent_n=10)
     rows = tables["user_activity"]
@@ -234,8 +246,13 @@ def test_point_in_time_never_leaks_the_future(tmp_path, monkeypatch) -> None:
     F.apply_feature_repo(paths)
     F.materialize(paths, as_of)
 
-    asked = [t0 + timedelta(hours=1), t0 + timedelta(hours=23), t0 + timedelta(days=1, hours=2),
-             t0 + timedelta(days=2, hours=1), as_of]
+    asked = [
+        t0 + timedelta(hours=1),
+        t0 + timedelta(hours=23),
+        t0 + timedelta(days=1, hours=2),
+        t0 + timedelta(days=2, hours=1),
+        as_of,
+    ]
     entity_df = pd.DataFrame({"user_id": [1] * len(asked), "event_timestamp": pd.to_datetime(asked, utc=True)})
     got = F.historical_user_features(paths, entity_df)
     assert len(got) == len(asked)  # the row before any feature row is kept, with nulls
@@ -316,9 +333,21 @@ def redis_port(tmp_path: Path) -> Iterator[int]:
         pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
     port = _free_port()
     proc = subprocess.Popen(
-        [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        [
+            REDIS_SERVER,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 10

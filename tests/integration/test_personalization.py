@@ -28,14 +28,16 @@ def _log(rows: list[tuple[int, int, str, datetime, str]]) -> pd.DataFrame:
 
 
 def test_heldout_events_are_the_later_clicks_once_each() -> None:
-    log = _log([
-        (1, 10, "click", T0, "drill"),
-        (1, 20, "view", T0 + timedelta(days=2), "drill"),
-        (1, 20, "click", T0 + timedelta(days=2), "drill"),
-        (1, 20, "click", T0 + timedelta(days=3), "drill"),  # the same (user, query, product) again
-        (2, 30, "click", T0 + timedelta(days=3), "saw"),
-        (2, 40, "purchase", T0 + timedelta(days=3), "saw"),
-    ])
+    log = _log(
+        [
+            (1, 10, "click", T0, "drill"),
+            (1, 20, "view", T0 + timedelta(days=2), "drill"),
+            (1, 20, "click", T0 + timedelta(days=2), "drill"),
+            (1, 20, "click", T0 + timedelta(days=3), "drill"),  # the same (user, query, product) again
+            (2, 30, "click", T0 + timedelta(days=3), "saw"),
+            (2, 40, "purchase", T0 + timedelta(days=3), "saw"),
+        ]
+    )
     held = heldout_events(log, T0 + timedelta(days=1))
     assert held[["user_id", "product_id"]].values.tolist() == [[1, 20], [2, 30]]
     assert held["event_timestamp"].iloc[0] == pd.Timestamp(T0 + timedelta(days=2))
@@ -43,11 +45,13 @@ def test_heldout_events_are_the_later_clicks_once_each() -> None:
 
 def test_evaluation_histories_never_see_the_event_or_its_future(tmp_path) -> None:
     paths = Paths(tmp_path)
-    log = _log([
-        (1, 10, "click", T0, "drill"),
-        (1, 20, "click", T0 + timedelta(days=1), "drill bits"),
-        (1, 30, "click", T0 + timedelta(days=2, hours=3), "drill case"),
-    ])
+    log = _log(
+        [
+            (1, 10, "click", T0, "drill"),
+            (1, 20, "click", T0 + timedelta(days=1), "drill bits"),
+            (1, 30, "click", T0 + timedelta(days=2, hours=3), "drill case"),
+        ]
+    )
     # as_of falls exactly on the second click: a feature row is stamped at that instant and includes it.
     as_of = T0 + timedelta(days=1)
     write_feature_tables(build_feature_tables(log, as_of, recent_n=10), paths)
@@ -98,20 +102,34 @@ def test_real_encoder_history_of_one_kind_moves_that_kind_up(champion: Registere
 def test_evaluation_of_the_registered_champion_is_logged_to_mlflow(champion: RegisteredChampion) -> None:
     from pipelines.registry import mlflow_client as registry
 
-    result = evaluate_registered(champion.snapshot_dir / "events.parquet", champion.as_of, paths=champion.paths,
-                                 model_name=champion.model_name, heldout_days=7, sweep=(1.0,))
+    result = evaluate_registered(
+        champion.snapshot_dir / "events.parquet",
+        champion.as_of,
+        paths=champion.paths,
+        model_name=champion.model_name,
+        heldout_days=7,
+        sweep=(1.0,),
+    )
     assert result["version"] == champion.version
     assert result["events"] > 0 and result["events_with_history"] <= result["events"]
-    for name in ("plain_hit_rate_at_10", "personalized_hit_rate_at_10", "plain_ndcg_at_10",
-                 "personalized_ndcg_at_10", "recommend_hit_rate_at_10", "popularity_hit_rate_at_10",
-                 "sweep_w1_hit_rate_at_10"):
+    for name in (
+        "plain_hit_rate_at_10",
+        "personalized_hit_rate_at_10",
+        "plain_ndcg_at_10",
+        "personalized_ndcg_at_10",
+        "recommend_hit_rate_at_10",
+        "popularity_hit_rate_at_10",
+        "sweep_w1_hit_rate_at_10",
+    ):
         assert 0.0 <= result[name] <= 1.0, name
     assert result["delta_hit_rate_at_10"] == pytest.approx(
-        result["personalized_hit_rate_at_10"] - result["plain_hit_rate_at_10"])
+        result["personalized_hit_rate_at_10"] - result["plain_hit_rate_at_10"]
+    )
     assert result["delta_hit_rate_at_10_ci95_low"] <= result["delta_hit_rate_at_10_ci95_high"]
     assert not math.isnan(result["plain_ndcg_at_10"])
     run = registry.client(champion.paths).get_run(result["run_id"])
     assert run.data.metrics["personalization.personalized_hit_rate_at_10"] == pytest.approx(
-        result["personalized_hit_rate_at_10"])
+        result["personalized_hit_rate_at_10"]
+    )
     assert run.data.tags["model_version"] == champion.version
     assert run.data.params["personalization.feature_service"] == "search_v2"

@@ -42,8 +42,9 @@ def source(champion, shopguide_home: Paths) -> Source:
     """The session champion's bundle (tests/integration/conftest.py), logged once more under a model of our own."""
     paths = shopguide_home
     run_id = registry.start_run(paths, "promotion-tests-source", {})
-    version = registry.register_bundle(paths, run_id, champion.bundle_dir, "promotion-tests-source",
-                                       "promotion-tests-source", {"gate_passed": "true"})
+    version = registry.register_bundle(
+        paths, run_id, champion.bundle_dir, "promotion-tests-source", "promotion-tests-source", {"gate_passed": "true"}
+    )
     registry.end_run(paths, run_id)
     mv = registry.client(paths).get_model_version("promotion-tests-source", version)
     return Source(paths, run_id, mv.source, champion.bundle_dir)
@@ -56,8 +57,11 @@ def add_version(src: Source, model: str, gate_passed: bool | None, reasons: list
     c = registry.client(src.paths)
     with contextlib.suppress(MlflowException):  # already exists
         c.create_registered_model(model)
-    tags = {} if gate_passed is None else {"gate_passed": str(gate_passed).lower(),
-                                           "gate_reasons": json.dumps(reasons or ["ok: test"])}
+    tags = (
+        {}
+        if gate_passed is None
+        else {"gate_passed": str(gate_passed).lower(), "gate_reasons": json.dumps(reasons or ["ok: test"])}
+    )
     return str(c.create_model_version(model, src.model_source, run_id=src.run_id, tags=tags).version)
 
 
@@ -97,7 +101,10 @@ def test_promote_rollback_and_history(source: Source) -> None:
 
     history = registry.champion_history(paths, model)
     assert [(e["action"], e["previous"], e["version"]) for e in history] == [
-        ("promote", None, v1), ("promote", v1, v2), ("promote", v2, v3)]
+        ("promote", None, v1),
+        ("promote", v1, v2),
+        ("promote", v2, v3),
+    ]
     assert (history[1]["reason"], history[1]["actor"], history[1]["forced"]) == ("better nDCG", "test:bob", False)
     tags = registry.client(paths).get_model_version(model, v2).tags
     assert (tags["promoted_from"], tags["promotion_reason"], tags["promoted_by"]) == (v1, "better nDCG", "test:bob")
@@ -145,13 +152,17 @@ def test_gate_failed_version_needs_force_with_a_reason(source: Source) -> None:
         registry.promote(paths, model, bad, "", "test:bob", force=True)
     assert champion_of(paths, model) == good and len(registry.champion_history(paths, model)) == 1
 
-    forced = registry.promote(paths, model, bad, "holiday catalog hotfix, gate noise on 30 queries", "test:bob",
-                              force=True)
+    forced = registry.promote(
+        paths, model, bad, "holiday catalog hotfix, gate noise on 30 queries", "test:bob", force=True
+    )
     print(forced.summary())
     assert forced.moved and forced.forced and "FORCED" in forced.summary() and champion_of(paths, model) == bad
     tags = registry.client(paths).get_model_version(model, bad).tags
     assert (tags["forced"], tags["force_reason"], tags["promoted_by"]) == (
-        "true", "holiday catalog hotfix, gate noise on 30 queries", "test:bob")
+        "true",
+        "holiday catalog hotfix, gate noise on 30 queries",
+        "test:bob",
+    )
     assert registry.champion_history(paths, model)[-1]["forced"] is True
     # force on a version that passed its gate is not recorded as forced
     assert registry.rollback(paths, model, "hotfix over", "test:bob", force=True).forced is False
@@ -166,8 +177,12 @@ def _register_incomplete(src: Source, model: str, tmp_path: Path) -> str:
     shutil.copytree(src.bundle_dir, bundle)
     (bundle / ONNX_FILE).unlink()
     with mlflow.start_run(experiment_id=registry.experiment_id(src.paths), run_name="incomplete-bundle"):
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(registry.PYFUNC_FILE),
-                                       artifacts={registry.BUNDLE_ARTIFACT: str(bundle)}, pip_requirements=["mlflow"])
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(registry.PYFUNC_FILE),
+            artifacts={registry.BUNDLE_ARTIFACT: str(bundle)},
+            pip_requirements=["mlflow"],
+        )
     return str(mlflow.register_model(info.model_uri, model, tags={"gate_passed": "true"}).version)
 
 
@@ -246,10 +261,14 @@ def test_retrain_runs_weekly_and_when_the_features_dag_lands_events() -> None:
     cron = retrain.timetable.timetable
     assert isinstance(cron, CronTriggerTimetable)
     assert [(a.name, a.uri) for a in retrain.timetable.asset_condition.objects] == [
-        ("shopguide_user_events", "file://shopguide/user_events")]
+        ("shopguide_user_events", "file://shopguide/user_events")
+    ]
     # the features DAG is the producer: its materialize task updates that asset
-    producers = [t.task_id for t in bag.dags["shopguide_features"].tasks
-                 if any(getattr(o, "name", None) == "shopguide_user_events" for o in t.outlets)]
+    producers = [
+        t.task_id
+        for t in bag.dags["shopguide_features"].tasks
+        if any(getattr(o, "name", None) == "shopguide_user_events" for o in t.outlets)
+    ]
     assert producers == ["materialize"]
     # the time half fires every Monday 03:00 UTC, 7 days apart
     core = coerce_to_core_timetable(retrain.timetable)
@@ -310,8 +329,9 @@ def test_promote_dag_promotes_refuses_forces_and_rolls_back(source: Source, mode
 
 @pytest.mark.slow
 def test_promote_dag_rejects_invalid_params(airflow_paths: Paths) -> None:
-    run = run_dag_test(airflow_paths, "shopguide_promote", {"action": "promote", "version": 0, "reason": ""},
-                       capture=True, timeout=600)
+    run = run_dag_test(
+        airflow_paths, "shopguide_promote", {"action": "promote", "version": 0, "reason": ""}, capture=True, timeout=600
+    )
     assert not run.ok and run.run_id is None, run.output[-2000:]  # refused before a run exists
     assert "ParamValidationError" in run.output and "version" in run.output
 
@@ -345,16 +365,29 @@ def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns
         registry.client(paths).delete_registered_model_alias(MODEL_NAME, registry.CHAMPION)
     # the encoder's ranking alone (lexical_weight 0): BM25 fused in lifts the 0-step model as much as the trained one;
     # 24 steps, not the tiny profile's 4 (noise on 39 held-out terms), so "better" is a fact the test can rely on
-    better = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny", "lexical_weight": 0.0, "max_steps": 24},
-                          RETRAIN_DATE, capture=True, timeout=1800)
+    better = run_dag_test(
+        paths,
+        "shopguide_retrain",
+        {"profile": "tiny", "lexical_weight": 0.0, "max_steps": 24},
+        RETRAIN_DATE,
+        capture=True,
+        timeout=1800,
+    )
     better.check()
     versions_before, history_before = _versions(paths), registry.champion_history(paths, MODEL_NAME)
-    rerun = {task: airflow_command(paths, "tasks", "test", "shopguide_retrain", task, better.run_id,
-                                   timeout=600).stdout for task in ("register", "promote")}
+    rerun = {
+        task: airflow_command(paths, "tasks", "test", "shopguide_retrain", task, better.run_id, timeout=600).stdout
+        for task in ("register", "promote")
+    }
     versions_after, history_after = _versions(paths), registry.champion_history(paths, MODEL_NAME)
-    worse = run_dag_test(paths, "shopguide_retrain",
-                         {"profile": "tiny", "max_steps": 0, "max_regression": 0.0, "lexical_weight": 0.0},
-                         RETRAIN_DATE, capture=True, timeout=1800)
+    worse = run_dag_test(
+        paths,
+        "shopguide_retrain",
+        {"profile": "tiny", "max_steps": 0, "max_regression": 0.0, "lexical_weight": 0.0},
+        RETRAIN_DATE,
+        capture=True,
+        timeout=1800,
+    )
     return RetrainRuns(paths, better, worse, rerun, versions_before, versions_after, history_before, history_after)
 
 
@@ -367,8 +400,11 @@ def test_a_candidate_that_passes_the_gate_becomes_champion(retrain_runs: Retrain
     outcome = run.xcom("promote")
     assert (outcome["champion"], outcome["promoted"], outcome["moved"]) == (version, True, True)
     entry = retrain_runs.history_before_rerun[-1]
-    assert (entry["action"], entry["version"], entry["run_key"]) == ("promote", version,
-                                                                     f"shopguide_retrain__{run.run_id}")
+    assert (entry["action"], entry["version"], entry["run_key"]) == (
+        "promote",
+        version,
+        f"shopguide_retrain__{run.run_id}",
+    )
     assert entry["actor"] == f"airflow:shopguide_retrain/{run.run_id}"
     assert registry.client(paths).get_model_version(MODEL_NAME, version).tags["gate_passed"] == "true"
 
@@ -419,17 +455,27 @@ def _free_port() -> int:
 def airflow_services(paths: Paths, log_dir: Path) -> Iterator[str]:
     """api-server + scheduler + dag-processor on 127.0.0.1:<free port>, each in its own process group, always killed."""
     port = _free_port()
-    env = {**os.environ, **airflow_environ(paths, api_port=port),
-           # one JWT secret for the api-server that validates task tokens and the scheduler that issues them
-           "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
-           "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
-           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True"}
+    env = {
+        **os.environ,
+        **airflow_environ(paths, api_port=port),
+        # one JWT secret for the api-server that validates task tokens and the scheduler that issues them
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_urlsafe(32),
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "2",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",
+    }
     procs: list[subprocess.Popen] = []
     try:
         for component in (["api-server", "--port", str(port)], ["scheduler"], ["dag-processor"]):
             log = (log_dir / f"{component[0]}.log").open("w")
-            procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *component], env=env, stdout=log,
-                                          stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "airflow", *component],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
         yield f"http://127.0.0.1:{port}"
     finally:
         for proc in procs:
@@ -456,8 +502,9 @@ def _poll(what: str, fn, timeout: float, log_dir: Path, every: float = 1.0):
 
 
 @pytest.mark.slow
-def test_trigger_the_promote_dag_through_the_rest_api(source: Source, airflow_paths: Paths, model_aliases_kept: Paths,
-                                                      tmp_path: Path) -> None:
+def test_trigger_the_promote_dag_through_the_rest_api(
+    source: Source, airflow_paths: Paths, model_aliases_kept: Paths, tmp_path: Path
+) -> None:
     import httpx
 
     paths = airflow_paths
@@ -473,13 +520,19 @@ def test_trigger_the_promote_dag_through_the_rest_api(source: Source, airflow_pa
 
         jwt = _poll("api-server up", token, 180, tmp_path)
         http.headers["Authorization"] = f"Bearer {jwt}"
-        _poll("shopguide_promote parsed",
-              lambda: http.get("/api/v2/dags/shopguide_promote").status_code == 200, 180, tmp_path)
+        _poll(
+            "shopguide_promote parsed",
+            lambda: http.get("/api/v2/dags/shopguide_promote").status_code == 200,
+            180,
+            tmp_path,
+        )
         # a paused DAG accepts triggers but never runs them; only this DAG is unpaused (the others stay paused)
         assert http.patch("/api/v2/dags/shopguide_promote", json={"is_paused": False}).status_code == 200
 
-        invalid = http.post("/api/v2/dags/shopguide_promote/dagRuns",
-                            json={"logical_date": None, "conf": {"action": "promote", "version": 0, "reason": ""}})
+        invalid = http.post(
+            "/api/v2/dags/shopguide_promote/dagRuns",
+            json={"logical_date": None, "conf": {"action": "promote", "version": 0, "reason": ""}},
+        )
         assert invalid.status_code == 400, invalid.text
         assert "version" in invalid.text or "reason" in invalid.text
 
@@ -495,8 +548,9 @@ def test_trigger_the_promote_dag_through_the_rest_api(source: Source, airflow_pa
 
         run = _poll(f"run {run_id} finished", finished, 300, tmp_path, every=2)
         assert run["state"] == "success", (run, (tmp_path / "scheduler.log").read_text()[-5000:])
-        xcom = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}/taskInstances/move_champion/"
-                        "xcomEntries/return_value").json()
+        xcom = http.get(
+            f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}/taskInstances/move_champion/xcomEntries/return_value"
+        ).json()
         print("REST-triggered run:", run["dag_run_id"], xcom.get("value"))
     assert champion_of(paths, MODEL_NAME) == version
     entry = registry.champion_history(paths, MODEL_NAME)[-1]

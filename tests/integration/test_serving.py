@@ -110,8 +110,9 @@ def test_search_answers_with_the_champion_version(client: TestClient, champion: 
     assert len(_search(client, query="paint", k=100)["results"]) == 100
 
 
-def test_search_is_hybrid_with_the_weight_chosen_on_validation_terms(client: TestClient, predictor: Predictor,
-                                                                    champion: RegisteredChampion) -> None:
+def test_search_is_hybrid_with_the_weight_chosen_on_validation_terms(
+    client: TestClient, predictor: Predictor, champion: RegisteredChampion
+) -> None:
     report = json.loads((champion.bundle_dir / REPORT_FILE).read_text())
     lexical = predictor.lexical
     assert lexical is not None and lexical.weight == report["lexical_weight"] in SearchConfig().weight_grid
@@ -149,8 +150,23 @@ def test_search_is_hybrid_with_the_weight_chosen_on_validation_terms(client: Tes
         {"k": 5},
         None,
     ],
-    ids=["empty", "blank", "too-long", "k=0", "k=1000", "k-string", "k-float", "k-bool", "query-int",
-         "query-list", "user-string", "user-negative", "unknown-field", "no-query", "no-body"],
+    ids=[
+        "empty",
+        "blank",
+        "too-long",
+        "k=0",
+        "k=1000",
+        "k-string",
+        "k-float",
+        "k-bool",
+        "query-int",
+        "query-list",
+        "user-string",
+        "user-negative",
+        "unknown-field",
+        "no-query",
+        "no-body",
+    ],
 )
 def test_malformed_requests_are_422_with_the_reason(client: TestClient, body: dict | None) -> None:
     response = client.post("/v1/search", json=body)
@@ -179,8 +195,9 @@ def test_ops_endpoints(client: TestClient, champion: RegisteredChampion) -> None
     assert pd.Timestamp(info["loaded_at"]).tzinfo is not None
 
 
-def test_registry_down_serves_the_cached_champion(client: TestClient, settings: Settings, champion,
-                                                   monkeypatch) -> None:
+def test_registry_down_serves_the_cached_champion(
+    client: TestClient, settings: Settings, champion, monkeypatch
+) -> None:
     # The client fixture's start-up downloaded the champion into the cache; now the registry cannot be reached.
     _registry_down(monkeypatch)
     with TestClient(create_app(settings)) as c:
@@ -202,8 +219,14 @@ def test_not_ready_without_registry_or_cache(tmp_path: Path, monkeypatch) -> Non
 
 def test_fixed_bundle_dir_needs_no_registry(champion: RegisteredChampion, tmp_path: Path, monkeypatch) -> None:
     _registry_down(monkeypatch)
-    settings = Settings.from_env({"SHOPGUIDE_HOME": str(tmp_path), "SHOPGUIDE_BUNDLE_DIR": str(champion.bundle_dir),
-                                  "SHOPGUIDE_MODEL_POLL_SECONDS": "0", "SHOPGUIDE_MAX_K": "5"})
+    settings = Settings.from_env(
+        {
+            "SHOPGUIDE_HOME": str(tmp_path),
+            "SHOPGUIDE_BUNDLE_DIR": str(champion.bundle_dir),
+            "SHOPGUIDE_MODEL_POLL_SECONDS": "0",
+            "SHOPGUIDE_MAX_K": "5",
+        }
+    )
     with TestClient(create_app(settings)) as c:
         info = c.get("/v1/model").json()
         assert info["source"] == "bundle_dir" and info["version"].startswith("local-")
@@ -219,8 +242,13 @@ def test_unknown_user_gets_the_anonymous_ranking_and_a_reason(client: TestClient
     assert body["results"] == anonymous["results"]
 
 
-def test_known_user_history_ranks_higher(client: TestClient, settings: Settings, predictor: Predictor,
-                                         champion: RegisteredChampion, known_user: tuple[int, list[int]]) -> None:
+def test_known_user_history_ranks_higher(
+    client: TestClient,
+    settings: Settings,
+    predictor: Predictor,
+    champion: RegisteredChampion,
+    known_user: tuple[int, list[int]],
+) -> None:
     user_id, recent = known_user
     query = _unrelated_query(champion, recent)
     anonymous = _search(client, query=query, k=K)
@@ -266,8 +294,9 @@ def test_user_vector_and_blended_scores(predictor: Predictor, known_user: tuple[
 
 
 @pytest.mark.parametrize("broken", ["corrupt_online_store", "no_feature_repo"])
-def test_feast_down_still_answers_and_says_so(broken: str, settings: Settings, predictor: Predictor,
-                                              champion: RegisteredChampion, known_user, tmp_path: Path) -> None:
+def test_feast_down_still_answers_and_says_so(
+    broken: str, settings: Settings, predictor: Predictor, champion: RegisteredChampion, known_user, tmp_path: Path
+) -> None:
     home = tmp_path / "home"
     if broken == "corrupt_online_store":
         shutil.copytree(champion.paths.feast_dir, home / "feast")
@@ -328,10 +357,21 @@ assert body["personalized"], body
 assert "torch" not in sys.modules, "serving imported torch"
 print(json.dumps(body["model_version"]))
 """
-    env = {**os.environ, "SHOPGUIDE_HOME": str(champion.paths.home), "SHOPGUIDE_MODEL_NAME": champion.model_name,
-           "SHOPGUIDE_MODEL_POLL_SECONDS": "0", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "SHOPGUIDE_HOME": str(champion.paths.home),
+        "SHOPGUIDE_MODEL_NAME": champion.model_name,
+        "SHOPGUIDE_MODEL_POLL_SECONDS": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
     env.pop("SHOPGUIDE_BUNDLE_DIR", None)
-    done = subprocess.run([sys.executable, "-c", code, str(known_user[0])], env=env, capture_output=True, text=True,
-                          timeout=180, cwd=Path(__file__).resolve().parents[2])
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(known_user[0])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == champion.version

@@ -85,8 +85,9 @@ def _metric(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-def test_classify_and_embed_match_the_encoder(client: TestClient, predictor: Predictor,
-                                              champion: RegisteredChampion) -> None:
+def test_classify_and_embed_match_the_encoder(
+    client: TestClient, predictor: Predictor, champion: RegisteredChampion
+) -> None:
     queries = ["cordless drill", "  iphone 12 case ", "60 watt led bulb"]
     body = client.post("/v1/classify", json={"queries": queries}).json()
     assert body["model_version"] == champion.version
@@ -106,15 +107,17 @@ def test_classify_and_embed_match_the_encoder(client: TestClient, predictor: Pre
     assert response.headers["x-model-version"] == champion.version
 
 
-def test_recommend_from_history_and_fallbacks(client: TestClient, settings: Settings, predictor: Predictor,
-                                              champion: RegisteredChampion) -> None:
+def test_recommend_from_history_and_fallbacks(
+    client: TestClient, settings: Settings, predictor: Predictor, champion: RegisteredChampion
+) -> None:
     from pipelines.features.store import refresh_features
     from serving.online_features import OnlineFeatures
 
     refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
     online = OnlineFeatures(champion.paths)
-    user_id, recent = next((u, r) for u in range(1, 31)
-                           if len(r := (online.user_features(u) or {}).get("recent_products") or []) >= 2)
+    user_id, recent = next(
+        (u, r) for u in range(1, 31) if len(r := (online.user_features(u) or {}).get("recent_products") or []) >= 2
+    )
     with TestClient(create_app(settings, predictor=predictor)) as c:  # a fresh Feast connection after the apply
         body = c.post("/v1/recommend", json={"user_id": user_id, "k": 5}).json()
         assert body["model_version"] == champion.version
@@ -130,8 +133,7 @@ def test_recommend_from_history_and_fallbacks(client: TestClient, settings: Sett
     assert client.post("/v1/recommend", json={"user_id": -1}).status_code == 422
 
 
-def test_recommend_with_feast_down_is_flagged_not_500(settings: Settings, predictor: Predictor,
-                                                      tmp_path: Path) -> None:
+def test_recommend_with_feast_down_is_flagged_not_500(settings: Settings, predictor: Predictor, tmp_path: Path) -> None:
     with TestClient(create_app(settings.model_copy(update={"home": tmp_path}), predictor=predictor)) as c:
         response = c.post("/v1/recommend", json={"user_id": 3, "k": 5})
         assert response.status_code == 200, response.text
@@ -139,23 +141,29 @@ def test_recommend_with_feast_down_is_flagged_not_500(settings: Settings, predic
         assert body["personalized"] is False and body["fallback_reason"] == "features_unavailable"
         assert body["results"] == [] and body["method"] == "none"
         metrics = c.get("/metrics").text
-    assert _metric(metrics, "shopguide_features_fallbacks_total", endpoint="/v1/recommend",
-                   reason="features_unavailable") == 1
+    assert (
+        _metric(metrics, "shopguide_features_fallbacks_total", endpoint="/v1/recommend", reason="features_unavailable")
+        == 1
+    )
 
 
-@pytest.mark.parametrize(("path", "body", "reason"), [
-    ("/v1/classify", {"queries": []}, "at least 1"),
-    ("/v1/classify", {"queries": ["drill"] * 9}, "at most 8"),
-    ("/v1/classify", {"queries": ["x" * 257]}, "at most 256"),
-    ("/v1/classify", {"queries": "drill"}, "list"),
-    ("/v1/embed", {"texts": ["drill", ""]}, "at least 1"),
-    ("/v1/embed", {"texts": ["drill"], "extra": 1}, "Extra inputs"),
-    ("/v1/recommend", {"user_id": 1, "k": 101}, "less than or equal to 100"),
-    ("/v1/recommend", {"k": 5}, "Field required"),
-    ("/v1/search", {"query": "drill", "k": 101}, "less than or equal to 100"),
-])
-def test_limits_are_422_with_the_reason(settings: Settings, predictor: Predictor, path: str, body: dict,
-                                        reason: str) -> None:
+@pytest.mark.parametrize(
+    ("path", "body", "reason"),
+    [
+        ("/v1/classify", {"queries": []}, "at least 1"),
+        ("/v1/classify", {"queries": ["drill"] * 9}, "at most 8"),
+        ("/v1/classify", {"queries": ["x" * 257]}, "at most 256"),
+        ("/v1/classify", {"queries": "drill"}, "list"),
+        ("/v1/embed", {"texts": ["drill", ""]}, "at least 1"),
+        ("/v1/embed", {"texts": ["drill"], "extra": 1}, "Extra inputs"),
+        ("/v1/recommend", {"user_id": 1, "k": 101}, "less than or equal to 100"),
+        ("/v1/recommend", {"k": 5}, "Field required"),
+        ("/v1/search", {"query": "drill", "k": 101}, "less than or equal to 100"),
+    ],
+)
+def test_limits_are_422_with_the_reason(
+    settings: Settings, predictor: Predictor, path: str, body: dict, reason: str
+) -> None:
     with TestClient(create_app(settings.model_copy(update={"max_batch": 8}), predictor=predictor)) as c:
         response = c.post(path, json=body)
     assert response.status_code == 422, response.text
@@ -177,18 +185,28 @@ def test_body_size_limit_is_413_before_parsing(settings: Settings, predictor: Pr
         response = c.post("/v1/embed", content=chunks(), headers={"content-type": "application/json"})
         assert response.status_code == 413
         small = json.dumps({"texts": ["drill"]}).encode()
-        response = c.post("/v1/embed", content=iter([small[:5], small[5:]]),
-                          headers={"content-type": "application/json"})
+        response = c.post(
+            "/v1/embed", content=iter([small[:5], small[5:]]), headers={"content-type": "application/json"}
+        )
         assert response.status_code == 200, response.text
 
 
 def test_api_keys(settings: Settings, predictor: Predictor) -> None:
-    secured = Settings.from_env({"SHOPGUIDE_HOME": str(settings.home), "SHOPGUIDE_MODEL_NAME": settings.model_name,
-                                 "SHOPGUIDE_API_KEYS": f" {KEY} , other-key "})
+    secured = Settings.from_env(
+        {
+            "SHOPGUIDE_HOME": str(settings.home),
+            "SHOPGUIDE_MODEL_NAME": settings.model_name,
+            "SHOPGUIDE_API_KEYS": f" {KEY} , other-key ",
+        }
+    )
     assert secured.api_keys == frozenset({KEY, "other-key"})
     with TestClient(create_app(secured, predictor=predictor)) as c:
-        for path, body in [("/v1/search", {"query": "drill"}), ("/v1/classify", {"queries": ["drill"]}),
-                           ("/v1/embed", {"texts": ["drill"]}), ("/v1/recommend", {"user_id": 1})]:
+        for path, body in [
+            ("/v1/search", {"query": "drill"}),
+            ("/v1/classify", {"queries": ["drill"]}),
+            ("/v1/embed", {"texts": ["drill"]}),
+            ("/v1/recommend", {"user_id": 1}),
+        ]:
             for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY[:-1]}):
                 response = c.post(path, json=body, headers=headers)
                 assert response.status_code == 401, (path, headers)
@@ -204,8 +222,9 @@ def test_api_keys(settings: Settings, predictor: Predictor) -> None:
         assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
 
 
-def test_request_id_logs_and_no_stack_traces(client: TestClient, predictor: Predictor, champion,
-                                             caplog: pytest.LogCaptureFixture) -> None:
+def test_request_id_logs_and_no_stack_traces(
+    client: TestClient, predictor: Predictor, champion, caplog: pytest.LogCaptureFixture
+) -> None:
     with caplog.at_level(logging.INFO, logger="serving"):
         response = client.post("/v1/search", json={"query": "drill", "k": 3}, headers={"X-Request-ID": "req-42"})
         generated = client.post("/v1/search", json={"query": "drill"}, headers={"X-Request-ID": "bad id\n!"})
@@ -233,8 +252,7 @@ def test_request_id_logs_and_no_stack_traces(client: TestClient, predictor: Pred
 
 
 def champion_settings(champion: RegisteredChampion) -> Settings:
-    return Settings(home=champion.paths.home, model_name=champion.model_name, model_poll_seconds=0,
-                    batch_window_ms=0)
+    return Settings(home=champion.paths.home, model_name=champion.model_name, model_poll_seconds=0, batch_window_ms=0)
 
 
 def test_metrics_are_exposed(client: TestClient, champion: RegisteredChampion) -> None:
@@ -295,12 +313,10 @@ def test_service_with_ann_search(settings: Settings, champion: RegisteredChampio
         assert len(list(load_options(ann)["ann_cache"].glob("*.usearch"))) == 1
 
 
-def test_micro_batching_groups_concurrent_searches(settings: Settings, predictor: Predictor,
-                                                   terms: list[str]) -> None:
+def test_micro_batching_groups_concurrent_searches(settings: Settings, predictor: Predictor, terms: list[str]) -> None:
     """Concurrent searches share encoder runs, and answer exactly what one-at-a-time searches answer."""
     alone = create_app(settings.model_copy(update={"batch_window_ms": 0}), predictor=predictor)
-    batched = create_app(settings.model_copy(update={"batch_window_ms": 20, "batch_max_size": 8}),
-                         predictor=predictor)
+    batched = create_app(settings.model_copy(update={"batch_window_ms": 20, "batch_max_size": 8}), predictor=predictor)
     with TestClient(alone) as a, TestClient(batched) as b:
         expected = {q: a.post("/v1/search", json={"query": q, "k": 5}).json() for q in terms}
         assert batched.state.serving.batcher is not None and alone.state.serving.batcher is None
@@ -310,8 +326,9 @@ def test_micro_batching_groups_concurrent_searches(settings: Settings, predictor
         metrics = b.get("/metrics").text
     for q, body in got:
         assert [r["product_id"] for r in body["results"]] == [r["product_id"] for r in expected[q]["results"]]
-        np.testing.assert_allclose([r["score"] for r in body["results"]],
-                                   [r["score"] for r in expected[q]["results"]], atol=1e-4)
+        np.testing.assert_allclose(
+            [r["score"] for r in body["results"]], [r["score"] for r in expected[q]["results"]], atol=1e-4
+        )
         assert body["category"] == expected[q]["category"]
     # This fixture's graph is dynamic INT8 (not batch-invariant): grouped requests still run one ORT pass each;
     # a batch-invariant graph runs the group as one batch.
@@ -336,21 +353,31 @@ def test_openapi_property_based_no_server_errors(settings: Settings, predictor: 
     app = create_app(settings.model_copy(update={"max_batch": 8}), predictor=predictor)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/search", "/v1/recommend", "/v1/classify", "/v1/embed",
-                                              "/v1/model", "/metrics", "/healthz", "/readyz"}
+    assert {op.path for op in operations} >= {
+        "/v1/search",
+        "/v1/recommend",
+        "/v1/classify",
+        "/v1/embed",
+        "/v1/model",
+        "/metrics",
+        "/healthz",
+        "/readyz",
+    }
     seen: dict[int, int] = {}
     for operation in operations:
         # a GET without parameters has nothing to make invalid
         for mode in GenerationMode if operation.method.upper() == "POST" else [GenerationMode.POSITIVE]:
 
             @given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis_settings(max_examples=15, deadline=None, database=None, derandomize=True,
-                                 suppress_health_check=list(HealthCheck))
+            @hypothesis_settings(
+                max_examples=15, deadline=None, database=None, derandomize=True, suppress_health_check=list(HealthCheck)
+            )
             def check(case) -> None:
                 response = case.call()
                 seen[response.status_code] = seen.get(response.status_code, 0) + 1
-                case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
-                                                          response_schema_conformance])
+                case.validate_response(
+                    response, checks=[not_a_server_error, status_code_conformance, response_schema_conformance]
+                )
 
             check()
     assert not [code for code in seen if code >= 500], seen

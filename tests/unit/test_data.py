@@ -68,14 +68,20 @@ def test_clicks_rise_with_graded_relevance(judgments):
     sample = select_terms(judgments, 400)
     events = simulate_events(sample, 400, END, seed=1)
     grade = sample.drop_duplicates(["search_term", "product_uid"]).set_index(
-        [sample["search_term"].str.strip().str.lower(), "product_uid"])["relevance"]
+        [sample["search_term"].str.strip().str.lower(), "product_uid"]
+    )["relevance"]
     views = events[events["event_type"] == "view"]
-    clicked = set(zip(events.loc[events["event_type"] == "click", "user_id"],
-                      events.loc[events["event_type"] == "click", "product_id"], strict=True))
-    views = views.assign(clicked=[(u, p) in clicked for u, p in zip(views["user_id"], views["product_id"],
-                                                                      strict=True)],
-                         relevance=[grade.get((q, p)) for q, p in zip(views["query"], views["product_id"],
-                                                                      strict=True)])
+    clicked = set(
+        zip(
+            events.loc[events["event_type"] == "click", "user_id"],
+            events.loc[events["event_type"] == "click", "product_id"],
+            strict=True,
+        )
+    )
+    views = views.assign(
+        clicked=[(u, p) in clicked for u, p in zip(views["user_id"], views["product_id"], strict=True)],
+        relevance=[grade.get((q, p)) for q, p in zip(views["query"], views["product_id"], strict=True)],
+    )
     high = views[views["relevance"] >= 2.67]["clicked"].mean()
     low = views[views["relevance"] <= 1.67]["clicked"].mean()
     assert high > low + 0.2

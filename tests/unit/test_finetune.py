@@ -17,19 +17,31 @@ from pipelines.training.finetune import (
     training_sets,
 )
 
-OFFERS = pd.DataFrame({
-    "offer_title": ["samsung galaxy s10 128gb black", "iphone xr 64gb red", "lg 55 inch 4k oled tv",
-                    "sony bravia 65in smart tv", "bosch serie 4 dishwasher", "beko freestanding dishwasher 60cm",
-                    "intel core i7 9700k cpu", "amd ryzen 5 3600 processor"] * 4,
-    "cluster_label": [f"product {i}" for i in range(32)],
-    "category_label": ["Mobile Phones", "Mobile Phones", "TVs", "TVs", "Dishwashers", "Dishwashers", "CPUs",
-                       "CPUs"] * 4,
-})
-JUDGMENTS = pd.DataFrame({
-    "search_term": ["cordless drill", "cordless drill", "deck screws", "deck screws", "paint"],
-    "product_title": ["dewalt 20v cordless drill", "garden hose", "3 in deck screws", "led bulb", "white paint"],
-    "relevance": [3.0, 1.0, 2.67, 1.33, 2.5],
-})
+OFFERS = pd.DataFrame(
+    {
+        "offer_title": [
+            "samsung galaxy s10 128gb black",
+            "iphone xr 64gb red",
+            "lg 55 inch 4k oled tv",
+            "sony bravia 65in smart tv",
+            "bosch serie 4 dishwasher",
+            "beko freestanding dishwasher 60cm",
+            "intel core i7 9700k cpu",
+            "amd ryzen 5 3600 processor",
+        ]
+        * 4,
+        "cluster_label": [f"product {i}" for i in range(32)],
+        "category_label": ["Mobile Phones", "Mobile Phones", "TVs", "TVs", "Dishwashers", "Dishwashers", "CPUs", "CPUs"]
+        * 4,
+    }
+)
+JUDGMENTS = pd.DataFrame(
+    {
+        "search_term": ["cordless drill", "cordless drill", "deck screws", "deck screws", "paint"],
+        "product_title": ["dewalt 20v cordless drill", "garden hose", "3 in deck screws", "led bulb", "white paint"],
+        "relevance": [3.0, 1.0, 2.67, 1.33, 2.5],
+    }
+)
 
 
 def test_training_sets_name_their_columns_and_index_categories() -> None:
@@ -45,11 +57,21 @@ def test_training_sets_name_their_columns_and_index_categories() -> None:
     assert CATEGORY_SET not in training_sets(JUDGMENTS, OFFERS, TrainConfig())  # off by default
 
 
-CATALOG = pd.DataFrame({
-    "product_uid": [1, 2, 3, 4, 5, 6, 7, 8],
-    "product_title": ["white paint", "exterior paint gallon", "paint roller", "dewalt 20v cordless drill",
-                      "garden hose", "3 in deck screws", "led bulb", "cordless drill battery"],
-})
+CATALOG = pd.DataFrame(
+    {
+        "product_uid": [1, 2, 3, 4, 5, 6, 7, 8],
+        "product_title": [
+            "white paint",
+            "exterior paint gallon",
+            "paint roller",
+            "dewalt 20v cordless drill",
+            "garden hose",
+            "3 in deck screws",
+            "led bulb",
+            "cordless drill battery",
+        ],
+    }
+)
 UIDS = dict(zip(CATALOG["product_title"], CATALOG["product_uid"], strict=True))
 
 
@@ -80,8 +102,9 @@ def test_model_mined_negatives_are_the_encoders_nearest_unjudged_titles(tmp_path
         assert negative in nearest
         assert negative not in set(judgments.loc[judgments["search_term"] == term, "product_title"])
     # the sets go with the model, in the trainer's order, for the students' task loss
-    sets = training_sets(judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 3), category_offers=8), CATALOG,
-                         encode)
+    sets = training_sets(
+        judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 3), category_offers=8), CATALOG, encode
+    )
     save_training_sets(sets, tmp_path / "training_sets")
     loaded = load_training_sets(tmp_path)
     assert list(loaded) == list(sets)

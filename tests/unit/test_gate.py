@@ -7,10 +7,22 @@ import pytest
 from pipelines.config import GateConfig
 from pipelines.evaluation.gate import decide
 
-CFG = GateConfig(min_ndcg_at_10=0.30, min_category_accuracy=0.80, min_parity_cosine=0.97, max_latency_p99_ms=10,
-                 max_size_mb=30, max_regression=0.01)
-GOOD = {"ndcg_at_10": 0.40, "category_accuracy": 0.90, "parity_cosine_min": 0.99, "latency_p99_ms": 3.0,
-        "size_mb": 23.0, "snapshot_hash": "abc"}
+CFG = GateConfig(
+    min_ndcg_at_10=0.30,
+    min_category_accuracy=0.80,
+    min_parity_cosine=0.97,
+    max_latency_p99_ms=10,
+    max_size_mb=30,
+    max_regression=0.01,
+)
+GOOD = {
+    "ndcg_at_10": 0.40,
+    "category_accuracy": 0.90,
+    "parity_cosine_min": 0.99,
+    "latency_p99_ms": 3.0,
+    "size_mb": 23.0,
+    "snapshot_hash": "abc",
+}
 
 
 def report(**changes):
@@ -29,8 +41,13 @@ def report(**changes):
         ("parity miss", report(parity_cosine_min=0.9), None, False, "FAIL: parity_cosine_min 0.9 >= 0.97"),
         ("latency miss", report(latency_p99_ms=25.0), None, False, "FAIL: latency_p99_ms 25 <= 10"),
         ("size miss", report(size_mb=90.0), None, False, "FAIL: size_mb 90 <= 30"),
-        ("missing metric", {k: v for k, v in GOOD.items() if k != "parity_cosine_min"}, None, False,
-         "parity_cosine_min missing"),
+        (
+            "missing metric",
+            {k: v for k, v in GOOD.items() if k != "parity_cosine_min"},
+            None,
+            False,
+            "parity_cosine_min missing",
+        ),
         ("champion on other data", report(), report(snapshot_hash="zzz"), True, "another data snapshot"),
     ],
 )

@@ -16,13 +16,16 @@ DENSE = lists([1, 2, 3], [0.9, 0.5, 0.1])
 BM25 = lists([3, 4], [10.0, 5.0])
 
 
-@pytest.mark.parametrize(("weight", "rows", "scores"), [
-    # min-max per list: dense (1, .5, 0), bm25 (1, 0); product 3 is last by meaning, first by words
-    (0.5, [1, 3, 2, 4], [0.5, 0.5, 0.25, 0.0]),  # 1 and 3 tie: the dense order breaks it
-    (0.0, [1, 2, 3, 4], [1.0, 0.5, 0.0, 0.0]),  # dense only
-    (1.0, [3, 1, 2, 4], [1.0, 0.0, 0.0, 0.0]),  # lexical only, then the dense order
-    (0.2, [1, 2, 3, 4], [0.8, 0.4, 0.2, 0.0]),
-])
+@pytest.mark.parametrize(
+    ("weight", "rows", "scores"),
+    [
+        # min-max per list: dense (1, .5, 0), bm25 (1, 0); product 3 is last by meaning, first by words
+        (0.5, [1, 3, 2, 4], [0.5, 0.5, 0.25, 0.0]),  # 1 and 3 tie: the dense order breaks it
+        (0.0, [1, 2, 3, 4], [1.0, 0.5, 0.0, 0.0]),  # dense only
+        (1.0, [3, 1, 2, 4], [1.0, 0.0, 0.0, 0.0]),  # lexical only, then the dense order
+        (0.2, [1, 2, 3, 4], [0.8, 0.4, 0.2, 0.0]),
+    ],
+)
 def test_fuse_is_a_convex_mix_of_min_max_scores(weight, rows, scores):
     got_rows, got_scores = fuse(DENSE, BM25, weight, k=10)
     assert got_rows.tolist() == rows
@@ -37,8 +40,13 @@ def test_fuse_keeps_k_and_handles_an_empty_lexical_list():
     assert rows.tolist() == [7]
 
 
-TITLES = ["Milwaukee M18 cordless drill kit", "Philips 60 watt LED light bulb", "Minwax oak wood stain",
-          "Round white toilet seat", "DEWALT 20V hammer drill"]
+TITLES = [
+    "Milwaukee M18 cordless drill kit",
+    "Philips 60 watt LED light bulb",
+    "Minwax oak wood stain",
+    "Round white toilet seat",
+    "DEWALT 20V hammer drill",
+]
 
 
 def test_bm25_index_stems_drops_stopwords_and_round_trips(tmp_path):

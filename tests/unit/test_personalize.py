@@ -43,8 +43,9 @@ def test_history_of_one_kind_pulls_the_ranking_towards_that_kind(catalog) -> Non
         assert _kind_share(personal, kinds, kind) > _kind_share(plain, kinds, kind)
         assert _kind_share(personal, kinds, kind) >= 0.8
         # Monotone in the weight: more weight never lowers the share of the user's kind in the top 10.
-        shares = [_kind_share(P.top_k(P.blend_scores(emb, query, user, w), 10)[0], kinds, kind)
-                  for w in (0.0, 0.1, 0.3, 1.0)]
+        shares = [
+            _kind_share(P.top_k(P.blend_scores(emb, query, user, w), 10)[0], kinds, kind) for w in (0.0, 0.1, 0.3, 1.0)
+        ]
         assert shares == sorted(shares)
 
 

@@ -70,8 +70,10 @@ def test_missing_column_is_one_readable_line(snapshot: Snapshot, tmp_path: Path)
 def test_null_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
     error = failure_report(broken(snapshot, tmp_path, "judgments_heldout", set_value("search_term", 3, pd.NA)))
     n_rows = len(snapshot.table("judgments_heldout"))
-    assert (f"- judgments_heldout.search_term: expect_column_values_to_not_be_null: 1 of {n_rows} value(s) "
-            "unexpected (rows [3])") in error.report
+    assert (
+        f"- judgments_heldout.search_term: expect_column_values_to_not_be_null: 1 of {n_rows} value(s) "
+        "unexpected (rows [3])"
+    ) in error.report
     (failure,) = error.failures
     assert failure["suite"] == "judgments" and failure["column"] == "search_term"
     assert failure["unexpected_count"] == 1
@@ -162,7 +164,8 @@ def test_validate_frame_reports_without_raising(snapshot: Snapshot) -> None:
     bad = validate_frame(pd.concat([catalog, catalog.iloc[[0]]], ignore_index=True), "catalog")
     assert not bad.success
     assert [(f["column"], f["expectation"]) for f in bad.failures] == [
-        ("product_uid", "expect_column_values_to_be_unique")]
+        ("product_uid", "expect_column_values_to_be_unique")
+    ]
     with pytest.raises(KeyError, match="unknown suite"):
         validate_frame(catalog, "nope")
 
