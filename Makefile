@@ -4,14 +4,22 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.shopguide-installed
 PYTEST_ARGS ?=
+# Where pip finds torch. Empty = the configured index (here it holds the CPU build). On a machine whose index would
+# resolve torch to a multi-GB CUDA build, point it at PyTorch's CPU wheel index, e.g.
+#   make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+TORCH_INDEX_URL ?=
 
-.PHONY: install run test lint serve clean
+.PHONY: install run test check lint serve clean python-version
+
+python-version:
+	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
+		f"shopguide needs Python >= 3.11; $(PYTHON) is {v.major}.{v.minor}: run make PYTHON=python3.11 ...")'
 
 # torch first, pinned to the CPU build: any looser requirement resolved later would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml | python-version
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -20,11 +28,16 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/shopguide run
 
-test: install
+# Static checks first (seconds): style, formatting, the import-layer contracts in pyproject.toml.
+check: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+
+test: check
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
-lint: install
-	$(VENV)/bin/ruff check .
+lint: check
 
 serve: install
 	$(VENV)/bin/shopguide serve
