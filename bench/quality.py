@@ -46,7 +46,7 @@ def main() -> None:
     import numpy as np
     import yaml
 
-    from pipelines.compression.export import build_product_index, export_model
+    from pipelines.compression.export import build_product_index, export_bundle
     from pipelines.config import load_config
     from pipelines.data.dataset import Snapshot, snapshot_data
     from pipelines.evaluation.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
@@ -110,14 +110,14 @@ def main() -> None:
     result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
 
     t0 = time.perf_counter()
-    exported = export_model(trained["model_dir"], snap.path, work / "bundle", cfg.export, cfg.train.max_seq_length)
+    exported = export_bundle(trained["model_dir"], snap.path, work / "bundle", cfg)
     build_product_index(work / "bundle", snap.path)
     result["hybrid"] = build_lexical_index(work / "bundle", snap.path, cfg.search, cfg.evaluate)
     served = evaluate_bundle(
         work / "bundle",
         snap.path,
         cfg.evaluate.model_copy(update={"max_category_offers": None}),
-        exported["parity_served"]["cosine_min"],
+        exported["parity"]["cosine_min"],
     )
     served_name = "served_int8_hybrid" if result["hybrid"]["lexical"] else "served_int8"
     if "dense_ndcg_at_10" in served:

@@ -73,8 +73,8 @@ def make_snapshot(work: Path) -> Path:
 
 def build_bundle(work: Path, snapshot: Path) -> Path:
     """The whole catalog embedded by the base MiniLM (0 steps, real category head), INT8, with hybrid search."""
-    from pipelines.compression.export import build_product_index, export_model
-    from pipelines.config import EvaluateConfig, ExportConfig, SearchConfig, TrainConfig
+    from pipelines.compression.export import build_product_index, export_bundle
+    from pipelines.config import EvaluateConfig, ExportConfig, SearchConfig, ShopguideConfig, TrainConfig
     from pipelines.data.dataset import Snapshot
     from pipelines.evaluation.evaluate import evaluate_bundle
     from pipelines.evaluation.fusion import build_lexical_index
@@ -86,7 +86,7 @@ def build_bundle(work: Path, snapshot: Path) -> Path:
         return bundle
     train = TrainConfig(max_steps=0, head_max_offers=2000, head_epochs=5)
     finetune_encoder(snapshot, work / "model", train)
-    export_model(work / "model", snapshot, bundle, ExportConfig(parity_texts=8), train.max_seq_length)
+    export_bundle(work / "model", snapshot, bundle, ShopguideConfig(train=train, export=ExportConfig(parity_texts=8)))
     print("embedding the catalog ...", file=sys.stderr, flush=True)
     build_product_index(bundle, snapshot)
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)

@@ -101,7 +101,6 @@ class TrainConfig(_Section):
 
 class ExportConfig(_Section):
     opset: int = Field(17, ge=14, le=21)
-    quantize: bool = Field(True, description="Serve the INT8 per-channel dynamic quantization of the ONNX graph.")
     per_channel: bool = True
     parity_texts: int = Field(64, ge=4, le=4096, description="Texts compared between PyTorch and ONNX Runtime.")
     threads: int = Field(2, ge=1, le=64)

@@ -10,14 +10,12 @@ from typing import Any
 
 import numpy as np
 
-from pipelines.config import ExportConfig
+from pipelines.config import ShopguideConfig
 from pipelines.data.dataset import Snapshot
 from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
 from pipelines.training.finetune import load_finetuned
-
-FP32_FILE = "model_fp32.onnx"
 
 
 def _pooled_encoder(bert, head):
@@ -124,49 +122,85 @@ def parity_texts(snapshot: Snapshot, n: int) -> list[str]:
     return queries.head(n // 2).tolist() + titles.head(n - n // 2).tolist()
 
 
-def export_model(
-    model_dir: str | Path, snapshot_dir: str | Path, out_dir: str | Path, cfg: ExportConfig, max_seq_length: int
-) -> dict[str, Any]:
-    """Write a servable bundle (ONNX graph, tokenizer, labels, encoder.json) and measure parity per variant."""
+def _quantization_label(graph: str, per_channel: bool) -> str:
+    if graph == "fp32":
+        return "none"
+    return "int8-dynamic-per-channel" if per_channel else "int8-dynamic-per-tensor"
+
+
+def export_weights(
+    model_dir: str | Path, bundles: dict[str, Path], texts: list[str], cfg: ShopguideConfig
+) -> dict[str, dict[str, Any]]:
+    """One PyTorch -> ONNX export of a weight set, optionally optimized, written as an fp32 and/or INT8 bundle per
+    requested variant, each with its parity against the PyTorch model of the same weights."""
+    import tempfile
+
     import torch
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model, head, labels = load_finetuned(model_dir, max_seq_length)
-    module = _pooled_encoder(model[0].auto_model, head)
-    export_to_onnx(module, out / FP32_FILE, cfg.opset)
-    if cfg.quantize:
-        quantize_int8(out / FP32_FILE, out / ONNX_FILE, cfg.per_channel)
-    else:
-        shutil.copyfile(out / FP32_FILE, out / ONNX_FILE)
-    model.tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
-    (out / LABELS_FILE).write_text(json.dumps(labels))
-    (out / ENCODER_FILE).write_text(
-        json.dumps(
-            {
-                "max_seq_length": max_seq_length,
-                "dim": model.get_embedding_dimension(),
-                "pooling": "mean",
-                "normalized": True,
-                "quantization": "int8-dynamic-per-channel"
-                if cfg.quantize and cfg.per_channel
-                else ("int8-dynamic-per-tensor" if cfg.quantize else "none"),
-                "outputs": ["embedding", "category_logits"],
-            }
-        )
-    )
-
-    texts = parity_texts(Snapshot.open(snapshot_dir), cfg.parity_texts)
+    model, head, labels = load_finetuned(model_dir, cfg.train.max_seq_length)
+    config = model[0].auto_model.config
     with torch.no_grad():
         reference = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-    report: dict[str, Any] = {"bundle_dir": str(out), "parity_texts": len(texts)}
-    for name, file in (("onnx_fp32", FP32_FILE), ("served", ONNX_FILE)):
-        emb, _ = OnnxEncoder.load(out, onnx_file=file, threads=cfg.threads).encode(texts)
-        report[f"parity_{name}"] = parity(reference, emb)
-    report["size_mb"] = (out / ONNX_FILE).stat().st_size / 1e6
-    report["size_fp32_mb"] = (out / FP32_FILE).stat().st_size / 1e6
-    (out / FP32_FILE).unlink()  # the bundle ships the served graph only; sizes and parity are recorded
-    return report
+        classes = head(torch.from_numpy(reference)).argmax(1).numpy()
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="shopguide-export-") as tmp:
+        plain, graph_file = Path(tmp) / "plain.onnx", Path(tmp) / "plain.onnx"
+        bert = model[0].auto_model
+        if cfg.compress.optimize:
+            # SDPA exports as a pattern the optimizer does not recognise; eager attention (same numbers) lets it fuse
+            # embeddings + LayerNorm and every self-attention block into single contrib ops
+            bert.set_attn_implementation("eager")
+        export_to_onnx(_pooled_encoder(bert, head), plain, cfg.export.opset)
+        fused: dict[str, int] = {}
+        if cfg.compress.optimize:
+            graph_file = Path(tmp) / "optimized.onnx"
+            fused = optimize_onnx(plain, graph_file, config.num_attention_heads, config.hidden_size)
+        for name, bundle in bundles.items():
+            graph = name.rpartition("-")[2]  # variant names end in their graph: <weights>-<fp32|int8>
+            if graph not in ("fp32", "int8"):
+                raise ValueError(f"not an ONNX variant name: {name!r}")
+            bundle.mkdir(parents=True, exist_ok=True)
+            if graph == "int8":
+                quantize_int8(graph_file, bundle / ONNX_FILE, cfg.export.per_channel, optimized=cfg.compress.optimize)
+            else:
+                shutil.copyfile(graph_file, bundle / ONNX_FILE)
+            write_bundle_files(
+                bundle,
+                model.tokenizer.backend_tokenizer,
+                labels,
+                model.get_embedding_dimension(),
+                cfg.train.max_seq_length,
+                _quantization_label(graph, cfg.export.per_channel),
+                variant=name,
+                layers=int(config.num_hidden_layers),
+                vocab_size=int(config.vocab_size),
+                optimized=cfg.compress.optimize,
+            )
+            emb, logits = OnnxEncoder.load(bundle, threads=cfg.compress.threads).encode(texts)
+            agreement = float((logits.argmax(1) == classes).mean())
+            out[name] = {
+                "bundle_dir": str(bundle),
+                "model_dir": str(model_dir),
+                "parity": {**parity(reference, emb), "category_agreement": agreement},
+                "size_mb": (bundle / ONNX_FILE).stat().st_size / 1e6,
+                "fused_ops": fused,
+                "layers": int(config.num_hidden_layers),
+                "vocab_size": int(config.vocab_size),
+            }
+    return out
+
+
+def export_bundle(
+    model_dir: str | Path,
+    snapshot_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ShopguideConfig,
+    variant: str = "teacher-int8",
+) -> dict[str, Any]:
+    """One servable bundle of a fine-tuned folder through the DAG's own export path (export_weights), parity
+    measured on the snapshot's texts: what the tests and benches build when they need a bundle without the suite."""
+    texts = parity_texts(Snapshot.open(snapshot_dir), cfg.export.parity_texts)
+    return export_weights(model_dir, {variant: Path(out_dir)}, texts, cfg)[variant]
 
 
 def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_size: int = 64) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import numpy as np
 
 from pipelines.config import BASELINE_VARIANT, VARIANT_PATTERN, CompressConfig, ShopguideConfig
 from pipelines.data.dataset import Snapshot
-from pipelines.runtime.bundle import ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.bundle import TOKENIZER_FILE
 from pipelines.runtime.encoder import OnnxEncoder, load_tokenizer
 
 TEACHER = "teacher"
@@ -202,88 +201,12 @@ def prune_vocabulary(
 # stage 3: ONNX export, optimization, INT8, parity
 
 
-def _quantization_label(graph: str, per_channel: bool) -> str:
-    if graph == "fp32":
-        return "none"
-    return "int8-dynamic-per-channel" if per_channel else "int8-dynamic-per-tensor"
-
-
-def export_weights(
-    model_dir: str | Path, bundles: dict[str, Path], texts: list[str], cfg: ShopguideConfig
-) -> dict[str, dict[str, Any]]:
-    """One PyTorch -> ONNX export of a weight set, optionally optimized, written as an fp32 and/or INT8 bundle per
-    requested variant, each with its parity against the PyTorch model of the same weights."""
-    import tempfile
-
-    import torch
-
-    from pipelines.compression.export import (
-        _pooled_encoder,
-        export_to_onnx,
-        optimize_onnx,
-        parity,
-        quantize_int8,
-        write_bundle_files,
-    )
-    from pipelines.training.finetune import load_finetuned
-
-    model, head, labels = load_finetuned(model_dir, cfg.train.max_seq_length)
-    config = model[0].auto_model.config
-    with torch.no_grad():
-        reference = model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
-        classes = head(torch.from_numpy(reference)).argmax(1).numpy()
-    out: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="shopguide-export-") as tmp:
-        plain, graph_file = Path(tmp) / "plain.onnx", Path(tmp) / "plain.onnx"
-        bert = model[0].auto_model
-        if cfg.compress.optimize:
-            # SDPA exports as a pattern the optimizer does not recognise; eager attention (same numbers) lets it fuse
-            # embeddings + LayerNorm and every self-attention block into single contrib ops
-            bert.set_attn_implementation("eager")
-        export_to_onnx(_pooled_encoder(bert, head), plain, cfg.export.opset)
-        fused: dict[str, int] = {}
-        if cfg.compress.optimize:
-            graph_file = Path(tmp) / "optimized.onnx"
-            fused = optimize_onnx(plain, graph_file, config.num_attention_heads, config.hidden_size)
-        for name, bundle in bundles.items():
-            spec = parse_variant(name)
-            bundle.mkdir(parents=True, exist_ok=True)
-            if spec.graph == "int8":
-                quantize_int8(graph_file, bundle / ONNX_FILE, cfg.export.per_channel, optimized=cfg.compress.optimize)
-            else:
-                shutil.copyfile(graph_file, bundle / ONNX_FILE)
-            write_bundle_files(
-                bundle,
-                model.tokenizer.backend_tokenizer,
-                labels,
-                model.get_embedding_dimension(),
-                cfg.train.max_seq_length,
-                _quantization_label(spec.graph, cfg.export.per_channel),
-                variant=name,
-                layers=int(config.num_hidden_layers),
-                vocab_size=int(config.vocab_size),
-                optimized=cfg.compress.optimize,
-            )
-            emb, logits = OnnxEncoder.load(bundle, threads=cfg.compress.threads).encode(texts)
-            agreement = float((logits.argmax(1) == classes).mean())
-            out[name] = {
-                "bundle_dir": str(bundle),
-                "model_dir": str(model_dir),
-                "parity": {**parity(reference, emb), "category_agreement": agreement},
-                "size_mb": (bundle / ONNX_FILE).stat().st_size / 1e6,
-                "fused_ops": fused,
-                "layers": int(config.num_hidden_layers),
-                "vocab_size": int(config.vocab_size),
-            }
-    return out
-
-
 def export_variants(
     models: dict[str, str], snapshot_dir: str | Path, out_dir: str | Path, cfg: ShopguideConfig
 ) -> dict[str, Any]:
-    """A servable bundle per planned ONNX variant (same files as export_model's bundle; the index comes with the
-    evaluation). Returns {"variants": name -> {bundle_dir, parity, size_mb, ...}, "models": ...}."""
-    from pipelines.compression.export import parity_texts
+    """A servable bundle per planned ONNX variant (the index comes with the evaluation).
+    Returns {"variants": name -> {bundle_dir, parity, size_mb, ...}, "models": ...}."""
+    from pipelines.compression.export import export_weights, parity_texts
 
     started = time.perf_counter()
     texts = parity_texts(Snapshot.open(snapshot_dir), cfg.export.parity_texts)

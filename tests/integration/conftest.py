@@ -8,7 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.config import MODEL_NAME, DataConfig, EvaluateConfig, ExportConfig, Paths, SearchConfig, TrainConfig
+from pipelines.config import (
+    MODEL_NAME,
+    DataConfig,
+    EvaluateConfig,
+    ExportConfig,
+    Paths,
+    SearchConfig,
+    ShopguideConfig,
+    TrainConfig,
+)
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 RUN_KEY = "integration-serving-champion"
@@ -34,7 +43,7 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     Every step is the pipeline's own function, on the session's temporary SQLite MLflow store (tests/conftest.py)
     and a home below the session's SHOPGUIDE_HOME; only the sizes are small. ~20-30 s, mostly ONNX export.
     """
-    from pipelines.compression.export import build_product_index, export_model
+    from pipelines.compression.export import build_product_index, export_bundle
     from pipelines.data.dataset import snapshot_data
     from pipelines.evaluation.evaluate import evaluate_bundle
     from pipelines.evaluation.fusion import build_lexical_index
@@ -54,7 +63,8 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     train = TrainConfig(max_steps=0, head_max_offers=300, head_epochs=5)
     finetune_encoder(snapshot.path, work / "model", train)
     bundle = work / "bundle"
-    export_model(work / "model", snapshot.path, bundle, ExportConfig(parity_texts=8), train.max_seq_length)
+    export = ShopguideConfig(train=train, export=ExportConfig(parity_texts=8))
+    export_bundle(work / "model", snapshot.path, bundle, export)
     build_product_index(bundle, snapshot.path)
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
     build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
