@@ -4,12 +4,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.shopguide-installed
 PYTEST_ARGS ?=
+PORT ?= 8000
 # Where pip finds torch. Empty = the configured index (here it holds the CPU build). On a machine whose index would
 # resolve torch to a multi-GB CUDA build, point it at PyTorch's CPU wheel index, e.g.
 #   make run TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 TORCH_INDEX_URL ?=
 
-.PHONY: install run test check lint serve clean python-version
+.PHONY: install run announce test check lint serve clean python-version
 
 python-version:
 	@$(PYTHON) -c 'import sys; v = sys.version_info; sys.exit(0 if v >= (3, 11) else \
@@ -25,8 +26,12 @@ $(STAMP): pyproject.toml | python-version
 
 install: $(STAMP)
 
-run: install
-	$(VENV)/bin/shopguide run
+run: announce install
+	$(VENV)/bin/shopguide run --port $(PORT)
+
+announce:
+	@echo "make run: installs into $(VENV) (first time ~4 min), runs the features and retrain DAGs (~25-30 min on 2 cores)"
+	@echo "          and serves the new champion on 127.0.0.1:$(PORT) (make run PORT=N to change)"
 
 # Static checks first (seconds): style, formatting, the import-layer contracts in pyproject.toml.
 check: install

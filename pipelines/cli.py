@@ -254,6 +254,20 @@ def mlflow_ui(port: int = 5000) -> None:
     )
 
 
+# Wall time of `shopguide run` per profile on this project's reference machine (2 cores, no GPU), install excluded.
+RUN_MINUTES = {"tiny": "5", "default": "25-30"}
+
+
+def _require_free_port(port: int) -> None:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise typer.BadParameter(f"127.0.0.1:{port} is taken ({err.strerror}); pass --port N") from err
+
+
 @app.command()
 def run(
     profile: Profile = "default",
@@ -261,10 +275,14 @@ def run(
     quiet: Annotated[bool, typer.Option(help="Airflow logs at WARNING instead of INFO.")] = True,
 ) -> None:
     """The main job: features DAG, retrain DAG, then the service answering a few real queries."""
+    _require_free_port(port)  # before half an hour of training, not after it
     paths = Paths.from_env()
     _env(paths)
     started = time.perf_counter()
-    _banner(f"shopguide home: {paths.home}  (profile {profile})")
+    _banner(
+        f"shopguide run (profile {profile}): about {RUN_MINUTES.get(profile, 'more than 30')} min on 2 CPU cores, "
+        f"then the service on 127.0.0.1:{port} (--port to change); home {paths.home}"
+    )
     _banner("1/3 features DAG: land + validate the simulated event log, Feast apply + materialize")
     landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet)
     _banner("2/3 retrain DAG: snapshot, validate, fine-tune, export ONNX + INT8, index, evaluate, gate, promote")

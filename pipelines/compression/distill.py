@@ -22,6 +22,7 @@ from pipelines.training.finetune import (
     load_training_sets,
     training_sets,
 )
+from pipelines.training.progress import MetricsSink, progress_callback
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -140,6 +141,7 @@ def train_student(
     cfg: CompressConfig,
     out_dir: Path,
     task_sets: dict[str, pd.DataFrame] | None = None,
+    progress: Any = None,
 ) -> list[dict]:
     """Embedding distillation with the sentence-transformers trainer on precomputed teacher embeddings: MSELoss (the
     recipe of its model_distillation example) or cosine distance; with `task_sets`, MultipleNegativesRankingLoss
@@ -188,10 +190,16 @@ def train_student(
             {"distill": data, **{name: Dataset.from_pandas(df, preserve_index=False) for name, df in task_sets.items()}}
         )
         trainer = SentenceTransformerTrainer(
-            model=student, args=args, train_dataset=train, loss={"distill": loss, **{name: mnrl for name in task_sets}}
+            model=student,
+            args=args,
+            train_dataset=train,
+            loss={"distill": loss, **{name: mnrl for name in task_sets}},
+            callbacks=[progress] if progress else None,
         )
     else:
-        trainer = SentenceTransformerTrainer(model=student, args=args, train_dataset=data, loss=loss)
+        trainer = SentenceTransformerTrainer(
+            model=student, args=args, train_dataset=data, loss=loss, callbacks=[progress] if progress else None
+        )
     trainer.train()
     shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
@@ -208,6 +216,7 @@ def distill_student(
     task_sets: dict[str, pd.DataFrame] | None = None,
     ffn: int | None = None,
     init_dir: str | Path | None = None,
+    on_metrics: MetricsSink | None = None,
 ) -> dict[str, Any]:
     """Build, train and save one student as a finetune-shaped folder (encoder/, category head, labels).
 
@@ -231,7 +240,8 @@ def distill_student(
     if ffn is not None:
         prune_ffn_neurons(student, ffn, texts[:512] + texts[-512:])  # queries and titles
     started = time.perf_counter()
-    history = train_student(student, texts, targets, cfg, out, task_sets)
+    progress = progress_callback(f"distill.{out.name}", on_metrics)
+    history = train_student(student, texts, targets, cfg, out, task_sets, progress)
     seconds = time.perf_counter() - started
     student.save(str(out / ENCODER_DIR), create_model_card=False)
     for name in (HEAD_FILE, LABELS_FILE):

@@ -18,6 +18,7 @@ from pipelines.config import BASELINE_VARIANT, VARIANT_PATTERN, CompressConfig, 
 from pipelines.data.dataset import Snapshot
 from pipelines.runtime.bundle import TOKENIZER_FILE
 from pipelines.runtime.encoder import OnnxEncoder, load_tokenizer
+from pipelines.training.progress import MetricsSink
 
 TEACHER = "teacher"
 FALLBACK_VARIANT = "teacher-int8"
@@ -100,7 +101,11 @@ def student_plan(cfg: CompressConfig, teacher_layers: int, teacher_ffn: int) -> 
 
 
 def distill_students(
-    model_dir: str | Path, snapshot_dir: str | Path, out_dir: str | Path, cfg: ShopguideConfig
+    model_dir: str | Path,
+    snapshot_dir: str | Path,
+    out_dir: str | Path,
+    cfg: ShopguideConfig,
+    on_metrics: MetricsSink | None = None,
 ) -> dict[str, Any]:
     """Train every planned student against the fine-tuned teacher; returns {"models": weights name -> folder, ...}.
 
@@ -143,6 +148,7 @@ def distill_students(
             task_sets,
             ffn=student["ffn"],
             init_dir=init,
+            on_metrics=on_metrics,
         )
         models[name] = info["model_dir"]
         result["students"][name] = info

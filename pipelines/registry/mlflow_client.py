@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,9 +55,8 @@ def log_step(
     step: str,
     metrics: dict[str, Any],
     params: dict[str, Any] | None = None,
-    history: list[dict[str, float]] | None = None,
 ) -> None:
-    """Numeric metrics as `<step>.<name>`, params once, and a per-step curve (e.g. training loss)."""
+    """Numeric metrics as `<step>.<name>` and params once (curves come through metrics_sink while a step runs)."""
     import time
 
     from mlflow.entities import Metric, Param
@@ -68,14 +68,27 @@ def log_step(
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool)
     ]
-    for point in history or []:
-        flat.append(Metric(f"{step}.loss", float(point["loss"]), now, int(point["step"])))
     existing = c.get_run(run_id).data.params
     new_params = [
         Param(f"{step}.{k}", str(v)[:6000]) for k, v in (params or {}).items() if f"{step}.{k}" not in existing
     ]  # params are immutable in MLflow: a retried task skips them
     c.log_batch(run_id, metrics=flat, params=new_params)
     c.log_dict(run_id, metrics, f"steps/{step}.json")
+
+
+def metrics_sink(paths: Paths, run_id: str) -> Callable[[dict[str, float], int], None]:
+    """metrics, step -> logged on the run now: training curves fill in while the task runs."""
+    import time
+
+    from mlflow.entities import Metric
+
+    c = client(paths)
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    return log
 
 
 def end_run(paths: Paths, run_id: str, status: str = "FINISHED") -> None:

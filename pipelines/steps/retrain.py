@@ -73,9 +73,10 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
-    result = finetune_encoder(snap["snapshot_dir"], Path(snap["run_dir"]) / "finetune", cfg.train)
-    history = result.pop("loss_history")
-    registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=cfg.train.model_dump(), history=history)
+    sink = registry.metrics_sink(paths, snap["mlflow_run_id"])  # finetune.loss, finetune.eval_* as they come
+    result = finetune_encoder(snap["snapshot_dir"], Path(snap["run_dir"]) / "finetune", cfg.train, sink)
+    result.pop("loss_history")
+    registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=cfg.train.model_dump())
     return {"model_dir": result["model_dir"], "final_loss": result["final_loss"], "steps": result["steps"]}
 
 
@@ -95,9 +96,11 @@ def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
-    result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg)
+    paths = Paths.from_env()
+    sink = registry.metrics_sink(paths, snap["mlflow_run_id"])  # distill.<student>.loss as it trains
+    result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg, sink)
     registry.log_step(
-        Paths.from_env(),
+        paths,
         snap["mlflow_run_id"],
         "distill",
         {"seconds": result["seconds"], **_flat(result["students"])},

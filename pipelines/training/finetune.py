@@ -13,6 +13,7 @@ import pandas as pd
 from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
 from pipelines.data.dataset import Snapshot, is_validation_term, normalize_term
 from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.training.progress import MetricsSink, progress_callback
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -226,7 +227,12 @@ def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_rel
 
 
 def train_contrastive(
-    model: SentenceTransformer, sets: dict[str, pd.DataFrame], cfg: TrainConfig, out_dir: Path, evaluator=None
+    model: SentenceTransformer,
+    sets: dict[str, pd.DataFrame],
+    cfg: TrainConfig,
+    out_dir: Path,
+    evaluator=None,
+    on_metrics: MetricsSink | None = None,
 ) -> list[dict]:
     """MultipleNegativesRankingLoss (in-batch + hard negatives) via the sentence-transformers trainer.
 
@@ -275,6 +281,7 @@ def train_contrastive(
         train_dataset=train,
         loss=losses,
         evaluator=evaluator if evaluating else None,
+        callbacks=[progress_callback("finetune", on_metrics)],
     )
     trainer.train()
     return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
@@ -329,7 +336,9 @@ def train_category_head(
     return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, labels, metrics
 
 
-def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainConfig) -> dict[str, Any]:
+def finetune_encoder(
+    snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, on_metrics: MetricsSink | None = None
+) -> dict[str, Any]:
     """Fine-tune the base encoder and train the category head; writes safetensors only (no pickle)."""
     import time
 
@@ -359,7 +368,7 @@ def finetune_encoder(snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainCo
     if evaluator is not None:
         metrics["val_ndcg_at_10_before"] = evaluator(model)["val_cosine_ndcg@10"]
     started = time.perf_counter()
-    history = train_contrastive(model, sets, cfg, out, evaluator)
+    history = train_contrastive(model, sets, cfg, out, evaluator, on_metrics)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:
         metrics["val_ndcg_at_10"] = evaluator(model)["val_cosine_ndcg@10"]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from pipelines.config import TrainConfig
+from pipelines.config import Paths, TrainConfig
+from pipelines.registry import mlflow_client as registry
 from pipelines.training.finetune import (
     CATEGORY_SET,
     category_labels,
@@ -146,6 +147,17 @@ def test_a_tiny_contrastive_run_moves_the_ranking_loss_down(tmp_path) -> None:
     pairs = training_sets(judgments, OFFERS, cfg)["pairs"].head(64)
     model = load_encoder(cfg.base_model, 16)
     before = _in_batch_loss(model, pairs, cfg.batch_size)
-    history = train_contrastive(model, {"pairs": pairs}, cfg, tmp_path)
+    # the curve goes to a real MLflow run while the trainer runs: each point is readable back before the next step
+    paths = Paths.from_env()
+    run_id = registry.start_run(paths, "test_tiny_contrastive_run", {})
+    sink, seen = registry.metrics_sink(paths, run_id), []
+
+    def logged(metrics: dict[str, float], step: int) -> None:
+        sink(metrics, step)
+        seen.append([m.step for m in registry.client(paths).get_metric_history(run_id, "finetune.loss")])
+
+    history = train_contrastive(model, {"pairs": pairs}, cfg, tmp_path, on_metrics=logged)
+    registry.end_run(paths, run_id)
     assert [e["step"] for e in history if "loss" in e] == [4, 8, 12, 16]  # a logged point every max_steps // 4
+    assert seen[:4] == [[4], [4, 8], [4, 8, 12], [4, 8, 12, 16]]
     assert _in_batch_loss(model, pairs, cfg.batch_size) < 0.8 * before
