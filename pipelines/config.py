@@ -316,6 +316,3 @@ class Paths:
             "MLFLOW_TRACKING_URI": self.mlflow_tracking_uri,
             "AIRFLOW_HOME": str(self.airflow_home),
         }
-
-
-Stage = Literal["challenger", "champion"]
