@@ -10,7 +10,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,8 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request, Security
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.runtime import personalize
 from serving.batching import MicroBatcher
@@ -28,7 +30,9 @@ from serving.online_features import FeaturesUnavailable, OnlineFeatures
 from serving.predictor import ModelUnavailable, Predictor, load_options, resolve
 from serving.schemas import (
     Category,
+    ClassifyRequestBase,
     ClassifyResponse,
+    EmbedRequestBase,
     EmbedResponse,
     ErrorResponse,
     FallbackReason,
@@ -36,7 +40,9 @@ from serving.schemas import (
     Hit,
     ModelInfo,
     Readiness,
+    RecommendRequestBase,
     RecommendResponse,
+    SearchRequestBase,
     SearchResponse,
     ShadowInfo,
     classify_request_model,
@@ -120,7 +126,7 @@ class ServingState:
                 loaded.search_kind,
             )
             self.warm_features()
-            if loaded.needs_ann(load_options(self.settings)["ann"]):
+            if loaded.needs_ann(load_options(self.settings).ann):
                 threading.Thread(
                     target=self._upgrade_search, args=(loaded,), name="shopguide-ann-build", daemon=True
                 ).start()
@@ -131,7 +137,7 @@ class ServingState:
         """Started with exact search (no cached graph yet): build the HNSW graph now, then switch to it."""
         options = load_options(self.settings)
         try:
-            predictor.upgrade_search(options["ann"], options["ann_cache"])
+            predictor.upgrade_search(options.ann, options.ann_cache)
         except Exception:
             log.exception("HNSW build failed; version %s keeps exact search", predictor.version)
             return
@@ -219,14 +225,14 @@ class ServingMiddleware:
     """Pure ASGI (no BaseHTTPMiddleware task hop): request id in and out, API keys, body size limit, metrics, one
     JSON access-log line per request, and a JSON 500 without a stack trace for anything unhandled."""
 
-    def __init__(self, app, state: ServingState, endpoints: frozenset[str]) -> None:
+    def __init__(self, app: ASGIApp, state: ServingState, endpoints: frozenset[str]) -> None:
         self.app = app
         self.state = state
         self.endpoints = endpoints
         self.keys = tuple(k.encode() for k in state.settings.api_keys)
         self.max_body = state.settings.max_body_bytes
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -239,7 +245,7 @@ class ServingMiddleware:
         endpoint = path if path in self.endpoints else "other"  # bounded label values
         status, response_started = 500, False
 
-        async def send_with_headers(message) -> None:
+        async def send_with_headers(message: Message) -> None:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
@@ -255,13 +261,13 @@ class ServingMiddleware:
             if refusal is None and b"content-length" not in headers and scope["method"] in ("POST", "PUT", "PATCH"):
                 receive, refusal = await self._buffered(receive)
             if refusal is not None:
-                await self._error(send_with_headers, *refusal)
+                await self._error(scope, receive, send_with_headers, *refusal)
             else:
                 await self.app(scope, receive, send_with_headers)
         except Exception:
             log.exception("unhandled error on %s %s", scope["method"], path, extra={"request_id": ctx.request_id})
             if not response_started:
-                await self._error(send_with_headers, 500, "internal error")
+                await self._error(scope, receive, send_with_headers, 500, "internal error")
         finally:
             seconds = time.perf_counter() - started
             m = self.state.metrics
@@ -293,9 +299,10 @@ class ServingMiddleware:
             return 413, f"request body larger than {self.max_body} bytes"
         return None
 
-    async def _buffered(self, receive):
+    async def _buffered(self, receive: Receive) -> tuple[Receive, tuple[int, str] | None]:
         """A body without Content-Length (chunked) is read here, up to the limit, then replayed to the app."""
-        chunks, size = [], 0
+        chunks: list[bytes] = []
+        size = 0
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -308,7 +315,7 @@ class ServingMiddleware:
                 break
         body, replayed = b"".join(chunks), False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if replayed:
                 return await receive()
@@ -318,10 +325,10 @@ class ServingMiddleware:
         return replay, None
 
     @staticmethod
-    async def _error(send, status: int, detail: str) -> None:
+    async def _error(scope: Scope, receive: Receive, send: Send, status: int, detail: str) -> None:
         headers = {"www-authenticate": API_KEY_HEADER} if status == 401 else None
         response = JSONResponse({"detail": detail}, status_code=status, headers=headers)
-        await response({"type": "http"}, None, send)
+        await response(scope, receive, send)
 
 
 async def _poll(state: ServingState) -> None:
@@ -418,7 +425,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     embed_request = embed_request_model(settings.max_query_chars, settings.max_batch)
     recommend_request = recommend_request_model(settings.max_k)
 
-    def search(body: search_request) -> SearchResponse:  # type: ignore[valid-type]
+    def search(body: SearchRequestBase) -> SearchResponse:
         predictor = loaded()
         ctx = request_context()
         t = t0 = time.perf_counter()
@@ -428,7 +435,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         else:
             query_vec, category = predictor.encode(body.query)
         t = _stage(ctx, metrics, "encode", t)
-        user_vec, reason, recent = None, None, []
+        user_vec: np.ndarray | None = None
+        reason: FallbackReason | None = None
+        recent: list[int] = []
         if body.user_id is not None:
             user_vec, reason, recent = state.user_vector(body.user_id, predictor, query_vec)
             t = _stage(ctx, metrics, "features", t)
@@ -458,7 +467,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             results=[Hit(product_id=h.product_id, title=h.title, score=h.score) for h in hits],
         )
 
-    def recommend(body: recommend_request) -> RecommendResponse:  # type: ignore[valid-type]
+    def recommend(body: RecommendRequestBase) -> RecommendResponse:
         """runtime.personalize.recommend: nearest products to the user's recency-weighted history (history itself
         excluded); without a usable history, the most popular products (product_v1 features), flagged."""
         predictor = loaded()
@@ -496,7 +505,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             ],
         )
 
-    def encode_batch(endpoint: str, texts: list[str]):
+    def encode_batch(endpoint: str, texts: list[str]) -> tuple[Predictor, np.ndarray, np.ndarray]:
         """One timed, counted encode of a request's texts: (predictor, embeddings, logits)."""
         predictor = loaded()
         t = time.perf_counter()
@@ -505,7 +514,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         metrics.batch.labels(endpoint).observe(len(texts))
         return predictor, emb, logits
 
-    def classify(body: classify_request) -> ClassifyResponse:  # type: ignore[valid-type]
+    def classify(body: ClassifyRequestBase) -> ClassifyResponse:
         predictor, _, logits = encode_batch("classify", body.queries)
         labels, probs = predictor.categories(logits)
         return ClassifyResponse(
@@ -516,22 +525,22 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             ],
         )
 
-    def embed(body: embed_request) -> EmbedResponse:  # type: ignore[valid-type]
+    def embed(body: EmbedRequestBase) -> EmbedResponse:
         predictor, emb, _ = encode_batch("embed", body.texts)
         return EmbedResponse(model_version=predictor.version, dim=int(emb.shape[1]), embeddings=emb.tolist())
 
-    # The body models are built per app (their limits come from settings); FastAPI resolves string annotations
-    # against module globals only, so hand it the classes themselves.
-    search.__annotations__["body"] = search_request
-    recommend.__annotations__["body"] = recommend_request
-    classify.__annotations__["body"] = classify_request
-    embed.__annotations__["body"] = embed_request
     # Plain `def`: FastAPI runs them in its threadpool, and ORT, numpy and the Feast read release the GIL.
-    route = {"dependencies": secured, "responses": errors}
-    app.post("/v1/search", response_model=SearchResponse, tags=["search"], **route)(search)
-    app.post("/v1/recommend", response_model=RecommendResponse, tags=["search"], **route)(recommend)
-    app.post("/v1/classify", response_model=ClassifyResponse, tags=["model"], **route)(classify)
-    app.post("/v1/embed", response_model=EmbedResponse, tags=["model"], **route)(embed)
+    posts: list[tuple[str, Callable[..., BaseModel], type[BaseModel], type[BaseModel], str]] = [
+        ("/v1/search", search, search_request, SearchResponse, "search"),
+        ("/v1/recommend", recommend, recommend_request, RecommendResponse, "search"),
+        ("/v1/classify", classify, classify_request, ClassifyResponse, "model"),
+        ("/v1/embed", embed, embed_request, EmbedResponse, "model"),
+    ]
+    for path, endpoint, body_model, response_model, tag in posts:
+        # The body models are built per app (their limits come from settings) and the annotations above name their
+        # bases; FastAPI reads the annotation to validate the body, so hand it the class with this app's limits.
+        endpoint.__annotations__["body"] = body_model
+        app.post(path, response_model=response_model, tags=[tag], dependencies=secured, responses=errors)(endpoint)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:
@@ -550,7 +559,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             return JSONResponse(body.model_dump(), status_code=503)
         return Readiness(status="ready", model_version=current.version, detail=state.problem)
 
-    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], **route)
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=secured, responses=errors)
     def model_info() -> ModelInfo:
         current = loaded()
         shadow = None

@@ -17,7 +17,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-_STOP = object()
+Encoded = tuple[np.ndarray, np.ndarray]  # (unit vector, category logits) of one text
+Item = tuple["Predictor", str, "Future[Encoded]"]  # None in the queue: the worker stops
 
 
 class MicroBatcher:
@@ -35,13 +36,13 @@ class MicroBatcher:
         self.window_s = window_s
         self.max_size = max_size
         self._on_batch = on_batch
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._last_size = 1
         self._in_flight = 0
 
-    def encode(self, predictor: Predictor, text: str) -> tuple[np.ndarray, np.ndarray]:
+    def encode(self, predictor: Predictor, text: str) -> Encoded:
         """(unit vector, category logits) of one text, computed alone or in a shared batch."""
         with self._lock:
             self._in_flight += 1
@@ -54,7 +55,7 @@ class MicroBatcher:
                 return emb[0], logits[0]
             if self._thread is None:
                 self._start()
-            done: Future = Future()
+            done: Future[Encoded] = Future()
             self._queue.put((predictor, text, done))
             return done.result()
         finally:
@@ -70,11 +71,11 @@ class MicroBatcher:
     def close(self) -> None:
         with self._lock:
             if self._thread is not None:
-                self._queue.put(_STOP)
+                self._queue.put(None)
                 self._thread.join(timeout=5)
                 self._thread = None
 
-    def _collect(self, first) -> tuple[list, bool]:
+    def _collect(self, first: Item) -> tuple[list[Item], bool]:
         batch, stop = [first], False
         wait = self._last_size > 1 or not self._queue.empty()
         deadline = time.perf_counter() + (self.window_s if wait else 0.0)
@@ -84,7 +85,7 @@ class MicroBatcher:
                 item = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP:
+            if item is None:
                 stop = True
                 break
             batch.append(item)
@@ -93,11 +94,11 @@ class MicroBatcher:
     def _loop(self) -> None:
         while True:
             first = self._queue.get()
-            if first is _STOP:
+            if first is None:
                 return
             batch, stop = self._collect(first)
             self._last_size = len(batch)
-            by_version: dict[int, list] = {}
+            by_version: dict[int, list[Item]] = {}
             for item in batch:
                 by_version.setdefault(id(item[0]), []).append(item)
             for items in by_version.values():

@@ -7,9 +7,10 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,9 @@ from pipelines.runtime.lexical import LexicalIndex
 from pipelines.runtime.personalize import ATTENTION_TEMPERATURE
 from pipelines.runtime.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
 from serving.settings import Settings
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +43,7 @@ class Hit:
     score: float
 
 
-def ort_session(model_path: Path, threads: int = 1, optimization: str = "all"):
+def ort_session(model_path: Path, threads: int = 1, optimization: str = "all") -> ort.InferenceSession:
     """An ORT session tuned for serving: `threads` intra-op threads, no spinning, one inter-op thread.
 
     Spinning workers burn a core waiting for the next op; with requests already running in parallel on two
@@ -60,6 +64,16 @@ def ort_session(model_path: Path, threads: int = 1, optimization: str = "all"):
     return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How Predictor.load builds a version: ORT intra-op threads and graph optimization, the catalog search."""
+
+    threads: int = 1
+    optimization: str = "all"
+    ann: AnnOptions = field(default_factory=lambda: AnnOptions(min_products=0))  # min_products 0: exact search
+    ann_cache: Path | None = None  # where built HNSW graphs are kept (None: rebuilt on every load)
+
+
 @dataclass
 class Predictor:
     """Query encoding, category and (personalised) top-k search over one model version's own product index."""
@@ -70,24 +84,21 @@ class Predictor:
     bundle_dir: Path
     source: str = "bundle_dir"
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    search_backend: CatalogSearch | None = None  # None = brute force
+    backend: InitVar[CatalogSearch | None] = None  # None = brute force
     variant: str | None = None  # encoder.json's quantization, e.g. int8-dynamic-per-channel
     lexical: LexicalIndex | None = None  # hybrid search (BM25 fused with the dense ranking); None = dense only
+    search_backend: CatalogSearch = field(init=False)
 
-    def __post_init__(self) -> None:
-        if self.search_backend is None:
-            self.search_backend = ExactSearch(self.index)
+    def __post_init__(self, backend: CatalogSearch | None) -> None:
+        self.search_backend = backend if backend is not None else ExactSearch(self.index)
 
     @classmethod
     def load(
         cls,
         bundle_dir: str | Path,
         version: str | None = None,
-        threads: int = 1,
         source: str = "bundle_dir",
-        optimization: str = "all",
-        ann: AnnOptions | None = None,
-        ann_cache: Path | None = None,
+        options: LoadOptions | None = None,
         build_ann: bool = True,
     ) -> Predictor:
         """Load, check and warm one bundle; raises on anything unservable (missing files, a graph ORT refuses,
@@ -96,13 +107,14 @@ class Predictor:
         build_ann=False: an HNSW graph that is not cached yet is left for `upgrade_search` (start-up: serve at
         once with exact search rather than be unready for the tens of seconds a build takes).
         """
+        options = options or LoadOptions()
         bundle = Path(bundle_dir)
         missing = missing_files(bundle)
         if missing:
             raise ModelUnavailable(f"bundle {bundle} is incomplete, missing: {missing}")
         meta = json.loads((bundle / ENCODER_FILE).read_text())
         encoder = OnnxEncoder(
-            session=ort_session(bundle / ONNX_FILE, threads, optimization),
+            session=ort_session(bundle / ONNX_FILE, options.threads, options.optimization),
             tokenizer=load_tokenizer(bundle / TOKENIZER_FILE, meta["max_seq_length"]),
             labels=json.loads((bundle / LABELS_FILE).read_text()),
             max_seq_length=meta["max_seq_length"],
@@ -114,7 +126,7 @@ class Predictor:
             version or local_version(bundle),
             bundle,
             source,
-            search_backend=build_search(index, ann or AnnOptions(min_products=0), ann_cache, build_ann),
+            backend=build_search(index, options.ann, options.ann_cache, build_ann),
             variant=meta.get("quantization") or meta.get("variant"),
             lexical=LexicalIndex.load(bundle),
         )
@@ -269,19 +281,14 @@ def cached_bundle(settings: Settings, alias: str | None = None) -> tuple[str, Pa
     return found[0] if found else None
 
 
-def load_options(settings: Settings) -> dict:
-    """Predictor.load's tuning arguments from the settings (ORT threads and level, ANN index and its cache)."""
+def load_options(settings: Settings) -> LoadOptions:
+    """Predictor.load's tuning from the settings."""
     ann = AnnOptions(
         min_products=settings.ann_min_products,
         connectivity=settings.ann_connectivity,
         expansion_search=settings.ann_ef_search,
     )
-    return {
-        "threads": settings.ort_threads,
-        "optimization": settings.ort_optimization,
-        "ann": ann,
-        "ann_cache": settings.paths.serving_cache / "ann",
-    }
+    return LoadOptions(settings.ort_threads, settings.ort_optimization, ann, settings.paths.serving_cache / "ann")
 
 
 @dataclass(frozen=True)
@@ -306,11 +313,12 @@ def resolve(
     """
     alias = alias or settings.alias
     # A swap builds a missing HNSW graph before it swaps (the old version serves meanwhile); a start-up does not.
-    options = {**load_options(settings), "build_ann": current is not None}
+    options, build_ann = load_options(settings), current is not None
     if settings.bundle_dir is not None:
         if current is not None:
             return Resolution(current)
-        return Resolution(Predictor.load(settings.bundle_dir, source="bundle_dir", **options), outcome="loaded")
+        predictor = Predictor.load(settings.bundle_dir, source="bundle_dir", options=options, build_ann=build_ann)
+        return Resolution(predictor, outcome="loaded")
 
     paths, cache = settings.paths, _cache_dir(settings)
     # alias_version folds "registry unreachable" and "no such alias" into None; both mean "use what we have".
@@ -320,7 +328,7 @@ def resolve(
     if version is not None:
         try:
             bundle = download_bundle(paths, settings.model_name, version, cache)
-            predictor = Predictor.load(bundle, version, source="registry", **options)
+            predictor = Predictor.load(bundle, version, "registry", options, build_ann)
         except Exception as exc:  # a broken artifact store or bundle must not take the serving version down
             problem = f"{alias} -> version {version} not loaded: {type(exc).__name__}: {exc}"[:400]
             outcome = "load_failed"
@@ -339,7 +347,7 @@ def resolve(
         if cached_version == version:
             continue  # it just failed to load
         try:
-            predictor = Predictor.load(bundle, cached_version, source="cache", **options)
+            predictor = Predictor.load(bundle, cached_version, "cache", options, build_ann)
         except Exception as exc:
             log.warning("cached %s version %s not loadable: %s", settings.model_name, cached_version, exc)
             continue

@@ -25,8 +25,9 @@ class SearchRequestBase(BaseModel):
     user_id: int | None = Field(None, ge=0, le=2**63 - 1, description="Personalise with this user's online features.")
 
 
-def _text(max_chars: int) -> type:
-    return Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars)]
+def _text(max_chars: int) -> StringConstraints:
+    """A text field's limits: whitespace stripped, then 1 to max_chars characters."""
+    return StringConstraints(strip_whitespace=True, min_length=1, max_length=max_chars)
 
 
 def search_request_model(max_query_chars: int, max_k: int) -> type[SearchRequestBase]:
@@ -34,7 +35,10 @@ def search_request_model(max_query_chars: int, max_k: int) -> type[SearchRequest
     return create_model(
         "SearchRequest",
         __base__=SearchRequestBase,
-        query=(_text(max_query_chars), Field(..., description="Free text; surrounding whitespace is stripped.")),
+        query=(
+            Annotated[str, _text(max_query_chars)],
+            Field(..., description="Free text; surrounding whitespace is stripped."),
+        ),
         k=(int, Field(10, ge=1, le=max_k, description="Number of products to return.")),
     )
 
@@ -43,32 +47,46 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
 
-def classify_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
+# The fields the endpoints read; the *_request_model functions below redeclare them with the deployment's limits.
+class ClassifyRequestBase(StrictBody):
+    queries: list[str]
+
+
+class EmbedRequestBase(StrictBody):
+    texts: list[str]
+
+
+class RecommendRequestBase(StrictBody):
+    user_id: int
+    k: int = 10
+
+
+def classify_request_model(max_chars: int, max_batch: int) -> type[ClassifyRequestBase]:
     return create_model(
         "ClassifyRequest",
-        __base__=StrictBody,
+        __base__=ClassifyRequestBase,
         queries=(
-            list[_text(max_chars)],
+            list[Annotated[str, _text(max_chars)]],
             Field(..., min_length=1, max_length=max_batch, description="Queries to categorise, one ORT run per batch."),
         ),
     )
 
 
-def embed_request_model(max_chars: int, max_batch: int) -> type[StrictBody]:
+def embed_request_model(max_chars: int, max_batch: int) -> type[EmbedRequestBase]:
     return create_model(
         "EmbedRequest",
-        __base__=StrictBody,
+        __base__=EmbedRequestBase,
         texts=(
-            list[_text(max_chars)],
+            list[Annotated[str, _text(max_chars)]],
             Field(..., min_length=1, max_length=max_batch, description="Texts (queries or product titles) to embed."),
         ),
     )
 
 
-def recommend_request_model(max_k: int) -> type[StrictBody]:
+def recommend_request_model(max_k: int) -> type[RecommendRequestBase]:
     return create_model(
         "RecommendRequest",
-        __base__=StrictBody,
+        __base__=RecommendRequestBase,
         user_id=(int, Field(..., ge=0, le=2**63 - 1, description="Recommend from this user's online history.")),
         k=(int, Field(10, ge=1, le=max_k, description="Number of products to return.")),
     )

@@ -42,7 +42,7 @@ class ShadowRunner:
         self.metrics = metrics
         self.predictor: Predictor | None = None
         self.champion_version: str | None = None
-        self._queue: queue.Queue = queue.Queue(maxsize=capacity)
+        self._queue: queue.Queue[ShadowItem | None] = queue.Queue(maxsize=capacity)
         self._random = random.Random(seed)
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()

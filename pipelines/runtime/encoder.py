@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
 
-def per_query_latency_ms(run_one, queries: list[str], prefix: str) -> dict[str, float]:
+
+def per_query_latency_ms(run_one: Callable[[str], object], queries: list[str], prefix: str) -> dict[str, float]:
     """{prefix}_p50_ms / {prefix}_p99_ms of run_one(query) over the queries, after a five-query warm-up."""
     for q in queries[:5]:
         run_one(q)
@@ -24,7 +30,7 @@ def per_query_latency_ms(run_one, queries: list[str], prefix: str) -> dict[str, 
     return {f"{prefix}_p50_ms": float(np.percentile(times, 50)), f"{prefix}_p99_ms": float(np.percentile(times, 99))}
 
 
-def session_options(threads: int = 0):
+def session_options(threads: int = 0) -> ort.SessionOptions:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -34,7 +40,7 @@ def session_options(threads: int = 0):
     return opts
 
 
-def load_tokenizer(path: str | Path, max_length: int):
+def load_tokenizer(path: str | Path, max_length: int) -> Tokenizer:
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
@@ -47,8 +53,8 @@ def load_tokenizer(path: str | Path, max_length: int):
 class OnnxEncoder:
     """Encodes texts to (L2-normalised embedding, category logits) with the bundle's ONNX graph."""
 
-    session: object
-    tokenizer: object
+    session: ort.InferenceSession
+    tokenizer: Tokenizer
     labels: list[str]
     max_seq_length: int
 

@@ -8,11 +8,14 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from pipelines.runtime.index import ProductIndex
+
+if TYPE_CHECKING:
+    from usearch.index import Index
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +63,7 @@ class HnswSearch:
     """
 
     index: ProductIndex
-    ann: object  # usearch.index.Index
+    ann: Index
     expansion_search: int
     kind: SearchKind = "hnsw"
 
@@ -104,7 +107,7 @@ def build_search(
     ann = None
     if path is not None and path.is_file():
         try:
-            ann = Index.restore(str(path))
+            ann = Index.restore(str(path), expansion_search=options.expansion_search)
             if ann is None or len(ann) != len(index) or ann.ndim != index.embeddings.shape[1]:
                 raise ValueError(f"{path} does not match the index")
         except Exception as exc:  # a torn or foreign file is rebuilt, never served
@@ -120,6 +123,7 @@ def build_search(
             dtype=options.dtype,
             connectivity=options.connectivity,
             expansion_add=options.expansion_add,
+            expansion_search=options.expansion_search,
         )
         ann.add(np.arange(len(index), dtype=np.uint64), index.embeddings, threads=0)
         log.info("built the HNSW index over %d products in %.1f s", len(index), time.perf_counter() - started)
@@ -128,5 +132,4 @@ def build_search(
             partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
             ann.save(str(partial))
             os.replace(partial, path)  # atomic: a concurrent reader never sees half a graph
-    ann.expansion_search = options.expansion_search
     return HnswSearch(index, ann, options.expansion_search)

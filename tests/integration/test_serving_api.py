@@ -310,7 +310,7 @@ def test_service_with_ann_search(settings: Settings, champion: RegisteredChampio
             body = c.post("/v1/search", json={"query": "cordless drill", "k": 10}).json()
             assert len(body["results"]) == 10
             assert _metric(c.get("/metrics").text, "shopguide_model_info", search="hnsw") == 1
-        assert len(list(load_options(ann)["ann_cache"].glob("*.usearch"))) == 1
+        assert len(list(load_options(ann).ann_cache.glob("*.usearch"))) == 1
 
 
 def test_micro_batching_groups_concurrent_searches(settings: Settings, predictor: Predictor, terms: list[str]) -> None:
