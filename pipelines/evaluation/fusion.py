@@ -8,7 +8,7 @@ from typing import Any
 
 from pipelines.config import EvaluateConfig, SearchConfig
 from pipelines.data.dataset import Snapshot, is_validation_term
-from pipelines.evaluation.evaluate import candidate_lists, heldout_qrels, ir_metrics, run_from_lists
+from pipelines.evaluation.evaluate import candidate_lists, fused_runs, heldout_qrels, ir_metrics
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex
@@ -41,10 +41,8 @@ def build_lexical_index(
         if terms:
             k = eval_cfg.retrieve_k
             dense, lex = candidate_lists(OnnxEncoder.load(bundle_dir), index, terms, k, eval_cfg.batch_size, lexical)
-            sweep = {
-                w: ir_metrics(qrels, run_from_lists(index, terms, dense, lex, w, k))["ndcg_at_10"]
-                for w in cfg.weight_grid
-            }
+            runs = fused_runs(index, terms, dense, lex, list(cfg.weight_grid), k)
+            sweep = {w: ir_metrics(qrels, run)["ndcg_at_10"] for w, run in runs.items()}
             lexical.weight = max(sweep, key=lambda w: (round(sweep[w], 4), -w))
     lexical.save(bundle_dir)
     return {

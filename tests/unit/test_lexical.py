@@ -40,6 +40,33 @@ def test_fuse_keeps_k_and_handles_an_empty_lexical_list():
     assert rows.tolist() == [7]
 
 
+def test_served_fuse_agrees_with_the_offline_ranx_fusion():
+    # Evaluation fuses whole runs with ranx, serving fuses one query with runtime.lexical.fuse: the figures measure
+    # what is served only while both give the same top k, lone and missing BM25 hits included.
+    from pipelines.evaluation.evaluate import fused_runs
+    from pipelines.runtime.index import ProductIndex
+
+    rng = np.random.default_rng(0)
+    n, depth, k = 500, 100, 10
+    index = ProductIndex(np.arange(1000, 1000 + n, dtype=np.int64), np.asarray(["t"] * n, object), np.zeros((n, 4)))
+    terms = [f"q{i}" for i in range(30)]
+    dense = [lists(rng.choice(n, depth, replace=False), np.sort(rng.random(depth))[::-1]) for _ in terms]
+    lexical = [lists(rng.choice(n, depth, replace=False), np.sort(rng.random(depth) * 20)[::-1]) for _ in terms]
+    lexical[0] = lists([], [])  # no known word in the query
+    lexical[1] = lists([int(dense[1][0][5])], [3.0])  # one BM25 hit, also a dense candidate
+    lexical[2] = lists([7], [3.0])  # one BM25 hit of its own
+    for weight, run in fused_runs(index, terms, dense, lexical, [0.0, 0.3, 0.6, 1.0], k).items():
+        for term, d, lx in zip(terms, dense, lexical, strict=True):
+            rows, scores = fuse(d, lx, weight, k)
+            served = {str(index.product_ids[r]): float(s) for r, s in zip(rows, scores, strict=True)}
+            offline = run[term]
+            if weight in (0.0, 1.0):  # one list alone leaves ties at 0: compare the scores that are not tied
+                served = {p: s for p, s in served.items() if s > 0}
+                offline = {p: s for p, s in offline.items() if s > 0}
+            assert offline.keys() == served.keys(), (weight, term)
+            np.testing.assert_allclose([offline[p] for p in served], list(served.values()), atol=1e-6)
+
+
 TITLES = [
     "Milwaukee M18 cordless drill kit",
     "Philips 60 watt LED light bulb",
