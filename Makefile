@@ -33,11 +33,13 @@ announce:
 	@echo "make run: installs into $(VENV) (first time ~4 min), runs the features and retrain DAGs (~25-30 min on 2 cores)"
 	@echo "          and serves the new champion on 127.0.0.1:$(PORT) (make run PORT=N to change)"
 
-# Static checks first (seconds): style, formatting, the import-layer contracts in pyproject.toml.
+# Static checks first (seconds): style, formatting, the import-layer contracts and mypy's types, all configured
+# in pyproject.toml.
 check: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy
 
 test: check
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
