@@ -352,7 +352,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
 
     An injected `predictor` is served as is (no registry lookups, no polling, no shadow).
     """
-    settings = settings or Settings.from_env()
+    settings = settings or Settings()
     metrics = Metrics()
     state = ServingState(settings, OnlineFeatures(settings.paths), metrics)
     if predictor is not None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
 
@@ -16,10 +18,33 @@ def _default_home() -> Path:
     return Paths.from_env().home
 
 
-class Settings(BaseModel):
-    """Fields validate by name (tests, code) or by their environment variable (the alias, used in error messages)."""
+class _Environment(PydanticBaseSettingsSource):
+    """Each field's environment variable (its alias) from `environ`; a blank value counts as unset, so `FOO=` in a
+    compose file means the default.
 
-    model_config = ConfigDict(frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True)
+    Not pydantic-settings' own EnvSettingsSource: since fields also validate by name, that one would read a variable
+    named after the field too (`max_k=5` would set max_k), and it skips empty values but not blank ones.
+    """
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        super().__init__(settings_cls)
+        self.environ = environ
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        name = field.alias or field_name
+        value = self.environ.get(name, "")
+        return (value if value.strip() else None), name, False
+
+    def __call__(self) -> dict[str, Any]:
+        found = (self.get_field_value(field, name) for name, field in self.settings_cls.model_fields.items())
+        return {name: value for value, name, _ in found if value is not None}
+
+
+class Settings(BaseSettings):
+    """`Settings()` reads every field from its SHOPGUIDE_* variable; keyword arguments (by field name) win over the
+    environment. Fields validate by name (tests, code) or by their variable (the alias, used in error messages)."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore", validate_by_name=True, validate_by_alias=True)
 
     model_name: str = Field(
         MODEL_NAME, min_length=1, alias="SHOPGUIDE_MODEL_NAME", description="Registered MLflow model to serve."
@@ -172,11 +197,23 @@ class Settings(BaseModel):
         return None if isinstance(value, str) and not value.strip() else value
 
     @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Arguments, then the environment; no .env file or secrets folder is read behind a deployment's back.
+        return init_settings, _Environment(settings_cls, os.environ)
+
+    @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Read the aliased variables; empty values count as unset so `FOO=` in a compose file means the default."""
-        env = os.environ if environ is None else environ
-        names = {field.alias for field in cls.model_fields.values() if field.alias}
-        return cls.model_validate({k: v for k, v in env.items() if k in names and v.strip()})
+        """The settings of `environ` alone (default os.environ: the same as `Settings()`)."""
+        if environ is None:
+            return cls()
+        return cls.model_validate(_Environment(cls, environ)())
 
     @property
     def paths(self) -> Paths:

@@ -191,6 +191,24 @@ def test_body_size_limit_is_413_before_parsing(settings: Settings, predictor: Pr
         assert response.status_code == 200, response.text
 
 
+def test_settings_come_from_the_shopguide_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Settings() reads each field's SHOPGUIDE_* variable only; blank counts as unset; arguments win; errors name
+    the variable."""
+    monkeypatch.setenv("SHOPGUIDE_HOME", str(tmp_path))
+    monkeypatch.setenv("SHOPGUIDE_MAX_K", "7")
+    monkeypatch.setenv("SHOPGUIDE_API_KEYS", " a , b ,")
+    monkeypatch.setenv("SHOPGUIDE_SHADOW_QUEUE", "  ")  # blank: the default
+    monkeypatch.setenv("max_batch", "3")  # a field's own name is not its variable
+    settings = Settings()
+    assert (settings.home, settings.max_k, settings.api_keys) == (tmp_path, 7, frozenset({"a", "b"}))
+    assert (settings.shadow_queue, settings.max_batch) == (256, 64)
+    assert Settings(max_k=9).max_k == 9 and Settings.from_env() == settings
+    assert Settings.from_env({"SHOPGUIDE_MAX_K": "2"}).max_k == 2  # that mapping alone
+    monkeypatch.setenv("SHOPGUIDE_MAX_K", "0")
+    with pytest.raises(ValueError, match="SHOPGUIDE_MAX_K"):
+        Settings()
+
+
 def test_api_keys(settings: Settings, predictor: Predictor) -> None:
     secured = Settings.from_env(
         {
