@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sqlite3
 import subprocess
 import sys
+import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, TextIO
 
+from filelock import FileLock
+
 from pipelines.config import REPO_ROOT, Paths
 
 DAGS_FOLDER = REPO_ROOT / "dags"
-# Written after a successful `airflow db migrate`; holds the Airflow version and the alembic head it produced.
+# Written after a successful `airflow db migrate`: the Airflow version and the DB file (device, inode, size) it left.
 _MIGRATED_MARKER = ".shopguide-db-migrated.json"
 # Offline, quiet defaults for whatever runs inside tasks; a value already in the environment wins.
 _OFFLINE_DEFAULTS = {
@@ -116,34 +117,24 @@ def airflow_command(
     return proc
 
 
-def _alembic_revision(db: Path) -> str | None:
-    if not db.is_file():
-        return None
+def _db_identity(db: Path) -> dict[str, int] | None:
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as con:
-            row = con.execute("SELECT version_num FROM alembic_version").fetchone()
-    except sqlite3.Error:
+        st = db.stat()
+    except OSError:
         return None
-    return row[0] if row else None
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Serialize migrations of one AIRFLOW_HOME across processes (parallel test workers, CLI + tests)."""
-    import fcntl  # POSIX only, like Airflow itself
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return {"device": st.st_dev, "inode": st.st_ino, "size": st.st_size}
 
 
 def ensure_airflow_db(paths: Paths, *, timeout: float = 300) -> None:
-    """Migrate the Airflow metadata DB once: ~5 s on a fresh SQLite, a few ms when this Airflow already did it."""
+    """Migrate the Airflow metadata DB once: ~5 s on a fresh SQLite, ~2 ms (no Airflow start-up) when already done.
+
+    Whether the DB is migrated is Airflow's call (`airflow db migrate` is idempotent), but asking it costs an Airflow
+    start-up (seconds), and tests and the CLI call this before every DAG run. So the answer is remembered in a marker
+    file: the same Airflow version and the same DB file it migrated (same inode, not smaller) skip the migration; a
+    deleted, replaced or recreated DB, or another Airflow version, migrates again.
+    """
     home = paths.airflow_home
+    db = airflow_db_path(paths)
     marker = home / _MIGRATED_MARKER
     airflow_version = version("apache-airflow-core")
 
@@ -152,32 +143,38 @@ def ensure_airflow_db(paths: Paths, *, timeout: float = 300) -> None:
             done = json.loads(marker.read_text())
         except (OSError, ValueError):
             return False
-        return done.get("airflow") == airflow_version and done.get("revision") == _alembic_revision(
-            airflow_db_path(paths)
+        now, then = _db_identity(db), done.get("db") or {}
+        return (
+            done.get("airflow") == airflow_version
+            and now is not None
+            and (now["device"], now["inode"]) == (then.get("device"), then.get("inode"))
+            and now["size"] >= then.get("size", 0)
         )
 
     if up_to_date():
         return
-    with _file_lock(home / ".shopguide-db-migrate.lock"):
+    home.mkdir(parents=True, exist_ok=True)
+    # Parallel test workers and the CLI may share one AIRFLOW_HOME: one migrates, the others wait and then skip.
+    with FileLock(home / ".shopguide-db-migrate.lock", timeout=timeout):
         if up_to_date():
             return
         airflow_command(paths, "db", "migrate", timeout=timeout)
-        revision = _alembic_revision(airflow_db_path(paths))
-        if revision is None:
-            raise AirflowCommandError(f"airflow db migrate left no alembic revision in {airflow_db_path(paths)}")
-        marker.write_text(json.dumps({"airflow": airflow_version, "revision": revision}))
+        identity = _db_identity(db)
+        if identity is None:
+            raise AirflowCommandError(f"airflow db migrate left no database at {db}")
+        marker.write_text(json.dumps({"airflow": airflow_version, "db": identity}))
 
 
 @dataclass(frozen=True)
 class DagTestResult:
-    """Outcome of one `airflow dags test`, read back from the metadata DB after the process exits."""
+    """Outcome of one `airflow dags test`, read back through Airflow's models by the process that ran it."""
 
     dag_id: str
     returncode: int
     output: str
     run_id: str | None = None
     state: str | None = None  # dag run state: "success" | "failed" | None when no run was created
-    logical_date: str | None = None
+    logical_date: str | None = None  # ISO 8601, None for a run without one
     conf: dict[str, Any] = field(default_factory=dict)
     task_states: dict[str, str | None] = field(default_factory=dict)  # "task" or "task[map_index]"
     xcoms: dict[str, Any] = field(default_factory=dict)  # return values, keyed like task_states
@@ -201,46 +198,57 @@ class DagTestResult:
         return self
 
 
-def _run_ids(db: Path, dag_id: str) -> set[str]:
-    try:
-        with contextlib.closing(sqlite3.connect(db)) as con:
-            return {r[0] for r in con.execute("SELECT run_id FROM dag_run WHERE dag_id = ?", (dag_id,))}
-    except sqlite3.Error:
-        return set()
-
-
 def _key(task_id: str, map_index: int) -> str:
     return task_id if map_index < 0 else f"{task_id}[{map_index}]"
 
 
-def _read_run(db: Path, dag_id: str, known: set[str]) -> dict[str, Any]:
-    """The newest run of dag_id whose run id is not in `known`, with its task states and return values.
+def _read_run(dag_id: str, since: datetime) -> dict[str, Any]:
+    """The newest run of dag_id created at or after `since`, with its task states and return values.
 
-    By run id, not by primary key: a test run that replaces the run with the same logical date (the newest row) can
-    get the deleted row's id again in SQLite.
+    Runs inside the `airflow dags test` process, through Airflow's models and session: the CLI prints no run id and
+    has no command for XCom values, and a second CLI call per query would cost another Airflow start-up.
     """
-    with contextlib.closing(sqlite3.connect(db)) as con:
-        rows = con.execute(
-            "SELECT id, run_id, state, logical_date, conf FROM dag_run WHERE dag_id = ? ORDER BY id DESC", (dag_id,)
-        ).fetchall()
-        row = next((r for r in rows if r[1] not in known), None)
-        if row is None:
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        # `dags test` stamps run_after with the time it creates the run (its logical date may be any date).
+        runs = [r for r in DagRun.find(dag_id=dag_id, session=session) if r.run_after >= since]
+        if not runs:
             return {}
-        pk, run_id, state, logical_date, conf = row
-        tis = con.execute(
-            "SELECT task_id, map_index, state FROM task_instance WHERE dag_id = ? AND run_id = ?", (dag_id, run_id)
-        ).fetchall()
-        xcoms = con.execute(
-            "SELECT task_id, map_index, value FROM xcom WHERE dag_run_id = ? AND key = 'return_value'", (pk,)
-        ).fetchall()
-    return {
-        "run_id": run_id,
-        "state": state,
-        "logical_date": logical_date,
-        "conf": json.loads(conf) if conf else {},
-        "task_states": {_key(t, m): s for t, m, s in tis},
-        "xcoms": {_key(t, m): json.loads(v) if isinstance(v, str | bytes) else v for t, m, v in xcoms},
-    }
+        run = max(runs, key=lambda r: r.run_after)
+        # Any: get_many is annotated Select[tuple[XComModel]] (SQLAlchemy 2.0 style), rows of tuples to 2.1's stubs.
+        xcoms: list[Any] = list(
+            session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id, key="return_value"))
+        )
+        return {
+            "run_id": run.run_id,
+            "state": str(run.state) if run.state else None,
+            "logical_date": run.logical_date.isoformat() if run.logical_date else None,
+            "conf": dict(run.conf or {}),
+            "task_states": {
+                _key(ti.task_id, ti.map_index): str(ti.state) if ti.state else None
+                for ti in run.get_task_instances(session=session)
+            },
+            "xcoms": {_key(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in xcoms},
+        }
+
+
+def _dags_test_main(result_file: str, dag_id: str, airflow_args: Sequence[str]) -> None:
+    """`airflow AIRFLOW_ARGS` (a `dags test`) in this process, then the run it created as JSON in result_file.
+
+    Airflow's own CLI entry point parses and runs the command, so its output, errors and exit status are those of
+    `airflow dags test`; the run is read back even when the command fails (a failed run is still a run).
+    """
+    from airflow.__main__ import main
+
+    since = datetime.now(UTC)
+    sys.argv = ["airflow", *airflow_args]
+    try:
+        main()
+    finally:
+        Path(result_file).write_text(json.dumps(_read_run(dag_id, since), default=str))
 
 
 def _pump(stream: TextIO, sink: list[str], echo: bool) -> None:
@@ -272,8 +280,6 @@ def run_dag_test(
     (`manual__<now>`), and a second test run with the same logical date replaces the first one in the DB.
     """
     ensure_airflow_db(paths)
-    db = airflow_db_path(paths)
-    before = _run_ids(db, dag_id)
     args = ["dags", "test", dag_id]
     if logical_date is not None:
         args.append(logical_date.isoformat() if isinstance(logical_date, datetime) else logical_date)
@@ -286,24 +292,30 @@ def run_dag_test(
         "PYTHONUNBUFFERED": "1",
     }
     lines: list[str] = []
-    with subprocess.Popen(
-        [sys.executable, "-m", "airflow", *args],
-        env=env,
-        text=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        bufsize=1,
-    ) as proc:
-        assert proc.stdout is not None
-        reader = threading.Thread(target=_pump, args=(proc.stdout, lines, not capture), daemon=True)
-        reader.start()
+    with tempfile.TemporaryDirectory(prefix="shopguide-dag-test-") as tmp:
+        result_file = Path(tmp) / "run.json"
+        command = [sys.executable, "-m", "pipelines.airflow_env", str(result_file), dag_id, *args]
+        with subprocess.Popen(
+            command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1
+        ) as proc:
+            assert proc.stdout is not None
+            reader = threading.Thread(target=_pump, args=(proc.stdout, lines, not capture), daemon=True)
+            reader.start()
+            try:
+                returncode = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                reader.join(timeout=5)
+                tail = "".join(lines[-40:])
+                raise AirflowCommandError(f"airflow dags test {dag_id} timed out after {timeout} s\n{tail}") from None
+            reader.join()
         try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            reader.join(timeout=5)
-            tail = "".join(lines[-40:])
-            raise AirflowCommandError(f"airflow dags test {dag_id} timed out after {timeout} s\n{tail}") from None
-        reader.join()
-    return DagTestResult(dag_id=dag_id, returncode=returncode, output="".join(lines), **_read_run(db, dag_id, before))
+            run = json.loads(result_file.read_text())
+        except (OSError, ValueError):  # the process died before it could read the run back
+            run = {}
+    return DagTestResult(dag_id=dag_id, returncode=returncode, output="".join(lines), **run)
+
+
+if __name__ == "__main__":  # run_dag_test's subprocess: RESULT_FILE DAG_ID dags test DAG_ID ...
+    _dags_test_main(sys.argv[1], sys.argv[2], sys.argv[3:])

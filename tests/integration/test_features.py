@@ -80,15 +80,15 @@ def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Path
     paths, result = sqlite_home
     json.dumps(result)  # small JSON values for XCom, never frames
     assert result["applied"] == [
-        "user",
         "product",
-        "user_activity_source",
+        "user",
         "product_popularity_source",
-        "user_activity",
+        "user_activity_source",
         "product_popularity",
+        "user_activity",
+        "product_v1",
         "search_v1",
         "search_v2",
-        "product_v1",
     ]
     assert result["views"] == ["product_popularity", "user_activity"]
     users = result["materialized"]["user_activity"]
@@ -212,6 +212,23 @@ def test_freshness_fails_when_nothing_reached_the_online_store(sqlite_home, even
     monkeypatch.setenv("SHOPGUIDE_HOME", str(lost.home))
     with pytest.raises(F.StaleFeaturesError, match="no row online .*online read failed"):
         F.check_freshness(lost, max_age_s=3600, now=END)
+
+
+def test_apply_registers_the_given_home_and_drops_what_is_no_longer_declared(events, tmp_path, monkeypatch) -> None:
+    # The process points elsewhere: `feast apply` must get the home from `paths`, not inherit the caller's.
+    monkeypatch.setenv("SHOPGUIDE_HOME", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv(F.ONLINE_STORE_ENV, raising=False)
+    paths = Paths(tmp_path / "given")
+    F.write_feature_tables(F.build_feature_tables(events, END, RECENT_N), paths)
+    feast = F.import_feast()
+    F.feature_store(paths).apply([feast.Entity(name="retired", join_keys=["retired_id"])])
+    cwd = Path.cwd()
+    applied = F.apply_feature_repo(paths)
+    store = F.feature_store(paths)
+    assert "retired" not in applied and "retired" not in {e.name for e in store.list_entities()}
+    assert {s.path for s in store.list_data_sources()} == {str(p) for p in F.offline_paths(paths).values()}
+    assert Path.cwd() == cwd and not (tmp_path / "elsewhere").exists()
+    assert not list(paths.feast_dir.glob(".apply-*"))  # the private copy of the configuration is gone
 
 
 def test_materialize_is_idempotent_and_incremental(events_file: Path, tmp_path, monkeypatch) -> None:
