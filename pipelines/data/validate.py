@@ -1,15 +1,15 @@
-"""Great Expectations suites for the snapshot tables and the split-leakage rules; failures raise a readable report."""
+"""Great Expectations suites for the snapshot tables and the split-leakage rules, run in a per-run GX project."""
 
 from __future__ import annotations
 
-import math
 import os
-import re
+import shutil
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pandas as pd
 
@@ -17,6 +17,7 @@ from pipelines.data.dataset import EVENT_TYPES, SNAPSHOT_TABLES, Snapshot, norma
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
+    from great_expectations.core import ExpectationSuiteValidationResult
 
 # Table of a snapshot -> the suite that checks it.
 TABLE_SUITES = {
@@ -33,17 +34,20 @@ TERM_COLUMN = "normalized_search_term"
 INT_TYPES = ["int64", "int32", "Int64Dtype", "Int32Dtype"]
 FLOAT_TYPES = ["float64", "float32", "Float64Dtype"]
 STRING_TYPES = ["StringDtype", "str"]
-_SAMPLE = 5
-_MISSING_COLUMN = re.compile(r'column "(?P<column>[^"]+)" in BatchData does not exist')
+# The exception message echoes data: a few values, each cut short, so a hostile value never lands in a log whole.
+SAMPLE_VALUES = 3
+VALUE_CHARS = 80
 
 
 class DataValidationError(ValueError):
-    """Raised when any expectation fails; `report` is the human-readable text, `failures` the structured list."""
+    """Raised when any expectation fails: `report` is a short summary, `failures` the structured list, `data_docs`
+    the index.html of the run's Data Docs (None when none were built)."""
 
-    def __init__(self, report: str, failures: list[dict[str, Any]]) -> None:
+    def __init__(self, report: str, failures: list[dict[str, Any]], data_docs: str | None = None) -> None:
         super().__init__(report)
         self.report = report
         self.failures = failures
+        self.data_docs = data_docs
 
 
 @dataclass
@@ -75,11 +79,7 @@ def _gx() -> Any:
 
 
 def _suite(name: str, expectations: Iterable[Any]) -> ExpectationSuite:
-    gx = _gx()
-    suite = gx.ExpectationSuite(name=name)
-    for expectation in expectations:
-        suite.add_expectation(expectation)
-    return suite
+    return _gx().ExpectationSuite(name=name, expectations=list(expectations))
 
 
 def _present(columns: Iterable[str]) -> list[Any]:
@@ -203,7 +203,9 @@ def term_leakage_suite(heldout_terms: Iterable[str]) -> ExpectationSuite:
         "term_leakage",
         [
             exp.ExpectColumnValuesToNotBeInSet(
-                column=TERM_COLUMN, value_set=sorted(set(heldout_terms)), meta={"value_set_name": "held-out terms"}
+                column=TERM_COLUMN,
+                value_set=sorted(set(heldout_terms)),
+                notes="The value set is the normalised held-out search terms: none may appear in training.",
             ),
         ],
     )
@@ -218,7 +220,7 @@ def cluster_leakage_suite(test_cluster_ids: Iterable[int]) -> ExpectationSuite:
             exp.ExpectColumnValuesToNotBeInSet(
                 column="cluster_id",
                 value_set=sorted({int(c) for c in test_cluster_ids}),
-                meta={"value_set_name": "test cluster ids"},
+                notes="The value set is the test product clusters: none may appear in the training offers.",
             ),
         ],
     )
@@ -235,35 +237,38 @@ SUITES: dict[str, Callable[[], ExpectationSuite]] = {
 # ------------------------------------------------------------------------------------------------ running
 
 
-class _Runner:
-    """One ephemeral GX context per call; each frame becomes a dataframe asset with a whole-frame batch definition."""
+class _Project:
+    """One GX Data Context per call: file-backed under `project_dir` (results kept, Data Docs built) or in memory.
+    Each frame becomes a dataframe asset with a whole-frame batch definition and a validation definition."""
 
-    def __init__(self) -> None:
+    def __init__(self, project_dir: str | Path | None) -> None:
         gx = _gx()
         from great_expectations.data_context.types.base import ProgressBarsConfig
 
-        self.context = gx.get_context(mode="ephemeral")
+        if project_dir is None:
+            self.context = gx.get_context(mode="ephemeral")
+        else:
+            # A retried step replaces the project: its Data Docs show this attempt only, never an older one beside it.
+            shutil.rmtree(Path(project_dir) / "gx", ignore_errors=True)
+            self.context = gx.get_context(mode="file", project_root_dir=Path(project_dir))
         # tqdm bars per metric would flood the Airflow task log.
         self.context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
         self.source = self.context.data_sources.add_pandas(name="shopguide")
+        self.file_backed = project_dir is not None
+        self.suites: dict[str, ExpectationSuite] = {}
 
     def run(self, df: pd.DataFrame, suite: ExpectationSuite, table: str, name: str | None = None) -> ValidationSummary:
+        gx = _gx()
         name = name or table
-        asset = self.source.add_dataframe_asset(name=f"{name}-{len(self.source.assets)}")
-        batch = asset.add_batch_definition_whole_dataframe("whole").get_batch(batch_parameters={"dataframe": df})
-        result = batch.validate(suite, result_format={"result_format": "SUMMARY", "partial_unexpected_count": 20})
-        # GX returns results grouped by metric, not in suite order; report in the order the suite was written.
-        order: dict[tuple[str, str | None], int] = {}
-        for i, e in enumerate(suite.expectations):
-            order.setdefault((e.expectation_type, getattr(e, "column", None)), i)
-        failures = [_failure(r, suite.name, table) for r in result.results if not r.success]
-        # Some expectations fail on a missing column with an unrelated error (the type check: "list index out of
-        # range"); when GX itself says the column is missing, fold them into that one readable cause.
-        missing = {f["missing_column"] for f in failures if f["missing_column"]}
-        for f in failures:
-            if f["error"] and f["column"] in missing:
-                f["missing_column"], f["error"] = f["column"], None
-        failures.sort(key=lambda f: order.get((f["expectation"], f["column"]), len(order)))
+        if suite.name not in self.suites:  # the two judgments tables share one stored suite
+            self.suites[suite.name] = self.context.suites.add(suite)
+        batch = self.source.add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("whole")
+        definition = self.context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=batch, suite=self.suites[suite.name])
+        )
+        # No Checkpoint: its batch parameters (the frame) are shared by all its definitions, so each table would
+        # need its own, and an UpdateDataDocsAction per table re-renders the site each time; docs() builds it once.
+        result = definition.run(batch_parameters={"dataframe": df})  # SUMMARY: counts and 20 values for the docs
         return ValidationSummary(
             name=name,
             suite=suite.name,
@@ -271,154 +276,113 @@ class _Runner:
             success=bool(result.success),
             rows=len(df),
             evaluated=len(result.results),
-            failures=failures,
+            failures=_failures(result, name, table),
         )
 
-
-def _jsonable(value: Any) -> Any:
-    if value is None or value is pd.NA or value is pd.NaT:
-        return None
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, datetime | date | pd.Timestamp):
-        return value.isoformat()
-    if hasattr(value, "item") and not isinstance(value, list | tuple | dict):
-        try:
-            return _jsonable(value.item())
-        except (ValueError, TypeError):
-            return str(value)
-    if isinstance(value, list | tuple | set):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, str | int | float | bool):
-        return value
-    return str(value)
+    def docs(self) -> str | None:
+        """Build the Data Docs site from every stored result; the path of its index.html."""
+        if not self.file_backed:
+            return None
+        (index_url,) = self.context.build_data_docs().values()  # the project's one site, local_site
+        return url2pathname(urlparse(index_url).path)
 
 
-def _exception_message(exception_info: Any) -> str | None:
-    """GX puts a flat dict here for expectation errors and a {metric id: dict} map for metric errors."""
-    if not exception_info:
-        return None
-    infos = [exception_info] if "raised_exception" in exception_info else list(exception_info.values())
-    for info in infos:
-        if isinstance(info, dict) and info.get("raised_exception"):
-            return str(info.get("exception_message") or "unknown error")
-    return None
+# ------------------------------------------------------------------------------------------------ summary
 
 
-def _failure_dict(suite: str, table: str, expectation: str, column: str | None, **fields: Any) -> dict[str, Any]:
-    """The structured form of one failed expectation (DataValidationError.failures holds a list of these)."""
-    return {
-        "suite": suite,
-        "table": table,
-        "expectation": expectation,
-        "column": column,
-        "kwargs": {},
-        "value_set_name": None,
-        "element_count": None,
-        "unexpected_count": None,
-        "unexpected_values": [],
-        "unexpected_rows": [],
-        "observed_value": None,
-        "missing_column": None,
-        "error": None,
-        **fields,
+def _clip(text: str) -> str:
+    return text if len(text) <= VALUE_CHARS else f"{text[: VALUE_CHARS - 3]}..."
+
+
+def _sample(result: dict[str, Any]) -> list[str]:
+    counts = result.get("partial_unexpected_counts")
+    values = [c["value"] for c in counts] if counts else result.get("partial_unexpected_list") or []
+    # numpy scalars -> Python ones, so a value reads 7.0, not np.float64(7.0); nulls say nothing a count does not
+    values = [v.item() if hasattr(v, "item") else v for v in values]
+    values = [v for v in values if not (pd.api.types.is_scalar(v) and pd.isna(v))]
+    return [_clip(repr(v)) for v in dict.fromkeys(values)][:SAMPLE_VALUES]
+
+
+def _error(info: dict[str, Any] | None) -> str | None:
+    # GX puts a flat dict here for expectation errors and a {metric id: dict} map for metric errors.
+    infos = [info] if info and "raised_exception" in info else list((info or {}).values())
+    messages = [str(i.get("exception_message")) for i in infos if isinstance(i, dict) and i.get("raised_exception")]
+    return _clip(messages[0]) if messages else None
+
+
+def _failure(check: str, suite: str, table: str, **fields: Any) -> dict[str, Any]:
+    """The JSON-able form of one failure (DataValidationError.failures is a list of these)."""
+    keys = ["expectation", "column", "element_count", "unexpected_count", "observed_value", "missing_column", "error"]
+    return {"check": check, "suite": suite, "table": table, **dict.fromkeys(keys), "unexpected_values": [], **fields}
+
+
+def _failures(result: ExpectationSuiteValidationResult, check: str, table: str) -> list[dict[str, Any]]:
+    # Any: GX types expectation_config as optional, yet a suite's result always carries it
+    failed: list[Any] = [r for r in result.results if not r.success]
+    # A missing column fails every expectation on it, most with an unrelated error: they all get that one cause.
+    missing = {
+        r.expectation_config.kwargs["column"] for r in failed if r.expectation_config.type == "expect_column_to_exist"
     }
+    out = []
+    for r in failed:
+        config, details = r.expectation_config, r.result or {}
+        column, observed = config.kwargs.get("column"), details.get("observed_value")
+        out.append(
+            _failure(
+                check,
+                result.suite_name,
+                table,
+                expectation=config.type,
+                column=column,
+                element_count=details.get("element_count"),
+                unexpected_count=details.get("unexpected_count"),
+                unexpected_values=_sample(details),
+                observed_value=None if observed is None else _clip(str(observed)),
+                missing_column=column if column in missing else None,
+                error=None if column in missing else _error(r.exception_info),
+            )
+        )
+    return out
 
 
-def _failure(r: Any, suite: str, table: str) -> dict[str, Any]:
-    config = r.expectation_config
-    kwargs = {k: v for k, v in config.kwargs.items() if k not in ("column", "batch_id") and v is not None}
-    column = config.kwargs.get("column")
-    result = r.result or {}
-    counts = result.get("partial_unexpected_counts") or []
-    values = (
-        [c["value"] for c in counts]
-        if counts
-        else list(dict.fromkeys(map(_jsonable, result.get("partial_unexpected_list") or [])))
-    )
-    error = _exception_message(r.exception_info)
-    missing = _MISSING_COLUMN.search(error or "")
-    if config.type == "expect_column_to_exist":
-        error = None
-        missing_column = column
-    else:
-        missing_column = missing.group("column") if missing else None
-    return _failure_dict(
-        suite,
-        table,
-        config.type,
-        column,
-        kwargs=_jsonable(kwargs),
-        value_set_name=(config.meta or {}).get("value_set_name"),
-        element_count=result.get("element_count"),
-        unexpected_count=result.get("unexpected_count"),
-        unexpected_values=_jsonable(values[:_SAMPLE]),
-        unexpected_rows=_jsonable((result.get("partial_unexpected_index_list") or [])[:_SAMPLE]),
-        observed_value=_jsonable(result.get("observed_value")),
-        missing_column=missing_column,
-        error=None if missing_column else error,
-    )
+def _not_run(check: str, suite: str, table: str, error: str) -> ValidationSummary:
+    failure = _failure(check, suite, table, error=error)
+    return ValidationSummary(check, suite, table, success=False, rows=0, evaluated=1, failures=[failure])
 
 
-# ------------------------------------------------------------------------------------------------ reporting
+def _line(f: dict[str, Any]) -> str:
+    where = f"{f['check']}.{f['column']}" if f["column"] else f["check"]
+    if f["expectation"] is None:
+        return f"- {where}: {f['error']}"
+    text = f"- {where}: {f['expectation']} (suite {f['suite']}): "
+    if f["error"]:
+        return text + f"could not run: {f['error']}"
+    if f["unexpected_count"] is not None:
+        text += f"{f['unexpected_count']} of {f['element_count']} rows failed"
+        return text + (f", e.g. [{', '.join(f['unexpected_values'])}]" if f["unexpected_values"] else "")
+    return text + (f"observed {f['observed_value']}" if f["observed_value"] is not None else "failed")
 
 
-def _args(failure: dict[str, Any]) -> str:
-    parts = []
-    for key, value in failure["kwargs"].items():
-        if key == "value_set" and failure.get("value_set_name"):
-            value = f"<{len(value)} {failure['value_set_name']}>"
-        elif isinstance(value, list) and len(value) > 6:
-            value = f"[{', '.join(map(repr, value[:5]))}, ... {len(value)} values]"
-        parts.append(f"{key}={value}")
-    return f"{failure['expectation']}({', '.join(parts)})" if parts else failure["expectation"]
-
-
-def _detail(failure: dict[str, Any]) -> str:
-    if failure["error"]:
-        return f"could not run: {failure['error']}"
-    if failure["unexpected_count"] is not None:
-        text = f"{failure['unexpected_count']} of {failure['element_count']} value(s) unexpected"
-        values = [v for v in failure["unexpected_values"] if v is not None]
-        if values:
-            text += f", e.g. {values!r}"
-        if failure["unexpected_rows"]:
-            text += f" (rows {failure['unexpected_rows']})"
-        return text
-    if failure["observed_value"] is not None:
-        return f"observed {failure['observed_value']!r}"
-    return "failed"
-
-
-def format_report(summaries: Iterable[ValidationSummary]) -> str:
-    """One header line, then one line per failing expectation; a missing column is one line naming what it blocks."""
-    summaries = list(summaries)
-    failed = sum(len(s.failures) for s in summaries)
-    total = sum(s.evaluated for s in summaries)
-    if not failed:
-        return f"Data validation passed: {total} expectations on {len(summaries)} table check(s)"
-    lines = [f"Data validation failed: {failed} of {total} expectations"]
-    for s in summaries:
-        missing: dict[str, list[str]] = {}
-        for f in s.failures:
-            if f["missing_column"]:
-                missing.setdefault(f["missing_column"], []).append(f["expectation"])
-        for column, blocked in missing.items():
-            lines.append(f"- {s.name}.{column}: column {column!r} is missing (failed: {', '.join(blocked)})")
-        for f in s.failures:
-            if f["missing_column"]:
-                continue
-            where = f"{s.name}.{f['column']}" if f["column"] else s.name
-            lines.append(f"- {where}: {_args(f)}: {_detail(f)}")
+def _report(summaries: list[ValidationSummary], data_docs: str | None) -> str:
+    """A header, one line per failure (one per missing column), and where the full Data Docs report is."""
+    failures = [f for s in summaries for f in s.failures]
+    lines = [f"Data validation failed: {len(failures)} of {sum(s.evaluated for s in summaries)} expectations"]
+    blocked: dict[tuple[str, str], list[str]] = {}
+    for f in failures:
+        if f["missing_column"]:
+            blocked.setdefault((f["check"], f["missing_column"]), []).append(f["expectation"])
+    for (check, column), expectations in blocked.items():
+        lines.append(f"- {check}.{column}: column {column!r} is missing (failed: {', '.join(expectations)})")
+    lines += [_line(f) for f in failures if not f["missing_column"]]
+    if data_docs:
+        lines.append(f"Data Docs: {data_docs}")
     return "\n".join(lines)
 
 
-def _raise_for(summaries: list[ValidationSummary]) -> None:
+def _raise_for(summaries: list[ValidationSummary], data_docs: str | None = None) -> None:
     if any(s.failures or not s.success for s in summaries):
         failures = [f for s in summaries for f in s.failures]
-        raise DataValidationError(format_report(summaries), failures)
+        raise DataValidationError(_report(summaries, data_docs), failures, data_docs)
 
 
 def _counts(summaries: list[ValidationSummary]) -> dict[str, dict[str, Any]]:
@@ -441,68 +405,40 @@ def validate_frame(df: pd.DataFrame, suite_name: str, table: str | None = None) 
     """Run one named suite (judgments, catalog, offers, events) on a frame; never raises on data problems."""
     if suite_name not in SUITES:
         raise KeyError(f"unknown suite {suite_name!r}; known suites: {sorted(SUITES)}")
-    return _Runner().run(df, SUITES[suite_name](), table or suite_name)
+    return _Project(None).run(df, SUITES[suite_name](), table or suite_name)
 
 
-def validate_events(df: pd.DataFrame) -> dict[str, Any]:
-    """Validate an event log on its own (the features DAG); raises DataValidationError with the report."""
-    summary = validate_frame(df, "events")
-    _raise_for([summary])
-    return {"success": True, **_counts([summary])["events"]}
+def validate_events(df: pd.DataFrame, project_dir: str | Path | None = None) -> dict[str, Any]:
+    """Validate an event log on its own (the features DAG); raises DataValidationError with the summary. With a
+    `project_dir` the GX project and its Data Docs are kept there."""
+    project = _Project(project_dir)
+    summary = project.run(df, events_suite(), "events")
+    data_docs = project.docs()
+    _raise_for([summary], data_docs)
+    return {"success": True, **_counts([summary])["events"], "data_docs": data_docs}
 
 
-def _unrunnable(
-    name: str, suite: str, table: str, column: str | None, expectation: str, error: str
-) -> ValidationSummary:
-    failure = _failure_dict(suite, table, expectation, column, error=error)
-    return ValidationSummary(
-        name=name, suite=suite, table=table, success=False, rows=0, evaluated=1, failures=[failure]
-    )
-
-
-def _check_leakage(runner: _Runner, frames: dict[str, pd.DataFrame]) -> list[ValidationSummary]:
+def _check_leakage(project: _Project, frames: dict[str, pd.DataFrame]) -> list[ValidationSummary]:
+    # A rule whose column or table is missing is skipped: its table's own suite (or the missing-table check)
+    # has already failed the run for that cause.
     out = []
-    not_in_set = "expect_column_values_to_not_be_in_set"
-    train, heldout = frames.get("judgments_train"), frames.get("judgments_heldout")
-    if train is not None and heldout is not None:
-        if "search_term" in train and "search_term" in heldout:
-            terms = pd.DataFrame({TERM_COLUMN: train["search_term"].map(normalize_term, na_action="ignore")})
-            suite = term_leakage_suite(heldout["search_term"].dropna().map(normalize_term))
-            out.append(runner.run(terms, suite, "judgments_train", name="term_leakage"))
-        else:
-            out.append(
-                _unrunnable(
-                    "term_leakage",
-                    "term_leakage",
-                    "judgments_train",
-                    TERM_COLUMN,
-                    not_in_set,
-                    "needs column 'search_term' in judgments_train and judgments_heldout",
-                )
-            )
-    offers_train, offers_test = frames.get("offers_train"), frames.get("offers_test")
-    if offers_train is not None and offers_test is not None:
-        if "cluster_id" in offers_train and "cluster_id" in offers_test:
-            suite = cluster_leakage_suite(offers_test["cluster_id"].dropna())
-            out.append(runner.run(offers_train[["cluster_id"]], suite, "offers_train", name="cluster_leakage"))
-        else:
-            out.append(
-                _unrunnable(
-                    "cluster_leakage",
-                    "cluster_leakage",
-                    "offers_train",
-                    "cluster_id",
-                    not_in_set,
-                    "needs column 'cluster_id' in offers_train and offers_test",
-                )
-            )
+    if all("search_term" in frames.get(t, ()) for t in ("judgments_train", "judgments_heldout")):
+        train, heldout = frames["judgments_train"], frames["judgments_heldout"]
+        terms = pd.DataFrame({TERM_COLUMN: train["search_term"].map(normalize_term, na_action="ignore")})
+        suite = term_leakage_suite(heldout["search_term"].dropna().map(normalize_term))
+        out.append(project.run(terms, suite, "judgments_train", name="term_leakage"))
+    if all("cluster_id" in frames.get(t, ()) for t in ("offers_train", "offers_test")):
+        suite = cluster_leakage_suite(frames["offers_test"]["cluster_id"].dropna())
+        out.append(project.run(frames["offers_train"][["cluster_id"]], suite, "offers_train", name="cluster_leakage"))
     return out
 
 
-def validate_snapshot(snapshot_dir: str | Path) -> dict[str, Any]:
-    """Validate every table of a snapshot plus the split-leakage rules; raises DataValidationError listing all."""
+def validate_snapshot(snapshot_dir: str | Path, project_dir: str | Path | None = None) -> dict[str, Any]:
+    """Validate every table of a snapshot plus the split-leakage rules in a GX project at `project_dir` (default:
+    a `validation` folder beside the snapshot), build its Data Docs, and raise DataValidationError listing every
+    failure. The result's `data_docs` is the site's index.html."""
     snapshot = Snapshot.open(snapshot_dir)
-    runner = _Runner()
+    project = _Project(project_dir if project_dir is not None else snapshot.path.parent / "validation")
     frames: dict[str, pd.DataFrame] = {}
     summaries: list[ValidationSummary] = []
     for table in SNAPSHOT_TABLES:
@@ -510,23 +446,18 @@ def validate_snapshot(snapshot_dir: str | Path) -> dict[str, Any]:
             frames[table] = snapshot.table(table)
         except FileNotFoundError:
             summaries.append(
-                _unrunnable(
-                    table,
-                    TABLE_SUITES[table],
-                    table,
-                    None,
-                    "table_exists",
-                    f"{table}.parquet is missing from the snapshot",
-                )
+                _not_run(table, TABLE_SUITES[table], table, f"{table}.parquet is missing from the snapshot")
             )
             continue
-        summaries.append(runner.run(frames[table], SUITES[TABLE_SUITES[table]](), table))
-    summaries += _check_leakage(runner, frames)
-    _raise_for(summaries)
+        summaries.append(project.run(frames[table], SUITES[TABLE_SUITES[table]](), table))
+    summaries += _check_leakage(project, frames)
+    data_docs = project.docs()
+    _raise_for(summaries, data_docs)
     return {
         "snapshot": str(snapshot.path),
         "hash": snapshot.hash,
         "success": True,
         "expectations": sum(s.evaluated for s in summaries),
         "checks": _counts(summaries),
+        "data_docs": data_docs,
     }

@@ -50,21 +50,33 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
 
 
 def validate(snap: dict[str, Any]) -> dict[str, Any]:
-    """Great Expectations on every table; a failure raises DataValidationError before any training."""
+    """Great Expectations on every table in a GX project inside the run; its Data Docs go to the MLflow run (failed
+    runs too, logged before the raise), and a failure raises DataValidationError before any training."""
     from pipelines.data.validate import DataValidationError, validate_snapshot
     from pipelines.registry import mlflow_client as registry
 
     paths = Paths.from_env()
+    run_id = snap["mlflow_run_id"]
+    client = registry.client(paths)
+
+    def log_data_docs(index_html: str | None) -> None:
+        if index_html:
+            client.log_artifacts(run_id, str(Path(index_html).parent), "data_docs")
+            # the report's address on the run's page; the Artifacts tab renders data_docs/index.html itself
+            client.set_tag(run_id, "data_docs", f"{client.get_run(run_id).info.artifact_uri}/data_docs/index.html")
+            print(f"Data Docs: {index_html}")
+
     try:
-        summary = validate_snapshot(snap["snapshot_dir"])
+        summary = validate_snapshot(snap["snapshot_dir"], Path(snap["run_dir"]) / "validation")
     except DataValidationError as err:
-        client = registry.client(paths)
-        client.set_tag(snap["mlflow_run_id"], "validation", "failed")
-        client.log_text(snap["mlflow_run_id"], err.report, "validation_report.txt")
-        registry.end_run(paths, snap["mlflow_run_id"], "FAILED")
+        log_data_docs(err.data_docs)
+        client.set_tag(run_id, "validation", "failed")
+        client.log_text(run_id, err.report, "validation_report.txt")
+        registry.end_run(paths, run_id, "FAILED")
         raise
-    registry.log_step(paths, snap["mlflow_run_id"], "validate", {"expectations": summary.get("expectations", 0)})
-    return {"expectations": summary.get("expectations"), "success": True}
+    log_data_docs(summary["data_docs"])
+    registry.log_step(paths, run_id, "validate", {"expectations": summary["expectations"]})
+    return {"expectations": summary["expectations"], "success": True, "data_docs": summary["data_docs"]}
 
 
 def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:

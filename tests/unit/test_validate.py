@@ -1,4 +1,5 @@
-"""Great Expectations validation: the shipped data passes, broken inputs fail with a report naming the problem."""
+"""Great Expectations validation: the shipped data passes, broken inputs fail with a short report naming the rule,
+and every snapshot run leaves Data Docs (logged to MLflow by the retrain step, failed runs too)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,14 @@ import pytest
 
 from pipelines.config import REPO_ROOT, DataConfig
 from pipelines.data.dataset import SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
-from pipelines.data.validate import DataValidationError, validate_events, validate_frame, validate_snapshot
+from pipelines.data.validate import (
+    SAMPLE_VALUES,
+    VALUE_CHARS,
+    DataValidationError,
+    validate_events,
+    validate_frame,
+    validate_snapshot,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +62,18 @@ def test_shipped_snapshot_passes(snapshot: Snapshot) -> None:
     assert all(check["failed"] == 0 for check in summary["checks"].values())
     assert summary["checks"]["judgments_train"]["rows"] == len(snapshot.table("judgments_train"))
     assert summary["expectations"] == sum(check["expectations"] for check in summary["checks"].values()) > 50
+    assert Path(summary["data_docs"]).is_file()
     json.dumps(summary)  # small JSON values for an Airflow XCom
+
+
+def test_data_docs_are_built_in_the_run_folder_and_replaced_on_a_rerun(snapshot: Snapshot, tmp_path: Path) -> None:
+    for _ in range(2):  # a retried task: the second run must neither fail on the first's project nor list it
+        index = Path(validate_snapshot(snapshot.path, tmp_path / "validation")["data_docs"])
+    assert index.name == "index.html" and index.is_relative_to(tmp_path / "validation")
+    html = index.read_text()
+    assert all(suite in html for suite in ("judgments", "offers", "events", "term_leakage", "cluster_leakage"))
+    pages = list(index.parent.glob("validations/**/*.html"))
+    assert len(pages) == len(SNAPSHOT_TABLES) + 2  # one page per table and per leakage rule, this run's only
 
 
 def test_missing_column_is_one_readable_line(snapshot: Snapshot, tmp_path: Path) -> None:
@@ -65,14 +84,23 @@ def test_missing_column_is_one_readable_line(snapshot: Snapshot, tmp_path: Path)
     assert "expect_column_to_exist" in lines[0] and "expect_column_values_to_be_between" in lines[0]
     assert "Traceback" not in error.report and "BatchData" not in error.report
     assert {f["missing_column"] for f in error.failures} == {"relevance"}
+    # the failing run still has its Data Docs, and the report says where
+    assert error.data_docs and Path(error.data_docs).is_file()
+    assert error.report.endswith(f"Data Docs: {error.data_docs}")
+
+
+def test_leakage_rule_without_its_column_is_left_to_the_table_suite(snapshot: Snapshot, tmp_path: Path) -> None:
+    error = failure_report(broken(snapshot, tmp_path, "judgments_train", lambda df: df.drop(columns="search_term")))
+    assert "- judgments_train.search_term: column 'search_term' is missing" in error.report
+    assert "term_leakage" not in error.report
 
 
 def test_null_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
     error = failure_report(broken(snapshot, tmp_path, "judgments_heldout", set_value("search_term", 3, pd.NA)))
     n_rows = len(snapshot.table("judgments_heldout"))
     assert (
-        f"- judgments_heldout.search_term: expect_column_values_to_not_be_null: 1 of {n_rows} value(s) "
-        "unexpected (rows [3])"
+        f"- judgments_heldout.search_term: expect_column_values_to_not_be_null (suite judgments): 1 of {n_rows} "
+        "rows failed\n"
     ) in error.report
     (failure,) = error.failures
     assert failure["suite"] == "judgments" and failure["column"] == "search_term"
@@ -81,17 +109,22 @@ def test_null_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
 
 def test_empty_search_term(snapshot: Snapshot, tmp_path: Path) -> None:
     error = failure_report(broken(snapshot, tmp_path, "judgments_train", set_value("search_term", 0, "")))
-    assert "judgments_train.search_term: expect_column_value_lengths_to_be_between(min_value=1)" in error.report
+    assert "- judgments_train.search_term: expect_column_value_lengths_to_be_between (suite judgments): 1 of " in (
+        error.report
+    )
+    assert "e.g. ['']" in error.report
 
 
 def test_relevance_outside_grades(snapshot: Snapshot, tmp_path: Path) -> None:
     error = failure_report(broken(snapshot, tmp_path, "judgments_train", set_value("relevance", 5, 7.0)))
     assert error.report.startswith("Data validation failed: 1 of ")
     line = error.report.splitlines()[1]
-    expected = "- judgments_train.relevance: expect_column_values_to_be_between(min_value=1.0, max_value=3.0): "
-    assert line.startswith(expected)
-    assert "1 of " in line and "e.g. [7.0]" in line and "(rows [5])" in line
-    assert error.failures[0]["unexpected_values"] == [7.0]
+    n_rows = len(snapshot.table("judgments_train"))
+    assert line == (
+        f"- judgments_train.relevance: expect_column_values_to_be_between (suite judgments): 1 of {n_rows} rows "
+        "failed, e.g. [7.0]"
+    )
+    assert error.failures[0]["unexpected_values"] == ["7.0"]
 
 
 def test_duplicate_id(snapshot: Snapshot, tmp_path: Path) -> None:
@@ -101,7 +134,7 @@ def test_duplicate_id(snapshot: Snapshot, tmp_path: Path) -> None:
 
     error = failure_report(broken(snapshot, tmp_path, "judgments_train", duplicate))
     first_id = int(snapshot.table("judgments_train").loc[0, "id"])
-    assert "- judgments_train.id: expect_column_values_to_be_unique: 2 of " in error.report
+    assert "- judgments_train.id: expect_column_values_to_be_unique (suite judgments): 2 of " in error.report
     assert f"e.g. [{first_id}]" in error.report
 
 
@@ -110,7 +143,7 @@ def test_unknown_event_type(snapshot: Snapshot) -> None:
     events.loc[2, "event_type"] = "refund"
     with pytest.raises(DataValidationError) as info:
         validate_events(events)
-    assert "- events.event_type: expect_column_values_to_be_in_set(" in info.value.report
+    assert "- events.event_type: expect_column_values_to_be_in_set (suite events): 1 of " in info.value.report
     assert "e.g. ['refund']" in info.value.report
     assert info.value.failures[0]["expectation"] == "expect_column_values_to_be_in_set"
 
@@ -133,15 +166,18 @@ def test_heldout_term_injected_into_training(snapshot: Snapshot, tmp_path: Path)
         return pd.concat([df, leak], ignore_index=True)
 
     error = failure_report(broken(snapshot, tmp_path, "judgments_train", inject))
-    assert "- term_leakage.normalized_search_term: expect_column_values_to_not_be_in_set(" in error.report
-    assert "held-out terms" in error.report and repr(term) in error.report
+    expected = "- term_leakage.normalized_search_term: expect_column_values_to_not_be_in_set (suite term_leakage): "
+    assert expected + f"1 of {len(snapshot.table('judgments_train')) + 1} rows failed" in error.report
+    assert f"e.g. [{term!r}]" in error.report
     assert [f["suite"] for f in error.failures] == ["term_leakage"]
 
 
 def test_test_cluster_in_training_offers(snapshot: Snapshot, tmp_path: Path) -> None:
     test_offer = snapshot.table("offers_test").iloc[[0]]
     error = failure_report(broken(snapshot, tmp_path, "offers_train", lambda df: pd.concat([df, test_offer])))
-    assert "- cluster_leakage.cluster_id: expect_column_values_to_not_be_in_set(" in error.report
+    assert "- cluster_leakage.cluster_id: expect_column_values_to_not_be_in_set (suite cluster_leakage): " in (
+        error.report
+    )
     assert f"e.g. [{int(test_offer['cluster_id'].iloc[0])}]" in error.report
 
 
@@ -153,7 +189,7 @@ def test_report_lists_all_failures_of_all_suites(snapshot: Snapshot, tmp_path: P
     assert error.report.startswith("Data validation failed: 3 of ")
     assert "judgments_train.relevance" in error.report
     assert "catalog.product_title: expect_column_values_to_not_be_null" in error.report
-    assert "events.parquet is missing from the snapshot" in error.report
+    assert "- events: events.parquet is missing from the snapshot" in error.report
     json.dumps(error.failures)
 
 
@@ -175,6 +211,48 @@ def test_wrong_dtype_is_reported(snapshot: Snapshot) -> None:
     summary = validate_frame(judgments, "judgments")
     type_failures = [f for f in summary.failures if f["expectation"] == "expect_column_values_to_be_in_type_list"]
     assert [(f["column"], f["observed_value"]) for f in type_failures] == [("relevance", "str")]
+
+
+def test_a_hostile_value_is_never_echoed_whole(snapshot: Snapshot, tmp_path: Path) -> None:
+    events = snapshot.table("events")
+    hostile = "<script>alert(1)</script>\n" + "x" * 100_000
+    # more distinct bad values than the sample shows, each far longer than the cut
+    events.loc[0:9, "event_type"] = [f"{i}{hostile}" for i in range(10)]
+    with pytest.raises(DataValidationError) as info:
+        validate_events(events, tmp_path)
+    message = str(info.value)
+    header, line, docs = message.splitlines()  # newlines in the data stay escaped: one line per failure
+    assert header.startswith("Data validation failed: 1 of ") and docs.startswith("Data Docs: ")
+    assert line.startswith("- events.event_type: expect_column_values_to_be_in_set (suite events): 10 of ")
+    (failure,) = info.value.failures
+    assert len(failure["unexpected_values"]) == SAMPLE_VALUES
+    assert all(len(v) <= VALUE_CHARS for v in failure["unexpected_values"])
+    assert "x" * VALUE_CHARS not in message and len(message) < 600 + len(docs)
+    assert Path(info.value.data_docs).is_file()  # GX's pages hold the full result
+
+
+def test_retrain_step_logs_data_docs_to_mlflow_also_when_validation_fails(snapshot: Snapshot, tmp_path: Path) -> None:
+    from pipelines.config import Paths
+    from pipelines.registry import mlflow_client as registry
+    from pipelines.steps import retrain
+
+    paths = Paths.from_env()
+    client = registry.client(paths)
+    good_run = registry.start_run(paths, "test_validate_good", {})
+    good = retrain.validate(
+        {"snapshot_dir": str(snapshot.path), "mlflow_run_id": good_run, "run_dir": str(tmp_path / "good")}
+    )
+    assert good["success"] and Path(good["data_docs"]).is_relative_to(tmp_path / "good")
+    bad_run = registry.start_run(paths, "test_validate_bad", {})
+    path = broken(snapshot, tmp_path, "judgments_train", set_value("relevance", 0, 9.0))
+    with pytest.raises(DataValidationError, match="expect_column_values_to_be_between"):
+        retrain.validate({"snapshot_dir": str(path), "mlflow_run_id": bad_run, "run_dir": str(tmp_path / "bad")})
+    for run_id in (good_run, bad_run):
+        run = client.get_run(run_id)
+        assert run.data.tags["data_docs"] == f"{run.info.artifact_uri}/data_docs/index.html"
+        assert "index.html" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(run_id, "data_docs")}
+    assert client.get_run(bad_run).info.status == "FAILED"
+    assert client.get_run(bad_run).data.tags["validation"] == "failed"
 
 
 def test_module_import_is_cheap() -> None:
