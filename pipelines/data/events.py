@@ -18,13 +18,15 @@ def land_events(cfg: DataConfig, out_dir: str | Path, as_of: datetime) -> dict[s
 
     train, _ = split_judgments(select_terms(load_judgments(), cfg.max_terms))
     events = simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed)
-    validate_events(events)  # raises DataValidationError with a readable report; nothing is materialized then
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # raises DataValidationError with a readable report (nothing is materialized then); Data Docs stay in the run
+    report = validate_events(events, project_dir=out / "validation")
     events.to_parquet(out / EVENTS_FILE, index=False)
     return {
         "events_path": str(out / EVENTS_FILE),
         "events": len(events),
         "users": int(events["user_id"].nunique()),
         "newest": events["event_timestamp"].max().isoformat(),
+        "data_docs": report["data_docs"],
     }
