@@ -10,22 +10,18 @@ import os
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from pipelines.registry.mlflow_client import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
 from pipelines.runtime import personalize
-from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
-from pipelines.runtime.encoder import OnnxEncoder, load_tokenizer
+from pipelines.runtime.bundle import ENCODER_FILE, ONNX_FILE
+from pipelines.runtime.encoder import OnnxEncoder, OrtOptimization
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex
 from pipelines.runtime.personalize import ATTENTION_TEMPERATURE
 from pipelines.runtime.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
 from serving.settings import Settings
-
-if TYPE_CHECKING:
-    import onnxruntime as ort
 
 log = logging.getLogger(__name__)
 
@@ -43,33 +39,12 @@ class Hit:
     score: float
 
 
-def ort_session(model_path: Path, threads: int = 1, optimization: str = "all") -> ort.InferenceSession:
-    """An ORT session tuned for serving: `threads` intra-op threads, no spinning, one inter-op thread.
-
-    Spinning workers burn a core waiting for the next op; with requests already running in parallel on two
-    shared cores that time is stolen from the other requests (measured: 8-client throughput drops ~30%).
-    """
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = {
-        "disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
-        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
-    }[optimization]
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
 @dataclass(frozen=True)
 class LoadOptions:
     """How Predictor.load builds a version: ORT intra-op threads and graph optimization, the catalog search."""
 
     threads: int = 1
-    optimization: str = "all"
+    optimization: OrtOptimization = "all"
     ann: AnnOptions = field(default_factory=lambda: AnnOptions(min_products=0))  # min_products 0: exact search
     ann_cache: Path | None = None  # where built HNSW graphs are kept (None: rebuilt on every load)
 
@@ -113,12 +88,8 @@ class Predictor:
         if missing:
             raise ModelUnavailable(f"bundle {bundle} is incomplete, missing: {missing}")
         meta = json.loads((bundle / ENCODER_FILE).read_text())
-        encoder = OnnxEncoder(
-            session=ort_session(bundle / ONNX_FILE, options.threads, options.optimization),
-            tokenizer=load_tokenizer(bundle / TOKENIZER_FILE, meta["max_seq_length"]),
-            labels=json.loads((bundle / LABELS_FILE).read_text()),
-            max_seq_length=meta["max_seq_length"],
-        )
+        # Requests already run in parallel: workers that spin between ops would take the other requests' cores.
+        encoder = OnnxEncoder.load(bundle, threads=options.threads, optimization=options.optimization, spinning=False)
         index = ProductIndex.load(bundle)
         predictor = cls(
             encoder,

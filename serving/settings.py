@@ -12,6 +12,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
+from pipelines.runtime.encoder import OrtOptimization
 
 
 def _default_home() -> Path:
@@ -117,7 +118,7 @@ class Settings(BaseSettings):
         description="ONNX Runtime intra-op threads per request; 0 = one per physical core. "
         "1 wins when requests already run in parallel on few cores.",
     )
-    ort_optimization: Literal["disabled", "basic", "extended", "all"] = Field(
+    ort_optimization: OrtOptimization = Field(
         "all", alias="SHOPGUIDE_ORT_OPTIMIZATION", description="ONNX Runtime graph optimization level."
     )
     ann_min_products: int = Field(
