@@ -24,6 +24,7 @@ from pipelines.features.store import (
     write_feature_tables,
 )
 from pipelines.runtime import personalize
+from pipelines.runtime.topk import top_k
 
 STEP = "personalization"
 HELDOUT_EVENT_TYPES = ("click",)
@@ -92,12 +93,9 @@ def popularity_as_of(paths: Paths, product_ids: np.ndarray, at: datetime) -> np.
 
 def _top(index_embeddings: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
     """Top-k index rows for each vector (n, k), best first, CHUNK vectors per matmul."""
-    out = np.empty((len(vectors), k), dtype=np.int64)
+    out = np.empty((len(vectors), min(k, len(index_embeddings))), dtype=np.int64)
     for start in range(0, len(vectors), CHUNK):
-        scores = vectors[start : start + CHUNK] @ index_embeddings.T
-        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        order = np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1, kind="stable")
-        out[start : start + CHUNK] = np.take_along_axis(top, order, axis=1)
+        out[start : start + CHUNK] = top_k(vectors[start : start + CHUNK] @ index_embeddings.T, k)[0]
     return out
 
 

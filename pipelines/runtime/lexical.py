@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipelines.runtime.bundle import FUSION_FILE, LEXICAL_DIR
+from pipelines.runtime.topk import top_k
 
 STEMMER_LANGUAGE = "english"
 
@@ -99,13 +100,9 @@ class LexicalIndex:
         for query in queries:
             ids = [vocab[w] for w in tokenize(query) if w in vocab]
             scores = self.retriever.get_scores(ids) if ids else np.zeros(0, np.float32)
-            if len(scores) > self.candidates:
-                hits = np.argpartition(-scores, self.candidates - 1)[: self.candidates]
-            else:
-                hits = np.arange(len(scores))
-            hits = hits[scores[hits] > 0]  # unknown words or only stopwords: no lexical candidates
-            order = np.lexsort((hits, -scores[hits]))  # ties: catalog order
-            out.append((hits[order].astype(np.int64), scores[hits][order].astype(np.float32)))
+            rows, best = top_k(scores, self.candidates)  # ties: catalog order
+            hit = best > 0  # unknown words or only stopwords: no lexical candidates
+            out.append((rows[hit], best[hit].astype(np.float32)))
         return out
 
     def hybrid(

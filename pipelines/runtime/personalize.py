@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipelines.runtime.topk import top_k
+
 # Cosines of related products differ by a few tenths; at temperature 1 a softmax over them is almost the plain mean.
 # 0.1 lets the products closest to the query dominate the user vector while the rest still contribute.
 ATTENTION_TEMPERATURE = 0.1
@@ -65,21 +67,6 @@ def blend_scores(
     return index_embeddings @ blend_query(query_vec, user_vec, weight)
 
 
-def top_k(scores: np.ndarray, k: int, exclude_rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(rows, scores) of the k best scores, best first (ties by row order); `exclude_rows` are never returned."""
-    scores = np.asarray(scores, dtype=np.float32)
-    if exclude_rows is not None and len(exclude_rows):
-        scores = scores.copy()
-        scores[np.asarray(exclude_rows, dtype=np.int64)] = -np.inf
-    k = min(int(k), int(np.isfinite(scores).sum()))
-    if k <= 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    top = np.argpartition(-scores, k - 1)[:k]
-    order = np.lexsort((top, -scores[top]))
-    rows = top[order].astype(np.int64)
-    return rows, scores[rows]
-
-
 def popularity_scores(
     views_30d: np.ndarray, clicks_30d: np.ndarray, prior_views: float = CTR_PRIOR_VIEWS
 ) -> np.ndarray:
@@ -125,7 +112,7 @@ def recommend(
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if len(popularity) != len(emb):
             raise ValueError(f"popularity has {len(popularity)} scores for {len(emb)} index rows")
-        return top_k(popularity, k, exclude)
+        return top_k(np.asarray(popularity, dtype=np.float32), k, exclude)
     return top_k(emb @ user, k, exclude)
 
 

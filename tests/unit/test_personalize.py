@@ -124,3 +124,79 @@ def test_top_k_excludes_rows_and_breaks_ties_by_row() -> None:
     assert rows.tolist() == [1, 2, 3] and top.tolist() == [3.0, 3.0, 2.0]
     assert P.top_k(scores, 3, exclude_rows=np.array([1, 3]))[0].tolist() == [2, 0, 4]
     assert P.top_k(scores, 10, exclude_rows=np.arange(5))[0].size == 0
+
+
+# --- runtime.topk.top_k: the one top-k every ranking uses ------------------------------------------------------------
+
+
+def _argpartition_2d(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hand-written top-k ProductIndex.search and evaluation.personalization._top used before runtime.topk."""
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-top_scores, axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+
+
+def _lexsort_1d(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hand-written top-k personalize.top_k and the BM25 candidates (LexicalIndex.top_k) used before."""
+    k = min(k, len(scores))
+    top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+    order = np.lexsort((top, -scores[top]))
+    return top[order], scores[top[order]]
+
+
+def _by_row_within_ties(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """The same picks ordered best first, equal scores by row (what argpartition's order left arbitrary)."""
+    return np.stack([r[np.lexsort((r, -s))] for r, s in zip(np.atleast_2d(rows), np.atleast_2d(scores), strict=True)])
+
+
+@pytest.mark.parametrize("k", [1, 10, 100, 1999, 2000, 5000])
+def test_top_k_ranks_a_random_matrix_exactly_as_the_hand_written_ones_did(k: int) -> None:
+    """The same rows in the same order with the same scores, for one ranking and for many: bit for bit where no two
+    scores are equal (float64), and where float32 cosines do tie (a few per 2,000), the old order up to those ties,
+    which now come in row order."""
+    from pipelines.runtime.topk import top_k
+
+    rng = np.random.default_rng(k)
+    emb = _unit(rng.normal(size=(2000, DIM)))
+    queries = _unit(rng.normal(size=(50, DIM)))
+    for scores in (queries.astype(np.float64) @ emb.T.astype(np.float64), queries @ emb.T):
+        rows, top = top_k(scores, k)
+        old_rows, old_top = _argpartition_2d(scores, k)
+        assert rows.dtype == np.int64 and top.dtype == scores.dtype and rows.shape == (50, min(k, 2000))
+        np.testing.assert_array_equal(top, old_top)
+        if scores.dtype == np.float64:
+            assert all(len(np.unique(row)) == row.size for row in scores)  # no ties: nothing is left to choose
+            np.testing.assert_array_equal(rows, old_rows)
+        np.testing.assert_array_equal(rows, _by_row_within_ties(old_rows, old_top))
+        for i in range(0, 50, 7):
+            one_rows, one_top = top_k(scores[i], k)
+            lex_rows, lex_top = _lexsort_1d(scores[i], k)
+            np.testing.assert_array_equal(one_rows, lex_rows)
+            np.testing.assert_array_equal(one_top, lex_top)
+            np.testing.assert_array_equal(one_rows, rows[i])
+            full = np.argsort(-scores[i], kind="stable")[:k]  # a full stable sort (HnswSearch over its candidates)
+            np.testing.assert_array_equal(one_rows, full)
+
+
+def test_top_k_orders_equal_scores_by_row() -> None:
+    from pipelines.runtime.topk import top_k
+
+    scores = np.array([0.5, 2.0, 1.0, 2.0, 1.0, 1.0, 1.0, 3.0], np.float32)
+    best_first = np.lexsort((np.arange(len(scores)), -scores))  # best first, then row order
+    for k in range(len(scores) + 2):
+        rows, top = top_k(scores, k)
+        np.testing.assert_array_equal(top, scores[best_first[:k]])
+        if k in (0, 1, 3, 7, 8, 9):  # cuts between two different scores: the picks are the best k, in row order
+            assert rows.tolist() == best_first[:k].tolist(), k
+        # equal scores within the answer come in row order; which tied rows get in at the cut is argpartition's
+        assert rows.tolist() == sorted(rows.tolist(), key=lambda r: (-scores[r], r)), k
+    many = np.stack([scores, np.arange(8.0)[::-1], scores[::-1]])  # several rankings at once, each on its own
+    rows, top = top_k(many, 3)
+    assert rows.tolist() == [[7, 1, 3], [0, 1, 2], [0, 4, 6]] and top.shape == (3, 3)
+    assert top_k(many, 0)[0].shape == (3, 0) and top_k(many, 20)[0].shape == (3, 8)
+    assert top_k(np.ones((2, 5)), 5)[0].tolist() == [[0, 1, 2, 3, 4]] * 2
+    assert top_k(scores, 5, exclude_rows=[7, 3])[0].tolist() == [1, 2, 4, 5, 6]
+    assert top_k(many, 2, exclude_rows=np.array([1, 1]))[0].tolist() == [[7, 3], [0, 2], [0, 4]]
+    assert top_k(scores, 10, exclude_rows=[0, 2, 4])[0].tolist() == [7, 1, 3, 5, 6]
