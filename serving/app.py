@@ -23,7 +23,6 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.runtime import personalize
-from serving.batching import MicroBatcher
 from serving.logs import configure_logging
 from serving.metrics import Metrics
 from serving.online_features import FeaturesUnavailable, OnlineFeatures
@@ -91,7 +90,6 @@ class ServingState:
     load_error: str | None = None  # nothing could be loaded (not ready)
     problem: str | None = None  # loaded, but the alias's current version is not what serves (why)
     shadow: ShadowRunner | None = None
-    batcher: MicroBatcher | None = None
 
     def refresh(self) -> None:
         """Load, or swap in the version the alias points to now; on any failure keep serving what is loaded."""
@@ -360,12 +358,6 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         state._publish(predictor)
     if settings.shadow_alias and predictor is None and settings.bundle_dir is None:
         state.shadow = ShadowRunner(settings.shadow_alias, settings.shadow_fraction, settings.shadow_queue, metrics)
-    if settings.batch_window_ms > 0:
-        state.batcher = MicroBatcher(
-            settings.batch_window_ms / 1000,
-            settings.batch_max_size,
-            on_batch=metrics.batch.labels("search_micro").observe,
-        )
     poll = predictor is None and settings.model_poll_seconds > 0
 
     @contextlib.asynccontextmanager
@@ -382,8 +374,6 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            if state.batcher is not None:
-                state.batcher.close()
             if state.shadow is not None:
                 state.shadow.close()
 
@@ -429,11 +419,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         predictor = loaded()
         ctx = request_context()
         t = t0 = time.perf_counter()
-        if state.batcher is not None:
-            query_vec, logits = state.batcher.encode(predictor, body.query)
-            category = predictor.labels[int(logits.argmax())]
-        else:
-            query_vec, category = predictor.encode(body.query)
+        query_vec, category = predictor.encode(body.query)
         t = _stage(ctx, metrics, "encode", t)
         user_vec: np.ndarray | None = None
         reason: FallbackReason | None = None

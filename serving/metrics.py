@@ -39,7 +39,7 @@ class Metrics:
         )
         self.batch = Histogram(
             "shopguide_batch_size",
-            "Texts per encoder run: micro-batches of /v1/search, request batches of /v1/classify and /v1/embed.",
+            "Texts per /v1/classify and /v1/embed request.",
             ["kind"],
             buckets=BATCH_BUCKETS,
             registry=r,

@@ -84,10 +84,6 @@ class OnlineFeatures:
         self._popularity: tuple[float, np.ndarray, np.ndarray] | None = None  # (read at, product ids, scores)
         self._refreshing = threading.Lock()  # at most one background popularity refresh at a time
 
-    @property
-    def service_name(self) -> str:
-        return self._service_name
-
     def _fail(self, message: str, exc: Exception) -> FeaturesUnavailable:
         self._last_error = f"{message}: {type(exc).__name__}: {exc}"
         self._down_until = time.monotonic() + self._retry_after_s

@@ -19,13 +19,12 @@ from pipelines.runtime.bundle import ENCODER_FILE, ONNX_FILE
 from pipelines.runtime.encoder import OnnxEncoder, OrtOptimization
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex
-from pipelines.runtime.personalize import ATTENTION_TEMPERATURE
 from pipelines.runtime.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
 from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_TEMPERATURE", "Hit", "ModelUnavailable", "Predictor", "load_champion", "resolve"]
+__all__ = ["Hit", "LoadOptions", "ModelUnavailable", "Predictor", "load_options", "resolve"]
 
 
 class ModelUnavailable(RuntimeError):
@@ -157,9 +156,6 @@ class Predictor:
         top = probs.argmax(axis=1)
         return [self.encoder.labels[int(i)] for i in top], probs[np.arange(len(top)), top]
 
-    def classify(self, query: str) -> str:
-        return self.encode(query)[1]
-
     def user_vector(self, product_ids: list[int], query_vec: np.ndarray | None = None) -> np.ndarray | None:
         """pipelines.runtime.personalize.user_vector of the user's recent products (most recent first) in this version's
         index: softmax(q.p_i / T)-weighted with a query, recency-weighted without.
@@ -195,9 +191,6 @@ class Predictor:
             Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
             for r, s in zip(rows, scores, strict=True)
         ]
-
-    def search(self, query: str, k: int, user_vector: np.ndarray | None = None, weight: float = 0.0) -> list[Hit]:
-        return self.rank(self.encode(query)[0], k, user_vector, weight, query)
 
 
 def local_version(bundle_dir: Path) -> str:
@@ -245,11 +238,6 @@ def cached_bundles(settings: Settings, alias: str | None = None) -> list[tuple[s
         if bundle.is_dir() and not missing_files(bundle):
             found.append((version, bundle))
     return found
-
-
-def cached_bundle(settings: Settings, alias: str | None = None) -> tuple[str, Path] | None:
-    found = cached_bundles(settings, alias)
-    return found[0] if found else None
 
 
 def load_options(settings: Settings) -> LoadOptions:
@@ -328,8 +316,3 @@ def resolve(
         f"{settings.model_name}@{alias} cannot be resolved or downloaded and {cache} holds no "
         f"loadable bundle" + (f" ({problem})" if problem else "")
     )
-
-
-def load_champion(settings: Settings, current: Predictor | None = None) -> Predictor:
-    """resolve() for settings.alias, without the reason (kept for callers that only want the predictor)."""
-    return resolve(settings, current).predictor

@@ -143,20 +143,6 @@ class Settings(BaseSettings):
         alias="SHOPGUIDE_ANN_CONNECTIVITY",
         description="HNSW graph degree (M); part of the cached index's key.",
     )
-    batch_window_ms: float = Field(
-        0.0,
-        ge=0,
-        le=50,
-        alias="SHOPGUIDE_BATCH_WINDOW_MS",
-        description="Micro-batching: concurrent /v1/search encodes arriving within this "
-        "window share one ONNX Runtime run (waited only while several "
-        "requests are in flight); 0 = off. Only batch-invariant graphs "
-        "(fp32, static INT8) are batched: a dynamic-INT8 graph's outputs "
-        "depend on the batch, so it still encodes each query alone.",
-    )
-    batch_max_size: int = Field(
-        16, ge=1, le=256, alias="SHOPGUIDE_BATCH_MAX_SIZE", description="Most queries in one micro-batch."
-    )
 
     # Shadow mode: a second alias answers a sample of /v1/search off the response path, only for metrics.
     shadow_alias: str | None = Field(

@@ -75,13 +75,6 @@ class ShadowRunner:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """True once every submitted item is processed (tests)."""
-        deadline = time.monotonic() + timeout
-        while self._queue.unfinished_tasks and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return not self._queue.unfinished_tasks
-
     def _loop(self) -> None:
         while not self._stopped.is_set():
             item = self._queue.get()

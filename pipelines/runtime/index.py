@@ -23,11 +23,9 @@ class ProductIndex:
     def __len__(self) -> int:
         return len(self.product_ids)
 
-    def search(self, query: np.ndarray, k: int, extra: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows for one (dim,) or many (n, dim) queries; `extra` is added to the scores (personalisation)."""
+    def search(self, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k (rows, scores) for one (dim,) or many (n, dim) queries, always (n, k)."""
         scores = np.atleast_2d(query).astype(np.float32) @ self.embeddings.T
-        if extra is not None:
-            scores = scores + extra
         return top_k(scores, k)
 
     def rows_of(self, product_ids: list[int]) -> np.ndarray:
