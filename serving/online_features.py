@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -35,25 +36,70 @@ class _View:
     features: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class _Plan:
-    config: RepoConfig
-    provider: Any
-    views: tuple[_View, ...]
-    columns: tuple[str, ...]  # every feature of the service, in its order
-    entity_key: Any  # Feast's EntityKey and Value protos and its proto -> Python conversion, bound once
-    value: Any
-    to_python: Any
+class FeatureServiceReader:
+    """The one place the service goes below Feast's public API: one FeatureService's rows, read straight from the
+    online store through Feast's provider.
+
+    The service is resolved once through the registry (here, in the constructor); each `read` then makes the call
+    FeatureStore.get_online_features makes (`provider.online_read` per view) without the SDK's per-request registry
+    lookup, request validation and response assembly: ~3x less CPU per read, and no synchronous registry reload on
+    the request path when the registry cache expires. What that skips does not apply here: no on-demand views, and
+    Feast never applies ttl online. tests/integration/test_online_features.py holds the two to the same answers,
+    value by value, on SQLite and Redis. Any Feast, registry or store error propagates as Feast's own.
+    """
+
+    def __init__(self, store: FeatureStore, service_name: str) -> None:
+        from feast.infra.provider import get_provider
+        from feast.protos.feast.types.EntityKey_pb2 import EntityKey
+        from feast.protos.feast.types.Value_pb2 import Value
+        from feast.type_map import feast_value_type_to_python_type
+
+        # Bypass the registry cache: after a failure the cached registry may predate the first apply.
+        service = store.get_feature_service(service_name, allow_cache=False)
+        views = []
+        for projection in service.feature_view_projections:
+            view = store.get_feature_view(projection.name)
+            if len(view.join_keys) != 1:
+                raise ValueError(f"view {view.name!r} has join keys {view.join_keys}; serving reads one")
+            names = tuple(f.name for f in projection.features) or tuple(f.name for f in view.features)
+            views.append(_View(view, view.join_keys[0], names))
+        self.service_name = service_name
+        self.views = tuple(views)
+        self.columns = tuple(name for v in self.views for name in v.features)  # the service's features, in order
+        self._config: RepoConfig = store.config
+        self._provider = get_provider(store.config)
+        # Feast's EntityKey and Value protos and its proto -> Python conversion, bound once
+        self._entity_key, self._value, self._to_python = EntityKey, Value, feast_value_type_to_python_type
+
+    def read(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
+        """One row per id (None when the store has no row for it), features by name, in the service's order."""
+        entity_key, value, to_python = self._entity_key, self._value, self._to_python  # locals: ~55k keys a read
+        out: list[dict[str, Any] | None] = [None] * len(ids)
+        for part in self.views:
+            keys = [entity_key(join_keys=[part.join_key], entity_values=[value(int64_val=int(i))]) for i in ids]
+            for start in range(0, len(keys), READ_CHUNK):
+                rows = self._provider.online_read(
+                    self._config, part.view, keys[start : start + READ_CHUNK], list(part.features)
+                )
+                for offset, (_, values) in enumerate(rows):
+                    # SQLite answers a missing key with no values, Redis with empty ones: both mean "no row".
+                    found = (
+                        {name: to_python(values[name]) for name in part.features if name in values} if values else {}
+                    )
+                    if not any(v is not None for v in found.values()):
+                        continue
+                    row = out[start + offset]
+                    if row is None:
+                        row = out[start + offset] = dict.fromkeys(self.columns)
+                    row.update(found)
+        return out
 
 
 class OnlineFeatures:
     """Reads FeatureService rows (user: search_v2, product: product_v1) from the Feast online store.
 
-    SQLite by default, Redis in production (pipelines.features.store.repo_config). The FeatureService is resolved once
-    through the registry; each read then goes straight to the store through Feast's provider (`online_read`, the
-    same call the SDK makes), without the SDK's per-request registry lookup, request validation and response
-    assembly: ~3x less CPU per read, and no synchronous registry reload on the request path when the registry cache
-    expires. What that skips does not apply here: no on-demand views, and Feast never applies ttl online.
+    SQLite by default, Redis in production (pipelines.features.store.repo_config). Each service is read through a
+    FeatureServiceReader (resolved once, then straight to the store).
 
     Every failure surfaces as FeaturesUnavailable, never as Feast's or the store's own errors. After a failure,
     calls fail at once for `retry_after_s` seconds (a dead store costs one slow request per interval, not one per
@@ -75,7 +121,7 @@ class OnlineFeatures:
         self._store = store
         self._service_name = service
         self._product_service_name = product_service
-        self._plans: dict[str, _Plan] = {}
+        self._readers: dict[str, FeatureServiceReader] = {}
         self._retry_after_s = retry_after_s
         self._down_until = 0.0
         self._last_error = ""
@@ -87,13 +133,13 @@ class OnlineFeatures:
     def _fail(self, message: str, exc: Exception) -> FeaturesUnavailable:
         self._last_error = f"{message}: {type(exc).__name__}: {exc}"
         self._down_until = time.monotonic() + self._retry_after_s
-        self._plans = {}  # resolve again on the next try: the registry may have changed under us
+        self._readers = {}  # resolve again on the next try: the registry may have changed under us
         return FeaturesUnavailable(self._last_error)
 
-    def _plan(self, service_name: str) -> _Plan:
-        plan = self._plans.get(service_name)
-        if plan is not None:
-            return plan
+    def _reader(self, service_name: str) -> FeatureServiceReader:
+        reader = self._readers.get(service_name)
+        if reader is not None:
+            return reader
         if self._down_until and time.monotonic() < self._down_until:
             raise FeaturesUnavailable(
                 f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
@@ -106,35 +152,11 @@ class OnlineFeatures:
 
                     import_feast()
                     self._store = feature_store(self._paths or Paths.from_env(), serving=True)
-                from feast.infra.provider import get_provider
-                from feast.protos.feast.types.EntityKey_pb2 import EntityKey
-                from feast.protos.feast.types.Value_pb2 import Value
-                from feast.type_map import feast_value_type_to_python_type
-
-                store = self._store
-                # Bypass the registry cache: after a failure the cached registry may predate the first apply.
-                service = store.get_feature_service(service_name, allow_cache=False)
-                views = []
-                for projection in service.feature_view_projections:
-                    view = store.get_feature_view(projection.name)
-                    if len(view.join_keys) != 1:
-                        raise ValueError(f"view {view.name!r} has join keys {view.join_keys}; serving reads one")
-                    names = tuple(f.name for f in projection.features) or tuple(f.name for f in view.features)
-                    views.append(_View(view, view.join_keys[0], names))
-                columns = tuple(name for v in views for name in v.features)
-                plan = _Plan(
-                    store.config,
-                    get_provider(store.config),
-                    tuple(views),
-                    columns,
-                    EntityKey,
-                    Value,
-                    feast_value_type_to_python_type,
-                )
+                reader = FeatureServiceReader(self._store, service_name)
             except Exception as exc:  # any Feast, registry or driver error means "no features", never a crash
                 raise self._fail(f"feature service {service_name!r} unavailable", exc) from exc
-            self._plans[service_name] = plan
-            return plan
+            self._readers[service_name] = reader
+            return reader
 
     def _read(self, service_name: str, ids: list[int]) -> list[dict[str, Any] | None]:
         """One row per id (None when the store has no row for it), features by name, in the service's order."""
@@ -142,29 +164,9 @@ class OnlineFeatures:
             raise FeaturesUnavailable(
                 f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
             )
-        plan = self._plan(service_name)
-        entity_key, value, to_python = plan.entity_key, plan.value, plan.to_python
-        out: list[dict[str, Any] | None] = [None] * len(ids)
+        reader = self._reader(service_name)
         try:
-            for part in plan.views:
-                keys = [entity_key(join_keys=[part.join_key], entity_values=[value(int64_val=int(i))]) for i in ids]
-                for start in range(0, len(keys), READ_CHUNK):
-                    rows = plan.provider.online_read(
-                        plan.config, part.view, keys[start : start + READ_CHUNK], list(part.features)
-                    )
-                    for offset, (_, values) in enumerate(rows):
-                        # SQLite answers a missing key with no values, Redis with empty ones: both mean "no row".
-                        found = (
-                            {name: to_python(values[name]) for name in part.features if name in values}
-                            if values
-                            else {}
-                        )
-                        if not any(v is not None for v in found.values()):
-                            continue
-                        row = out[start + offset]
-                        if row is None:
-                            row = out[start + offset] = dict.fromkeys(plan.columns)
-                        row.update(found)
+            out = reader.read(ids)
         except Exception as exc:
             raise self._fail(f"online read of {service_name!r} failed", exc) from exc
         self._down_until = 0.0
@@ -176,14 +178,14 @@ class OnlineFeatures:
         starts no retry pause, since the store may well be up by the time requests come."""
         try:
             self.user_features(0)
-            self._plan(self._product_service_name)
+            self._reader(self._product_service_name)
         except FeaturesUnavailable as exc:
             self._down_until = 0.0
             return str(exc)
         return None
 
     def check(self) -> None:
-        """Raise FeaturesUnavailable unless the registry answers and the online store can be read (for /health)."""
+        """Raise FeaturesUnavailable unless the registry answers and the online store can be read (a probe)."""
         self.user_features(0)
 
     def user_features(self, user_id: int) -> dict[str, Any] | None:
