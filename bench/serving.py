@@ -339,7 +339,7 @@ def main() -> None:
         action="append",
         default=[],
         metavar="SHOPGUIDE_X=V",
-        help="extra settings for the shopguide service, e.g. SHOPGUIDE_BATCH_WINDOW_MS=2",
+        help="extra settings for the shopguide service, e.g. SHOPGUIDE_ORT_THREADS=2",
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
