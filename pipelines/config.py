@@ -225,6 +225,32 @@ class FeaturesConfig(_Section):
     personalization_weight: float = Field(0.3, ge=0, le=1, description="Blend of user vector in search; 0 = off.")
 
 
+class OrchestrationConfig(_Section):
+    """Bounds on every Airflow task and on the CLI's DAG runs: a hung step fails and retries instead of waiting."""
+
+    retries: int = Field(2, ge=0, le=10, description="Retries of a failed task (transient MLflow, Feast, disk errors).")
+    retry_delay_seconds: int = Field(30, ge=0, le=3600, description="Pause before a retry.")
+    default_task_timeout_minutes: float = Field(20, gt=0, le=24 * 60, description="execution_timeout of a task.")
+    task_timeout_minutes: dict[str, float] = Field(
+        {}, description="Per-task execution_timeout overrides, by task id (the long training steps)."
+    )
+    dag_run_timeout_minutes: float = Field(240, gt=0, le=7 * 24 * 60, description="The CLI's wait for one DAG run.")
+
+
+class RetentionConfig(_Section):
+    """What `shopguide prune` keeps: the champion, the previous champion and the last N candidates."""
+
+    keep_candidates: int = Field(3, ge=0, le=1000, description="Newest registered versions kept besides champions.")
+    failed_artifacts_days: float = Field(14, ge=0, description="Days a failed candidate's artifacts are kept.")
+    run_dirs_days: float = Field(7, ge=0, description="Days a finished pipeline run's working folder is kept.")
+
+
+class CategoryConfig(_Section):
+    """The query-category answer: which taxonomy it predicts and when it abstains."""
+
+    abstain: bool = Field(True, description="Answer category null (with the reason) outside the trained taxonomy.")
+
+
 class ShopguideConfig(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -236,6 +262,9 @@ class ShopguideConfig(_Section):
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
     features: FeaturesConfig = FeaturesConfig()
+    category: CategoryConfig = CategoryConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
+    retention: RetentionConfig = RetentionConfig()
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -293,6 +322,11 @@ class Paths:
     @property
     def feast_dir(self) -> Path:
         return self.home / "feast"
+
+    @property
+    def landing(self) -> Path:
+        """Where new judgments files land; the retrain DAG reads no judgments_path outside it."""
+        return Path(os.environ.get("SHOPGUIDE_LANDING", self.home / "landing")).resolve()
 
     @property
     def runs(self) -> Path:

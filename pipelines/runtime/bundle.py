@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 ONNX_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 LABELS_FILE = "labels.json"  # also the fine-tuned teacher folder's list of category labels
@@ -25,3 +28,24 @@ REQUIRED_FILES = (
     f"{INDEX_DIR}/{EMBEDDINGS_FILE}",
     f"{INDEX_DIR}/{PRODUCTS_FILE}",
 )
+
+
+def bundle_manifest(bundle_dir: Path) -> dict[str, str]:
+    """sha256 of every file in the bundle, by its path relative to the bundle (what a registered version records)."""
+    out = {}
+    for path in sorted(p for p in bundle_dir.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        out[path.relative_to(bundle_dir).as_posix()] = digest.hexdigest()
+    return out
+
+
+def manifest_mismatches(bundle_dir: Path, manifest: dict[str, str]) -> list[str]:
+    """What differs from the recorded manifest: altered, missing and unexpected files (empty = verified)."""
+    found = bundle_manifest(bundle_dir)
+    altered = [f"altered: {f}" for f in manifest if f in found and found[f] != manifest[f]]
+    missing = [f"missing: {f}" for f in manifest if f not in found]
+    extra = [f"unexpected: {f}" for f in found if f not in manifest]
+    return altered + missing + extra
