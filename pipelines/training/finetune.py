@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
-from pipelines.data.dataset import Snapshot, is_validation_term, normalize_term
+from pipelines.data.dataset import Snapshot, is_validation_cluster, is_validation_term, normalize_term
 from pipelines.runtime.bundle import LABELS_FILE
 from pipelines.training.progress import MetricsSink, progress_callback
 
@@ -56,6 +56,12 @@ def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> 
 CATEGORY_SET = "categories"
 
 
+def fit_offers(offers: pd.DataFrame) -> pd.DataFrame:
+    """The PriceRunner offers training may see: the validation clusters stay out, for the evaluation to calibrate
+    the category abstention threshold on products neither the head nor the encoder was fitted to."""
+    return offers[~offers["cluster_id"].map(is_validation_cluster).astype(bool)].reset_index(drop=True)
+
+
 def category_labels(offers: pd.DataFrame) -> list[str]:
     return sorted(offers["category_label"].astype(str).unique())
 
@@ -89,27 +95,28 @@ def category_loss(model: SentenceTransformer, num_labels: int):
 
 
 def mined_negatives(
-    judgments: pd.DataFrame, catalog: pd.DataFrame, ranks: tuple[int, int], seed: int, encode=None
+    judgments: pd.DataFrame,
+    catalog: pd.DataFrame,
+    ranks: tuple[int, int],
+    seed: int,
+    model: SentenceTransformer | None = None,
 ) -> pd.DataFrame:
-    """One mined negative title per search term: drawn (seeded) among the term's hits at ranks [from, to) over the
-    whole catalog that were never judged for that term, in any grade. Columns: term, negative.
+    """One mined negative title per search term, never a title judged for that term (in any grade), drawn (seeded)
+    from the term's hits at ranks [from, to) over the whole catalog. Columns: term, negative.
 
-    Hits are stemmed BM25's, or with `encode` (texts -> unit vectors) that encoder's nearest titles. The held-out
-    evaluation counts unjudged products as misses, so the unjudged products a retriever ranks high are the negatives
-    the in-batch ones never show: lexically close ones from BM25, the model's own mistakes from the encoder.
+    Hits are stemmed BM25's, or with `model` that encoder's nearest titles. The held-out evaluation counts unjudged
+    products as misses, so the unjudged products a retriever ranks high are the negatives the in-batch ones never
+    show: lexically close ones from BM25, the model's own mistakes from the encoder.
     """
-    from pipelines.evaluation.evaluate import bm25_run, embedding_run
-
     terms = judgments.assign(term=judgments["search_term"].map(normalize_term))
-    judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
-    k = min(ranks[1], len(catalog))
-    # both runs list a term's hits best first
-    run = (
-        bm25_run(catalog, judged.index.tolist(), k=k)
-        if encode is None
-        else embedding_run(encode, catalog, judged.index.tolist(), k)[0]
-    )
     titles = dict(zip(catalog["product_uid"].astype(str), catalog["product_title"].astype(str), strict=True))
+    if model is not None:
+        return _model_mined_negatives(terms, titles, ranks, seed, model)
+    # sentence-transformers mines with embeddings only: the lexical miner stays here, over the runtime's BM25
+    from pipelines.evaluation.evaluate import bm25_run
+
+    judged = terms.groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
+    run = bm25_run(catalog, judged.index.tolist(), k=min(ranks[1], len(catalog)))  # best first
     rng = np.random.default_rng(seed)
     rows = []
     for term, hits in run.items():
@@ -119,21 +126,52 @@ def mined_negatives(
     return pd.DataFrame(rows, columns=["term", "negative"])
 
 
+def _model_mined_negatives(
+    terms: pd.DataFrame, titles: dict[str, str], ranks: tuple[int, int], seed: int, model: SentenceTransformer
+) -> pd.DataFrame:
+    """sentence-transformers' mine_hard_negatives with every judged title of a term as one of its "positives", so
+    none of them is ever mined; ranks count the unjudged titles only (the library drops positives before ranking)."""
+    import random
+
+    from datasets import Dataset
+    from sentence_transformers.util import mine_hard_negatives
+
+    pairs = terms.assign(title=terms["product_uid"].astype(str).map(titles)).dropna(subset=["title"])
+    pairs = pairs.drop_duplicates(["term", "title"])
+    corpus = list(dict.fromkeys(titles.values()))
+    if pairs.empty or ranks[0] >= len(corpus):
+        return pd.DataFrame(columns=["term", "negative"])
+    random.seed(seed)  # the library samples the window with Python's random
+    mined = mine_hard_negatives(
+        Dataset.from_dict({"anchor": pairs["term"].tolist(), "positive": pairs["title"].tolist()}),
+        model,
+        corpus=corpus,
+        range_min=ranks[0],
+        range_max=min(ranks[1], len(corpus)),
+        num_negatives=1,
+        sampling_strategy="random",
+        output_format="triplet",
+        verbose=False,
+    )
+    out = pd.DataFrame({"term": mined["anchor"], "negative": mined["negative"]})
+    return out.drop_duplicates("term").reset_index(drop=True)
+
+
 def training_sets(
     judgments: pd.DataFrame,
     offers: pd.DataFrame,
     cfg: TrainConfig,
     catalog: pd.DataFrame | None = None,
-    encode=None,
+    miner: SentenceTransformer | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Named training sets for MultipleNegativesRankingLoss; each set has its own columns.
 
     `triplets`: positives whose query also has a low-graded judgment, that product being a real hard negative (a
     human said it does not match); `mined`: with `cfg.mined_negatives` (and the catalog), the other positives with a
-    mined negative (`mined_negatives`: stemmed BM25's, or `encode`'s nearest titles); `pairs`: the rest (in-batch
-    negatives only); `offers`: optional PriceRunner offer title -> canonical product title pairs; `categories`:
-    optional PriceRunner offer titles with their category's index in `category_labels(offers)`, for the joint
-    category loss.
+    mined negative (`mined_negatives`: stemmed BM25's, or the `miner` encoder's nearest titles); `pairs`: the rest
+    (in-batch negatives only); `offers`: optional PriceRunner offer title -> canonical product title pairs;
+    `categories`: optional PriceRunner offer titles with their category's index in `category_labels(offers)`, for
+    the joint category loss.
     """
     norm = judgments["search_term"].map(normalize_term)
     pos = judgments[judgments["relevance"] >= cfg.min_positive_relevance].assign(term=norm)
@@ -154,7 +192,7 @@ def training_sets(
     if cfg.mined_negatives and catalog is not None and not pos.empty:
         # only the terms still without a negative: a judged one beats a mined one
         mined = mined_negatives(
-            judgments[norm.isin(set(pos["term"]))], catalog, cfg.mined_negative_ranks, cfg.seed, encode
+            judgments[norm.isin(set(pos["term"]))], catalog, cfg.mined_negative_ranks, cfg.seed, miner
         )
         joined = pos.merge(mined, on="term")
         sets["mined"] = pd.DataFrame(
@@ -352,11 +390,12 @@ def finetune_encoder(
     model = load_encoder(cfg.base_model, cfg.max_seq_length)
     judgments = snap.table("judgments_train")
     is_val = judgments["search_term"].map(is_validation_term).astype(bool)
+    offers = fit_offers(snap.table("offers_train"))
     if not cfg.validation_terms:
         is_val[:] = False
     started = time.perf_counter()
-    encode = unit_vectors(model) if cfg.negative_miner == "base_model" else None  # the model before training
-    sets = training_sets(judgments[~is_val], snap.table("offers_train"), cfg, snap.table("catalog"), encode)
+    miner = model if cfg.negative_miner == "base_model" else None  # mines before training: its own mistakes
+    sets = training_sets(judgments[~is_val], offers, cfg, snap.table("catalog"), miner)
     save_training_sets(sets, out / SETS_DIR)
     evaluator = (
         validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
@@ -373,7 +412,7 @@ def finetune_encoder(
     if evaluator is not None:
         metrics["val_ndcg_at_10"] = evaluator(model)["val_cosine_ndcg@10"]
     model.save(str(out / ENCODER_DIR))
-    head, labels, head_metrics = train_category_head(model, snap.table("offers_train"), cfg)
+    head, labels, head_metrics = train_category_head(model, offers, cfg)
     save_file(head, str(out / HEAD_FILE))
     (out / LABELS_FILE).write_text(json.dumps(labels))
     losses = [{"step": e["step"], "loss": e["loss"]} for e in history if "loss" in e]

@@ -90,22 +90,21 @@ def test_mined_negatives_are_unjudged_bm25_hits_in_the_rank_window() -> None:
 
 def test_model_mined_negatives_are_the_encoders_nearest_unjudged_titles(tmp_path) -> None:
     model = load_encoder(TrainConfig().base_model, 16)
-
-    def encode(texts: list[str]) -> np.ndarray:
-        return model.encode(texts, normalize_embeddings=True)
-
     judgments = JUDGMENTS.assign(product_uid=JUDGMENTS["product_title"].map(UIDS))
-    mined = mined_negatives(judgments, CATALOG, (0, 3), seed=0, encode=encode).set_index("term")["negative"]
+    mined = mined_negatives(judgments, CATALOG, (0, 2), seed=0, model=model).set_index("term")["negative"]
+    assert set(mined.index) == {"cordless drill", "deck screws", "paint"}
     assert mined["paint"] in {"exterior paint gallon", "paint roller"}  # "white paint" is nearer but judged
-    titles, product_embeddings = CATALOG["product_title"].tolist(), encode(CATALOG["product_title"].tolist())
+    titles = CATALOG["product_title"].tolist()
+    product_embeddings = model.encode(titles, normalize_embeddings=True)
     for term, negative in mined.items():
-        nearest = [titles[i] for i in np.argsort(-(product_embeddings @ encode([term])[0]))[:3]]
-        assert negative in nearest
-        assert negative not in set(judgments.loc[judgments["search_term"] == term, "product_title"])
+        judged = set(judgments.loc[judgments["search_term"] == term, "product_title"])
+        order = np.argsort(-(product_embeddings @ model.encode([term], normalize_embeddings=True)[0]))
+        assert negative in [titles[i] for i in order if titles[i] not in judged][:2]  # ranks count unjudged titles
+        assert negative not in judged
+    again = mined_negatives(judgments, CATALOG, (0, 2), seed=0, model=model).set_index("term")["negative"]
+    assert again.equals(mined)  # seeded
     # the sets go with the model, in the trainer's order, for the students' task loss
-    sets = training_sets(
-        judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 3), category_offers=8), CATALOG, encode
-    )
+    sets = training_sets(judgments, OFFERS, TrainConfig(mined_negative_ranks=(0, 3), category_offers=8), CATALOG, model)
     save_training_sets(sets, tmp_path / "training_sets")
     loaded = load_training_sets(tmp_path)
     assert list(loaded) == list(sets)
