@@ -23,12 +23,28 @@ class GateDecision:
         return ("PASSED" if self.passed else "FAILED") + "\n" + "\n".join(f"- {r}" for r in self.reasons)
 
 
+@dataclass(frozen=True)
+class UnreadableChampion:
+    """@champion exists but its stored evaluation report cannot be read (missing, not JSON): the gate refuses.
+
+    Distinct from "no champion" (None): reading a broken champion as "none" would let floors alone decide and a weaker
+    candidate through. A registry that cannot be reached at all never gets here: the task raises and Airflow retries.
+    """
+
+    version: str
+    problem: str
+
+
 def _check(ok: bool, text: str, out: list[tuple[bool, str]]) -> None:
     out.append((ok, ("ok: " if ok else "FAIL: ") + text))
 
 
-def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: GateConfig) -> GateDecision:
+def decide(
+    candidate: dict[str, Any], champion: dict[str, Any] | UnreadableChampion | None, cfg: GateConfig
+) -> GateDecision:
     """Absolute floors, then no regression beyond cfg.max_regression vs the champion when one exists.
+
+    `champion`: its report, None when there is no champion, or UnreadableChampion, which fails the gate.
 
     The champion comparison is only meaningful on the same held-out data; a champion evaluated on another snapshot
     is compared anyway but the reason says so.
@@ -50,6 +66,13 @@ def decide(candidate: dict[str, Any], champion: dict[str, Any] | None, cfg: Gate
         _check(ok, f"{metric} {value:.4g} {op} {bound:.4g}", checks)
     if champion is None:
         checks.append((True, "ok: no champion yet, floors alone decide"))
+    elif isinstance(champion, UnreadableChampion):
+        _check(
+            False,
+            f"champion version {champion.version} exists but its evaluation report cannot be read "
+            f"({champion.problem}): no comparison, no promotion; fix or re-register that report, or promote by hand",
+            checks,
+        )
     else:
         same = champion.get("snapshot_hash") == candidate.get("snapshot_hash")
         note = "" if same else " (champion was evaluated on another data snapshot)"

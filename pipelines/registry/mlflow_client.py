@@ -2,20 +2,75 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
 import shutil
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import REPO_ROOT, Paths
-from pipelines.runtime.bundle import ENCODER_FILE, MODEL_CARD_FILE, REPORT_FILE, REQUIRED_FILES
+from pipelines.runtime.bundle import (
+    ENCODER_FILE,
+    MODEL_CARD_FILE,
+    REPORT_FILE,
+    REQUIRED_FILES,
+    bundle_manifest,
+    manifest_mismatches,
+)
+
+if TYPE_CHECKING:
+    from filelock import FileLock
+
+log = logging.getLogger(__name__)
 
 EXPERIMENT = "shopguide"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 BUNDLE_ARTIFACT = "bundle"
 CHAMPION, CHALLENGER = "champion", "challenger"
+# A registered version's sha256 manifest of its bundle ({relative path: hex digest}, compact JSON). Registry tag values
+# are VARCHAR(5000) in MLflow's SQL stores: a manifest that does not fit (a bundle of ~50+ files) goes to a run
+# artifact outside the bundle, and the tag then holds "sha256:<digest of that JSON>" with its URI in a second tag.
+MANIFEST_TAG = "bundle_sha256"
+MANIFEST_URI_TAG = "bundle_manifest_uri"
+_TAG_MAX = 5000
+_MISMATCHES_SHOWN = 5
+
+
+class BundleMismatch(RuntimeError):
+    """A bundle differs from the sha256 manifest recorded when its version was registered (or that record is bad)."""
+
+
+class ReportUnreadable(ValueError):
+    """A version's stored evaluation report exists but is not a JSON object."""
+
+
+def is_absent(err: BaseException) -> bool:
+    """MLflow confirmed that the thing does not exist. Only this may read as "none": a refused connection, a 5xx, a
+    locked or corrupt store are errors, and reading them as "no champion" would let the gate pass on floors alone."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def filter_literal(value: str) -> str:
+    """`value` as a string literal of MLflow's search filter syntax, matching it exactly; ValueError if impossible.
+
+    MLflow strips the outer quotes and unescapes nothing ('it''s' and 'it\\'s' are compared as typed), so the only
+    exact quoting is the quote character the value does not contain. A value holding both quote characters cannot be
+    written at all, and a backslash can escape the closing quote in MLflow's tokenizer (sqlparse): such values (never
+    an Airflow run id) are refused rather than allowed to change the filter.
+    """
+    if "\\" in value or any(ord(ch) < 32 for ch in value) or ("'" in value and '"' in value):
+        raise ValueError(
+            f"{value[:60]!r}{'...' if len(value) > 60 else ''} cannot be matched exactly in an MLflow search filter "
+            "(it holds both quote characters, a backslash or a control character)"
+        )
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def client(paths: Paths):
@@ -41,7 +96,8 @@ def start_run(paths: Paths, run_key: str, tags: dict[str, str]) -> str:
     """One MLflow run per pipeline run, found again by its key so a re-run of the same DAG run reuses it."""
     c = client(paths)
     exp = experiment_id(paths)
-    found = c.search_runs([exp], filter_string=f"tags.shopguide_run_key = '{run_key}'", max_results=1)
+    # filter_literal refuses a key it cannot quote exactly, so such a key never creates a run
+    found = c.search_runs([exp], filter_string=f"tags.shopguide_run_key = {filter_literal(run_key)}", max_results=1)
     if found:
         return found[0].info.run_id
     run = c.create_run(exp, run_name=run_key, tags={"shopguide_run_key": run_key, **tags})
@@ -159,13 +215,90 @@ def missing_files(bundle_dir: Path) -> list[str]:
 
 
 def find_version(paths: Paths, model_name: str, run_key: str):
-    """The version a previous attempt of this pipeline run registered, if any (idempotent re-runs)."""
-    c = client(paths)
-    try:
-        versions = c.search_model_versions(f"name = '{model_name}' and tags.shopguide_run_key = '{run_key}'")
-    except Exception:  # the registered model may not exist yet
-        return None
+    """The version a previous attempt of this pipeline run registered, if any (idempotent re-runs).
+
+    A search over a registered model that does not exist yet is empty, not an error; any error raises, because
+    "not found" after a registry hiccup would register the same run a second time.
+    """
+    query = f"name = {filter_literal(model_name)} and tags.shopguide_run_key = {filter_literal(run_key)}"
+    versions = client(paths).search_model_versions(query)
     return versions[0] if versions else None
+
+
+# Distributions the pyfunc's loader imports (pyfunc_model.py -> pipelines.runtime: onnxruntime, tokenizers, bm25s,
+# Stemmer, scipy through bm25s) or MLflow loads it with. tests/integration/test_pyfunc_requirements.py compares this
+# with what a real load + predict imports in a fresh interpreter.
+PYFUNC_DISTRIBUTIONS = (
+    "mlflow",
+    "onnxruntime",
+    "tokenizers",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "bm25s",
+    "PyStemmer",
+    "scipy",
+)
+
+
+def pyfunc_requirements() -> list[str]:
+    """PYFUNC_DISTRIBUTIONS pinned to the versions installed here: the ones the bundle was built and evaluated with
+    (each inside pyproject.toml's range, which is what installed them). Not inferred by MLflow: that would load the
+    model in a subprocess for nothing."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in PYFUNC_DISTRIBUTIONS:
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:  # cannot happen where the bundle was built; keep the name rather than drop it
+            out.append(dist)
+    return out
+
+
+def _manifest_tags(paths: Paths, run_id: str, manifest: dict[str, str]) -> dict[str, str]:
+    """The version tags that record `manifest` (MANIFEST_TAG, and MANIFEST_URI_TAG when it is too big for a tag)."""
+    text = json.dumps(manifest, sort_keys=True, separators=(",", ":"))
+    if len(text) <= _TAG_MAX:
+        return {MANIFEST_TAG: text}
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    c = client(paths)
+    artifact = f"bundle_manifests/{digest}.json"  # content-addressed, beside (not inside) the logged model
+    c.log_text(run_id, text, artifact)
+    return {MANIFEST_TAG: f"sha256:{digest}", MANIFEST_URI_TAG: f"{c.get_run(run_id).info.artifact_uri}/{artifact}"}
+
+
+def _manifest_from_tags(tags: dict[str, str], what: str) -> dict[str, str] | None:
+    """The manifest a version's tags record; None when it has none (registered before manifests were recorded)."""
+    import mlflow
+
+    value = tags.get(MANIFEST_TAG)
+    if value is None:
+        return None
+    if value.startswith("sha256:"):
+        uri = tags.get(MANIFEST_URI_TAG)
+        if not uri:
+            raise BundleMismatch(f"{what}: {MANIFEST_TAG} names a manifest artifact but {MANIFEST_URI_TAG} is unset")
+        text = mlflow.artifacts.load_text(uri)
+        if hashlib.sha256(text.encode()).hexdigest() != value.removeprefix("sha256:"):
+            raise BundleMismatch(f"{what}: the manifest at {uri} does not match the sha256 recorded on the version")
+    else:
+        text = value
+    try:
+        manifest = json.loads(text)
+    except ValueError as err:
+        raise BundleMismatch(f"{what}: its recorded manifest is not JSON: {err}") from err
+    if not isinstance(manifest, dict) or not manifest or not all(isinstance(v, str) for v in manifest.values()):
+        raise BundleMismatch(f"{what}: its recorded manifest is not a non-empty {{path: sha256}} object")
+    return manifest
+
+
+def version_manifest(paths: Paths, model_name: str, version: str) -> dict[str, str] | None:
+    """The sha256 of every file of a version's bundle, as recorded at registration ({path relative to the bundle:
+    hex digest}); None for a version registered without one. Raises when the version does not exist or the registry
+    cannot be read, and BundleMismatch when the record itself is inconsistent."""
+    mv = client(paths).get_model_version(model_name, str(version))
+    return _manifest_from_tags(mv.tags, f"{model_name} version {version}")
 
 
 def register_bundle(
@@ -203,10 +336,11 @@ def register_bundle(
             code_paths=[str(REPO_ROOT / "pipelines")],
             signature=signature,
             input_example=pd.DataFrame({"query": ["cordless drill"]}),
-            # explicit requirements: inferring them would load the model in a subprocess for nothing
-            pip_requirements=["mlflow", "onnxruntime", "tokenizers", "numpy", "pandas", "pyarrow"],
+            pip_requirements=pyfunc_requirements(),
         )
-    version = mlflow.register_model(info.model_uri, model_name, tags={"shopguide_run_key": run_key, **tags})
+        # the files exactly as logged (the copy above, model card included): what every download is checked against
+        manifest = _manifest_tags(paths, run_id, bundle_manifest(bundle))
+    version = mlflow.register_model(info.model_uri, model_name, tags={"shopguide_run_key": run_key, **tags, **manifest})
     return str(version.version)
 
 
@@ -219,40 +353,122 @@ def set_alias(paths: Paths, model_name: str, alias: str, version: str, tags: dic
 
 
 def alias_version(paths: Paths, model_name: str, alias: str) -> str | None:
-    c = client(paths)
+    """The version `alias` points to; None only when MLflow confirms there is no such model or alias.
+
+    Read from the registered model's alias map rather than get_model_version_by_alias: a missing alias is
+    INVALID_PARAMETER_VALUE there (MLflow 3's SQL and file stores), which cannot be told from a real bad request.
+    """
     try:
-        return str(c.get_model_version_by_alias(model_name, alias).version)
-    except Exception:  # no such model or alias yet
-        return None
+        model = client(paths).get_registered_model(model_name)
+    except Exception as err:
+        if is_absent(err):
+            return None
+        raise
+    version = model.aliases.get(alias)
+    return None if version is None else str(version)
+
+
+def _bundle_in(model_dir: Path) -> Path:
+    return model_dir / "model" / "artifacts" / BUNDLE_ARTIFACT
+
+
+def _mismatches(bundle: Path, manifest: dict[str, str] | None) -> list[str]:
+    """Why `bundle` is not the registered one: required files missing, then sha256 differences (empty = good)."""
+    if not bundle.is_dir():
+        return ["missing: the whole bundle"]
+    missing = [f"missing: {f}" for f in missing_files(bundle)]
+    return missing or ([] if manifest is None else manifest_mismatches(bundle, manifest))
+
+
+def _describe(mismatches: list[str]) -> str:
+    more = len(mismatches) - _MISMATCHES_SHOWN
+    return ", ".join(mismatches[:_MISMATCHES_SHOWN]) + (f" and {more} more" if more > 0 else "")
+
+
+def _discard(folder: Path) -> None:
+    """Remove a folder another process may be renaming or reading: first out of the way under a unique name."""
+    trash = folder.with_name(f".{folder.name}.{uuid.uuid4().hex}.discard")
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:  # another process discarded it first
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def download_bundle(paths: Paths, model_name: str, version: str, dst: str | Path) -> Path:
-    """Fetch a version's bundle into dst/<version>/ (a local cache: the service can start with MLflow down)."""
+    """Fetch a version's bundle into dst/<version>/ and verify it; returns dst/<version>/model/artifacts/bundle.
+
+    The files are checked against the sha256 manifest recorded at registration (version_manifest) after every
+    download, and a copy already in dst/<version> is checked before it is reused; a mismatch raises BundleMismatch
+    naming the files, and the bad download is deleted (it never sits at dst/<version>). Versions registered before
+    manifests were recorded are only checked for the required files (logged as unverified).
+
+    Safe for several processes sharing `dst` (replicas on one volume): each downloads into its own mkdtemp folder and
+    renames it into place; whoever renames second keeps the first one's verified copy and deletes its own.
+    """
+    import tempfile
+
     import mlflow
 
     client(paths)
-    target = Path(dst) / str(version)
-    bundle = target / "model" / "artifacts" / BUNDLE_ARTIFACT
-    if bundle.is_dir() and not missing_files(bundle):
-        return bundle
-    tmp = Path(dst) / f".{version}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(tmp / "model"))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a half-downloaded version never looks complete
-    return bundle
+    version = str(version)
+    what = f"{model_name} version {version}"
+    manifest = version_manifest(paths, model_name, version)
+    if manifest is None:
+        log.warning("%s has no recorded sha256 manifest (registered before them): its files are not verified", what)
+    parent = Path(dst)
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / version
+    if target.exists():
+        if not _mismatches(_bundle_in(target), manifest):
+            return _bundle_in(target)
+        log.warning("%s: the copy in %s is not the registered one, downloading again", what, target)
+        _discard(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{version}.", suffix=".partial", dir=parent))
+    try:
+        (tmp / "model").mkdir()
+        mlflow.artifacts.download_artifacts(f"models:/{model_name}/{version}", dst_path=str(tmp / "model"))
+        bad = _mismatches(_bundle_in(tmp), manifest)
+        if bad:
+            raise BundleMismatch(f"{what}: the downloaded bundle differs from its recorded manifest: {_describe(bad)}")
+        for _ in range(3):
+            try:
+                os.rename(tmp, target)  # atomic; fails when another process put a (non-empty) copy there first
+                return _bundle_in(target)
+            except OSError:
+                if not target.exists():
+                    continue
+                if not _mismatches(_bundle_in(target), manifest):
+                    return _bundle_in(target)  # theirs is verified: ours is deleted below
+                _discard(target)
+        raise BundleMismatch(f"{what}: could not put a verified copy at {target} (other processes kept replacing it)")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
 
 
 def version_report(paths: Paths, model_name: str, version: str) -> dict[str, Any] | None:
-    """The evaluation report stored with a version (what the gate compares a candidate with)."""
+    """The evaluation report stored with a version (what the gate compares a candidate with).
+
+    None only when MLflow confirms the version or its report file does not exist; ReportUnreadable when it exists but
+    is not a JSON object; any other error (registry or artifact store unreachable) raises as it is.
+    """
     import mlflow
 
     client(paths)
+    uri = f"models:/{model_name}/{version}/artifacts/{BUNDLE_ARTIFACT}/{REPORT_FILE}"
     try:
-        text = mlflow.artifacts.load_text(f"models:/{model_name}/{version}/artifacts/{BUNDLE_ARTIFACT}/{REPORT_FILE}")
-    except Exception:
-        return None
-    return json.loads(text)
+        text = mlflow.artifacts.load_text(uri)
+    except Exception as err:
+        if is_absent(err):
+            return None
+        raise
+    try:
+        report = json.loads(text)
+    except ValueError as err:
+        raise ReportUnreadable(f"{REPORT_FILE} of {model_name} version {version} is not JSON: {err}") from err
+    if not isinstance(report, dict):
+        raise ReportUnreadable(f"{REPORT_FILE} of {model_name} version {version} is not a JSON object")
+    return report
 
 
 # --- promotion and rollback -----------------------------------------------------------------------------------------
@@ -298,11 +514,13 @@ class AliasMove:
 
 
 def champion_history(paths: Paths, model_name: str) -> list[dict[str, Any]]:
-    """Every recorded move of @champion, oldest first (empty when the model does not exist yet)."""
+    """Every recorded move of @champion, oldest first (empty when the model does not exist yet; errors raise)."""
     try:
         tags = client(paths).get_registered_model(model_name).tags
-    except Exception:  # no such registered model
-        return []
+    except Exception as err:
+        if is_absent(err):
+            return []
+        raise
     return [json.loads(tags[k]) for k in sorted(k for k in tags if k.startswith(HISTORY_TAG_PREFIX))]
 
 
@@ -328,10 +546,12 @@ def champion_lineage(history: list[dict[str, Any]]) -> list[str]:
 
 
 def check_version(paths: Paths, model_name: str, version: str, force: bool) -> bool:
-    """Re-check a version before it becomes champion; returns whether the gate had to be forced.
+    """Re-check a version before it becomes champion; returns whether it needed `force`.
 
-    Raises PromotionError when the version does not exist, its bundle misses a required file (downloaded and listed),
-    or it did not pass its gate (tag `gate_passed`) and `force` is off.
+    Never passes with force: the version does not exist or is not READY, its bundle misses a required file or differs
+    from the sha256 manifest recorded at registration (downloaded and hashed). Needs force: it did not pass its gate
+    (tag `gate_passed`), or it has no recorded manifest (registered before manifests), so it cannot be verified.
+    Raises PromotionError for a refusal; a registry that cannot be read raises its own error (nothing is decided).
     """
     import tempfile
 
@@ -339,31 +559,59 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
     try:
         mv = c.get_model_version(model_name, str(version))
     except Exception as err:
-        raise PromotionError(f"{model_name} version {version} does not exist in the registry") from err
+        if is_absent(err):
+            raise PromotionError(f"{model_name} version {version} does not exist in the registry") from err
+        raise
     if mv.status != "READY":
         raise PromotionError(f"{model_name} version {version} is {mv.status}, not READY")
-    with tempfile.TemporaryDirectory(prefix="shopguide-check-") as tmp:
-        try:
-            bundle = download_bundle(paths, model_name, str(version), tmp)
-        except Exception as err:
-            raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
-        missing = missing_files(bundle)
-    if missing:
-        raise PromotionError(
-            f"{model_name} version {version} is not servable, its bundle is missing: {', '.join(missing)}"
-        )
+    try:
+        manifest = _manifest_from_tags(mv.tags, f"{model_name} version {version}")
+        with tempfile.TemporaryDirectory(prefix="shopguide-check-") as tmp:
+            download_bundle(paths, model_name, str(version), tmp)
+    except BundleMismatch as err:
+        raise PromotionError(f"{model_name} version {version} is not servable: {err}") from err
+    except Exception as err:
+        raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
+    needs_force = []
     gate = mv.tags.get("gate_passed")
-    if gate == "true":
-        return False
-    if not force:
+    if gate != "true":
         reasons = mv.tags.get("gate_reasons", "")
         failed = [r for r in json.loads(reasons) if not r.startswith("ok")] if reasons.startswith("[") else []
-        raise PromotionError(
-            f"{model_name} version {version} did not pass its gate (gate_passed={gate or 'missing'})"
-            + (": " + "; ".join(failed) if failed else "")
-            + "; promoting it anyway needs force with a reason"
+        needs_force.append(
+            f"it did not pass its gate (gate_passed={gate or 'missing'})" + (": " + "; ".join(failed) if failed else "")
         )
-    return True
+    if manifest is None:
+        needs_force.append(f"it has no recorded sha256 manifest ({MANIFEST_TAG}), so its files cannot be verified")
+    if needs_force and not force:
+        raise PromotionError(
+            f"{model_name} version {version}: " + "; and ".join(needs_force) + "; promoting it anyway needs force "
+            "with a reason"
+        )
+    return bool(needs_force)
+
+
+# --- the compare-and-set around @champion ---------------------------------------------------------------------------
+# MLflow has no conditional alias update, so every move of @champion happens inside one lock: re-read the alias, check
+# it still is what the decision saw, move it, record it. The lock is a file lock (fcntl.flock via `filelock`) under
+# SHOPGUIDE_HOME/locks, or SHOPGUIDE_LOCK_DIR: it serialises every promoter that shares that folder, which covers the
+# local profile (CLI, `airflow dags test`, LocalExecutor workers on one host). It does NOT span machines: in the
+# production profile (Celery workers on several hosts, the CLI on a laptop, one MLflow server over PostgreSQL) either
+# SHOPGUIDE_LOCK_DIR is a shared volume with working flock (NFSv4), or champion_lock() is swapped for a lock every
+# promoter reaches: a PostgreSQL advisory lock (pg_advisory_lock(hashtext('shopguide:champion:<model>'))) on the
+# Airflow metadata database, which every worker already connects to. The MLflow backend's own database would be the
+# natural home, but it is behind the HTTP tracking server, which offers no lock. An Airflow pool of one slot for the
+# tasks that move @champion serialises the DAGs too, but not the CLI.
+LOCK_TIMEOUT_S = 60.0
+
+
+def champion_lock(paths: Paths, model_name: str) -> FileLock:
+    """The lock every move of @champion of `model_name` holds (see above for its reach)."""
+    from filelock import FileLock
+
+    folder = Path(os.environ.get("SHOPGUIDE_LOCK_DIR") or paths.home / "locks")
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
+    return FileLock(folder / f"champion.{safe}.lock", timeout=LOCK_TIMEOUT_S)
 
 
 def _move(
@@ -378,38 +626,88 @@ def _move(
     run_key: str | None,
     note: str = "",
 ) -> AliasMove:
-    """The single atomic alias call, then the record of who/why (a crash in between leaves a move unrecorded,
-    which rollback detects: the champion is then not the top of the recorded lineage)."""
+    """Compare-and-set: inside champion_lock, move @champion to `version` only if it still is `previous` (what the
+    decision saw), then record who/why. Raises PromotionError, nothing moved, when another move came in between.
+
+    A crash between the alias call and the record leaves a move unrecorded, which rollback detects: the champion is
+    then not the top of the recorded lineage."""
+    from filelock import Timeout
+
+    lock = champion_lock(paths, model_name)
+    try:
+        with lock:
+            return _move_locked(paths, model_name, action, version, previous, reason, actor, forced, run_key, note)
+    except Timeout as err:
+        raise PromotionError(
+            f"another move of {model_name}@{CHAMPION} has held {lock.lock_file} for over {LOCK_TIMEOUT_S:.0f} s; "
+            "nothing moved, try again"
+        ) from err
+
+
+def _move_locked(
+    paths: Paths,
+    model_name: str,
+    action: str,
+    version: str,
+    previous: str | None,
+    reason: str,
+    actor: str,
+    forced: bool,
+    run_key: str | None,
+    note: str,
+) -> AliasMove:
     from datetime import UTC, datetime
 
     c = client(paths)
+    now_at = alias_version(paths, model_name, CHAMPION)
+    if run_key is not None:  # the same pipeline run racing itself (a task retried while its first try still runs)
+        done = [e for e in champion_history(paths, model_name) if e.get("run_key") == run_key and e["action"] == action]
+        if done:
+            return AliasMove(
+                action,
+                model_name,
+                now_at or done[-1]["version"],
+                now_at,
+                False,
+                reason,
+                actor,
+                note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}",
+            )
+    if now_at != previous:
+        raise PromotionError(
+            f"{model_name}@{CHAMPION} moved from {previous or '(none)'} to {now_at or '(none)'} since the decision to "
+            f"{action} version {version} was made (another promotion or rollback came first); nothing moved: "
+            "look at `shopguide history` and decide again"
+        )
     now = datetime.now(UTC)
+    reason, at = reason[:_REASON_MAX], now.isoformat(timespec="seconds")
     c.set_registered_model_alias(model_name, CHAMPION, str(version))
     entry = {
         "action": action,
         "version": str(version),
         "previous": previous,
-        "reason": reason[:_REASON_MAX],
+        "reason": reason,
         "actor": actor,
-        "at": now.isoformat(timespec="seconds"),
+        "at": at,
         "forced": forced,
         "run_key": run_key,
     }
     c.set_registered_model_tag(model_name, f"{HISTORY_TAG_PREFIX}{now:%Y%m%dT%H%M%S.%fZ}", json.dumps(entry))
     version_tags = {
-        "promoted_at": entry["at"],
+        "promoted_at": at,
         "promoted_by": actor,
-        "promotion_reason": entry["reason"],
+        "promotion_reason": reason,
         "promoted_from": previous or "none",
         "promotion_action": action,
     }
     if forced:
-        version_tags.update(forced="true", force_reason=entry["reason"])
+        version_tags.update(forced="true", force_reason=reason)
     for k, v in version_tags.items():
         c.set_model_version_tag(model_name, str(version), k, v)
-    return AliasMove(
-        action, model_name, str(version), previous, True, entry["reason"], actor, forced, entry["at"], note
-    )
+    return AliasMove(action, model_name, str(version), previous, True, reason, actor, forced, at, note)
+
+
+_NOW: Any = object()  # promote(decided_against=...) not given: the champion promote() reads when it starts
 
 
 def _require_reason(reason: str, action: str) -> str:
@@ -426,8 +724,13 @@ def promote(
     actor: str,
     force: bool = False,
     run_key: str | None = None,
+    decided_against: Any = _NOW,
 ) -> AliasMove:
     """Move @champion to `version` after re-checking it (check_version); records the move in the history.
+
+    Compare-and-set: the move happens only if @champion still is the version the decision saw, else PromotionError.
+    That is `decided_against` when given (the champion a gate compared the candidate with, None for "no champion"),
+    else the champion when this call starts.
 
     Idempotent: promoting the current champion, or promoting again from the same pipeline run (`run_key`, e.g. a
     re-run of a retrain DAG run after a later rollback), moves nothing and says so.
@@ -449,6 +752,11 @@ def promote(
                 actor,
                 note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}",
             )
+    if decided_against is not _NOW and current != decided_against:
+        raise PromotionError(
+            f"{model_name}@{CHAMPION} moved from {decided_against or '(none)'} to {current or '(none)'} since the "
+            f"decision to promote version {version} was made against it; nothing moved: decide again"
+        )
     if current == version:
         return AliasMove(
             PROMOTE,

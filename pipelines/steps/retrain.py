@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime
 from pathlib import Path
@@ -232,14 +233,25 @@ def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
 
 
 def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
-    """Compare with the current champion's stored report; the decision and every reason go to MLflow."""
-    from pipelines.evaluation.gate import decide
+    """Compare with the current champion's stored report; the decision and every reason go to MLflow.
+
+    Fails closed: a registry that cannot be read raises (the task retries, then fails; nothing is decided), and a
+    champion whose report is missing or not JSON fails the gate with that reason, never "no champion yet".
+    """
+    from pipelines.evaluation.gate import UnreadableChampion, decide
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
     champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
-    champion_report = registry.version_report(paths, cfg.registry.model_name, champion) if champion else None
+    champion_report: dict[str, Any] | UnreadableChampion | None = None
+    if champion is not None:
+        try:
+            champion_report = registry.version_report(paths, cfg.registry.model_name, champion)
+        except registry.ReportUnreadable as err:
+            champion_report = UnreadableChampion(champion, str(err))
+        if champion_report is None:
+            champion_report = UnreadableChampion(champion, f"the registry has no {registry.REPORT_FILE} for it")
     decision = decide(report, champion_report, cfg.gate)
     client = registry.client(paths)
     client.set_tag(snap["mlflow_run_id"], "gate_passed", str(decision.passed).lower())
@@ -264,11 +276,11 @@ def register(
     paths = Paths.from_env()
     if not decision["passed"] and not cfg.registry.register_failed:
         return {"version": None, "registered": False}
-    champion_report = (
-        registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
-        if decision.get("champion_version")
-        else None
-    )
+    champion_report = None
+    if decision.get("champion_version"):
+        # the model card's comparison column only: an unreadable champion report already failed the gate
+        with contextlib.suppress(registry.ReportUnreadable):
+            champion_report = registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
     bundle = Path(exported["bundle_dir"])
     lineage = {**lineage, "mlflow_run_id": snap["mlflow_run_id"], "data_snapshot": snap["snapshot_hash"]}
     registry.write_model_card(bundle, report, champion_report, decision, lineage)
@@ -311,7 +323,14 @@ def promote(
     else:
         actor = f"airflow:{lineage.get('airflow_dag_id')}/{lineage.get('airflow_run_id')}"
         move = registry.promote(
-            paths, model, registered["version"], f"gate passed in retrain run {run_key}", actor, run_key=run_key
+            paths,
+            model,
+            registered["version"],
+            f"gate passed in retrain run {run_key}",
+            actor,
+            run_key=run_key,
+            # compare-and-set against the champion the gate compared with, not whatever is champion by now
+            decided_against=decision.get("champion_version"),
         )
         note = move.summary()
         outcome.update(champion=move.version, promoted=True, moved=move.moved)

@@ -35,6 +35,7 @@ class Source:
     run_id: str
     model_source: str
     bundle_dir: Path
+    manifest_tags: dict[str, str]  # the sha256 manifest register_bundle recorded: every version has the same files
 
 
 @pytest.fixture(scope="module")
@@ -47,11 +48,14 @@ def source(champion, shopguide_home: Paths) -> Source:
     )
     registry.end_run(paths, run_id)
     mv = registry.client(paths).get_model_version("promotion-tests-source", version)
-    return Source(paths, run_id, mv.source, champion.bundle_dir)
+    manifest = {k: v for k, v in mv.tags.items() if k in (registry.MANIFEST_TAG, registry.MANIFEST_URI_TAG)}
+    assert manifest, mv.tags
+    return Source(paths, run_id, mv.source, champion.bundle_dir, manifest)
 
 
 def add_version(src: Source, model: str, gate_passed: bool | None, reasons: list[str] | None = None) -> str:
-    """A new version of `model` over the complete source bundle, tagged like the retrain DAG tags its candidates."""
+    """A new version of `model` over the complete source bundle, tagged like the retrain DAG tags its candidates
+    (gate_passed=None: registered outside the pipeline, no gate result and no sha256 manifest)."""
     from mlflow.exceptions import MlflowException
 
     c = registry.client(src.paths)
@@ -60,7 +64,11 @@ def add_version(src: Source, model: str, gate_passed: bool | None, reasons: list
     tags = (
         {}
         if gate_passed is None
-        else {"gate_passed": str(gate_passed).lower(), "gate_reasons": json.dumps(reasons or ["ok: test"])}
+        else {
+            "gate_passed": str(gate_passed).lower(),
+            "gate_reasons": json.dumps(reasons or ["ok: test"]),
+            **src.manifest_tags,
+        }
     )
     return str(c.create_model_version(model, src.model_source, run_id=src.run_id, tags=tags).version)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.config import GateConfig
-from pipelines.evaluation.gate import decide
+from pipelines.evaluation.gate import UnreadableChampion, decide
 
 CFG = GateConfig(
     min_ndcg_at_10=0.30,
@@ -49,6 +49,14 @@ def report(**changes):
             "parity_cosine_min missing",
         ),
         ("champion on other data", report(), report(snapshot_hash="zzz"), True, "another data snapshot"),
+        # a champion exists but its report cannot be read: never "no champion yet", however good the candidate
+        (
+            "champion report unreadable",
+            report(ndcg_at_10=0.99),
+            UnreadableChampion("7", "evaluation.json is not JSON"),
+            False,
+            "FAIL: champion version 7 exists but its evaluation report cannot be read (evaluation.json is not JSON)",
+        ),
     ],
 )
 def test_gate(name, candidate, champion, passed, reason):
@@ -62,3 +70,10 @@ def test_every_check_is_reported_even_after_a_failure():
     failed = [r for r in decision.reasons if r.startswith("FAIL")]
     assert len(failed) == 3  # the floor, the latency ceiling and the regression vs the champion
     assert decision.summary().startswith("FAILED")
+
+
+def test_an_unreadable_champion_is_not_read_as_no_champion():
+    unreadable = decide(report(), UnreadableChampion("3", "missing"), CFG)
+    assert decide(report(), None, CFG).passed and not unreadable.passed
+    assert not any("no champion yet" in r for r in unreadable.reasons)
+    assert [r for r in unreadable.reasons if r.startswith("FAIL")] == [unreadable.reasons[-1]]
