@@ -1,13 +1,44 @@
-"""What the DAGs share: the Assets one DAG produces and another is scheduled on, and the config profiles."""
+"""What the DAGs share: the Assets one DAG produces and another is scheduled on, the config profiles, and the bounds
+every task runs under (retries, retry delay, execution timeout) with the `bounded_task` decorator that applies them."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from airflow.sdk import Asset
+from airflow.sdk import Asset, task
+from airflow.sdk.exceptions import AirflowFailException
+
+from pipelines.steps.bounds import dag_bounds, is_permanent
 
 # Updated by the features DAG after a validated event log is materialized; the retrain DAG runs on it.
 USER_EVENTS = Asset(name="shopguide_user_events", uri="file://shopguide/user_events")
 
-# Every configs/<profile>.yaml is a choice of the DAGs' `profile` Param (a file glob: no pipelines import at parse).
+# Every configs/<profile>.yaml is a choice of the DAGs' `profile` Param (a file glob).
 PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+# Fixed when the file is parsed, so taken over every profile a run may pick (pipelines/steps/bounds.py):
+# the DAGs pass BOUNDS.default_args and BOUNDS.dag_run_timeout, bounded_task sets each task's own timeout.
+BOUNDS = dag_bounds()
+
+
+def bounded_task(python_callable: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
+    """`@task` whose execution_timeout is the config's for its task id (the function name), and whose permanent
+    errors (bad input, a failed gate: pipelines.steps.bounds.PERMANENT_ERRORS) fail the task without a retry."""
+
+    def decorate(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kw: Any) -> Any:
+            try:
+                return fn(*args, **kw)
+            except Exception as err:
+                if is_permanent(err):
+                    raise AirflowFailException(f"{type(err).__name__} (not retried): {err}") from err
+                raise
+
+        timeout = BOUNDS.timeout(kwargs.get("task_id", fn.__name__))
+        return task(execution_timeout=timeout, **kwargs)(run)
+
+    return decorate(python_callable) if python_callable is not None else decorate

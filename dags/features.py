@@ -7,9 +7,9 @@ Optionally (Param `evaluate_personalization`) scores personalised vs plain ranki
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context
 
-from dags.assets import PROFILES, USER_EVENTS
+from dags.assets import BOUNDS, PROFILES, USER_EVENTS, bounded_task
 
 
 @dag(
@@ -18,6 +18,8 @@ from dags.assets import PROFILES, USER_EVENTS
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=BOUNDS.default_args,
+    dagrun_timeout=BOUNDS.dag_run_timeout,
     params={
         "profile": Param(
             "default", type="string", enum=PROFILES, description="Config profile (configs/<profile>.yaml)."
@@ -47,7 +49,7 @@ from dags.assets import PROFILES, USER_EVENTS
     doc_md=__doc__,
 )
 def shopguide_features():
-    @task
+    @bounded_task
     def land_events() -> dict:
         from pipelines.steps import features as steps
 
@@ -56,20 +58,20 @@ def shopguide_features():
         as_of = ctx.get("logical_date") or dag_run.run_after
         return steps.land_events(ctx["params"]["profile"], f"{dag_run.dag_id}__{dag_run.run_id}", as_of)
 
-    @task(outlets=[USER_EVENTS])
+    @bounded_task(outlets=[USER_EVENTS])
     def materialize(landed: dict) -> dict:
         from pipelines.steps import features as steps
 
         return steps.materialize(get_current_context()["params"]["profile"], landed)
 
-    @task
+    @bounded_task
     def check_freshness(landed: dict, materialized: dict) -> dict:
         from pipelines.steps import features as steps
 
         params = get_current_context()["params"]
         return steps.check_freshness(landed, float(params["max_feature_age_hours"]), params["on_stale"])
 
-    @task
+    @bounded_task
     def evaluate_personalization(landed: dict, freshness: dict) -> dict:
         params = get_current_context()["params"]
         if not params["evaluate_personalization"]:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pendulum
-from airflow.sdk import Param, dag, get_current_context, task
+from airflow.sdk import Param, dag, get_current_context
+
+from dags.assets import BOUNDS, bounded_task
 
 PARAMS = {
     "action": Param(
@@ -35,12 +37,14 @@ PARAMS = {
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=BOUNDS.default_args,
+    dagrun_timeout=BOUNDS.dag_run_timeout,
     params=PARAMS,
     tags=["shopguide", "registry"],
     doc_md=__doc__,
 )
 def shopguide_promote():
-    @task
+    @bounded_task
     def move_champion() -> dict:
         from pipelines.steps.promote import move_champion
 

@@ -10,10 +10,9 @@ from airflow.sdk import (
     Param,
     dag,
     get_current_context,
-    task,
 )
 
-from dags.assets import PROFILES, USER_EVENTS
+from dags.assets import BOUNDS, PROFILES, USER_EVENTS, bounded_task
 
 PARAMS = {
     "profile": Param(
@@ -81,87 +80,89 @@ def _run() -> tuple[dict, str, str, dict]:
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
+    default_args=BOUNDS.default_args,
+    dagrun_timeout=BOUNDS.dag_run_timeout,
     params=PARAMS,
     tags=["shopguide", "training"],
     doc_md=__doc__,
 )
 def shopguide_retrain():
-    @task
+    @bounded_task
     def snapshot() -> dict:
         from pipelines.steps.retrain import snapshot
 
         params, run_key, as_of, lineage = _run()
         return snapshot(params, run_key, as_of, lineage)
 
-    @task
+    @bounded_task
     def validate(snap: dict) -> dict:
         from pipelines.steps.retrain import validate
 
         return validate(snap)
 
-    @task
+    @bounded_task
     def finetune(snap: dict, validated: dict) -> dict:
         from pipelines.steps.retrain import finetune
 
         return finetune(_run()[0], snap)
 
-    @task
+    @bounded_task
     def distill(snap: dict, trained: dict) -> dict:
         from pipelines.steps.retrain import distill
 
         return distill(_run()[0], snap, trained)
 
-    @task
+    @bounded_task
     def prune(snap: dict, distilled: dict) -> dict:
         from pipelines.steps.retrain import prune
 
         return prune(_run()[0], snap, distilled)
 
-    @task
+    @bounded_task
     def export_onnx(snap: dict, pruned: dict) -> dict:
         from pipelines.steps.retrain import export
 
         return export(_run()[0], snap, pruned)
 
-    @task
+    @bounded_task
     def evaluate_variants(snap: dict, exported: dict) -> dict:
         from pipelines.steps.retrain import evaluate_variants
 
         return evaluate_variants(_run()[0], snap, exported)
 
-    @task
+    @bounded_task
     def select_variant(snap: dict, evaluated: dict) -> dict:
         from pipelines.steps.retrain import select_variant
 
         return select_variant(_run()[0], snap, evaluated)
 
-    @task
+    @bounded_task
     def evaluate(snap: dict, selected: dict) -> dict:
         from pipelines.steps.retrain import evaluate
 
         return evaluate(_run()[0], snap, selected)
 
-    @task
+    @bounded_task
     def gate(snap: dict, report: dict) -> dict:
         from pipelines.steps.retrain import gate
 
         return gate(_run()[0], snap, report)
 
-    @task
+    @bounded_task
     def register(snap: dict, selected: dict, report: dict, decision: dict) -> dict:
         from pipelines.steps.retrain import register
 
         params, run_key, _, lineage = _run()
         return register(params, snap, selected, report, decision, lineage, run_key)
 
-    @task
+    @bounded_task
     def promote(snap: dict, registered: dict, decision: dict) -> dict:
         from pipelines.steps.retrain import promote
 
         params, run_key, _, lineage = _run()
         return promote(params, snap, registered, decision, lineage, run_key)
 
-    @task
+    @bounded_task
     def conclude(decision: dict, outcome: dict) -> dict:
         from pipelines.steps.retrain import conclude
 

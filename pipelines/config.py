@@ -230,10 +230,25 @@ class OrchestrationConfig(_Section):
 
     retries: int = Field(2, ge=0, le=10, description="Retries of a failed task (transient MLflow, Feast, disk errors).")
     retry_delay_seconds: int = Field(30, ge=0, le=3600, description="Pause before a retry.")
+    # every other task takes seconds to ~4 min on 2 cores in the largest shipped profile (snapshot + GX validation
+    # ~1-2 min, evaluate ~3.5 min: bench/results/quality-full-2026-12-02.json finetuned_eval + export_index_eval)
     default_task_timeout_minutes: float = Field(20, gt=0, le=24 * 60, description="execution_timeout of a task.")
+    # Sized for the largest shipped profile (`full`) on 2 cores with ~3x headroom: its fine-tuning took 19.7 min
+    # (bench/results/quality-full-2026-12-02.json, seconds.finetune 1180.6; default 6.5 min, tiny seconds); its
+    # compression builds and scores 8 variants (bench/compression.py, every variant: ~40 min in all), of which the
+    # distillation of two students and the scoring of 8 variants + the PyTorch baseline over the 54,667-title
+    # catalog (68 s for one INT8 variant) are the long parts. The DAGs take the largest value over every profile.
     task_timeout_minutes: dict[str, float] = Field(
-        {}, description="Per-task execution_timeout overrides, by task id (the long training steps)."
+        {
+            "finetune": 60,
+            "distill": 60,
+            "export_onnx": 30,
+            "evaluate_variants": 60,
+            "evaluate_personalization": 30,
+        },
+        description="Per-task execution_timeout overrides, by task id (the long training steps).",
     )
+    # the full profile's whole retrain run is ~75-80 min on 2 cores; a CLI run of it gets 3x that
     dag_run_timeout_minutes: float = Field(240, gt=0, le=7 * 24 * 60, description="The CLI's wait for one DAG run.")
 
 
