@@ -52,6 +52,12 @@ def is_test_cluster(cluster_id: int) -> bool:
     return _md5(str(int(cluster_id)))[-1] in "01"
 
 
+def is_validation_cluster(cluster_id: int) -> bool:
+    """1/16 of the training clusters (md5 digit 2; test clusters are 0 and 1): kept out of the category head's
+    training so the category abstention threshold is calibrated on products it never saw."""
+    return _md5(str(int(cluster_id)))[-1] == "2"
+
+
 def load_judgments(path: Path = HOMEDEPOT_FILE) -> pd.DataFrame:
     """Home Depot relevance judgments: id, product_uid, product_title, search_term, relevance (1.0-3.0)."""
     df = pd.read_csv(path, encoding="latin-1")

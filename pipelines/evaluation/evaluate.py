@@ -9,9 +9,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipelines.config import EvaluateConfig
+from pipelines.config import CategoryConfig, EvaluateConfig
 from pipelines.data.dataset import Snapshot, normalize_term
-from pipelines.runtime.bundle import ERRORS_FILE, ONNX_FILE, REPORT_FILE
+from pipelines.evaluation.category import calibrate_bundle, heldout_category
+from pipelines.evaluation.category import category_accuracy as category_accuracy  # compression.variants' import
+from pipelines.runtime.bundle import ENCODER_FILE, ERRORS_FILE, ONNX_FILE, REPORT_FILE
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex, min_max
@@ -149,21 +151,6 @@ def retrieval_run(
     return run_from_lists(index, terms, dense, None, 0.0, k)
 
 
-def category_accuracy(encoder: OnnxEncoder, offers: pd.DataFrame, limit: int | None, batch_size: int) -> dict:
-    if limit is not None and len(offers) > limit:
-        offers = offers.sample(n=limit, random_state=0)
-    _, logits = encoder.encode(offers["offer_title"].astype(str).tolist(), batch_size=batch_size)
-    from sklearn.metrics import f1_score
-
-    predicted = np.asarray(encoder.labels)[logits.argmax(1)]
-    truth = offers["category_label"].astype(str).to_numpy()
-    return {
-        "category_accuracy": float((predicted == truth).mean()),
-        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
-        "category_offers": len(offers),
-    }
-
-
 def error_sample(
     qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], titles: dict[str, str], n: int = 25
 ) -> list[dict[str, Any]]:
@@ -194,9 +181,11 @@ def evaluate_bundle(
     cfg: EvaluateConfig,
     parity_cosine_min: float | None = None,
     extra: dict[str, Any] | None = None,
+    category: CategoryConfig | None = None,
 ) -> dict[str, Any]:
     """Every figure the gate reads, measured on the served graph, plus `extra` facts (variant, compression reason);
-    written to the bundle as evaluation.json."""
+    written to the bundle as evaluation.json. The bundle's category abstention threshold is calibrated here too
+    (category.json, `category` config; default CategoryConfig())."""
     bundle, snap = Path(bundle_dir), Snapshot.open(snapshot_dir)
     encoder, index = OnnxEncoder.load(bundle), ProductIndex.load(bundle)
     qrels = heldout_qrels(snap.table("judgments_heldout"))
@@ -213,7 +202,11 @@ def evaluate_bundle(
         report.update(lexical.latency_ms(terms[: cfg.latency_queries]))
     # the lexical baseline on the same split, same run: a candidate must be worth its compute
     report["bm25_ndcg_at_10"] = ir_metrics(qrels, bm25_run(snap.table("catalog"), terms, cfg.retrieve_k))["ndcg_at_10"]
-    report.update(category_accuracy(encoder, snap.table("offers_test"), cfg.max_category_offers, cfg.batch_size))
+    # search terms are encoded as the service does: one per run when the graph's outputs depend on the batch
+    quantization = str(json.loads((bundle / ENCODER_FILE).read_text()).get("quantization") or "")
+    one_per_run = quantization.startswith("int8-dynamic")
+    calibrate_bundle(bundle, encoder, snap, category or CategoryConfig(), cfg.batch_size, one_per_run)
+    report.update(heldout_category(encoder, snap, cfg.max_category_offers, cfg.batch_size, one_per_run))
     report.update(encoder.query_latency_ms(terms[: cfg.latency_queries]))
     report["size_mb"] = (bundle / ONNX_FILE).stat().st_size / 1e6
     report["parity_cosine_min"] = parity_cosine_min

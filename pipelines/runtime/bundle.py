@@ -17,6 +17,8 @@ FUSION_FILE = "fusion.json"
 REPORT_FILE = "evaluation.json"
 ERRORS_FILE = "error_sample.json"
 MODEL_CARD_FILE = "model_card.md"
+# The calibrated category-abstention rule (runtime/category.py). Optional: a bundle without it never abstains.
+CATEGORY_FILE = "category.json"
 # A version is servable only if its bundle holds all of these.
 REQUIRED_FILES = (
     ONNX_FILE,

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.category import LEGACY_NOTE, CategoryAnswer, CategoryPolicy, taxonomy_description
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -76,6 +77,7 @@ class OnnxEncoder:
     tokenizer: Tokenizer
     labels: list[str]
     max_seq_length: int
+    category_policy: CategoryPolicy | None = None  # load() reads the bundle's; None = never abstain
 
     @classmethod
     def load(
@@ -89,12 +91,25 @@ class OnnxEncoder:
         """A bundle's graph (ort_session's options), tokenizer and labels."""
         bundle = Path(bundle_dir)
         meta = json.loads((bundle / ENCODER_FILE).read_text())
+        labels = json.loads((bundle / LABELS_FILE).read_text())
         return cls(
             session=ort_session(bundle / onnx_file, threads, optimization, spinning),
             tokenizer=load_tokenizer(bundle / TOKENIZER_FILE, meta["max_seq_length"]),
-            labels=json.loads((bundle / LABELS_FILE).read_text()),
+            labels=labels,
             max_seq_length=meta["max_seq_length"],
+            category_policy=CategoryPolicy.load(bundle, labels),
         )
+
+    @property
+    def category(self) -> CategoryPolicy:
+        """The bundle's category rule (category.json); an encoder without one answers the top category, always."""
+        if self.category_policy is None:
+            return CategoryPolicy(tuple(self.labels), taxonomy_description(self.labels), note=LEGACY_NOTE)
+        return self.category_policy
+
+    def categories(self, logits: np.ndarray, embeddings: np.ndarray | None = None) -> list[CategoryAnswer]:
+        """Category answers (top category or abstention) for encode()'s outputs: the served rule."""
+        return self.category.decide(logits, embeddings)
 
     def _run(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         encs = self.tokenizer.encode_batch(texts)

@@ -1,0 +1,112 @@
+"""Retention on a real MLflow store: which versions go, that `mlflow gc` really removes their artifacts, and that
+champions never go; run folders and serving caches by age and use."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pipelines.config import Paths, RetentionConfig
+from pipelines.registry import mlflow_client as registry
+from pipelines.registry import retention
+from pipelines.runtime.bundle import REQUIRED_FILES, bundle_manifest
+
+NOW = datetime(2026, 12, 3, 12, 0).astimezone()
+
+
+def facts(version: int, days_old: float, passed: bool, *aliases: str) -> retention.VersionFacts:
+    return retention.VersionFacts(str(version), NOW - timedelta(days=days_old), passed, tuple(aliases))
+
+
+def test_policy_keeps_aliases_the_rollback_target_and_the_newest_candidates() -> None:
+    versions = [
+        facts(1, 60, True),  # old, passed, not kept by anything
+        facts(2, 50, True),  # the previous champion
+        facts(3, 40, True, "champion"),
+        facts(4, 30, False),  # failed, expired
+        facts(5, 20, True),
+        facts(6, 3, False),  # failed, recent
+        facts(7, 1, False, "challenger"),  # failed, but aliased
+    ]
+    verdicts = {v.version: v for v in retention.decide_versions(versions, "2", RetentionConfig(keep_candidates=3), NOW)}
+    assert [v for v, d in verdicts.items() if d.keep] == ["7", "6", "5", "3", "2"]
+    assert "older than the newest 3" in verdicts["1"].reason
+    assert "failed its gate 30.0 days ago" in verdicts["4"].reason
+    assert verdicts["7"].reason == "holds @challenger" and "rollback" in verdicts["2"].reason
+    none_kept = retention.decide_versions(versions, None, RetentionConfig(keep_candidates=0), NOW)
+    assert sorted(v.version for v in none_kept if v.keep) == ["3", "7"]  # only the aliases survive
+
+
+def add_version(paths: Paths, model: str, folder: Path, gate_passed: bool) -> tuple[str, str]:
+    """A version over its own logged model holding a bundle of placeholder files, with the sha256 manifest
+    register_bundle records (what promotion verifies; the files' content does not matter here)."""
+    c = registry.client(paths)
+    logged = c.create_logged_model(registry.experiment_id(paths), name="model")
+    c.log_model_artifacts(logged.model_id, str(folder))
+    manifest = json.dumps(bundle_manifest(folder / "artifacts" / registry.BUNDLE_ARTIFACT))
+    tags = {"gate_passed": str(gate_passed).lower(), registry.MANIFEST_TAG: manifest}
+    mv = c.create_model_version(model, f"models:/{logged.model_id}", tags=tags)
+    return str(mv.version), logged.model_id
+
+
+def test_pruning_deletes_versions_and_their_artifacts_but_never_a_champion(tmp_path) -> None:
+    paths = Paths(tmp_path / "home")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    bundle = tmp_path / "model" / "artifacts" / registry.BUNDLE_ARTIFACT
+    for name in REQUIRED_FILES:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(b"\0" * 1024)
+    registry.client(paths).create_registered_model("retention-test")
+    made = [add_version(paths, "retention-test", tmp_path / "model", passed) for passed in (True, True, False, True)]
+    registry.promote(paths, "retention-test", "1", "first", "test")
+    registry.promote(paths, "retention-test", "2", "second", "test")
+    artifacts = {v: paths.mlflow_artifacts / "models" / m for v, m in made}
+    assert all(p.is_dir() for p in artifacts.values())
+
+    found = retention.version_facts(paths, "retention-test")
+    assert {f.version: f.model_id for f in found} == dict(made)
+    verdicts = retention.decide_versions(
+        found, retention.previous_champion(paths, "retention-test"), RetentionConfig(keep_candidates=1), NOW
+    )
+    # 2 champion, 1 previous champion, 4 the newest candidate, 3 beyond the newest 1
+    assert {v.version: v.keep for v in verdicts} == {"4": True, "3": False, "2": True, "1": True}
+    # the champion moves to 3 between decision and deletion: 3 must survive
+    registry.promote(paths, "retention-test", "3", "third", "test", force=True)
+    assert retention.apply_version_verdicts(paths, "retention-test", verdicts) == []
+    verdicts = [retention.Verdict("4", False, "test", dict(made)["4"])]
+    assert retention.apply_version_verdicts(paths, "retention-test", verdicts) == ["4"]
+    left = {f.version for f in retention.version_facts(paths, "retention-test")}
+    assert left == {"1", "2", "3"}
+    assert not [p for p in artifacts["4"].rglob("*") if p.is_file()]  # mlflow gc removed the logged model's files
+    assert all(artifacts[v].is_dir() for v in ("1", "2", "3"))
+
+
+def test_run_folders_go_by_their_newest_file_and_caches_by_use(tmp_path) -> None:
+    now = time.time()
+    runs = tmp_path / "runs"
+    for name, age_days in (("old", 10), ("recent", 1), ("old-but-written", 10)):
+        (runs / name / "sub").mkdir(parents=True)
+        f = runs / name / "sub" / "f.bin"
+        f.write_bytes(b"x" * 100)
+        stamp = now - age_days * retention.DAY
+        for p in (f, f.parent, f.parent.parent):
+            os.utime(p, (stamp, stamp))
+    os.utime(runs / "old-but-written" / "sub" / "f.bin", (now, now))  # a task still writing into it
+    stale = retention.stale_folders(runs, 7, now)
+    assert [p.name for p in stale] == ["old"]
+    assert retention.prune_folders(stale) == 100 and not (runs / "old").exists()
+
+    cache = tmp_path / "cache"
+    for version in ("3", "4", "5"):
+        (cache / version).mkdir(parents=True)
+    (cache / ".6.tmp-abc").mkdir()  # a download in progress is never touched
+    for i, name in enumerate(("a.usearch", "b.usearch", "c.usearch")):
+        (cache / name).write_bytes(b"g")
+        os.utime(cache / name, (now - 100 + i, now - 100 + i))
+    stale = retention.stale_cache_entries(cache, {"4", "5"}, keep_files=2)
+    assert sorted(p.name for p in stale) == ["3", "a.usearch"]
+    retention.remove(stale)
+    assert sorted(p.name for p in cache.iterdir()) == [".6.tmp-abc", "4", "5", "b.usearch", "c.usearch"]
