@@ -264,6 +264,26 @@ class CategoryConfig(_Section):
     """The query-category answer: which taxonomy it predicts and when it abstains."""
 
     abstain: bool = Field(True, description="Answer category null (with the reason) outside the trained taxonomy.")
+    # Home Depot search terms stand in for "outside the taxonomy": ~2-3% of them are appliances PriceRunner does cover
+    # ("refrigerator", "dishwasher"), so the target leaves them room rather than rejecting every Home Depot term
+    target_ood_rejection: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Share of the validation Home Depot search terms the threshold rejects; each candidate score's "
+        "in-taxonomy coverage (validation PriceRunner offers) is measured there and the highest one is used.",
+    )
+    scores: tuple[Literal["max_softmax", "energy", "centroid_cosine"], ...] = Field(
+        ("max_softmax", "energy", "centroid_cosine"),
+        min_length=1,
+        description="Candidate out-of-taxonomy scores compared on validation data.",
+    )
+    max_validation_offers: int | None = Field(
+        4000, ge=50, description="Offers of the validation clusters scored for calibration; None = all."
+    )
+    centroid_offers: int = Field(
+        5000, ge=10, description="Training offers (validation clusters excluded) whose embeddings make the centroids."
+    )
 
 
 class ShopguideConfig(_Section):
