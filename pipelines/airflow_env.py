@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,16 @@ _OFFLINE_DEFAULTS = {
 
 class AirflowCommandError(RuntimeError):
     """An `airflow ...` subprocess failed; the message ends with the tail of its output."""
+
+
+class DagRunTimeout(AirflowCommandError):
+    """A DAG run outlived its time limit: its processes were stopped and the run marked failed; `result` is the run
+    as Airflow's DB has it afterwards (no run when Airflow had not created one yet)."""
+
+    def __init__(self, message: str, result: DagTestResult, timeout: float) -> None:
+        super().__init__(message)
+        self.result = result
+        self.timeout = timeout
 
 
 def _prepend(entry: str, search_path: str, sep: str = os.pathsep) -> str:
@@ -177,6 +188,7 @@ class DagTestResult:
     logical_date: str | None = None  # ISO 8601, None for a run without one
     conf: dict[str, Any] = field(default_factory=dict)
     task_states: dict[str, str | None] = field(default_factory=dict)  # "task" or "task[map_index]"
+    task_tries: dict[str, int] = field(default_factory=dict)  # attempts so far (1 + retries used), keyed the same
     xcoms: dict[str, Any] = field(default_factory=dict)  # return values, keyed like task_states
 
     @property
@@ -222,15 +234,14 @@ def _read_run(dag_id: str, since: datetime) -> dict[str, Any]:
         xcoms: list[Any] = list(
             session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id, key="return_value"))
         )
+        tis = run.get_task_instances(session=session)
         return {
             "run_id": run.run_id,
             "state": str(run.state) if run.state else None,
             "logical_date": run.logical_date.isoformat() if run.logical_date else None,
             "conf": dict(run.conf or {}),
-            "task_states": {
-                _key(ti.task_id, ti.map_index): str(ti.state) if ti.state else None
-                for ti in run.get_task_instances(session=session)
-            },
+            "task_states": {_key(ti.task_id, ti.map_index): str(ti.state) if ti.state else None for ti in tis},
+            "task_tries": {_key(ti.task_id, ti.map_index): ti.try_number for ti in tis},
             "xcoms": {_key(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in xcoms},
         }
 
@@ -249,6 +260,47 @@ def _dags_test_main(result_file: str, dag_id: str, airflow_args: Sequence[str]) 
         main()
     finally:
         Path(result_file).write_text(json.dumps(_read_run(dag_id, since), default=str))
+
+
+def _stop_run_main(result_file: str, dag_id: str, since: str) -> None:
+    """Mark the unfinished runs of dag_id created since `since` failed, as Airflow's scheduler does at a DAG's
+    dagrun_timeout, except that a task that was running or queued when it was stopped is marked failed (the
+    scheduler marks every unfinished task skipped) so the run shows where the time ran out; then write the newest
+    run as JSON to result_file. Runs in its own process after the `dags test` process was killed."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from airflow.utils.state import DagRunState, State, TaskInstanceState
+
+    started = datetime.fromisoformat(since)
+    interrupted = {TaskInstanceState.RUNNING, TaskInstanceState.QUEUED, TaskInstanceState.RESTARTING}
+    with create_session() as session:
+        for run in DagRun.find(dag_id=dag_id, session=session):
+            if run.run_after < started or run.state in State.finished_dr_states:
+                continue
+            for ti in run.get_task_instances(state=State.unfinished, session=session):
+                ti.set_state(
+                    TaskInstanceState.FAILED if ti.state in interrupted else TaskInstanceState.SKIPPED, session=session
+                )
+            run.set_state(DagRunState.FAILED)
+            session.merge(run)
+    Path(result_file).write_text(json.dumps(_read_run(dag_id, started), default=str))
+
+
+def _stop_group(proc: subprocess.Popen[str], grace: float) -> None:
+    """SIGTERM the process group `proc` leads (its own session: tasks' children included), SIGKILL after `grace` s.
+
+    The group is killed even when its leader is gone already: a task's child (a Feast CLI, a memory probe) would
+    otherwise keep running and keep the output pipe open.
+    """
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # nothing left in the group
+            return
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _pump(stream: TextIO, sink: list[str], echo: bool) -> None:
@@ -270,6 +322,7 @@ def run_dag_test(
     timeout: float | None = None,
     dags_folder: Path | None = None,
     extra_args: Sequence[str] = (),
+    stop_grace: float = 5.0,
 ) -> DagTestResult:
     """Run `airflow dags test DAG_ID [LOGICAL_DATE] --conf JSON` in a subprocess and read back the run.
 
@@ -278,6 +331,12 @@ def run_dag_test(
     lowers Airflow's log level to WARNING (task prints, warnings and tracebacks still show). Never raises for a
     failed run: check `result.ok` or call `result.check()`. The run id is chosen by Airflow
     (`manual__<now>`), and a second test run with the same logical date replaces the first one in the DB.
+
+    `timeout` (seconds) bounds the whole command: past it the subprocess and every process it started get SIGTERM,
+    SIGKILL `stop_grace` seconds later (Airflow's task runner answers SIGTERM only with the task's on_kill(), so the
+    kill is what stops a running task), the run is marked failed in Airflow's DB (a few seconds: one more Airflow
+    start-up) and DagRunTimeout is raised. An interrupt (Ctrl-C) stops them the same way: they run in their own
+    session, out of the terminal's reach.
     """
     ensure_airflow_db(paths)
     args = ["dags", "test", dag_id]
@@ -292,11 +351,18 @@ def run_dag_test(
         "PYTHONUNBUFFERED": "1",
     }
     lines: list[str] = []
+    since = datetime.now(UTC)
     with tempfile.TemporaryDirectory(prefix="shopguide-dag-test-") as tmp:
         result_file = Path(tmp) / "run.json"
         command = [sys.executable, "-m", "pipelines.airflow_env", str(result_file), dag_id, *args]
         with subprocess.Popen(
-            command, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=1
+            command,
+            env=env,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=1,
+            start_new_session=True,
         ) as proc:
             assert proc.stdout is not None
             reader = threading.Thread(target=_pump, args=(proc.stdout, lines, not capture), daemon=True)
@@ -304,18 +370,37 @@ def run_dag_test(
             try:
                 returncode = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+                _stop_group(proc, stop_grace)
                 reader.join(timeout=5)
-                tail = "".join(lines[-40:])
-                raise AirflowCommandError(f"airflow dags test {dag_id} timed out after {timeout} s\n{tail}") from None
+                stop = [sys.executable, "-m", "pipelines.airflow_env", "--stop", str(result_file), dag_id]
+                subprocess.run([*stop, since.isoformat()], env=env, capture_output=True, timeout=300, check=False)
+                result = DagTestResult(
+                    dag_id=dag_id, returncode=proc.returncode, output="".join(lines), **_load(result_file)
+                )
+                where = f"run {result.run_id} marked failed" if result.run_id else "no run had been created yet"
+                raise DagRunTimeout(
+                    f"{dag_id} exceeded its time limit of {timeout:g} s and was stopped; {where}; "
+                    f"tasks: {result.task_states}\n" + "".join(lines[-40:]),
+                    result,
+                    float(timeout or 0),
+                ) from None
+            except BaseException:  # KeyboardInterrupt and the like: leave nothing running behind
+                _stop_group(proc, stop_grace)
+                raise
             reader.join()
-        try:
-            run = json.loads(result_file.read_text())
-        except (OSError, ValueError):  # the process died before it could read the run back
-            run = {}
+        run = _load(result_file)
     return DagTestResult(dag_id=dag_id, returncode=returncode, output="".join(lines), **run)
 
 
-if __name__ == "__main__":  # run_dag_test's subprocess: RESULT_FILE DAG_ID dags test DAG_ID ...
-    _dags_test_main(sys.argv[1], sys.argv[2], sys.argv[3:])
+def _load(result_file: Path) -> dict[str, Any]:
+    try:
+        return dict(json.loads(result_file.read_text()))
+    except (OSError, ValueError):  # the process died before it could read the run back
+        return {}
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--stop":  # after a timeout: --stop RESULT_FILE DAG_ID SINCE
+        _stop_run_main(sys.argv[2], sys.argv[3], sys.argv[4])
+    else:  # run_dag_test's subprocess: RESULT_FILE DAG_ID dags test DAG_ID ...
+        _dags_test_main(sys.argv[1], sys.argv[2], sys.argv[3:])

@@ -22,6 +22,16 @@ app = typer.Typer(
 
 DEMO_QUERIES = ["cordless drill", "outdoor patio furniture", "led light bulbs 60 watt", "toilet seat", "wood stain"]
 Profile = Annotated[str, typer.Option(help="Config profile: configs/<profile>.yaml.")]
+TimeoutMinutes = Annotated[
+    float | None,
+    typer.Option(
+        min=0.001,
+        help="Stop a DAG run that takes longer than this many minutes (exit status 124); default: the profile's "
+        "orchestration.dag_run_timeout_minutes.",
+    ),
+]
+# the exit status of coreutils' timeout(1) when the time ran out
+TIMEOUT_EXIT = 124
 
 
 def _env(paths: Paths) -> None:
@@ -42,11 +52,32 @@ def _banner(text: str) -> None:
     typer.secho(f"\n=== {text} ===", fg=typer.colors.CYAN, bold=True)
 
 
-def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool) -> dict:
-    from pipelines.airflow_env import run_dag_test
+def dag_run_timeout_minutes(profile: str, minutes: float | None) -> float:
+    """How long one CLI DAG run may take: `minutes` (the --timeout-minutes flag) or the profile's config."""
+    from pipelines.config import load_config
+
+    return minutes if minutes is not None else load_config(profile).orchestration.dag_run_timeout_minutes
+
+
+def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool, timeout_minutes: float) -> dict:
+    from pipelines.airflow_env import DagRunTimeout, run_dag_test
 
     started = time.perf_counter()
-    result = run_dag_test(paths, dag_id, conf, datetime.now(UTC).replace(microsecond=0), quiet=quiet)
+    try:
+        result = run_dag_test(
+            paths, dag_id, conf, datetime.now(UTC).replace(microsecond=0), quiet=quiet, timeout=timeout_minutes * 60
+        )
+    except DagRunTimeout as err:
+        run = err.result
+        where = f"run {run.run_id} is marked failed" if run.run_id else "Airflow had not created the run yet"
+        typer.secho(
+            f"{dag_id} TIMED OUT: still running after its {timeout_minutes:g} min limit (--timeout-minutes, default "
+            f"orchestration.dag_run_timeout_minutes of the profile), so it was stopped after "
+            f"{time.perf_counter() - started:.0f} s; {where}; tasks: {run.task_states}",
+            fg=typer.colors.RED,
+            err=True,
+        )
+        raise typer.Exit(TIMEOUT_EXIT) from None
     typer.echo(f"{dag_id}: {result.state} in {time.perf_counter() - started:.0f} s; tasks: {result.task_states}")
     if not result.ok:
         typer.secho(f"{dag_id} did not succeed; the task log above says why.", fg=typer.colors.RED, err=True)
@@ -70,11 +101,12 @@ def init() -> None:
 
 
 @app.command()
-def features(profile: Profile = "default", quiet: bool = False) -> None:
+def features(profile: Profile = "default", quiet: bool = False, timeout_minutes: TimeoutMinutes = None) -> None:
     """Run the features DAG once (airflow dags test): land + validate events, Feast materialize."""
     paths = Paths.from_env()
     _env(paths)
-    _run_dag(paths, "shopguide_features", {"profile": profile}, quiet)
+    limit = dag_run_timeout_minutes(profile, timeout_minutes)
+    _run_dag(paths, "shopguide_features", {"profile": profile}, quiet, limit)
 
 
 @app.command()
@@ -82,12 +114,13 @@ def retrain(
     profile: Profile = "default",
     max_steps: Annotated[int | None, typer.Option(help="Override the training steps.")] = None,
     quiet: bool = False,
+    timeout_minutes: TimeoutMinutes = None,
 ) -> None:
     """Run the retrain DAG once (airflow dags test): validate -> fine-tune -> export -> evaluate -> gate -> promote."""
     paths = Paths.from_env()
     _env(paths)
-    conf = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
-    xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet)
+    conf: dict = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
+    xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes))
     typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "promote")}, indent=2))
 
 
@@ -273,9 +306,11 @@ def run(
     profile: Profile = "default",
     port: int = 8000,
     quiet: Annotated[bool, typer.Option(help="Airflow logs at WARNING instead of INFO.")] = True,
+    timeout_minutes: TimeoutMinutes = None,
 ) -> None:
     """The main job: features DAG, retrain DAG, then the service answering a few real queries."""
     _require_free_port(port)  # before half an hour of training, not after it
+    limit = dag_run_timeout_minutes(profile, timeout_minutes)  # an unknown profile fails here, before Airflow
     paths = Paths.from_env()
     _env(paths)
     started = time.perf_counter()
@@ -284,9 +319,9 @@ def run(
         f"then the service on 127.0.0.1:{port} (--port to change); home {paths.home}"
     )
     _banner("1/3 features DAG: land + validate the simulated event log, Feast apply + materialize")
-    landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet)
+    landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet, limit)
     _banner("2/3 retrain DAG: snapshot, validate, fine-tune, export ONNX + INT8, index, evaluate, gate, promote")
-    xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet)
+    xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet, limit)
     report, decision = xcoms.get("evaluate", {}), xcoms.get("gate", {})
     typer.echo(
         json.dumps(
