@@ -24,7 +24,9 @@ PARAMS = {
     "judgments_path": Param(
         None,
         type=["null", "string"],
-        description="A Home Depot-format judgments CSV that landed; empty = the shipped data.",
+        description="A Home Depot-format judgments CSV in the landing folder (SHOPGUIDE_LANDING, default "
+        "$SHOPGUIDE_HOME/landing): a name relative to it or a path inside it; nothing outside it is read. "
+        "Empty = the shipped data.",
     ),
     "max_steps": Param(
         None,

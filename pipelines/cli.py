@@ -113,6 +113,13 @@ def features(profile: Profile = "default", quiet: bool = False, timeout_minutes:
 def retrain(
     profile: Profile = "default",
     max_steps: Annotated[int | None, typer.Option(help="Override the training steps.")] = None,
+    judgments: Annotated[
+        str | None,
+        typer.Option(
+            help="A judgments CSV in the landing folder (SHOPGUIDE_LANDING, default $SHOPGUIDE_HOME/landing): a name "
+            "relative to it or a path inside it. Default: the shipped data."
+        ),
+    ] = None,
     quiet: bool = False,
     timeout_minutes: TimeoutMinutes = None,
 ) -> None:
@@ -120,6 +127,13 @@ def retrain(
     paths = Paths.from_env()
     _env(paths)
     conf: dict = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
+    if judgments is not None:
+        from pipelines.data.dataset import JudgmentsPathError, landed_judgments
+
+        try:  # the snapshot task checks it again; here it fails in a second, before Airflow starts
+            conf["judgments_path"] = str(landed_judgments(judgments, paths.landing))
+        except JudgmentsPathError as err:
+            raise typer.BadParameter(str(err), param_hint="--judgments") from None
     xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes))
     typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "promote")}, indent=2))
 

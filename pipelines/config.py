@@ -25,7 +25,11 @@ class _Section(BaseModel):
 
 
 class DataConfig(_Section):
-    judgments_path: str | None = Field(None, description="Home Depot-format judgments CSV; None = the shipped data.")
+    judgments_path: str | None = Field(
+        None,
+        description="Home Depot-format judgments CSV in the landing folder (Paths.landing): a name relative to it or "
+        "a path inside it, no '..', no symlink out (pipelines.data.dataset.landed_judgments); None = the shipped data.",
+    )
     max_terms: int | None = Field(None, ge=10, description="Deterministic subset of search terms; None = all 11,795.")
     max_offers: int | None = Field(None, ge=100, description="Deterministic subset of PriceRunner offers; None = all.")
     event_users: int = Field(2000, ge=10, description="Simulated users in the event log.")

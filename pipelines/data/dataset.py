@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.config import DATA_DIR, DataConfig
+from pipelines.config import DATA_DIR, DataConfig, Paths
 
 HOMEDEPOT_FILE = DATA_DIR / "homedepot_train.csv.zip"
 PRICERUNNER_FILE = DATA_DIR / "pricerunner_aggregate.csv.gz"
@@ -56,6 +56,41 @@ def is_validation_cluster(cluster_id: int) -> bool:
     """1/16 of the training clusters (md5 digit 2; test clusters are 0 and 1): kept out of the category head's
     training so the category abstention threshold is calibrated on products it never saw."""
     return _md5(str(int(cluster_id)))[-1] == "2"
+
+
+class JudgmentsPathError(ValueError):
+    """A judgments_path that is not a regular file inside the landing folder; the message says which rule failed."""
+
+
+def landed_judgments(path: str | Path, landing: Path) -> Path:
+    """The real path of the judgments file `path` names, which must lie in the `landing` folder.
+
+    A relative path is taken under `landing`, an absolute one as is; no `..` component is accepted (even one that
+    would stay inside), and after every symlink is resolved the file must still be inside the (resolved) landing
+    folder and be a regular file. The caller reads the returned path, not `path`, so a checked name is what is
+    read. Raises JudgmentsPathError naming the landing folder and the rule.
+    """
+    text = str(path)
+    where = f"the landing folder {landing} (SHOPGUIDE_LANDING)"
+    if not text.strip():
+        raise JudgmentsPathError(f"judgments_path is empty; give a file in {where}")
+    shown = text if len(text) <= 200 else f"{text[:197]}..."  # a path is user input: never echoed whole
+    given = Path(text)
+    if ".." in given.parts:
+        raise JudgmentsPathError(f"judgments_path {shown!r} contains '..'; give a file in {where}")
+    root = landing.resolve()
+    candidate = given if given.is_absolute() else root / given
+    try:
+        real = candidate.resolve(strict=True)
+    except (OSError, RuntimeError) as err:  # missing, a dangling or looping symlink, unreadable folder
+        raise JudgmentsPathError(f"judgments_path {shown!r}: no such file in {where} ({type(err).__name__})") from None
+    if not real.is_relative_to(root):
+        raise JudgmentsPathError(
+            f"judgments_path {shown!r} resolves outside {where}; only files that landed there are read"
+        )
+    if not real.is_file():
+        raise JudgmentsPathError(f"judgments_path {shown!r} is not a regular file in {where}")
+    return real
 
 
 def load_judgments(path: Path = HOMEDEPOT_FILE) -> pd.DataFrame:
@@ -208,10 +243,17 @@ def _frame_hash(df: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()
 
 
-def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime) -> Snapshot:
-    """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run)."""
+def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime, landing: Path | None = None) -> Snapshot:
+    """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run).
+
+    A configured judgments_path must name a file in the landing folder (`landing`, default Paths.landing): checked
+    by landed_judgments before anything is read or written.
+    """
+    if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
+        source = HOMEDEPOT_FILE
+    else:
+        source = landed_judgments(cfg.judgments_path, landing or Paths.from_env().landing)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = Path(cfg.judgments_path) if cfg.judgments_path else HOMEDEPOT_FILE
     judgments = select_terms(load_judgments(source), cfg.max_terms)
     train, heldout = split_judgments(judgments)
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)

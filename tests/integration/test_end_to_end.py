@@ -110,7 +110,9 @@ def test_broken_data_stops_before_training_and_keeps_the_champion(pipeline_run, 
         df.loc[3, "search_term"] = None
     else:
         df.loc[3, "relevance"] = 7.0
-    broken = tmp_path / "judgments.csv"
+    # the DAG reads judgments only from the landing folder (pipelines.data.dataset.landed_judgments)
+    broken = paths.landing / f"judgments-{breakage}.csv"
+    broken.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(broken, index=False)
     run = run_dag_test(
         paths,
