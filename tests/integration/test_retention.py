@@ -52,15 +52,19 @@ def add_version(paths: Paths, model: str, folder: Path, gate_passed: bool) -> tu
     return str(mv.version), logged.model_id
 
 
-def test_pruning_deletes_versions_and_their_artifacts_but_never_a_champion(tmp_path) -> None:
+def registry_with_versions(tmp_path: Path, model: str, passed: tuple[bool, ...]) -> tuple[Paths, list[tuple[str, str]]]:
     paths = Paths(tmp_path / "home")
     os.environ.pop("MLFLOW_TRACKING_URI", None)
     bundle = tmp_path / "model" / "artifacts" / registry.BUNDLE_ARTIFACT
     for name in REQUIRED_FILES:
         (bundle / name).parent.mkdir(parents=True, exist_ok=True)
         (bundle / name).write_bytes(b"\0" * 1024)
-    registry.client(paths).create_registered_model("retention-test")
-    made = [add_version(paths, "retention-test", tmp_path / "model", passed) for passed in (True, True, False, True)]
+    registry.client(paths).create_registered_model(model)
+    return paths, [add_version(paths, model, tmp_path / "model", p) for p in passed]
+
+
+def test_pruning_deletes_versions_and_their_artifacts_but_never_a_champion(tmp_path) -> None:
+    paths, made = registry_with_versions(tmp_path, "retention-test", (True, True, False, True))
     registry.promote(paths, "retention-test", "1", "first", "test")
     registry.promote(paths, "retention-test", "2", "second", "test")
     artifacts = {v: paths.mlflow_artifacts / "models" / m for v, m in made}
@@ -110,3 +114,27 @@ def test_run_folders_go_by_their_newest_file_and_caches_by_use(tmp_path) -> None
     assert sorted(p.name for p in stale) == ["3", "a.usearch"]
     retention.remove(stale)
     assert sorted(p.name for p in cache.iterdir()) == [".6.tmp-abc", "4", "5", "b.usearch", "c.usearch"]
+
+
+def test_prune_step_reports_first_and_deletes_only_without_dry_run(tmp_path) -> None:
+    from pipelines.steps.maintenance import prune
+
+    paths, made = registry_with_versions(tmp_path, "prune-step-test", (True, False, True))
+    registry.promote(paths, "prune-step-test", "3", "champion", "test")
+    profile = tmp_path / "profile.yaml"
+    profile.write_text("registry: {model_name: prune-step-test}\nretention: {keep_candidates: 1, run_dirs_days: 7}\n")
+    old_run = paths.runs / "old-run"
+    old_run.mkdir(parents=True)
+    (old_run / "teacher.safetensors").write_bytes(b"w" * 2_000_000)
+    stamp = time.time() - 8 * retention.DAY
+    os.utime(old_run / "teacher.safetensors", (stamp, stamp))
+    os.utime(old_run, (stamp, stamp))
+
+    report = prune({"profile": str(profile), "dry_run": True}, paths)
+    assert [(v["version"], v["keep"]) for v in report["versions"]] == [("3", True), ("2", True), ("1", False)]
+    assert report["deleted_versions"] == [] and report["run_folders"] == ["old-run"] and old_run.exists()
+    assert {f.version for f in retention.version_facts(paths, "prune-step-test")} == {"1", "2", "3"}
+
+    report = prune({"profile": str(profile)}, paths)
+    assert report["deleted_versions"] == ["1"] and report["freed_mb"] == 2.0 and not old_run.exists()
+    assert {f.version for f in retention.version_facts(paths, "prune-step-test")} == {"2", "3"}
