@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import os
 import shutil
 from collections.abc import Callable, Iterable
@@ -37,6 +38,13 @@ STRING_TYPES = ["StringDtype", "str"]
 # The exception message echoes data: a few values, each cut short, so a hostile value never lands in a log whole.
 SAMPLE_VALUES = 3
 VALUE_CHARS = 80
+# GX keeps this many unexpected values of each expectation in its stored results and Data Docs (its default is 20),
+# each cut to VALUE_CHARS and HTML-escaped before it is stored (see _redact).
+DOCS_SAMPLE_VALUES = 10
+RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": DOCS_SAMPLE_VALUES}
+# A search term longer than the service accepts as a query (serving's SHOPGUIDE_MAX_QUERY_CHARS default, 256) is
+# no query anyone typed; the shipped terms are at most 60 characters.
+MAX_TERM_CHARS = 256
 
 
 class DataValidationError(ValueError):
@@ -112,7 +120,7 @@ def judgments_suite() -> ExpectationSuite:
             *_present(columns),
             *_not_null(columns),
             exp.ExpectColumnValuesToBeUnique(column="id"),
-            exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1),
+            exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1, max_value=MAX_TERM_CHARS),
             exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
             exp.ExpectColumnValuesToBeBetween(column="relevance", min_value=1.0, max_value=3.0),
             *_typed(
@@ -197,14 +205,18 @@ def events_suite() -> ExpectationSuite:
 
 
 def term_leakage_suite(heldout_terms: Iterable[str]) -> ExpectationSuite:
-    """No normalised held-out search term may appear in the training judgments (split is by query, never by row)."""
+    """No normalised held-out search term may appear in the training judgments (split is by query, never by row).
+
+    Terms longer than MAX_TERM_CHARS stay out of the value set, which GX stores and renders whole: the judgments
+    suite rejects them on its own, and a hostile term must not reach the report through the leakage rule.
+    """
     exp = _gx().expectations
     return _suite(
         "term_leakage",
         [
             exp.ExpectColumnValuesToNotBeInSet(
                 column=TERM_COLUMN,
-                value_set=sorted(set(heldout_terms)),
+                value_set=sorted({t for t in heldout_terms if len(t) <= MAX_TERM_CHARS}),
                 notes="The value set is the normalised held-out search terms: none may appear in training.",
             ),
         ],
@@ -268,8 +280,8 @@ class _Project:
         )
         # No Checkpoint: its batch parameters (the frame) are shared by all its definitions, so each table would
         # need its own, and an UpdateDataDocsAction per table re-renders the site each time; docs() builds it once.
-        result = definition.run(batch_parameters={"dataframe": df})  # SUMMARY: counts and 20 values for the docs
-        return ValidationSummary(
+        result = definition.run(batch_parameters={"dataframe": df}, result_format=RESULT_FORMAT)
+        summary = ValidationSummary(
             name=name,
             suite=suite.name,
             table=table,
@@ -278,6 +290,24 @@ class _Project:
             evaluated=len(result.results),
             failures=_failures(result, name, table),
         )
+        if self.file_backed and _redact(result):
+            self._store_again(result, suite.name)
+        return summary
+
+    def _store_again(self, result: ExpectationSuiteValidationResult, suite_name: str) -> None:
+        """Overwrite the result ValidationDefinition.run stored (whole values) with `result`, under the same key
+        (run() builds it from the suite, the run id and the batch id), so Data Docs render the redacted one."""
+        from great_expectations.data_context.types.resource_identifiers import (
+            ExpectationSuiteIdentifier,
+            ValidationResultIdentifier,
+        )
+
+        key = ValidationResultIdentifier(
+            expectation_suite_identifier=ExpectationSuiteIdentifier(name=suite_name),
+            run_id=result.meta["run_id"],
+            batch_identifier=result.batch_id,
+        )
+        self.context.validation_results_store.set(key, result)
 
     def docs(self) -> str | None:
         """Build the Data Docs site from every stored result; the path of its index.html."""
@@ -292,6 +322,38 @@ class _Project:
 
 def _clip(text: str) -> str:
     return text if len(text) <= VALUE_CHARS else f"{text[: VALUE_CHARS - 3]}..."
+
+
+def _shown(value: Any) -> Any:
+    """A data value as GX may keep it: numbers, booleans and nulls as they are, anything else cut to VALUE_CHARS and
+    HTML-escaped (GX 1.x's Data Docs write sampled unexpected values into the page unescaped)."""
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    return html.escape(_clip(value if isinstance(value, str) else repr(value)))
+
+
+def _redact(result: ExpectationSuiteValidationResult) -> bool:
+    """Cut and escape, in place, every data value GX echoes in `result` (the sampled unexpected values, a string
+    observed value); True when anything changed. GX stores values whole and renders the sample table of its Data
+    Docs without escaping: a 10,000-character `<script>` value would be kept whole and run when the page opens."""
+    changed = False
+    for r in result.results:
+        details = r.result or {}
+        for key in ("partial_unexpected_list", "unexpected_list"):
+            if details.get(key):
+                details[key] = [_shown(v) for v in details[key]]
+                changed = True
+        if details.get("partial_unexpected_counts"):
+            details["partial_unexpected_counts"] = [
+                {**c, "value": _shown(c.get("value"))} for c in details["partial_unexpected_counts"]
+            ]
+            changed = True
+        if isinstance(details.get("observed_value"), str) and details["observed_value"] != _shown(
+            details["observed_value"]
+        ):
+            details["observed_value"] = _shown(details["observed_value"])
+            changed = True
+    return changed
 
 
 def _sample(result: dict[str, Any]) -> list[str]:

@@ -4,6 +4,7 @@ and every snapshot run leaves Data Docs (logged to MLflow by the retrain step, f
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -15,8 +16,10 @@ import pandas as pd
 import pytest
 
 from pipelines.config import REPO_ROOT, DataConfig
-from pipelines.data.dataset import SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
+from pipelines.data.dataset import HOMEDEPOT_FILE, SNAPSHOT_TABLES, Snapshot, normalize_term, snapshot_data
 from pipelines.data.validate import (
+    DOCS_SAMPLE_VALUES,
+    MAX_TERM_CHARS,
     SAMPLE_VALUES,
     VALUE_CHARS,
     DataValidationError,
@@ -213,22 +216,76 @@ def test_wrong_dtype_is_reported(snapshot: Snapshot) -> None:
     assert [(f["column"], f["observed_value"]) for f in type_failures] == [("relevance", "str")]
 
 
+def _echoes(project: Path, filler: str) -> dict[str, int]:
+    """Over every file GX wrote (stored results, suites, Data Docs): the longest run of the hostile value's filler
+    character, how many raw `<script>` tags and how many HTML-escaped ones."""
+    texts = [
+        f.read_text(errors="replace") for f in project.rglob("*") if f.is_file() and f.suffix in {".html", ".json"}
+    ]
+    assert texts, f"no GX files under {project}"
+    runs = [len(m) for text in texts for m in re.findall(f"(?i){re.escape(filler)}+", text)]
+    return {
+        "longest_run": max(runs, default=0),
+        "raw_script": sum(text.lower().count("<script>alert") for text in texts),
+        "escaped_script": sum(text.lower().count("&lt;script&gt;alert") for text in texts),
+    }
+
+
 def test_a_hostile_value_is_never_echoed_whole(snapshot: Snapshot, tmp_path: Path) -> None:
     events = snapshot.table("events")
     hostile = "<script>alert(1)</script>\n" + "x" * 100_000
-    # more distinct bad values than the sample shows, each far longer than the cut
-    events.loc[0:9, "event_type"] = [f"{i}{hostile}" for i in range(10)]
+    # more distinct bad values than any sample shows, each far longer than the cut
+    events.loc[0:24, "event_type"] = [f"{i}{hostile}" for i in range(25)]
     with pytest.raises(DataValidationError) as info:
         validate_events(events, tmp_path)
     message = str(info.value)
     header, line, docs = message.splitlines()  # newlines in the data stay escaped: one line per failure
     assert header.startswith("Data validation failed: 1 of ") and docs.startswith("Data Docs: ")
-    assert line.startswith("- events.event_type: expect_column_values_to_be_in_set (suite events): 10 of ")
+    assert line.startswith("- events.event_type: expect_column_values_to_be_in_set (suite events): 25 of ")
     (failure,) = info.value.failures
     assert len(failure["unexpected_values"]) == SAMPLE_VALUES
     assert all(len(v) <= VALUE_CHARS for v in failure["unexpected_values"])
     assert "x" * VALUE_CHARS not in message and len(message) < 600 + len(docs)
-    assert Path(info.value.data_docs).is_file()  # GX's pages hold the full result
+    # GX's stored result and its Data Docs: at most DOCS_SAMPLE_VALUES values, each cut, and escaped in the page
+    # (GX 1.x writes its sampled unexpected values into the HTML unescaped: a <script> there runs on opening it)
+    echoes = _echoes(tmp_path, "x")
+    assert echoes["longest_run"] == VALUE_CHARS - 3 - len("0<script>alert(1)</script>\n")  # the cut sample
+    assert echoes["raw_script"] == 0
+    assert 0 < echoes["escaped_script"] <= 3 * DOCS_SAMPLE_VALUES  # the stored list, its counts, the page's table
+    (result_json,) = tmp_path.glob("gx/uncommitted/validations/events/**/*.json")
+    (details,) = [r["result"] for r in json.loads(result_json.read_text())["results"] if not r["success"]]
+    assert len(details["partial_unexpected_list"]) == DOCS_SAMPLE_VALUES
+    assert all(len(v) <= 2 * VALUE_CHARS for v in details["partial_unexpected_list"])  # cut, then escaped
+    assert Path(info.value.data_docs).is_file()
+
+
+def test_a_hostile_search_term_in_a_landed_csv_is_reported_as_a_short_sample(tmp_path: Path) -> None:
+    landing = tmp_path / "landing"
+    landing.mkdir()
+    df = pd.read_csv(HOMEDEPOT_FILE, encoding="latin-1", nrows=250)
+    hostile = "<script>alert(document.cookie)</script>" + "q" * 9_960  # 10,000 characters
+    df.loc[3, "search_term"] = hostile
+    df.to_csv(landing / "judgments.csv", index=False)
+    cfg = DataConfig(judgments_path="judgments.csv", max_offers=500, event_users=20)
+    snap = snapshot_data(cfg, tmp_path / "snapshot", datetime(2026, 1, 1, tzinfo=UTC), landing=landing)
+    with pytest.raises(DataValidationError) as info:
+        validate_snapshot(snap.path, tmp_path / "validation")
+    report = info.value.report
+    table = "judgments_heldout" if is_heldout(hostile) else "judgments_train"
+    assert f"- {table}.search_term: expect_column_value_lengths_to_be_between (suite judgments): 1 of " in report
+    # the report holds the short sample only: one value cut to VALUE_CHARS
+    assert "q" * VALUE_CHARS not in report and report.count("<script>") == 1
+    assert len(report) < 800 + len(str(info.value.data_docs))
+    # and so does every file GX wrote, the leakage rule's value set included (overlong terms stay out of it)
+    echoes = _echoes(tmp_path / "validation", "q")
+    assert echoes["longest_run"] < VALUE_CHARS and echoes["raw_script"] == 0 and echoes["escaped_script"] >= 1
+    assert len(hostile) > MAX_TERM_CHARS
+
+
+def is_heldout(term: str) -> bool:
+    from pipelines.data.dataset import is_heldout_term
+
+    return is_heldout_term(term)
 
 
 def test_retrain_step_logs_data_docs_to_mlflow_also_when_validation_fails(snapshot: Snapshot, tmp_path: Path) -> None:
