@@ -126,7 +126,7 @@ from pipelines.data.dataset import JudgmentsPathError
 from pipelines.steps.bounds import bounds_of
 
 BOUNDS = bounds_of([OrchestrationConfig(retries=1, retry_delay_seconds=1, default_task_timeout_minutes=1 / 60)])
-MARKS = Path({marks!r})
+MARKS = Path(MARKS_DIR)
 
 
 @dag(dag_id="bounds_probe", schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False,
@@ -146,9 +146,18 @@ def bounds_probe():
     def permanent_error() -> None:
         raise JudgmentsPathError("judgments_path '../x.csv' contains '..'")
 
+    @bounded_task
+    def produce() -> dict:
+        return {"n": 1}
+
+    @bounded_task
+    def consume(got: dict, extra: int = 2) -> dict:
+        return {"n": got["n"] + extra}
+
     sleeps_past_its_timeout()
     transient_error()
     permanent_error()
+    consume(produce())
 
 
 bounds_probe()
@@ -159,14 +168,18 @@ def test_airflow_enforces_the_bounds(airflow_paths: Paths, tmp_path: Path) -> No
     dags, marks = tmp_path / "dags", tmp_path / "marks"
     dags.mkdir()
     marks.mkdir()
-    (dags / "bounds_probe.py").write_text(textwrap.dedent(BOUNDS_DAG.format(marks=str(marks))))
+    (dags / "bounds_probe.py").write_text(textwrap.dedent(BOUNDS_DAG.replace("MARKS_DIR", repr(str(marks)))))
     run = run_dag_test(airflow_paths, "bounds_probe", capture=True, timeout=600, dags_folder=dags)
     assert run.state == "failed", run.output[-3000:]
     assert run.task_states == {
         "sleeps_past_its_timeout": "failed",
         "transient_error": "failed",
         "permanent_error": "failed",
+        "produce": "success",
+        "consume": "success",
     }, run.output[-3000:]
+    # bounded_task keeps TaskFlow's wiring: XCom arguments in, the return value out
+    assert run.xcom("consume") == {"n": 3}
     # over its 1 s timeout: stopped in the sleep (never finished), on both tries
     assert run.task_tries["sleeps_past_its_timeout"] == 2
     assert (marks / "started").read_text() == "xx" and not (marks / "finished").exists()
