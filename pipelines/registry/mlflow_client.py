@@ -569,7 +569,7 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
         with tempfile.TemporaryDirectory(prefix="shopguide-check-") as tmp:
             download_bundle(paths, model_name, str(version), tmp)
     except BundleMismatch as err:
-        raise PromotionError(f"{model_name} version {version} is not servable: {err}") from err
+        raise PromotionError(f"not servable (force does not override this): {err}") from err
     except Exception as err:
         raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
     needs_force = []

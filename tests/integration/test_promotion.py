@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.airflow_env import DAGS_FOLDER, DagTestResult, airflow_command, airflow_environ, run_dag_test
-from pipelines.config import MODEL_NAME, Paths
+from pipelines.config import MODEL_NAME, REPO_ROOT, Paths
 from pipelines.registry import mlflow_client as registry
 from pipelines.runtime.bundle import ONNX_FILE
 
@@ -216,6 +216,79 @@ def test_a_pipeline_run_promotes_at_most_once(source: Source) -> None:
     rerun = registry.promote(paths, model, new, "gate passed", "airflow:test", run_key="retrain__run1")
     assert not rerun.moved and "already promoted" in rerun.note, rerun
     assert champion_of(paths, model) == old and len(registry.champion_history(paths, model)) == 3
+
+
+PROMOTER = """
+import json, logging, sys
+from pipelines.config import Paths
+from pipelines.registry import mlflow_client as registry
+model, version, log_file = sys.argv[1:4]
+waits = logging.getLogger("filelock")  # its debug line "Lock ... not acquired on ..., waiting" says we are blocked
+waits.setLevel(logging.DEBUG)
+waits.addHandler(logging.FileHandler(log_file))
+try:
+    move = registry.promote(Paths.from_env(), model, version, f"race for {version}", f"test:{version}")
+    print(json.dumps({"moved": move.moved, "previous": move.previous, "version": move.version}))
+except registry.PromotionError as err:
+    print(json.dumps({"refused": str(err)}))
+"""
+
+
+def test_two_promoters_at_once_from_the_same_champion_one_wins(source: Source, tmp_path: Path) -> None:
+    """Two real processes promote different versions from the same @champion. The test holds the champion lock until
+    both are blocked on it, i.e. both have read @champion and re-checked their version (the decision): exactly one
+    moves it, the other is refused and names the move it lost to; the history stays one consistent lineage."""
+    paths, model = source.paths, "promotion-tests-race"
+    v0, v1, v2 = (add_version(source, model, True) for _ in range(3))
+    registry.promote(paths, model, v0, "first champion", "test:alice")
+    logs = {v: tmp_path / f"lock-{v}.log" for v in (v1, v2)}
+    with registry.champion_lock(paths, model):
+        procs = {
+            v: subprocess.Popen(
+                [sys.executable, "-c", PROMOTER, model, v, str(logs[v])],
+                cwd=REPO_ROOT,
+                env=os.environ.copy(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for v in (v1, v2)
+        }
+        deadline = time.monotonic() + 240
+        while not all(log.is_file() and "not acquired" in log.read_text() for log in logs.values()):
+            assert all(proc.poll() is None for proc in procs.values()), "a promoter ended before the lock was free"
+            assert time.monotonic() < deadline, "the promoters never reached the champion lock"
+            time.sleep(0.2)
+    outcomes = {}
+    for v, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-3000:]
+        outcomes[v] = json.loads(out.strip().splitlines()[-1])
+    print(outcomes)
+    moved = [v for v, outcome in outcomes.items() if outcome.get("moved")]
+    assert len(moved) == 1, outcomes
+    winner, loser = moved[0], v2 if moved[0] == v1 else v1
+    assert outcomes[winner]["previous"] == v0
+    assert f"moved from {v0} to {winner} since the decision to promote version {loser}" in outcomes[loser]["refused"]
+    assert champion_of(paths, model) == winner
+    history = registry.champion_history(paths, model)
+    assert [(e["previous"], e["version"]) for e in history] == [(None, v0), (v0, winner)]
+    assert registry.champion_lineage(history)[-1] == champion_of(paths, model)
+
+
+def test_a_promotion_decided_against_another_champion_is_refused(source: Source) -> None:
+    """The retrain DAG's promote step: the gate compared the candidate with one champion; if another version became
+    champion since, the candidate was never compared with it and must not replace it."""
+    paths, model = source.paths, "promotion-tests-decided"
+    v1, v2, v3 = (add_version(source, model, True) for _ in range(3))
+    registry.promote(paths, model, v1, "first champion", "test:alice")
+    registry.promote(paths, model, v2, "promoted by hand meanwhile", "test:bob")
+    with pytest.raises(registry.PromotionError, match=f"moved from {v1} to {v2} since the decision"):
+        registry.promote(paths, model, v3, "gate passed against v1", "airflow:test", decided_against=v1)
+    with pytest.raises(registry.PromotionError, match=f"moved from \\(none\\) to {v2}"):
+        registry.promote(paths, model, v3, "gate passed, no champion then", "airflow:test", decided_against=None)
+    assert champion_of(paths, model) == v2
+    assert registry.promote(paths, model, v3, "gate passed against v2", "airflow:test", decided_against=v2).moved
 
 
 def test_cli_promote_rollback_and_history(source: Source) -> None:
