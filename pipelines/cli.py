@@ -268,6 +268,20 @@ def history(model: Model = MODEL_NAME) -> None:
         typer.echo(f"@{alias} = {registry.alias_version(paths, model, alias) or '(none)'}")
 
 
+@app.command()
+def prune(
+    profile: Profile = "default",
+    dry_run: Annotated[bool, typer.Option(help="Only report what the retention policy would delete.")] = False,
+) -> None:
+    """Apply the profile's retention policy now (the maintenance DAG does it daily): old registered versions and their
+    artifacts, old pipeline run folders, unused serving-cache entries. Champions and the rollback target stay."""
+    from pipelines.steps.maintenance import prune as prune_step
+
+    paths = Paths.from_env()
+    _env(paths)
+    prune_step({"profile": profile, "dry_run": dry_run}, paths)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def airflow(ctx: typer.Context) -> None:
     """Any `airflow ...` command on the embedded Airflow, e.g. `shopguide airflow standalone` for the UI."""

@@ -138,3 +138,11 @@ def test_prune_step_reports_first_and_deletes_only_without_dry_run(tmp_path) -> 
     report = prune({"profile": str(profile)}, paths)
     assert report["deleted_versions"] == ["1"] and report["freed_mb"] == 2.0 and not old_run.exists()
     assert {f.version for f in retention.version_facts(paths, "prune-step-test")} == {"2", "3"}
+
+
+def test_maintenance_dag_runs_the_step_in_real_airflow(airflow_paths: Paths) -> None:
+    from pipelines.airflow_env import run_dag_test
+
+    result = run_dag_test(airflow_paths, "shopguide_maintenance", {"dry_run": True}, capture=True)
+    assert result.ok, result.output[-3000:]
+    assert "retention (shopguide-encoder): would delete" in result.output
