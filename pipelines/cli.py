@@ -205,7 +205,9 @@ def demo_queries(url: str, user_id: int | None) -> None:
 
 
 Reason = Annotated[str, typer.Option(help="Why (required; recorded in the registry with who did it).")]
-Force = Annotated[bool, typer.Option(help="Allow a version that failed its evaluation gate (recorded).")]
+Force = Annotated[
+    bool, typer.Option(help="Allow a version that failed its gate or has no recorded sha256 manifest (recorded).")
+]
 Model = Annotated[str, typer.Option(help="Registered model name.")]
 
 
