@@ -419,7 +419,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         predictor = loaded()
         ctx = request_context()
         t = t0 = time.perf_counter()
-        query_vec, category = predictor.encode(body.query)
+        query_vec, answer = predictor.encode(body.query)  # the query's category, or an abstention
         t = _stage(ctx, metrics, "encode", t)
         user_vec: np.ndarray | None = None
         reason: FallbackReason | None = None
@@ -440,14 +440,16 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                     tuple(recent) if user_vec is not None else None,
                     settings.personalization_weight,
                     tuple(h.product_id for h in hits),
-                    category,
+                    answer.category,
                     time.perf_counter() - t0,
                 )
             )
         return SearchResponse(
             model_version=predictor.version,
             query=body.query,
-            category=category,
+            category=answer.category,
+            taxonomy=predictor.taxonomy,
+            category_abstained_reason=answer.abstained_reason,
             personalized=user_vec is not None,
             fallback_reason=reason,
             results=[Hit(product_id=h.product_id, title=h.title, score=h.score) for h in hits],
@@ -501,13 +503,18 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         return predictor, emb, logits
 
     def classify(body: ClassifyRequestBase) -> ClassifyResponse:
-        predictor, _, logits = encode_batch("classify", body.queries)
-        labels, probs = predictor.categories(logits)
+        predictor, emb, logits = encode_batch("classify", body.queries)
         return ClassifyResponse(
             model_version=predictor.version,
+            taxonomy=predictor.taxonomy,
             results=[
-                Category(query=q, category=c, probability=float(p))
-                for q, c, p in zip(body.queries, labels, probs, strict=True)
+                Category(
+                    query=q,
+                    category=a.category,
+                    probability=a.probability,
+                    category_abstained_reason=a.abstained_reason,
+                )
+                for q, a in zip(body.queries, predictor.categories(logits, emb), strict=True)
             ],
         )
 
@@ -567,6 +574,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             categories=len(current.labels),
             variant=current.variant,
             search=current.search_kind,
+            category_rule=current.encoder.category.describe(),
             problem=state.problem,
             shadow=shadow,
         )

@@ -16,6 +16,7 @@ import numpy as np
 from pipelines.registry.mlflow_client import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
 from pipelines.runtime import personalize
 from pipelines.runtime.bundle import ENCODER_FILE, ONNX_FILE
+from pipelines.runtime.category import CategoryAnswer
 from pipelines.runtime.encoder import OnnxEncoder, OrtOptimization
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex
@@ -124,10 +125,10 @@ class Predictor:
     def search_kind(self) -> str:
         return self.search_backend.kind
 
-    def encode(self, query: str) -> tuple[np.ndarray, str]:
-        """(unit query vector, predicted category): one ORT run gives both."""
+    def encode(self, query: str) -> tuple[np.ndarray, CategoryAnswer]:
+        """(unit query vector, category answer): one ORT run gives both."""
         emb, logits = self.encoder.encode([query])
-        return emb[0], self.encoder.labels[int(logits[0].argmax())]
+        return emb[0], self.categories(logits, emb)[0]
 
     @property
     def batch_invariant(self) -> bool:
@@ -148,13 +149,15 @@ class Predictor:
         runs = [self.encoder.encode([t]) for t in texts]
         return np.concatenate([e for e, _ in runs]), np.concatenate([lg for _, lg in runs])
 
-    def categories(self, logits: np.ndarray) -> tuple[list[str], np.ndarray]:
-        """Top category per row and its softmax probability."""
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        top = probs.argmax(axis=1)
-        return [self.encoder.labels[int(i)] for i in top], probs[np.arange(len(top)), top]
+    def categories(self, logits: np.ndarray, embeddings: np.ndarray | None = None) -> list[CategoryAnswer]:
+        """Per row, the top category and its softmax probability, or no category and why when the query is outside
+        the taxonomy: the bundle's calibrated rule (pipelines.runtime.category, the function the evaluation
+        measured); a bundle without one answers the top category, as before."""
+        return self.encoder.categories(logits, embeddings)
+
+    @property
+    def taxonomy(self) -> str:
+        return self.encoder.category.taxonomy
 
     def user_vector(self, product_ids: list[int], query_vec: np.ndarray | None = None) -> np.ndarray | None:
         """pipelines.runtime.personalize.user_vector of the user's recent products (most recent first) in this version's

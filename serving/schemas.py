@@ -15,6 +15,16 @@ FallbackReason = Literal[
 ]
 
 
+TAXONOMY = (
+    "What the category head predicts: its taxonomy's name and labels, e.g. 'pricerunner-10: the 10 PriceRunner "
+    "appliance and electronics categories (...)'. Queries outside it get category null."
+)
+ABSTAINED = (
+    "Why category is null: the query's out-of-taxonomy score is below the model version's threshold, calibrated on "
+    "validation data; null when a category is given."
+)
+
+
 class SearchRequestBase(BaseModel):
     """Strict: JSON types must match (no "10" for 10, no true for 1) and unknown fields are errors, not ignored."""
 
@@ -101,7 +111,12 @@ class Hit(BaseModel):
 class SearchResponse(BaseModel):
     model_version: str = Field(description="Registry version (or local-<sha> for a fixed bundle) that answered.")
     query: str
-    category: str = Field(description="Predicted category of the query.")
+    category: str | None = Field(
+        description="The query's category in `taxonomy`; null when the query is outside that taxonomy "
+        "(category_abstained_reason says why)."
+    )
+    taxonomy: str = Field(description=TAXONOMY)
+    category_abstained_reason: str | None = Field(None, description=ABSTAINED)
     personalized: bool
     fallback_reason: FallbackReason | None = Field(
         None, description="Why a request with user_id was answered without personalisation."
@@ -111,12 +126,14 @@ class SearchResponse(BaseModel):
 
 class Category(BaseModel):
     query: str
-    category: str
-    probability: float = Field(description="Softmax probability of the predicted category.")
+    category: str | None = Field(description="The query's category in `taxonomy`; null when outside it.")
+    probability: float = Field(description="Softmax probability of the head's top category (also when abstained).")
+    category_abstained_reason: str | None = Field(None, description=ABSTAINED)
 
 
 class ClassifyResponse(BaseModel):
     model_version: str
+    taxonomy: str = Field(description=TAXONOMY)
     results: list[Category] = Field(description="One per query, in request order.")
 
 
@@ -157,6 +174,9 @@ class ModelInfo(BaseModel):
         None, description="Model variant from the bundle's encoder.json (e.g. its quantization)."
     )
     search: Literal["exact", "hnsw"] = Field(description="Catalog search: brute force or HNSW + exact re-scoring.")
+    category_rule: str | None = Field(
+        None, description="When the category answer abstains (score and threshold), or why it never does."
+    )
     problem: str | None = Field(None, description="Why the alias's current version is not the one served, if so.")
     shadow: ShadowInfo | None = None
 

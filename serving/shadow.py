@@ -26,7 +26,7 @@ class ShadowItem:
     recent: tuple[int, ...] | None  # the user's history when the champion answer was personalised
     weight: float
     champion_ids: tuple[int, ...]
-    champion_category: str
+    champion_category: str | None  # None: the champion abstained
     champion_seconds: float
 
 
@@ -93,7 +93,7 @@ class ShadowRunner:
             return
         try:
             started = time.perf_counter()
-            vec, category = shadow.encode(item.query)
+            vec, answer = shadow.encode(item.query)
             user = shadow.user_vector(list(item.recent), vec) if item.recent else None
             hits = shadow.rank(vec, item.k, user, item.weight if user is not None else 0.0, item.query)
             seconds = time.perf_counter() - started
@@ -106,7 +106,8 @@ class ShadowRunner:
         overlap = len(set(item.champion_ids[:n]) & {h.product_id for h in hits[:n]}) / n
         m = self.metrics
         m.shadow_overlap.observe(overlap)
-        m.shadow_category_agreement.labels("agree" if category == item.champion_category else "disagree").inc()
+        agree = answer.category == item.champion_category
+        m.shadow_category_agreement.labels("agree" if agree else "disagree").inc()
         m.shadow_latency.labels("shadow").observe(seconds)
         m.shadow_latency.labels("champion").observe(item.champion_seconds)
         m.shadow_requests.labels("ok").inc()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel
 
@@ -34,7 +33,8 @@ class ShopguideEncoder(PythonModel):
         return pd.DataFrame(
             {
                 "query": queries,
-                "category": np.asarray(self.encoder.labels)[logits.argmax(1)],
+                # the served rule: the top category, or None outside the taxonomy (the bundle's threshold)
+                "category": [a.category for a in self.encoder.categories(logits, emb)],
                 "product_ids": [self.index.product_ids[r].tolist() for r in rows],
                 "scores": [s.round(6).tolist() for s in scores],
             }

@@ -225,6 +225,7 @@ def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
             "compression_reason": exported.get("reason"),
             "lexical_validation_ndcg_by_weight": lexical.get("validation_ndcg_by_weight"),
         },
+        category=cfg.category,  # the abstention threshold is calibrated here and stored in the bundle
     )
     paths = Paths.from_env()
     registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)

@@ -97,7 +97,9 @@ def test_search_answers_with_the_champion_version(client: TestClient, champion: 
     body = _search(client, query="  cordless drill  ", k=K)
     assert body["model_version"] == champion.version
     assert body["query"] == "cordless drill"
-    assert body["category"] in json.loads((champion.bundle_dir / LABELS_FILE).read_text())
+    # a category of the taxonomy, or none (with the reason) outside it
+    assert body["category"] in json.loads((champion.bundle_dir / LABELS_FILE).read_text()) + [None]
+    assert (body["category"] is None) == (body["category_abstained_reason"] is not None)
     assert body["personalized"] is False and body["fallback_reason"] is None
     results = body["results"]
     assert len(results) == K

@@ -94,7 +94,9 @@ def test_classify_and_embed_match_the_encoder(
     alone = [predictor.encoder.encode([q.strip()]) for q in queries]
     emb, logits = np.concatenate([e for e, _ in alone]), np.concatenate([lg for _, lg in alone])
     assert [r["query"] for r in body["results"]] == [q.strip() for q in queries]
-    assert [r["category"] for r in body["results"]] == [predictor.labels[i] for i in logits.argmax(1)]
+    answers = predictor.categories(logits, emb)  # the top category, or null outside the taxonomy
+    assert [a.top_category for a in answers] == [predictor.labels[i] for i in logits.argmax(1)]
+    assert [r["category"] for r in body["results"]] == [a.category for a in answers]
     assert all(0 < r["probability"] <= 1 for r in body["results"])
 
     response = client.post("/v1/embed", json={"texts": queries})
