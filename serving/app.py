@@ -26,7 +26,7 @@ from pipelines.runtime import personalize
 from serving.logs import configure_logging
 from serving.metrics import Metrics
 from serving.online_features import FeaturesUnavailable, OnlineFeatures
-from serving.predictor import ModelUnavailable, Predictor, load_options, resolve
+from serving.predictor import ModelUnavailable, Predictor, load_options, registry_bounds, resolve
 from serving.schemas import (
     Category,
     ClassifyRequestBase,
@@ -123,7 +123,7 @@ class ServingState:
                 loaded.source,
                 loaded.search_kind,
             )
-            self.warm_features()
+            self.warm_features(loaded)
             if loaded.needs_ann(load_options(self.settings).ann):
                 threading.Thread(
                     target=self._upgrade_search, args=(loaded,), name="shopguide-ann-build", daemon=True
@@ -178,17 +178,32 @@ class ServingState:
             )
         shadow.champion_version = self.predictor.version if self.predictor else None
 
-    def warm_features(self) -> None:
-        """Connect to Feast in a daemon thread (import, FeatureService resolution, a first read), so that none of
-        it lands on the first personalised request and /readyz never waits for the feature store."""
+    def warm_features(self, predictor: Predictor) -> None:
+        """Connect to Feast in a daemon thread (import, FeatureService resolution, a first read), then read the
+        popularity fallback of `predictor`'s catalog once, so that none of it lands on a request and /readyz never
+        waits for the feature store. Requests that come before the popularity is read get the flagged empty
+        fallback and trigger no read of their own (OnlineFeatures.popularity's single flight)."""
 
         def warm() -> None:
             started = time.perf_counter()
             problem = self.features.warm_up()
-            if problem is None:
-                log.info("online features ready in %.1f s", time.perf_counter() - started)
-            else:
+            if problem is not None:
                 log.info("online features not warmed up (requests will retry): %s", problem)
+                return
+            log.info("online features ready in %.1f s", time.perf_counter() - started)
+            if self.predictor is not predictor:
+                return  # swapped again meanwhile: that version's own warm-up reads its popularity
+            started = time.perf_counter()
+            problem = self.features.warm_popularity(predictor.index.product_ids)
+            if problem is None:
+                log.info(
+                    "popularity of version %s (%d products) read in %.1f s",
+                    predictor.version,
+                    len(predictor.index),
+                    time.perf_counter() - started,
+                )
+            else:
+                log.warning("popularity of version %s not read (requests will retry): %s", predictor.version, problem)
 
         threading.Thread(target=warm, name="shopguide-features-warmup", daemon=True).start()
 
@@ -351,6 +366,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     An injected `predictor` is served as is (no registry lookups, no polling, no shadow).
     """
     settings = settings or Settings()
+    settings.check_deployment()  # again: model_copy(update=...) skips the validators
     metrics = Metrics()
     state = ServingState(settings, OnlineFeatures(settings.paths), metrics)
     if predictor is not None:
@@ -363,19 +379,28 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_level)
-        if state.predictor is None:
-            # A failed load leaves the process up but not ready (/readyz 503); the poll keeps retrying.
-            await asyncio.to_thread(state.refresh)
-        task = asyncio.create_task(_poll(state)) if poll else None
-        try:
-            yield
-        finally:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            if state.shadow is not None:
-                state.shadow.close()
+        if not settings.api_keys:
+            log.warning(
+                "no SHOPGUIDE_API_KEYS: the API is open to anyone who can reach it (allowed for deployment %r only)",
+                settings.deployment,
+            )
+        # Every MLflow call of this process from here on is bounded: MLflow down costs seconds, not minutes.
+        with registry_bounds(settings):
+            if state.predictor is None:
+                # A failed load leaves the process up but not ready (/readyz 503); the poll keeps retrying.
+                await asyncio.to_thread(state.refresh)
+            else:
+                state.warm_features(state.predictor)
+            task = asyncio.create_task(_poll(state)) if poll else None
+            try:
+                yield
+            finally:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                if state.shadow is not None:
+                    state.shadow.close()
 
     app = FastAPI(
         title="shopguide",
@@ -468,7 +493,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         popularity = None
         if len(rows) == 0:
             try:
-                popularity = state.features.popularity(predictor.index.product_ids)
+                # never reads here: the version's warm-up reads it once; until then the flagged empty fallback
+                popularity = state.features.popularity(predictor.index.product_ids, wait=False)
             except Exception as exc:  # no popularity either: an empty, flagged answer, never a 500
                 log.warning("no popularity fallback for user %s: %s", body.user_id, exc)
         t = _stage(ctx, metrics, "features", t)

@@ -127,8 +127,10 @@ class OnlineFeatures:
         self._last_error = ""
         self._lock = threading.Lock()
         self._popularity_ttl_s = popularity_ttl_s
-        self._popularity: tuple[float, np.ndarray, np.ndarray] | None = None  # (read at, product ids, scores)
-        self._refreshing = threading.Lock()  # at most one background popularity refresh at a time
+        # (read at, product ids, scores), newest first: the version being served and the one before it (requests
+        # still in flight on the old version after a swap, or a rollback, keep their scores)
+        self._popularity: tuple[tuple[float, np.ndarray, np.ndarray], ...] = ()
+        self._refreshing = threading.Lock()  # single flight: at most one popularity read at a time, whoever asks
 
     def _fail(self, message: str, exc: Exception) -> FeaturesUnavailable:
         self._last_error = f"{message}: {type(exc).__name__}: {exc}"
@@ -200,6 +202,9 @@ class OnlineFeatures:
         """product_v1 rows (views_30d, clicks_30d, ctr) for the given products, in order; None without a row."""
         return self._read(self._product_service_name, [int(p) for p in product_ids])
 
+    def _cached_popularity(self, product_ids: np.ndarray) -> tuple[float, np.ndarray, np.ndarray] | None:
+        return next((entry for entry in self._popularity if entry[1] is product_ids), None)
+
     def _read_popularity(self, product_ids: np.ndarray) -> np.ndarray:
         from pipelines.runtime.personalize import popularity_scores
 
@@ -207,39 +212,61 @@ class OnlineFeatures:
         views = np.asarray([(r.get("views_30d") or 0) if r else 0 for r in rows], dtype=np.float64)
         clicks = np.asarray([(r.get("clicks_30d") or 0) if r else 0 for r in rows], dtype=np.float64)
         scores = popularity_scores(views, clicks)
-        self._popularity = (time.monotonic(), product_ids, scores)
+        others = tuple(entry for entry in self._popularity if entry[1] is not product_ids)
+        self._popularity = ((time.monotonic(), product_ids, scores), *others)[:2]  # one assignment: readers never lock
         return scores
 
+    def _fresh(self, product_ids: np.ndarray) -> bool:
+        cached = self._cached_popularity(product_ids)
+        return cached is not None and time.monotonic() - cached[0] < self._popularity_ttl_s
+
     def _refresh_popularity(self, product_ids: np.ndarray) -> None:
+        """The background read, holding the single-flight lock its starter acquired."""
         try:
-            self._read_popularity(product_ids)
+            if not self._fresh(product_ids):  # the load-time warm may have finished between the check and the start
+                self._read_popularity(product_ids)
         except FeaturesUnavailable:
-            pass  # keep serving the previous scores; the next call past the ttl tries again
+            pass  # keep serving the previous scores (or the fallback); a later call tries again
         finally:
             self._refreshing.release()
+
+    def _start_refresh(self, product_ids: np.ndarray) -> None:
+        if self._refreshing.acquire(blocking=False):  # a read is in flight: it is the one that answers
+            threading.Thread(
+                target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh", daemon=True
+            ).start()
+
+    def warm_popularity(self, product_ids: np.ndarray) -> str | None:
+        """Read the popularity of a model version's products now, in the calling thread (the service calls it from
+        its warm-up thread when a version is loaded, so no request pays the read). Single flight: a read in flight
+        is waited out, and one that already covered these ids is not repeated. Returns why not, or None."""
+        with self._refreshing:
+            if self._fresh(product_ids):
+                return None
+            try:
+                self._read_popularity(product_ids)
+            except FeaturesUnavailable as exc:
+                return str(exc)
+        return None
 
     def popularity(self, product_ids: np.ndarray, wait: bool = True) -> np.ndarray:
         """runtime.personalize.popularity_scores of these products from product_v1 (one per id, 0 without a row).
 
         The read covers the whole id array (a model version's index: 54,667 products, 1.5-6 s of CPU on a busy
-        2-core machine), so the scores are cached per id array (compared by identity: pass the index's own array).
-        Past `popularity_ttl_s` a call never waits: it returns the cached scores and refreshes them in a background
-        thread. With nothing cached for this array yet, `wait=True` reads synchronously; `wait=False` starts the
-        read in the background and raises FeaturesUnavailable at once (call it when a model version is loaded to
-        warm the cache without holding anything). Raises FeaturesUnavailable when nothing is cached for this array
-        and the store cannot answer.
+        2-core machine), so the scores are cached per id array (compared by identity: pass the index's own array),
+        for the two most recent arrays. Past `popularity_ttl_s` a call never waits: it returns the cached scores and
+        refreshes them in a background thread. With nothing cached for this array yet, `wait=True` reads
+        synchronously (offline callers); `wait=False` (the request path) never reads on the caller's thread: it
+        starts the background read unless one is in flight (single flight, so concurrent requests after a hot swap
+        cause one read, not one each) and raises FeaturesUnavailable at once. Raises FeaturesUnavailable when
+        nothing is cached for this array and the store cannot answer.
         """
-        cached = self._popularity
-        if cached is None or cached[1] is not product_ids:
+        cached = self._cached_popularity(product_ids)
+        if cached is None:
             if wait:
                 return self._read_popularity(product_ids)
-            if self._refreshing.acquire(blocking=False):
-                threading.Thread(
-                    target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh", daemon=True
-                ).start()
+            self._start_refresh(product_ids)
             raise FeaturesUnavailable("product popularity is being read (warming up)")
-        if time.monotonic() - cached[0] >= self._popularity_ttl_s and self._refreshing.acquire(blocking=False):
-            threading.Thread(
-                target=self._refresh_popularity, args=(product_ids,), name="popularity-refresh", daemon=True
-            ).start()
+        if time.monotonic() - cached[0] >= self._popularity_ttl_s:
+            self._start_refresh(product_ids)
         return cached[2]

@@ -7,15 +7,25 @@ import hashlib
 import json
 import logging
 import os
+import sys
+import uuid
+from collections.abc import Iterator
 from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from pipelines.registry.mlflow_client import BUNDLE_ARTIFACT, alias_version, download_bundle, missing_files
+from pipelines.registry.mlflow_client import (
+    BUNDLE_ARTIFACT,
+    BundleMismatch,
+    alias_version,
+    download_bundle,
+    missing_files,
+    version_manifest,
+)
 from pipelines.runtime import personalize
-from pipelines.runtime.bundle import ENCODER_FILE, ONNX_FILE
+from pipelines.runtime.bundle import ENCODER_FILE, ONNX_FILE, bundle_manifest, manifest_mismatches
 from pipelines.runtime.category import CategoryAnswer
 from pipelines.runtime.encoder import OnnxEncoder, OrtOptimization
 from pipelines.runtime.index import ProductIndex
@@ -25,11 +35,51 @@ from serving.settings import Settings
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Hit", "LoadOptions", "ModelUnavailable", "Predictor", "load_options", "resolve"]
+__all__ = [
+    "Hit",
+    "LoadOptions",
+    "ModelUnavailable",
+    "Predictor",
+    "load_options",
+    "registry_bounds",
+    "resolve",
+    "verify_cached",
+]
+
+# Beside <cache>/<version>/ (outside the folder MLflow downloads into): the sha256 manifest recorded on the version at
+# registration, which download_bundle verified the bundle against. A cached bundle is loaded only if it still matches
+# it: with the registry down there is nothing else to check it against.
+MANIFEST_SUFFIX = ".manifest.json"
+_MISMATCHES_SHOWN = 10
 
 
 class ModelUnavailable(RuntimeError):
     """No servable version: the alias cannot be resolved or downloaded and the local cache holds no complete bundle."""
+
+
+@contextlib.contextmanager
+def registry_bounds(settings: Settings) -> Iterator[None]:
+    """Bound every MLflow HTTP request made while the block runs: SHOPGUIDE_REGISTRY_TIMEOUT_SECONDS to connect and
+    per read, and no retries (the model poll is the service's retry). Restores the previous values on exit.
+
+    MLflow reads both variables on every request (mlflow.utils.rest_utils.http_request); its defaults, 7 retries
+    with exponential backoff and a 120 s timeout, kept a start-up with the tracking server down busy for 265 s
+    (connection refused) or over 5 min (a server that accepts and never answers) before it could say "not ready".
+    """
+    wanted = {
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(settings.registry_timeout_seconds),
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+    }
+    previous = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @dataclass(frozen=True)
@@ -217,6 +267,65 @@ def _pointer(cache: Path, alias: str) -> Path:
     return cache / f"{alias}.json"
 
 
+def _import_mlflow_http_plugins(tracking_uri: str) -> None:
+    """Before MLflow's first HTTP request: import Feast the service's way (without torch).
+
+    That request loads MLflow's request-header plugins (entry points), and Feast registers one
+    (feast.infra.data_sources.mlflow.auth), whose import pulls in the feast package and, through it, torch: 14-16 s
+    and ~180 MB on a busy 2-core machine, on the start-up path, in a service that never uses torch. With Feast
+    already imported, loading the plugin costs ~2 s and no torch.
+    """
+    if tracking_uri.startswith(("http://", "https://")) and "feast" not in sys.modules:
+        from pipelines.features.store import import_feast
+
+        import_feast()
+
+
+def _manifest_file(cache: Path, version: str) -> Path:
+    return cache / f"{version}{MANIFEST_SUFFIX}"
+
+
+def _save_manifest(cache: Path, version: str, manifest: dict[str, str]) -> None:
+    target = _manifest_file(cache, version)
+    # a unique partial name: replicas sharing the cache volume may save the same version at once
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    partial.write_text(json.dumps(manifest, indent=0, sort_keys=True))
+    os.replace(partial, target)
+
+
+def verify_cached(cache: Path, version: str, bundle: Path) -> None:
+    """Raise BundleMismatch unless the cached `bundle` of `version` matches, file by file (sha256), the manifest
+    saved beside it when it was downloaded and verified. A bundle without a saved manifest (cached before manifests,
+    or by a download that did not finish) is not trusted."""
+    where = _manifest_file(cache, version)
+    try:
+        manifest = json.loads(where.read_text())
+    except FileNotFoundError:
+        raise BundleMismatch(f"cached version {version} has no verified manifest ({where}): not trusted") from None
+    except (OSError, ValueError) as exc:
+        raise BundleMismatch(f"cached version {version}: its manifest {where} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or not manifest:
+        raise BundleMismatch(f"cached version {version}: its manifest {where} lists no files")
+    mismatches = manifest_mismatches(bundle, manifest)
+    if mismatches:
+        shown = ", ".join(mismatches[:_MISMATCHES_SHOWN])
+        more = f" and {len(mismatches) - _MISMATCHES_SHOWN} more" if len(mismatches) > _MISMATCHES_SHOWN else ""
+        raise BundleMismatch(f"cached version {version} differs from the manifest verified at download: {shown}{more}")
+
+
+def _download_verified(settings: Settings, version: str) -> Path:
+    """The version's bundle in the serving cache, verified by download_bundle against the manifest recorded at
+    registration (a cached copy that differs is downloaded again), with that manifest saved beside it for start-ups
+    with the registry down."""
+    paths, cache = settings.paths, _cache_dir(settings)
+    recorded = version_manifest(paths, settings.model_name, version)
+    bundle = download_bundle(paths, settings.model_name, version, cache)
+    # A version registered before manifests has no record (download_bundle logs it as unverified): save what the
+    # registry served, so that a later change to the cached copy still shows.
+    _save_manifest(cache, version, recorded if recorded is not None else bundle_manifest(bundle))
+    return bundle
+
+
 def _remember(cache: Path, alias: str, version: str) -> None:
     partial = _pointer(cache, alias).with_suffix(".json.tmp")
     partial.write_text(json.dumps({"version": version}))
@@ -283,13 +392,18 @@ def resolve(
         return Resolution(predictor, outcome="loaded")
 
     paths, cache = settings.paths, _cache_dir(settings)
-    # alias_version folds "registry unreachable" and "no such alias" into None; both mean "use what we have".
-    version = alias_version(paths, settings.model_name, alias)
+    # "No such alias" (None) and "registry unreachable" (an error) both mean "use what we have".
+    _import_mlflow_http_plugins(paths.mlflow_tracking_uri)
+    try:
+        version = alias_version(paths, settings.model_name, alias)
+        unresolved = ""
+    except Exception as exc:
+        version, unresolved = None, f": {type(exc).__name__}: {exc}"[:300]
     if version is not None and current is not None and current.version == version:
         return Resolution(current)
     if version is not None:
         try:
-            bundle = download_bundle(paths, settings.model_name, version, cache)
+            bundle = _download_verified(settings, version)
             predictor = Predictor.load(bundle, version, "registry", options, build_ann)
         except Exception as exc:  # a broken artifact store or bundle must not take the serving version down
             problem = f"{alias} -> version {version} not loaded: {type(exc).__name__}: {exc}"[:400]
@@ -300,14 +414,26 @@ def resolve(
             log.info("loaded %s@%s = version %s from the registry", settings.model_name, alias, version)
             return Resolution(predictor, outcome="loaded")
     else:
-        problem = f"cannot resolve {settings.model_name}@{alias} in the registry"
+        problem = f"cannot resolve {settings.model_name}@{alias} in the registry{unresolved}"[:400]
         outcome = "registry_unavailable"
-        log.warning("cannot resolve %s@%s in the registry at %s", settings.model_name, alias, paths.mlflow_tracking_uri)
+        log.warning(
+            "cannot resolve %s@%s in the registry at %s%s",
+            settings.model_name,
+            alias,
+            paths.mlflow_tracking_uri,
+            unresolved,
+        )
     if current is not None:
         return Resolution(current, problem, outcome)
     for cached_version, bundle in cached_bundles(settings, alias) if use_cache else []:
         if cached_version == version:
             continue  # it just failed to load
+        try:
+            verify_cached(cache, cached_version, bundle)
+        except BundleMismatch as exc:
+            log.error("refusing cached %s version %s: %s", settings.model_name, cached_version, exc)
+            problem = f"refused {exc}; {problem}"  # first: readiness details are cut at 400 characters
+            continue
         try:
             predictor = Predictor.load(bundle, cached_version, "cache", options, build_ann)
         except Exception as exc:
@@ -315,7 +441,5 @@ def resolve(
             continue
         log.warning("serving cached %s version %s (%s)", settings.model_name, cached_version, problem)
         return Resolution(predictor, problem, "cache")
-    raise ModelUnavailable(
-        f"{settings.model_name}@{alias} cannot be resolved or downloaded and {cache} holds no "
-        f"loadable bundle" + (f" ({problem})" if problem else "")
-    )
+    # why first: readiness details are cut at 400 characters
+    raise ModelUnavailable(f"{settings.model_name}@{alias}: {problem}; and no loadable bundle in the cache {cache}")

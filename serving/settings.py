@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -105,8 +105,23 @@ class Settings(BaseSettings):
     api_keys: frozenset[str] = Field(
         frozenset(),
         alias="SHOPGUIDE_API_KEYS",
-        description="Comma-separated keys accepted in X-API-Key; empty = no auth. "
+        description="Comma-separated keys accepted in X-API-Key; empty = no auth (refused in production). "
         "/healthz, /readyz and the API docs stay open.",
+    )
+    deployment: Literal["local", "production"] = Field(
+        "local",
+        alias="SHOPGUIDE_DEPLOYMENT",
+        description="local: an open service is allowed (with a warning); production: SHOPGUIDE_API_KEYS is required "
+        "and the service refuses to start without it.",
+    )
+    registry_timeout_seconds: int = Field(
+        5,
+        ge=1,
+        le=300,
+        alias="SHOPGUIDE_REGISTRY_TIMEOUT_SECONDS",
+        description="Bound on each MLflow HTTP request of the service (connect and each read; no retries: the poll "
+        "is the retry). Start-up with MLflow down spends at most this long on the registry before serving the "
+        "cached version or staying not ready.",
     )
 
     # Fast path. Defaults are what measured best on a loaded 2-core machine (bench/serving.py, issue 7 notes).
@@ -177,6 +192,19 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return frozenset(k.strip() for k in value.split(",") if k.strip())
         return value
+
+    @model_validator(mode="after")
+    def _production_needs_keys(self) -> Settings:
+        self.check_deployment()
+        return self
+
+    def check_deployment(self) -> None:
+        """Refuse an open production service (also called by create_app: model_copy skips validators)."""
+        if self.deployment == "production" and not self.api_keys:
+            raise ValueError(
+                "SHOPGUIDE_DEPLOYMENT=production requires SHOPGUIDE_API_KEYS (comma-separated keys clients send in "
+                "X-API-Key): refusing to start an open production service"
+            )
 
     @field_validator("shadow_alias", mode="before")
     @classmethod
