@@ -165,14 +165,23 @@ def prune_folders(folders: list[Path]) -> int:
     return freed
 
 
-def stale_cache_entries(cache: Path, keep_versions: set[str], keep_files: int, suffix: str = ".usearch") -> list[Path]:
-    """A serving cache's entries to delete: downloaded versions (folders named by version) not in keep_versions, and
-    all but the `keep_files` most recently used files with `suffix` (HNSW graphs, named by content hash)."""
+def stale_cache_entries(cache: Path, keep_versions: set[str]) -> list[Path]:
+    """A model's serving cache (`<version>/` folders beside their `<version>.manifest.json`, the service's layout)
+    entries for versions not in keep_versions; temporary download folders (dot names) are never touched."""
     if not cache.is_dir():
         return []
     folders = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in keep_versions]
-    files = sorted((p for p in cache.rglob(f"*{suffix}") if p.is_file()), key=lambda p: p.stat().st_mtime)
-    return folders + files[: max(len(files) - keep_files, 0)]
+    return folders + [m for f in folders if (m := cache / f"{f.name}.manifest.json").is_file()]
+
+
+def least_recent_files(folder: Path, keep: int, suffix: str) -> list[Path]:
+    """All but the `keep` most recently modified files with `suffix` (the HNSW graphs, named by content hash)."""
+    if not folder.is_dir():
+        return []
+    files = sorted(
+        (p for p in folder.iterdir() if p.is_file() and p.name.endswith(suffix)), key=lambda p: p.stat().st_mtime
+    )
+    return files[: max(len(files) - keep, 0)]
 
 
 def remove(paths: list[Path]) -> int:

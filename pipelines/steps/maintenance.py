@@ -26,7 +26,9 @@ def prune(params: dict[str, Any], paths: Paths | None = None, now: datetime | No
     deleted = [] if dry_run else retention.apply_version_verdicts(paths, model, verdicts)
     runs = retention.stale_folders(paths.runs, policy.run_dirs_days, now.timestamp())
     kept = {v.version for v in verdicts if v.keep}
-    cache = retention.stale_cache_entries(paths.serving_cache, kept, keep_files=policy.keep_candidates + 2)
+    # the service's layout (serving/predictor.py): <cache>/<model>/<version>/ and <cache>/ann/<hash>.usearch
+    cache = retention.stale_cache_entries(paths.serving_cache / model, kept)
+    cache += retention.least_recent_files(paths.serving_cache / "ann", len(kept), ".usearch")
     freed = 0 if dry_run else retention.prune_folders(runs) + retention.remove(cache)
     report = {
         "dry_run": dry_run,

@@ -106,14 +106,21 @@ def test_run_folders_go_by_their_newest_file_and_caches_by_use(tmp_path) -> None
     cache = tmp_path / "cache"
     for version in ("3", "4", "5"):
         (cache / version).mkdir(parents=True)
+        (cache / f"{version}.manifest.json").write_text("{}")
     (cache / ".6.tmp-abc").mkdir()  # a download in progress is never touched
-    for i, name in enumerate(("a.usearch", "b.usearch", "c.usearch")):
-        (cache / name).write_bytes(b"g")
-        os.utime(cache / name, (now - 100 + i, now - 100 + i))
-    stale = retention.stale_cache_entries(cache, {"4", "5"}, keep_files=2)
-    assert sorted(p.name for p in stale) == ["3", "a.usearch"]
+    (cache / "champion.json").write_text("{}")  # the alias pointer
+    stale = retention.stale_cache_entries(cache, {"4", "5"})
+    assert sorted(p.name for p in stale) == ["3", "3.manifest.json"]
     retention.remove(stale)
-    assert sorted(p.name for p in cache.iterdir()) == [".6.tmp-abc", "4", "5", "b.usearch", "c.usearch"]
+    left = sorted(p.name for p in cache.iterdir())
+    assert left == [".6.tmp-abc", "4", "4.manifest.json", "5", "5.manifest.json", "champion.json"]
+
+    ann = tmp_path / "ann"
+    ann.mkdir()
+    for i, name in enumerate(("a.usearch", "b.usearch", "c.usearch")):
+        (ann / name).write_bytes(b"g")
+        os.utime(ann / name, (now - 100 + i, now - 100 + i))
+    assert [p.name for p in retention.least_recent_files(ann, 2, ".usearch")] == ["a.usearch"]
 
 
 def test_prune_step_reports_first_and_deletes_only_without_dry_run(tmp_path) -> None:
