@@ -165,13 +165,16 @@ def prune_folders(folders: list[Path]) -> int:
     return freed
 
 
-def stale_cache_entries(cache: Path, keep_versions: set[str]) -> list[Path]:
+def stale_cache_entries(cache: Path, keep_versions: set[str], now: float | None = None) -> list[Path]:
     """A model's serving cache (`<version>/` folders beside their `<version>.manifest.json`, the service's layout)
-    entries for versions not in keep_versions; temporary download folders (dot names) are never touched."""
+    entries for versions not in keep_versions, and temporary download folders (dot names) a killed process left
+    behind: untouched for a day (a download in progress writes into its folder all the time)."""
     if not cache.is_dir():
         return []
+    now = time.time() if now is None else now
     folders = [p for p in cache.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in keep_versions]
-    return folders + [m for f in folders if (m := cache / f"{f.name}.manifest.json").is_file()]
+    leftovers = [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(".") and now - newest_mtime(p) > DAY]
+    return folders + [m for f in folders if (m := cache / f"{f.name}.manifest.json").is_file()] + leftovers
 
 
 def least_recent_files(folder: Path, keep: int, suffix: str) -> list[Path]:

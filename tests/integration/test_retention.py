@@ -108,9 +108,11 @@ def test_run_folders_go_by_their_newest_file_and_caches_by_use(tmp_path) -> None
         (cache / version).mkdir(parents=True)
         (cache / f"{version}.manifest.json").write_text("{}")
     (cache / ".6.tmp-abc").mkdir()  # a download in progress is never touched
+    (cache / ".2.partial").mkdir()  # ... but one a killed process left two days ago is
+    os.utime(cache / ".2.partial", (now - 2 * retention.DAY, now - 2 * retention.DAY))
     (cache / "champion.json").write_text("{}")  # the alias pointer
-    stale = retention.stale_cache_entries(cache, {"4", "5"})
-    assert sorted(p.name for p in stale) == ["3", "3.manifest.json"]
+    stale = retention.stale_cache_entries(cache, {"4", "5"}, now)
+    assert sorted(p.name for p in stale) == [".2.partial", "3", "3.manifest.json"]
     retention.remove(stale)
     left = sorted(p.name for p in cache.iterdir())
     assert left == [".6.tmp-abc", "4", "4.manifest.json", "5", "5.manifest.json", "champion.json"]
