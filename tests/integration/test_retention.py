@@ -9,6 +9,8 @@ import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from pipelines.config import Paths, RetentionConfig
 from pipelines.registry import mlflow_client as registry
 from pipelines.registry import retention
@@ -52,9 +54,11 @@ def add_version(paths: Paths, model: str, folder: Path, gate_passed: bool) -> tu
     return str(mv.version), logged.model_id
 
 
-def registry_with_versions(tmp_path: Path, model: str, passed: tuple[bool, ...]) -> tuple[Paths, list[tuple[str, str]]]:
+def registry_with_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: str, passed: tuple[bool, ...]
+) -> tuple[Paths, list[tuple[str, str]]]:
     paths = Paths(tmp_path / "home")
-    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # this test's own store; restored afterwards
     bundle = tmp_path / "model" / "artifacts" / registry.BUNDLE_ARTIFACT
     for name in REQUIRED_FILES:
         (bundle / name).parent.mkdir(parents=True, exist_ok=True)
@@ -63,8 +67,8 @@ def registry_with_versions(tmp_path: Path, model: str, passed: tuple[bool, ...])
     return paths, [add_version(paths, model, tmp_path / "model", p) for p in passed]
 
 
-def test_pruning_deletes_versions_and_their_artifacts_but_never_a_champion(tmp_path) -> None:
-    paths, made = registry_with_versions(tmp_path, "retention-test", (True, True, False, True))
+def test_pruning_deletes_versions_and_their_artifacts_but_never_a_champion(tmp_path, monkeypatch) -> None:
+    paths, made = registry_with_versions(tmp_path, monkeypatch, "retention-test", (True, True, False, True))
     registry.promote(paths, "retention-test", "1", "first", "test")
     registry.promote(paths, "retention-test", "2", "second", "test")
     artifacts = {v: paths.mlflow_artifacts / "models" / m for v, m in made}
@@ -125,10 +129,10 @@ def test_run_folders_go_by_their_newest_file_and_caches_by_use(tmp_path) -> None
     assert [p.name for p in retention.least_recent_files(ann, 2, ".usearch")] == ["a.usearch"]
 
 
-def test_prune_step_reports_first_and_deletes_only_without_dry_run(tmp_path) -> None:
+def test_prune_step_reports_first_and_deletes_only_without_dry_run(tmp_path, monkeypatch) -> None:
     from pipelines.steps.maintenance import prune
 
-    paths, made = registry_with_versions(tmp_path, "prune-step-test", (True, False, True))
+    paths, made = registry_with_versions(tmp_path, monkeypatch, "prune-step-test", (True, False, True))
     registry.promote(paths, "prune-step-test", "3", "champion", "test")
     profile = tmp_path / "profile.yaml"
     profile.write_text("registry: {model_name: prune-step-test}\nretention: {keep_candidates: 1, run_dirs_days: 7}\n")
