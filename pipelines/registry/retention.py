@@ -161,7 +161,7 @@ def prune_folders(folders: list[Path]) -> int:
     freed = 0
     for folder in folders:
         freed += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
-        shutil.rmtree(folder, ignore_errors=True)
+        shutil.rmtree(folder)  # a folder that cannot be deleted fails the step (and is not counted as freed)
     return freed
 
 
