@@ -336,6 +336,11 @@ def load_config(profile: str = "default", overrides: dict[str, Any] | None = Non
     return ShopguideConfig.model_validate(_merge(raw, _nest(overrides or {})))
 
 
+def safe_name(run_id: str) -> str:
+    """A run id as a folder name: Airflow's contain ':' and '+', which we keep out of paths and URLs."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+
+
 @dataclass(frozen=True)
 class Paths:
     """Every stateful location, under SHOPGUIDE_HOME unless its usual environment variable says otherwise."""
@@ -372,13 +377,23 @@ class Paths:
         return self.home / "runs"
 
     @property
+    def run_store(self) -> str:
+        """Where DAG tasks hand each other folders (pipelines/registry/handoff.py): a URL MLflow's artifact
+        repositories understand; the default is the local runs folder, written in place."""
+        return os.environ.get("SHOPGUIDE_RUN_STORE") or self.runs.as_uri()
+
+    @property
+    def scratch(self) -> Path:
+        """Tasks' own working folders when the run store is not local (removed when each task ends)."""
+        return Path(os.environ.get("SHOPGUIDE_SCRATCH", self.home / "scratch")).resolve()
+
+    @property
     def serving_cache(self) -> Path:
         return self.home / "serving-cache"
 
     def run_dir(self, run_id: str) -> Path:
-        """Per-run working folder; run ids from Airflow contain ':' and '+', which we keep out of paths."""
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-        path = self.runs / safe
+        """Per-run working folder in the local runs folder."""
+        path = self.runs / safe_name(run_id)
         path.mkdir(parents=True, exist_ok=True)
         return path
 

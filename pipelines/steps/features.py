@@ -1,4 +1,5 @@
-"""The features pipeline's steps, one per DAG task: land the event log, materialize it in Feast, check freshness."""
+"""The features pipeline's steps, one per DAG task: land the event log, materialize it in Feast, check freshness.
+The landed log passes between tasks through the run store (pipelines/registry/handoff.py)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from pipelines.config import Paths, load_config
+from pipelines.registry.handoff import task_folders
 
 
 def land_events(profile: str, run_key: str, as_of: datetime) -> dict[str, Any]:
@@ -13,8 +15,9 @@ def land_events(profile: str, run_key: str, as_of: datetime) -> dict[str, Any]:
     from pipelines.data.events import land_events as land
 
     cfg = load_config(profile)
-    out = Paths.from_env().run_dir(run_key)
-    return {**land(cfg.data, out, as_of), "as_of": as_of.isoformat()}
+    with task_folders(run_key) as t:
+        landed = land(cfg.data, t.output("events"), as_of)
+        return t.publish({**landed, "as_of": as_of.isoformat(), "run_key": run_key})
 
 
 def materialize(profile: str, landed: dict[str, Any]) -> dict[str, Any]:
@@ -22,9 +25,9 @@ def materialize(profile: str, landed: dict[str, Any]) -> dict[str, Any]:
     from pipelines.features.store import refresh_features
 
     cfg = load_config(profile)
-    return refresh_features(
-        landed["events_path"], datetime.fromisoformat(landed["as_of"]), cfg.features.recent_products
-    )
+    with task_folders(landed["run_key"]) as t:
+        events = t.stage(landed)["events_path"]
+        return refresh_features(events, datetime.fromisoformat(landed["as_of"]), cfg.features.recent_products)
 
 
 def check_freshness(landed: dict[str, Any], max_age_hours: float, on_stale: str) -> dict[str, Any]:
@@ -44,10 +47,11 @@ def evaluate_personalization(profile: str, landed: dict[str, Any]) -> dict[str, 
     from pipelines.evaluation.personalization import evaluate_registered
 
     cfg = load_config(profile)
-    return evaluate_registered(
-        landed["events_path"],
-        datetime.fromisoformat(landed["as_of"]),
-        model_name=cfg.registry.model_name,
-        weight=cfg.features.personalization_weight,
-        recent_n=cfg.features.recent_products,
-    )
+    with task_folders(landed["run_key"]) as t:
+        return evaluate_registered(
+            t.stage(landed)["events_path"],
+            datetime.fromisoformat(landed["as_of"]),
+            model_name=cfg.registry.model_name,
+            weight=cfg.features.personalization_weight,
+            recent_n=cfg.features.recent_products,
+        )

@@ -1,4 +1,8 @@
-"""The retrain pipeline's steps, one per DAG task: each takes small values, does one thing, logs it, returns JSON."""
+"""The retrain pipeline's steps, one per DAG task: each takes small values, does one thing, logs it, returns JSON.
+
+What one step hands the next (snapshot, models, bundles, reports) lives in the run store (registry/handoff.py):
+each step stages its inputs, writes its outputs and publishes them, so that any step can run on any worker.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import Paths, ShopguideConfig, load_config
+from pipelines.registry.handoff import task_folders
+
+# The export step's output folder: one bundle per variant; the evaluation steps add indexes to them.
+BUNDLES = "bundles"
 
 # DAG Params that may override the config, and where they land (everything else comes from configs/<profile>.yaml).
 PARAM_FIELDS = {
@@ -27,27 +35,26 @@ def config_from_params(params: dict[str, Any]) -> ShopguideConfig:
     return load_config(params.get("profile") or "default", overrides)
 
 
-def _dirs(run_key: str) -> tuple[Paths, Path]:
-    paths = Paths.from_env()
-    return paths, paths.run_dir(run_key)
-
-
 def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str, str]) -> dict[str, Any]:
     """Freeze this run's inputs and open its MLflow run."""
     from pipelines.data.dataset import snapshot_data
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
-    paths, run_dir = _dirs(run_key)
-    snap = snapshot_data(cfg.data, run_dir / "data", datetime.fromisoformat(as_of))
-    mlflow_run = registry.start_run(paths, run_key, {**lineage, "data_snapshot": snap.hash, "profile": cfg.profile})
-    registry.log_step(paths, mlflow_run, "config", {}, params={"json": cfg.model_dump_json()})
-    return {
-        "snapshot_dir": str(snap.path),
-        "snapshot_hash": snap.hash,
-        "mlflow_run_id": mlflow_run,
-        "run_dir": str(run_dir),
-    }
+    paths = Paths.from_env()
+    with task_folders(run_key, paths) as t:
+        snap = snapshot_data(cfg.data, t.output("data"), datetime.fromisoformat(as_of))
+        tags = {**lineage, "data_snapshot": snap.hash, "profile": cfg.profile}
+        mlflow_run = registry.start_run(paths, run_key, tags)
+        registry.log_step(paths, mlflow_run, "config", {}, params={"json": cfg.model_dump_json()})
+        return t.publish(
+            {
+                "snapshot_dir": str(snap.path),
+                "snapshot_hash": snap.hash,
+                "mlflow_run_id": mlflow_run,
+                "run_key": run_key,
+            }
+        )
 
 
 def validate(snap: dict[str, Any]) -> dict[str, Any]:
@@ -67,17 +74,18 @@ def validate(snap: dict[str, Any]) -> dict[str, Any]:
             client.set_tag(run_id, "data_docs", f"{client.get_run(run_id).info.artifact_uri}/data_docs/index.html")
             print(f"Data Docs: {index_html}")
 
-    try:
-        summary = validate_snapshot(snap["snapshot_dir"], Path(snap["run_dir"]) / "validation")
-    except DataValidationError as err:
-        log_data_docs(err.data_docs)
-        client.set_tag(run_id, "validation", "failed")
-        client.log_text(run_id, err.report, "validation_report.txt")
-        registry.end_run(paths, run_id, "FAILED")
-        raise
-    log_data_docs(summary["data_docs"])
-    registry.log_step(paths, run_id, "validate", {"expectations": summary["expectations"]})
-    return {"expectations": summary["expectations"], "success": True, "data_docs": summary["data_docs"]}
+    with task_folders(snap["run_key"], paths) as t:
+        try:
+            summary = validate_snapshot(t.stage(snap)["snapshot_dir"], t.output("validation"))
+        except DataValidationError as err:
+            log_data_docs(err.data_docs)
+            client.set_tag(run_id, "validation", "failed")
+            client.log_text(run_id, err.report, "validation_report.txt")
+            registry.end_run(paths, run_id, "FAILED")
+            raise
+        log_data_docs(summary["data_docs"])
+        registry.log_step(paths, run_id, "validate", {"expectations": summary["expectations"]})
+        return t.publish({"expectations": summary["expectations"], "success": True, "data_docs": summary["data_docs"]})
 
 
 def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
@@ -87,10 +95,13 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     cfg = config_from_params(params)
     paths = Paths.from_env()
     sink = registry.metrics_sink(paths, snap["mlflow_run_id"])  # finetune.loss, finetune.eval_* as they come
-    result = finetune_encoder(snap["snapshot_dir"], Path(snap["run_dir"]) / "finetune", cfg.train, sink)
-    result.pop("loss_history")
-    registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=cfg.train.model_dump())
-    return {"model_dir": result["model_dir"], "final_loss": result["final_loss"], "steps": result["steps"]}
+    with task_folders(snap["run_key"], paths) as t:
+        result = finetune_encoder(t.stage(snap)["snapshot_dir"], t.output("finetune"), cfg.train, sink)
+        result.pop("loss_history")
+        registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=cfg.train.model_dump())
+        return t.publish(
+            {"model_dir": result["model_dir"], "final_loss": result["final_loss"], "steps": result["steps"]}
+        )
 
 
 def _flat(prefix_rows: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -111,15 +122,17 @@ def distill(params: dict[str, Any], snap: dict[str, Any], trained: dict[str, Any
     cfg = config_from_params(params)
     paths = Paths.from_env()
     sink = registry.metrics_sink(paths, snap["mlflow_run_id"])  # distill.<student>.loss as it trains
-    result = distill_students(trained["model_dir"], snap["snapshot_dir"], Path(snap["run_dir"]) / "students", cfg, sink)
-    registry.log_step(
-        paths,
-        snap["mlflow_run_id"],
-        "distill",
-        {"seconds": result["seconds"], **_flat(result["students"])},
-        params=cfg.compress.model_dump(),
-    )
-    return {"models": result["models"], "seconds": result["seconds"]}
+    with task_folders(snap["run_key"], paths) as t:
+        local, teacher = t.stage(snap), t.stage(trained)
+        result = distill_students(teacher["model_dir"], local["snapshot_dir"], t.output("students"), cfg, sink)
+        registry.log_step(
+            paths,
+            snap["mlflow_run_id"],
+            "distill",
+            {"seconds": result["seconds"], **_flat(result["students"])},
+            params=cfg.compress.model_dump(),
+        )
+        return t.publish({"models": result["models"], "seconds": result["seconds"]})
 
 
 def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any]) -> dict[str, Any]:
@@ -128,20 +141,30 @@ def prune(params: dict[str, Any], snap: dict[str, Any], distilled: dict[str, Any
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
-    result = prune_vocabulary(distilled["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "pruned", cfg)
-    registry.log_step(
-        Paths.from_env(), snap["mlflow_run_id"], "prune", {"seconds": result["seconds"], **_flat(result["pruned"])}
-    )
-    return {"models": result["models"], "seconds": result["seconds"]}
+    with task_folders(snap["run_key"]) as t:
+        local, models = t.stage(snap), t.stage(distilled)["models"]
+        result = prune_vocabulary(models, local["snapshot_dir"], t.output("pruned"), cfg)
+        registry.log_step(
+            Paths.from_env(), snap["mlflow_run_id"], "prune", {"seconds": result["seconds"], **_flat(result["pruned"])}
+        )
+        return t.publish({"models": result["models"], "seconds": result["seconds"]})
 
 
 def export(params: dict[str, Any], snap: dict[str, Any], pruned: dict[str, Any]) -> dict[str, Any]:
     """Compression stage 3: an ONNX bundle per variant (optimizer fusions, INT8 per-channel) with its parity."""
     from pipelines.compression.variants import export_variants
-    from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
-    result = export_variants(pruned["models"], snap["snapshot_dir"], Path(snap["run_dir"]) / "bundles", cfg)
+    with task_folders(snap["run_key"]) as t:
+        local, models = t.stage(snap), t.stage(pruned)["models"]
+        result = export_variants(models, local["snapshot_dir"], t.output(BUNDLES), cfg)
+        return t.publish(_exported(cfg, snap, result))
+
+
+def _exported(cfg: ShopguideConfig, snap: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """The export's metrics to MLflow; what later steps need of each variant to XCom."""
+    from pipelines.registry import mlflow_client as registry
+
     rows = {
         name: {"size_mb": v["size_mb"], **{f"parity_{k}": x for k, x in v["parity"].items()}}
         for name, v in result["variants"].items()
@@ -167,12 +190,15 @@ def evaluate_variants(params: dict[str, Any], snap: dict[str, Any], exported: di
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
-    result = evaluate_all(exported, snap["snapshot_dir"], Path(snap["run_dir"]) / "evaluation", cfg)
-    rows = {r["variant"]: {k: v for k, v in r.items() if k not in ("layers", "vocab_size")} for r in result["rows"]}
-    registry.log_step(
-        Paths.from_env(), snap["mlflow_run_id"], "variants", {"seconds": result["seconds"], **_flat(rows)}
-    )
-    return result
+    with task_folders(snap["run_key"]) as t:
+        t.extend(BUNDLES)  # each variant's bundle gets the product index it is evaluated with
+        local = t.stage({"snap": snap, "exported": exported})
+        result = evaluate_all(local["exported"], local["snap"]["snapshot_dir"], t.output("evaluation"), cfg)
+        rows = {r["variant"]: {k: v for k, v in r.items() if k not in ("layers", "vocab_size")} for r in result["rows"]}
+        registry.log_step(
+            Paths.from_env(), snap["mlflow_run_id"], "variants", {"seconds": result["seconds"], **_flat(rows)}
+        )
+        return t.publish(result)
 
 
 def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict[str, Any]) -> dict[str, Any]:
@@ -185,39 +211,48 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
     cfg = config_from_params(params)
     paths = Paths.from_env()
     client = registry.client(paths)
-    out = Path(snap["run_dir"]) / "compression"
-    try:
-        chosen = choose(evaluated, out, cfg)
-    except CompressionFailed as err:
-        client.log_artifacts(snap["mlflow_run_id"], str(out / "report"), "compression")
-        client.set_tag(snap["mlflow_run_id"], "compression", f"failed: {err}"[:5000])
-        registry.end_run(paths, snap["mlflow_run_id"], "FAILED")
-        raise
-    client.log_artifacts(snap["mlflow_run_id"], chosen["report_dir"], "compression")
-    client.set_tag(snap["mlflow_run_id"], "compression_variant", chosen["variant"])
-    client.set_tag(snap["mlflow_run_id"], "compression_reason", chosen["reason"][:5000])
-    registry.log_step(paths, snap["mlflow_run_id"], "selected", chosen["metrics"])
-    return {
-        "bundle_dir": chosen["bundle_dir"],
-        "parity_cosine_min": chosen["parity_cosine_min"],
-        "variant": chosen["variant"],
-        "reason": chosen["reason"],
-        "fallback": chosen["fallback"],
-    }
+    with task_folders(snap["run_key"], paths) as t:
+        out = t.output("compression")
+        try:
+            chosen = choose(evaluated, out, cfg)  # the rows' bundle URLs pass through as they are
+        except CompressionFailed as err:
+            client.log_artifacts(snap["mlflow_run_id"], str(out / "report"), "compression")
+            client.set_tag(snap["mlflow_run_id"], "compression", f"failed: {err}"[:5000])
+            registry.end_run(paths, snap["mlflow_run_id"], "FAILED")
+            raise
+        client.log_artifacts(snap["mlflow_run_id"], chosen["report_dir"], "compression")
+        client.set_tag(snap["mlflow_run_id"], "compression_variant", chosen["variant"])
+        client.set_tag(snap["mlflow_run_id"], "compression_reason", chosen["reason"][:5000])
+        registry.log_step(paths, snap["mlflow_run_id"], "selected", chosen["metrics"])
+        return {
+            "bundle_dir": chosen["bundle_dir"],
+            "parity_cosine_min": chosen["parity_cosine_min"],
+            "variant": chosen["variant"],
+            "reason": chosen["reason"],
+            "fallback": chosen["fallback"],
+        }
 
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
+
+    cfg = config_from_params(params)
+    with task_folders(snap["run_key"]) as t:
+        t.extend(BUNDLES)  # the selected bundle gets its BM25 index, category calibration and error sample
+        local = t.stage({"snap": snap, "selected": exported})
+        return t.publish(_evaluate(cfg, snap["mlflow_run_id"], local["snap"]["snapshot_dir"], local["selected"]))
+
+
+def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported: dict[str, Any]) -> dict[str, Any]:
     from pipelines.evaluation.evaluate import evaluate_bundle
     from pipelines.evaluation.fusion import build_lexical_index
     from pipelines.registry import mlflow_client as registry
     from pipelines.runtime.bundle import ERRORS_FILE
 
-    cfg = config_from_params(params)
-    lexical = build_lexical_index(exported["bundle_dir"], snap["snapshot_dir"], cfg.search, cfg.evaluate)
+    lexical = build_lexical_index(exported["bundle_dir"], snapshot_dir, cfg.search, cfg.evaluate)
     print(f"hybrid search: {lexical}")
     report = evaluate_bundle(
         exported["bundle_dir"],
-        snap["snapshot_dir"],
+        snapshot_dir,
         cfg.evaluate,
         parity_cosine_min=exported["parity_cosine_min"],
         extra={
@@ -228,8 +263,8 @@ def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, A
         category=cfg.category,  # the abstention threshold is calibrated here and stored in the bundle
     )
     paths = Paths.from_env()
-    registry.log_step(paths, snap["mlflow_run_id"], "evaluate", report)
-    registry.client(paths).log_artifact(snap["mlflow_run_id"], str(Path(exported["bundle_dir"]) / ERRORS_FILE))
+    registry.log_step(paths, mlflow_run, "evaluate", report)
+    registry.client(paths).log_artifact(mlflow_run, str(Path(exported["bundle_dir"]) / ERRORS_FILE))
     return report
 
 
@@ -282,15 +317,17 @@ def register(
         # the model card's comparison column only: an unreadable champion report already failed the gate
         with contextlib.suppress(registry.ReportUnreadable):
             champion_report = registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
-    bundle = Path(exported["bundle_dir"])
     lineage = {**lineage, "mlflow_run_id": snap["mlflow_run_id"], "data_snapshot": snap["snapshot_hash"]}
-    registry.write_model_card(bundle, report, champion_report, decision, lineage)
     tags = {
         **lineage,
         "gate_passed": str(decision["passed"]).lower(),
         "gate_reasons": json.dumps(decision["reasons"])[:5000],
     }
-    version = registry.register_bundle(paths, snap["mlflow_run_id"], bundle, cfg.registry.model_name, run_key, tags)
+    with task_folders(run_key, paths) as t:
+        # the model card goes into the registered copy only (a staged one where the run store is remote)
+        bundle = Path(t.stage(exported)["bundle_dir"])
+        registry.write_model_card(bundle, report, champion_report, decision, lineage)
+        version = registry.register_bundle(paths, snap["mlflow_run_id"], bundle, cfg.registry.model_name, run_key, tags)
     # @challenger is the newest candidate: a re-run of an older DAG run finds its version and must not pull it back
     challenger = registry.alias_version(paths, cfg.registry.model_name, registry.CHALLENGER)
     if challenger is None or int(challenger) < int(version):

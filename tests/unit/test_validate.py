@@ -296,14 +296,12 @@ def test_retrain_step_logs_data_docs_to_mlflow_also_when_validation_fails(snapsh
     paths = Paths.from_env()
     client = registry.client(paths)
     good_run = registry.start_run(paths, "test_validate_good", {})
-    good = retrain.validate(
-        {"snapshot_dir": str(snapshot.path), "mlflow_run_id": good_run, "run_dir": str(tmp_path / "good")}
-    )
-    assert good["success"] and Path(good["data_docs"]).is_relative_to(tmp_path / "good")
+    good = retrain.validate({"snapshot_dir": str(snapshot.path), "mlflow_run_id": good_run, "run_key": "good"})
+    assert good["success"] and Path(good["data_docs"]).is_relative_to(paths.run_dir("good"))
     bad_run = registry.start_run(paths, "test_validate_bad", {})
     path = broken(snapshot, tmp_path, "judgments_train", set_value("relevance", 0, 9.0))
     with pytest.raises(DataValidationError, match="expect_column_values_to_be_between"):
-        retrain.validate({"snapshot_dir": str(path), "mlflow_run_id": bad_run, "run_dir": str(tmp_path / "bad")})
+        retrain.validate({"snapshot_dir": str(path), "mlflow_run_id": bad_run, "run_key": "bad"})
     for run_id in (good_run, bad_run):
         run = client.get_run(run_id)
         assert run.data.tags["data_docs"] == f"{run.info.artifact_uri}/data_docs/index.html"
