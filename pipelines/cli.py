@@ -8,11 +8,14 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from pipelines.config import MODEL_NAME, Paths
+
+if TYPE_CHECKING:
+    from pipelines.prod import ProdConfig
 
 app = typer.Typer(
     help="shopguide: train, compress, gate, promote and serve a shopping-guide encoder.",
@@ -405,6 +408,96 @@ def run(
   serve:      .venv/bin/shopguide serve --port {port}      then open {url}/docs
   MLflow UI:  .venv/bin/shopguide mlflow-ui                   then open http://127.0.0.1:5000
   Airflow UI: .venv/bin/shopguide airflow standalone          then open http://127.0.0.1:8080""")
+
+
+prod_app = typer.Typer(
+    help="The production profile on this machine: Airflow on Celery, an MLflow server, Feast on PostgreSQL + Redis, "
+    "service replicas behind haproxy, all kept by supervisord. Addresses: docker/prod.env (the environment wins).",
+    no_args_is_help=True,
+)
+app.add_typer(prod_app, name="prod")
+
+
+def _prod_config() -> ProdConfig:
+    from pipelines.prod import ProdConfig  # here: the other commands start without it
+
+    return ProdConfig.load()
+
+
+@prod_app.command("up")
+def prod_up(
+    timeout: Annotated[
+        float | None, typer.Option(help="Seconds to wait for every program to be healthy (SHOPGUIDE_PROD_UP_TIMEOUT).")
+    ] = None,
+) -> None:
+    """Create the databases if missing, migrate Airflow and MLflow, feast apply, start supervisord and wait until
+    every program is healthy. Running it again on a running profile only checks it."""
+    from pipelines.prod import ProdError, up
+
+    cfg = _prod_config()
+    try:
+        seconds = up(cfg, echo=typer.echo, timeout=timeout)
+    except ProdError as err:
+        typer.secho(f"prod up failed: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.secho(f"production profile up in {seconds:.0f} s", fg=typer.colors.GREEN)
+    typer.echo(
+        f"  Airflow UI/API  {cfg.airflow_url}  (user admin, password: SHOPGUIDE_ADMIN_PASSWORD in {cfg.secrets_file})\n"
+        f"  MLflow          {cfg.mlflow_url}\n"
+        f"  service (LB)    {cfg.lb_url}  (X-API-Key: SHOPGUIDE_API_KEYS in {cfg.secrets_file})\n"
+        f"  haproxy stats   {cfg.stats_url}\n"
+        f"  logs            shopguide prod logs [PROGRAM]; files in {cfg.logs}"
+    )
+
+
+@prod_app.command("status")
+def prod_status(as_json: Annotated[bool, typer.Option("--json", help="One JSON object per program.")] = False) -> None:
+    """Each program's supervisord state and health (exit status 1 when one is not healthy, 3 when not running)."""
+    from pipelines.prod import ProdError, status
+
+    try:
+        rows = status(_prod_config())
+    except ProdError as err:
+        typer.secho(str(err), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(3) from None
+    for s in rows:
+        if as_json:
+            typer.echo(json.dumps(s.as_dict()))
+        else:
+            mark = typer.style("healthy", fg=typer.colors.GREEN) if s.healthy else typer.style("UNHEALTHY", fg="red")
+            typer.echo(f"{s.name:<24} {s.state:<9} pid {s.pid:<7} up {s.uptime or '-':<8} {mark}  {s.detail}")
+    if not all(s.healthy for s in rows):
+        raise typer.Exit(1)
+
+
+@prod_app.command("down")
+def prod_down() -> None:
+    """Stop every program and supervisord (databases, Redis and files stay)."""
+    from pipelines.prod import down
+
+    if not down(_prod_config(), echo=typer.echo):
+        typer.echo("the production profile is not running")
+        return
+    typer.echo("production profile stopped")
+
+
+@prod_app.command("logs")
+def prod_logs(
+    program: Annotated[str | None, typer.Argument(help="One program (default: all), e.g. airflow-worker-1.")] = None,
+    lines: Annotated[int, typer.Option("--lines", "-n", min=0, help="Lines of each log to show first.")] = 50,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing what is appended.")] = False,
+) -> None:
+    """Tail the programs' logs (tail(1) on the files supervisord writes)."""
+    from pipelines.prod import ProdError, log_files
+
+    try:
+        files = log_files(_prod_config(), program)
+    except ProdError as err:
+        raise typer.BadParameter(str(err), param_hint="PROGRAM") from None
+    if not files:
+        typer.echo("no logs yet: `shopguide prod up` first")
+        raise typer.Exit(1)
+    os.execvp("tail", ["tail", "-n", str(lines), *(["-F"] if follow else []), *map(str, files)])
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ VIEWS = (USER_VIEW, PRODUCT_VIEW)
 # The production switch: same code, the online store picked by the environment.
 ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redis"
 REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
+# The registry switch: a SQLAlchemy URL (postgresql+psycopg2://...) puts it in a database; unset keeps the yaml's file.
+REGISTRY_ENV = "SHOPGUIDE_FEAST_REGISTRY"
 DEFAULT_REDIS = "127.0.0.1:6379"
 EVENT_COLUMNS = ("user_id", "product_id", "event_type", "event_timestamp")
 USER_COLUMNS = (
@@ -99,12 +101,30 @@ def online_store_config(serving: bool = False) -> dict[str, Any]:
     return {"type": "redis", "connection_string": connection}
 
 
+def registry_config() -> dict[str, Any]:
+    """The registry selected by SHOPGUIDE_FEAST_REGISTRY (Feast's SQL registry on that database); {} keeps the yaml's
+    file registry. Every replica and worker then reads one registry, not a file on its own disk."""
+    url = os.environ.get(REGISTRY_ENV, "").strip()
+    if not url:
+        return {}
+    # pool_pre_ping: a registry connection idle across a PostgreSQL restart is replaced instead of failing a request
+    return {
+        "registry_type": "sql",
+        "path": url,
+        "cache_ttl_seconds": 60,
+        "sqlalchemy_config_kwargs": {"echo": False, "pool_pre_ping": True},
+    }
+
+
 def _raw_repo_config(paths: Paths, serving: bool = False) -> dict[str, Any]:
     text = FEATURE_STORE_YAML.read_text().replace("${SHOPGUIDE_HOME}", str(paths.home))
     raw = yaml.safe_load(os.path.expandvars(text))
     online = online_store_config(serving)
     if online:
         raw["online_store"] = online
+    registry = registry_config()
+    if registry:
+        raw["registry"] = registry
     return raw
 
 
