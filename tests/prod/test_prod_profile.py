@@ -1,0 +1,332 @@
+"""The production profile for real: `shopguide prod up` from empty databases of its own, every program healthy, the
+REST API, MLflow and the balancer answering, a champion reaching both replicas through haproxy, then `down`."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from pipelines.config import MODEL_NAME, Paths
+from pipelines.prod import DATABASES, ProdConfig, admin_token, purge, read_env_file
+
+pytestmark = pytest.mark.prod
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+PROGRAMS = {
+    "mlflow",
+    "airflow-api-server",
+    "airflow-scheduler",
+    "airflow-dag-processor",
+    "airflow-worker-1",
+    "replica-1",
+    "replica-2",
+    "haproxy",
+}
+SHOPGUIDE_DAGS = {"shopguide_features", "shopguide_retrain", "shopguide_promote"}
+
+
+@dataclass
+class Profile:
+    cfg: ProdConfig
+    env: dict[str, str]  # what the CLI runs with: the session's environment + this profile's overrides
+    up_seconds: float
+
+
+def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", "prod", *args],
+        env=env,
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _empty_redis_dbs(n: int) -> list[int]:
+    """Logical Redis databases nothing else uses (empty), from the top: this run flushes them at the end."""
+    import redis
+
+    free = []
+    for db in range(15, 2, -1):
+        with redis.Redis(host="127.0.0.1", port=6379, db=db, socket_connect_timeout=2) as client:
+            if client.dbsize() == 0:
+                free.append(db)
+    if len(free) < n:
+        pytest.skip(f"fewer than {n} empty Redis databases on 127.0.0.1:6379")
+    return free[:n]
+
+
+def _existing_databases(cfg: ProdConfig) -> set[str]:
+    import psycopg2
+
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user=cfg.get("SHOPGUIDE_PG_USER"), dbname="postgres")
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database")
+            return {row[0] for row in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+def _require_services() -> None:
+    if not (shutil.which("haproxy") or Path("/usr/sbin/haproxy").exists()):
+        pytest.skip("haproxy is not installed (.ci/run installs Debian's)")
+    for what, port in (("PostgreSQL", 5432), ("Redis", 6379)):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+        except OSError:
+            pytest.skip(f"no {what} on 127.0.0.1:{port}")
+
+
+@pytest.fixture(scope="module")
+def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
+    """The profile up from empty databases named for this run, on free ports and empty Redis databases; afterwards
+    stopped, its databases dropped and its Redis databases flushed."""
+    _require_services()
+    run = uuid.uuid4().hex[:8]
+    ports = _free_ports(7)
+    celery_db, feast_db = _empty_redis_dbs(2)
+    overrides = {
+        "SHOPGUIDE_HOME": str(tmp_path_factory.mktemp("prod")),
+        "SHOPGUIDE_PG_HOST": "127.0.0.1",
+        "SHOPGUIDE_PG_PORT": "5432",
+        "SHOPGUIDE_PG_DB_PREFIX": f"sgtest_{run}_",
+        "SHOPGUIDE_REDIS_HOST": "127.0.0.1",
+        "SHOPGUIDE_REDIS_PORT": "6379",
+        "SHOPGUIDE_CELERY_REDIS_DB": str(celery_db),
+        "SHOPGUIDE_FEAST_REDIS_DB": str(feast_db),
+        "SHOPGUIDE_AIRFLOW_PORT": str(ports[0]),
+        "SHOPGUIDE_MLFLOW_PORT": str(ports[1]),
+        "SHOPGUIDE_LB_PORT": str(ports[2]),
+        "SHOPGUIDE_LB_STATS_PORT": str(ports[3]),
+        "SHOPGUIDE_REPLICA_PORTS": f"{ports[4]},{ports[5]}",
+        "SHOPGUIDE_WORKER_LOG_PORT": str(ports[6]),
+        "SHOPGUIDE_CELERY_WORKERS": "1",
+        "SHOPGUIDE_ARTIFACTS_DESTINATION": "",
+        # a replica notices a new @champion within seconds
+        "SHOPGUIDE_MODEL_POLL_SECONDS": "3",
+    }
+    env = {**os.environ, **overrides}
+    cfg = ProdConfig.load(Paths(Path(overrides["SHOPGUIDE_HOME"])), env)
+    names = {cfg.database(n) for n in DATABASES}
+    assert not names & _existing_databases(cfg), "this run's database names are taken"
+    try:
+        started = time.monotonic()
+        proc = _cli(env, "up", "--timeout", "240")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        yield Profile(cfg, env, time.monotonic() - started)
+    finally:
+        _cli(env, "down", timeout=180)
+        purge(cfg)
+        assert not names & _existing_databases(cfg)
+
+
+def _status(p: Profile) -> dict[str, dict[str, Any]]:
+    proc = _cli(p.env, "status", "--json", timeout=60)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["name"]: r for r in rows}
+
+
+def test_up_from_empty_databases_every_program_running_and_healthy(profile: Profile) -> None:
+    assert {profile.cfg.database(n) for n in DATABASES} <= _existing_databases(profile.cfg)
+    rows = _status(profile)
+    assert set(rows) == PROGRAMS
+    unhealthy = {n: r for n, r in rows.items() if not (r["state"] == "RUNNING" and r["healthy"])}
+    assert not unhealthy
+    assert "answers ping" in rows["airflow-worker-1"]["detail"]
+    print(f"prod up from empty databases: {profile.up_seconds:.0f} s")
+
+
+def test_secrets_generated_once_private_and_shared_by_every_process(profile: Profile) -> None:
+    cfg = profile.cfg
+    for path in (cfg.secrets_file, cfg.passwords_file):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    secret = read_env_file(cfg.secrets_file)
+    # Every program inherits supervisord's environment and no program overrides these keys. (The programs' own
+    # /proc/<pid>/environ is no witness: Airflow's setproctitle writes the process title over that memory.)
+    pid = int(cfg.supervisor_pidfile.read_text())
+    items = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace").split("\0")
+    environ = dict(item.split("=", 1) for item in items if "=" in item)
+    shared = ("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW__CORE__FERNET_KEY", "AIRFLOW__API__SECRET_KEY")
+    for key in (*shared, "SHOPGUIDE_API_KEYS"):
+        assert environ[key] == secret[key], key
+    conf = cfg.supervisor_conf.read_text()
+    assert not any(key in conf for key in (*shared, "SHOPGUIDE_API_KEYS")), "a secret in supervisord.conf"
+    assert environ["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+    assert environ["SHOPGUIDE_RUN_STORE"] == "mlflow-artifacts:/runs"
+    assert environ["MLFLOW_TRACKING_URI"] == cfg.mlflow_url
+    assert environ["SHOPGUIDE_DEPLOYMENT"] == "production"
+
+
+def test_rest_api_lists_the_dags_with_a_token_only(profile: Profile) -> None:
+    cfg = profile.cfg
+    assert httpx.get(f"{cfg.airflow_url}/api/v2/dags", timeout=10).status_code == 401
+    token = admin_token(cfg)
+    r = httpx.get(f"{cfg.airflow_url}/api/v2/dags", headers={"Authorization": f"Bearer {token}"}, timeout=10)
+    assert r.status_code == 200, r.text
+    assert {d["dag_id"] for d in r.json()["dags"]} >= SHOPGUIDE_DAGS
+    health = httpx.get(f"{cfg.airflow_url}/api/v2/monitor/health", timeout=10).json()
+    assert {health[k]["status"] for k in ("metadatabase", "scheduler", "dag_processor")} == {"healthy"}
+
+
+def test_mlflow_server_answers_and_serves_artifacts(profile: Profile) -> None:
+    from mlflow import MlflowClient
+
+    cfg = profile.cfg
+    r = httpx.get(f"{cfg.mlflow_url}/health", timeout=10)
+    assert (r.status_code, r.text.strip()) == (200, "OK")
+    # experiments keep their artifacts behind the server (proxied), so workers and replicas need no shared disk
+    default = MlflowClient(cfg.mlflow_url, cfg.mlflow_url).get_experiment("0")
+    assert default.artifact_location.startswith("mlflow-artifacts:/")
+
+
+def _stats(cfg: ProdConfig) -> dict[str, dict[str, str]]:
+    text = httpx.get(f"{cfg.stats_url};csv", timeout=10).text
+    header, *rows = text.lstrip("# ").splitlines()
+    cols = header.split(",")
+    recs = [dict(zip(cols, row.split(","), strict=False)) for row in rows]
+    return {r["svname"]: r for r in recs if r.get("pxname") == "replicas" and r["svname"].startswith("replica-")}
+
+
+def test_without_a_champion_the_replicas_are_alive_not_ready_and_the_balancer_answers(profile: Profile) -> None:
+    cfg = profile.cfg
+    for port in cfg.replica_ports:
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["status"] == "not_ready"
+    # haproxy's checks reach each replica over HTTP and get its 503 (L7STS), not a refused connection (L4CON)
+    deadline = time.monotonic() + 30
+    while True:
+        servers = _stats(cfg)
+        if all(s["check_status"] == "L7STS" for s in servers.values()) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert {n: (s["status"], s["check_status"], s["check_code"]) for n, s in servers.items()} == {
+        "replica-1": ("DOWN", "L7STS", "503"),
+        "replica-2": ("DOWN", "L7STS", "503"),
+    }
+    # with no replica ready the balancer answers itself, in the service's JSON error format
+    api_key = read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]
+    r = httpx.post(f"{cfg.lb_url}/v1/search", json={"query": "drill"}, headers={"X-API-Key": api_key}, timeout=10)
+    assert r.status_code == 503
+    assert "no service replica is ready" in r.json()["detail"]
+    assert r.headers["Retry-After"] == "10" and "X-Shopguide-Replica" not in r.headers
+
+
+def test_up_again_changes_nothing(profile: Profile) -> None:
+    before = {n: r["pid"] for n, r in _status(profile).items()}
+    proc = _cli(profile.env, "up", "--timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "already running" in proc.stdout
+    assert {n: r["pid"] for n, r in _status(profile).items()} == before
+
+
+def _register_champion(cfg: ProdConfig, home: Path) -> str:
+    """A real bundle (base MiniLM, 0 training steps, small catalog) registered on the profile's MLflow server and made
+    @champion, with the pipeline's own functions (as tests/integration/conftest.py builds its champion)."""
+    from pipelines.compression.export import build_product_index, export_bundle
+    from pipelines.config import DataConfig, EvaluateConfig, ExportConfig, SearchConfig, ShopguideConfig, TrainConfig
+    from pipelines.data.dataset import snapshot_data
+    from pipelines.evaluation.evaluate import evaluate_bundle
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.registry.mlflow_client import (
+        CHAMPION,
+        end_run,
+        register_bundle,
+        set_alias,
+        start_run,
+        write_model_card,
+    )
+    from pipelines.training.finetune import finetune_encoder
+
+    paths = Paths(home)
+    work = paths.run_dir("prod-test-champion")
+    as_of = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
+    snapshot = snapshot_data(DataConfig(max_terms=60, max_offers=400, event_users=10), work / "snapshot", as_of)
+    train = TrainConfig(max_steps=0, head_max_offers=200, head_epochs=3)
+    finetune_encoder(snapshot.path, work / "model", train)
+    bundle = work / "bundle"
+    export_bundle(
+        work / "model", snapshot.path, bundle, ShopguideConfig(train=train, export=ExportConfig(parity_texts=4))
+    )
+    build_product_index(bundle, snapshot.path)
+    evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
+    build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
+    report = evaluate_bundle(bundle, snapshot.path, evaluation)
+    lineage = {"snapshot_hash": snapshot.hash, "run_key": "prod-test-champion"}
+    write_model_card(bundle, report, None, {"passed": True, "reasons": ["prod test fixture"]}, lineage)
+    run_id = start_run(paths, "prod-test-champion", lineage)
+    version = register_bundle(paths, run_id, bundle, MODEL_NAME, "prod-test-champion", lineage)
+    set_alias(paths, MODEL_NAME, CHAMPION, version)
+    end_run(paths, run_id)
+    return version
+
+
+def test_a_champion_reaches_both_replicas_through_the_balancer(
+    profile: Profile, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cfg = profile.cfg
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow_url)
+    version = _register_champion(cfg, tmp_path / "home")
+    # each replica polls @champion every 3 s, downloads the bundle through the MLflow server, and haproxy's next
+    # check (every 2 s) puts it in
+    deadline = time.monotonic() + 90
+    while not all(s["status"] == "UP" for s in _stats(cfg).values()):
+        assert time.monotonic() < deadline, _stats(cfg)
+        time.sleep(1)
+    api_key = read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]
+    with httpx.Client(base_url=cfg.lb_url, timeout=30) as http:
+        assert http.post("/v1/search", json={"query": "drill"}).status_code == 401  # production: a key is required
+        served = Counter()
+        for _ in range(20):
+            r = http.post("/v1/search", json={"query": "cordless drill", "k": 3}, headers={"X-API-Key": api_key})
+            assert r.status_code == 200, r.text
+            assert r.json()["model_version"] == version
+            served[r.headers["X-Shopguide-Replica"]] += 1
+    assert set(served) == {"replica-1", "replica-2"}, served
+
+
+def test_down_leaves_no_process_behind(profile: Profile) -> None:
+    import psutil
+
+    pid = int(profile.cfg.supervisor_pidfile.read_text())
+    tree = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    assert len(tree) > len(PROGRAMS)
+    started = time.monotonic()
+    proc = _cli(profile.env, "down", timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    alive = [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    for what, port in profile.cfg.ports().items():
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"{what} still listening on {port}"
+    assert _cli(profile.env, "status").returncode == 3
+    print(f"prod down: {time.monotonic() - started:.0f} s")
