@@ -24,7 +24,7 @@ from pipelines.runtime.bundle import (
 )
 
 if TYPE_CHECKING:
-    from filelock import FileLock
+    from pipelines.registry.locks import FolderLock, PostgresAdvisoryLock
 
 log = logging.getLogger(__name__)
 
@@ -592,26 +592,18 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
 
 # --- the compare-and-set around @champion ---------------------------------------------------------------------------
 # MLflow has no conditional alias update, so every move of @champion happens inside one lock: re-read the alias, check
-# it still is what the decision saw, move it, record it. The lock is a file lock (fcntl.flock via `filelock`) under
-# SHOPGUIDE_HOME/locks, or SHOPGUIDE_LOCK_DIR: it serialises every promoter that shares that folder, which covers the
-# local profile (CLI, `airflow dags test`, LocalExecutor workers on one host). It does NOT span machines: in the
-# production profile (Celery workers on several hosts, the CLI on a laptop, one MLflow server over PostgreSQL) either
-# SHOPGUIDE_LOCK_DIR is a shared volume with working flock (NFSv4), or champion_lock() is swapped for a lock every
-# promoter reaches: a PostgreSQL advisory lock (pg_advisory_lock(hashtext('shopguide:champion:<model>'))) on the
-# Airflow metadata database, which every worker already connects to. The MLflow backend's own database would be the
-# natural home, but it is behind the HTTP tracking server, which offers no lock. An Airflow pool of one slot for the
-# tasks that move @champion serialises the DAGs too, but not the CLI.
+# it still is what the decision saw, move it, record it. pipelines/registry/locks.py: a file lock under
+# SHOPGUIDE_HOME/locks (one host), or with SHOPGUIDE_LOCK_URL a PostgreSQL advisory lock that every promoter on every
+# host reaches (the production profile points it at Airflow's metadata database). The MLflow backend's own database
+# would be the natural home, but it is behind the HTTP tracking server, which offers no lock.
 LOCK_TIMEOUT_S = 60.0
 
 
-def champion_lock(paths: Paths, model_name: str) -> FileLock:
+def champion_lock(paths: Paths, model_name: str) -> PostgresAdvisoryLock | FolderLock:
     """The lock every move of @champion of `model_name` holds (see above for its reach)."""
-    from filelock import FileLock
+    from pipelines.registry.locks import named_lock
 
-    folder = Path(os.environ.get("SHOPGUIDE_LOCK_DIR") or paths.home / "locks")
-    folder.mkdir(parents=True, exist_ok=True)
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in model_name)
-    return FileLock(folder / f"champion.{safe}.lock", timeout=LOCK_TIMEOUT_S)
+    return named_lock(paths, f"champion.{model_name}", LOCK_TIMEOUT_S)
 
 
 def _move(
@@ -631,15 +623,15 @@ def _move(
 
     A crash between the alias call and the record leaves a move unrecorded, which rollback detects: the champion is
     then not the top of the recorded lineage."""
-    from filelock import Timeout
+    from pipelines.registry.locks import LockTimeout
 
     lock = champion_lock(paths, model_name)
     try:
         with lock:
             return _move_locked(paths, model_name, action, version, previous, reason, actor, forced, run_key, note)
-    except Timeout as err:
+    except LockTimeout as err:
         raise PromotionError(
-            f"another move of {model_name}@{CHAMPION} has held {lock.lock_file} for over {LOCK_TIMEOUT_S:.0f} s; "
+            f"another move of {model_name}@{CHAMPION} has held {lock.where} for over {LOCK_TIMEOUT_S:.0f} s; "
             "nothing moved, try again"
         ) from err
 

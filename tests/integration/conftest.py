@@ -1,7 +1,11 @@
-"""A real registered @champion, built once per session from the shipped data (base MiniLM, 0 training steps)."""
+"""A real registered @champion, built once per session from the shipped data (base MiniLM, 0 training steps); a
+PostgreSQL database of a test's own."""
 
 from __future__ import annotations
 
+import os
+import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,3 +80,25 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     set_alias(paths, TEST_MODEL_NAME, CHAMPION, version)
     end_run(paths, run_id)
     return RegisteredChampion(paths, TEST_MODEL_NAME, version, bundle, snapshot.path, AS_OF)
+
+
+@pytest.fixture
+def postgres_database() -> Iterator[str]:
+    """A new, empty database on the machine's PostgreSQL (127.0.0.1:5432, trust auth) as a postgresql:// URL; dropped
+    after the test. Skips where there is no server or no psycopg2."""
+    psycopg2 = pytest.importorskip("psycopg2")
+    server = os.environ.get("SHOPGUIDE_TEST_PG", "postgresql://postgres@127.0.0.1:5432")
+    try:
+        conn = psycopg2.connect(f"{server}/postgres", connect_timeout=5)
+    except psycopg2.OperationalError as err:
+        pytest.skip(f"no PostgreSQL at {server}: {err}")
+    conn.autocommit = True
+    name = f"shopguide_test_{secrets.token_hex(4)}"
+    with conn.cursor() as cur:
+        cur.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"{server}/{name}"
+    finally:
+        with conn.cursor() as cur:
+            cur.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        conn.close()

@@ -223,9 +223,11 @@ import json, logging, sys
 from pipelines.config import Paths
 from pipelines.registry import mlflow_client as registry
 model, version, log_file = sys.argv[1:4]
-waits = logging.getLogger("filelock")  # its debug line "Lock ... not acquired on ..., waiting" says we are blocked
-waits.setLevel(logging.DEBUG)
-waits.addHandler(logging.FileHandler(log_file))
+# their debug line "... not acquired ..., waiting" says we are blocked
+for name in ("filelock", "pipelines.registry.locks"):
+    waits = logging.getLogger(name)
+    waits.setLevel(logging.DEBUG)
+    waits.addHandler(logging.FileHandler(log_file))
 try:
     move = registry.promote(Paths.from_env(), model, version, f"race for {version}", f"test:{version}")
     print(json.dumps({"moved": move.moved, "previous": move.previous, "version": move.version}))
@@ -234,11 +236,21 @@ except registry.PromotionError as err:
 """
 
 
-def test_two_promoters_at_once_from_the_same_champion_one_wins(source: Source, tmp_path: Path) -> None:
+@pytest.fixture(params=["file", "postgres"])
+def lock_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The champion lock of one host (a file lock) and of many (a PostgreSQL advisory lock, SHOPGUIDE_LOCK_URL, on a
+    database of the test's own)."""
+    if request.param == "postgres":
+        monkeypatch.setenv("SHOPGUIDE_LOCK_URL", request.getfixturevalue("postgres_database"))
+    return str(request.param)
+
+
+def test_two_promoters_at_once_from_the_same_champion_one_wins(source: Source, tmp_path: Path, lock_kind: str) -> None:
     """Two real processes promote different versions from the same @champion. The test holds the champion lock until
     both are blocked on it, i.e. both have read @champion and re-checked their version (the decision): exactly one
-    moves it, the other is refused and names the move it lost to; the history stays one consistent lineage."""
-    paths, model = source.paths, "promotion-tests-race"
+    moves it, the other is refused and names the move it lost to; the history stays one consistent lineage. Both
+    lock kinds: the file lock of one host and the PostgreSQL advisory lock of the production profile."""
+    paths, model = source.paths, f"promotion-tests-race-{lock_kind}"
     v0, v1, v2 = (add_version(source, model, True) for _ in range(3))
     registry.promote(paths, model, v0, "first champion", "test:alice")
     logs = {v: tmp_path / f"lock-{v}.log" for v in (v1, v2)}
