@@ -613,6 +613,10 @@ def up(cfg: ProdConfig, echo: Callable[[str], None] = print, timeout: float | No
     """Bring the profile up and wait until every program is healthy; returns the seconds it took. A running profile
     with the same configuration is only checked (and its stopped programs started)."""
     started = time.monotonic()
+
+    def say(message: str) -> None:
+        echo(f"[{time.monotonic() - started:5.1f} s] {message}")
+
     if len(str(cfg.supervisor_socket)) > _MAX_SOCKET_PATH:
         raise ProdError(f"{cfg.supervisor_socket}: path too long for a unix socket; use a shorter SHOPGUIDE_HOME")
     secret = ensure_secrets(cfg)
@@ -625,13 +629,13 @@ def up(cfg: ProdConfig, echo: Callable[[str], None] = print, timeout: float | No
         running = json.loads(cfg.fingerprint_file.read_text()) if cfg.fingerprint_file.exists() else {}
         if running.get("fingerprint") != fingerprint:
             raise ProdError("the profile is running with another configuration: `shopguide prod down`, then `up`")
-        echo(f"already running (supervisord pid {supervisord_pid(cfg)}): starting any stopped program")
+        say(f"already running (supervisord pid {supervisord_pid(cfg)}): starting any stopped program")
         with contextlib.suppress(xmlrpc.client.Fault):  # ALREADY_STARTED and the like
             _rpc(cfg).supervisor.startAllProcesses(False)
     else:
         _check_ports_free(cfg)
         haproxy_binary()
-        prepare_stores(cfg, env, echo)
+        prepare_stores(cfg, env, say)
         cfg.logs.mkdir(parents=True, exist_ok=True)
         cfg.scratch.mkdir(parents=True, exist_ok=True)
         if not cfg.artifacts_destination.startswith(("s3://", "gs://", "wasbs://", "hdfs://")):
@@ -658,9 +662,9 @@ def up(cfg: ProdConfig, echo: Callable[[str], None] = print, timeout: float | No
                     f"supervisord did not answer on {cfg.supervisor_socket}:\n{_log_tail(cfg, 'supervisord')}"
                 )
             time.sleep(0.2)
-        echo(f"supervisord started ({len(progs)} programs); waiting until each is healthy")
+        say(f"supervisord started ({len(progs)} programs); waiting until each is healthy")
     limit = timeout if timeout is not None else cfg.number("SHOPGUIDE_PROD_UP_TIMEOUT")
-    wait_healthy(cfg, echo, limit - (time.monotonic() - started))
+    wait_healthy(cfg, say, limit - (time.monotonic() - started))
     return time.monotonic() - started
 
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,7 @@ PROGRAMS = {
     "replica-2",
     "haproxy",
 }
+CHAMPION_RUN_KEY = "prod-test-champion"
 SHOPGUIDE_DAGS = {"shopguide_features", "shopguide_retrain", "shopguide_promote"}
 
 
@@ -45,6 +47,7 @@ class Profile:
     cfg: ProdConfig
     env: dict[str, str]  # what the CLI runs with: the session's environment + this profile's overrides
     up_seconds: float
+    bundle: Future[Bundle]  # a champion's bundle, built beside the profile's start-up
 
 
 def _cli(env: dict[str, str], *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -138,12 +141,15 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
     cfg = ProdConfig.load(Paths(Path(overrides["SHOPGUIDE_HOME"])), env)
     names = {cfg.database(n) for n in DATABASES}
     assert not names & _existing_databases(cfg), "this run's database names are taken"
+    builder = ThreadPoolExecutor(1)
     try:
+        bundle = builder.submit(_build_champion_bundle, tmp_path_factory.mktemp("champion"))
         started = time.monotonic()
         proc = _cli(env, "up", "--timeout", "240")
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        yield Profile(cfg, env, time.monotonic() - started)
+        yield Profile(cfg, env, time.monotonic() - started, bundle)
     finally:
+        builder.shutdown(wait=True, cancel_futures=True)
         _cli(env, "down", timeout=180)
         purge(cfg)
         assert not names & _existing_databases(cfg)
@@ -249,26 +255,93 @@ def test_up_again_changes_nothing(profile: Profile) -> None:
     assert {n: r["pid"] for n, r in _status(profile).items()} == before
 
 
-def _register_champion(cfg: ProdConfig, home: Path) -> str:
-    """A real bundle (base MiniLM, 0 training steps, small catalog) registered on the profile's MLflow server and made
-    @champion, with the pipeline's own functions (as tests/integration/conftest.py builds its champion)."""
+class Airflow:
+    """Airflow's REST API as the admin user."""
+
+    def __init__(self, cfg: ProdConfig) -> None:
+        self.http = httpx.Client(
+            base_url=f"{cfg.airflow_url}/api/v2", headers={"Authorization": f"Bearer {admin_token(cfg)}"}, timeout=30
+        )
+
+    def call(self, method: str, path: str, **kwargs: Any) -> Any:
+        r = self.http.request(method, path, **kwargs)
+        assert r.is_success, f"{method} {path}: {r.status_code} {r.text}"
+        return r.json()
+
+    def runs(self, dag_id: str) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"])
+
+    def tasks(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
+        return list(self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"])
+
+    def stop_scheduled_runs(self) -> None:
+        """Unpaused, both DAGs start the run of their latest schedule slot (hourly features, weekly retrain) on the
+        default profile: minutes of work this test does not need, so those runs are marked failed."""
+        for dag_id in ("shopguide_features", "shopguide_retrain"):
+            for run in self.runs(dag_id):
+                if run["run_type"] == "scheduled" and run["state"] in {"queued", "running"}:
+                    self.call("PATCH", f"/dags/{dag_id}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
+
+
+def test_features_dag_runs_on_the_celery_worker_and_its_asset_schedules_retrain(profile: Profile) -> None:
+    airflow = Airflow(profile.cfg)
+    worker = profile.cfg.workers[0]
+    started = time.monotonic()
+    run = airflow.call(
+        "POST", "/dags/shopguide_features/dagRuns", json={"logical_date": None, "conf": {"profile": "tiny"}}
+    )
+    for dag_id in ("shopguide_features", "shopguide_retrain"):
+        airflow.call("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+    deadline = time.monotonic() + 180
+    while True:
+        airflow.stop_scheduled_runs()
+        state = airflow.call("GET", f"/dags/shopguide_features/dagRuns/{run['dag_run_id']}")["state"]
+        if state in {"success", "failed"}:
+            break
+        assert time.monotonic() < deadline, airflow.tasks("shopguide_features", run["dag_run_id"])
+        time.sleep(2)
+    tasks = airflow.tasks("shopguide_features", run["dag_run_id"])
+    assert state == "success", tasks
+    # every task ran on the Celery worker (its name is what task instances record as their hostname), none locally
+    assert {(t["task_id"], t["state"], t["hostname"], t["queue"]) for t in tasks} == {
+        (t["task_id"], "success", worker, "default") for t in tasks
+    }
+    features_seconds = time.monotonic() - started
+    # materialize emitted the Asset shopguide_user_events: the scheduler itself creates the retrain run
+    deadline = time.monotonic() + 60
+    while not (triggered := [r for r in airflow.runs("shopguide_retrain") if r["run_type"] == "asset_triggered"]):
+        assert time.monotonic() < deadline, airflow.runs("shopguide_retrain")
+        airflow.stop_scheduled_runs()
+        time.sleep(2)
+    (retrain,) = triggered
+    assert retrain["triggered_by"] == "asset"
+    # it would now train on the default profile (an asset-triggered run has no conf): stop it, and both schedules
+    for dag_id in ("shopguide_features", "shopguide_retrain"):
+        airflow.call("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
+    airflow.call("PATCH", f"/dags/shopguide_retrain/dagRuns/{retrain['dag_run_id']}", json={"state": "failed"})
+    airflow.stop_scheduled_runs()
+    print(f"features DAG (tiny) on Celery: {features_seconds:.0f} s from trigger to success; retrain asset-triggered")
+
+
+@dataclass(frozen=True)
+class Bundle:
+    home: Path
+    path: Path
+    lineage: dict[str, str]
+
+
+def _build_champion_bundle(home: Path) -> Bundle:
+    """A real bundle (base MiniLM, 0 training steps, small catalog) built with the pipeline's own functions, as
+    tests/integration/conftest.py builds its champion (~30 s of CPU, so it is built while the profile comes up)."""
     from pipelines.compression.export import build_product_index, export_bundle
     from pipelines.config import DataConfig, EvaluateConfig, ExportConfig, SearchConfig, ShopguideConfig, TrainConfig
     from pipelines.data.dataset import snapshot_data
     from pipelines.evaluation.evaluate import evaluate_bundle
     from pipelines.evaluation.fusion import build_lexical_index
-    from pipelines.registry.mlflow_client import (
-        CHAMPION,
-        end_run,
-        register_bundle,
-        set_alias,
-        start_run,
-        write_model_card,
-    )
+    from pipelines.registry.mlflow_client import write_model_card
     from pipelines.training.finetune import finetune_encoder
 
-    paths = Paths(home)
-    work = paths.run_dir("prod-test-champion")
+    work = Paths(home).run_dir(CHAMPION_RUN_KEY)
     as_of = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
     snapshot = snapshot_data(DataConfig(max_terms=60, max_offers=400, event_users=10), work / "snapshot", as_of)
     train = TrainConfig(max_steps=0, head_max_offers=200, head_epochs=3)
@@ -281,21 +354,29 @@ def _register_champion(cfg: ProdConfig, home: Path) -> str:
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
     build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
     report = evaluate_bundle(bundle, snapshot.path, evaluation)
-    lineage = {"snapshot_hash": snapshot.hash, "run_key": "prod-test-champion"}
+    lineage = {"snapshot_hash": snapshot.hash, "run_key": CHAMPION_RUN_KEY}
     write_model_card(bundle, report, None, {"passed": True, "reasons": ["prod test fixture"]}, lineage)
-    run_id = start_run(paths, "prod-test-champion", lineage)
-    version = register_bundle(paths, run_id, bundle, MODEL_NAME, "prod-test-champion", lineage)
+    return Bundle(home, bundle, lineage)
+
+
+def _register_champion(bundle: Bundle) -> str:
+    """Register the bundle on the MLflow server MLFLOW_TRACKING_URI names and make it @champion."""
+    from pipelines.registry.mlflow_client import CHAMPION, end_run, register_bundle, set_alias, start_run
+
+    paths = Paths(bundle.home)
+    run_id = start_run(paths, CHAMPION_RUN_KEY, bundle.lineage)
+    version = register_bundle(paths, run_id, bundle.path, MODEL_NAME, CHAMPION_RUN_KEY, bundle.lineage)
     set_alias(paths, MODEL_NAME, CHAMPION, version)
     end_run(paths, run_id)
     return version
 
 
 def test_a_champion_reaches_both_replicas_through_the_balancer(
-    profile: Profile, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    profile: Profile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = profile.cfg
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow_url)
-    version = _register_champion(cfg, tmp_path / "home")
+    version = _register_champion(profile.bundle.result(timeout=300))
     # each replica polls @champion every 3 s, downloads the bundle through the MLflow server, and haproxy's next
     # check (every 2 s) puts it in
     deadline = time.monotonic() + 90
