@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_source import DataSource
 from feast.types import Array, Float32, Int64
 
 # Same rule as pipelines.config.Paths.from_env; repeated here because `feast apply` imports this file on its own.
@@ -27,18 +28,31 @@ product = Entity(
     description="A catalog product (Home Depot product_uid).",
 )
 
-user_activity_source = FileSource(
-    name="user_activity_source",
-    path=str(OFFLINE_DATA / "user_activity.parquet"),
-    timestamp_field="event_timestamp",
-    description="Daily point-in-time snapshots of per-user activity, built by pipelines.features.store.",
-)
 
-product_popularity_source = FileSource(
-    name="product_popularity_source",
-    path=str(OFFLINE_DATA / "product_popularity.parquet"),
-    timestamp_field="event_timestamp",
-    description="Daily point-in-time snapshots of per-product popularity, built by pipelines.features.store.",
+def _offline_source(view: str, description: str) -> DataSource:
+    """The view's offline source in the store SHOPGUIDE_FEAST_OFFLINE selects (pipelines.features.store writes it):
+    a table in that PostgreSQL database, or, unset, a parquet file under the home."""
+    name = f"{view}_source"
+    if os.environ.get("SHOPGUIDE_FEAST_OFFLINE", "").strip():
+        # Imported only when selected: the default profile never loads psycopg.
+        from feast.infra.offline_stores.contrib.postgres_offline_store.postgres_source import PostgreSQLSource
+
+        return PostgreSQLSource(
+            name=name, table=f"shopguide_{view}", timestamp_field="event_timestamp", description=description
+        )
+    return FileSource(
+        name=name,
+        path=str(OFFLINE_DATA / f"{view}.parquet"),
+        timestamp_field="event_timestamp",
+        description=description,
+    )
+
+
+user_activity_source = _offline_source(
+    "user_activity", "Daily point-in-time snapshots of per-user activity, built by pipelines.features.store."
+)
+product_popularity_source = _offline_source(
+    "product_popularity", "Daily point-in-time snapshots of per-product popularity, built by pipelines.features.store."
 )
 
 user_activity = FeatureView(

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import getpass
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import pandas as pd
 import yaml
@@ -18,6 +22,7 @@ import yaml
 from pipelines.config import FEATURE_REPO, Paths
 
 if TYPE_CHECKING:
+    import psycopg
     from feast import FeatureStore, RepoConfig
 
 FEATURE_STORE_YAML = FEATURE_REPO / "feature_store.yaml"
@@ -35,6 +40,12 @@ ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redi
 REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
 # The registry switch: a SQLAlchemy URL (postgresql+psycopg2://...) puts it in a database; unset keeps the yaml's file.
 REGISTRY_ENV = "SHOPGUIDE_FEAST_REGISTRY"
+# The offline store switch: a PostgreSQL URL (postgresql[+driver]://user[:password]@host[:port]/database[?sslmode=...])
+# puts the feature tables in that database, read through Feast's postgres offline store, so a task on any worker
+# reads what another wrote; unset keeps the parquet files under the home. feature_repo/definitions.py reads it too.
+OFFLINE_ENV = "SHOPGUIDE_FEAST_OFFLINE"
+# One table per view in that database; definitions.py declares the same names (apply_feature_repo checks they agree).
+OFFLINE_TABLES = {view: f"shopguide_{view}" for view in VIEWS}
 DEFAULT_REDIS = "127.0.0.1:6379"
 EVENT_COLUMNS = ("user_id", "product_id", "event_type", "event_timestamp")
 USER_COLUMNS = (
@@ -82,6 +93,31 @@ def offline_paths(paths: Paths) -> dict[str, Path]:
     return {view: paths.feast_dir / "data" / f"{view}.parquet" for view in VIEWS}
 
 
+def offline_store_config() -> dict[str, Any]:
+    """The offline store selected by SHOPGUIDE_FEAST_OFFLINE (Feast's postgres store); {} keeps the yaml's files."""
+    url = os.environ.get(OFFLINE_ENV, "").strip()
+    if not url:
+        return {}
+    parts = urlsplit(url)
+    if parts.scheme.split("+", 1)[0] not in ("postgresql", "postgres"):
+        raise ValueError(f"{OFFLINE_ENV}: expected a postgresql:// URL, got scheme {parts.scheme!r}")
+    database = unquote(parts.path.lstrip("/"))
+    query = parse_qs(parts.query)
+    if not parts.hostname or not database or set(query) - {"sslmode"}:
+        raise ValueError(f"{OFFLINE_ENV}: expected postgresql://user[:password]@host[:port]/database[?sslmode=...]")
+    return {
+        "type": "postgres",
+        "host": parts.hostname,
+        "port": parts.port or 5432,
+        "database": database,
+        "user": unquote(parts.username) if parts.username else getpass.getuser(),  # libpq's default user
+        "password": unquote(parts.password or ""),
+        # libpq's default, as psycopg2 gives the registry for the same URL; Feast's own default ("require") refuses
+        # a server without SSL, such as a loopback one.
+        "sslmode": query.get("sslmode", ["prefer"])[-1],
+    }
+
+
 def online_store_config(serving: bool = False) -> dict[str, Any]:
     """The online store selected by SHOPGUIDE_FEAST_ONLINE_STORE; {} keeps the yaml's SQLite default.
 
@@ -125,6 +161,9 @@ def _raw_repo_config(paths: Paths, serving: bool = False) -> dict[str, Any]:
     registry = registry_config()
     if registry:
         raw["registry"] = registry
+    offline = offline_store_config()
+    if offline:
+        raw["offline_store"] = offline
     return raw
 
 
@@ -144,7 +183,8 @@ def repo_config(paths: Paths, serving: bool = False) -> RepoConfig:
 def feature_store(paths: Paths, serving: bool = False) -> FeatureStore:
     """A FeatureStore on `paths.home` (registry, SQLite online store and offline parquet under home/feast)."""
     feast = import_feast()
-    (paths.feast_dir / "data").mkdir(parents=True, exist_ok=True)
+    if not offline_store_config():
+        (paths.feast_dir / "data").mkdir(parents=True, exist_ok=True)
     return feast.FeatureStore(config=repo_config(paths, serving))
 
 
@@ -250,12 +290,11 @@ def build_feature_tables(
     return {USER_VIEW: user_table[user_columns], PRODUCT_VIEW: product_table[product_columns]}
 
 
-def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[str, str]:
-    """Write each table to its offline parquet (atomically: a reader never sees half a file); returns the paths."""
+def _arrow_schemas() -> dict[str, Any]:
+    """The offline tables' column types, one definition for the parquet files and the PostgreSQL tables."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    schemas = {
+    return {
         USER_VIEW: pa.schema(
             [
                 ("user_id", pa.int64()),
@@ -274,10 +313,97 @@ def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[
             ]
         ),
     }
-    targets = offline_paths(paths)
-    unknown = set(tables) - set(targets)
+
+
+# The PostgreSQL type of each arrow type above (Feast reads bigint, bigint[], real and timestamptz back as declared).
+_PG_TYPES = {
+    "int64": "bigint",
+    "list<item: int64>": "bigint[]",
+    "float": "real",
+    "timestamp[us, tz=UTC]": "timestamptz",
+}
+
+
+@contextmanager
+def _offline_connection(offline: dict[str, Any]) -> Iterator[psycopg.Connection[Any]]:
+    """A psycopg connection with the settings Feast's postgres offline store uses; commits on success."""
+    import psycopg
+
+    with psycopg.connect(
+        host=offline["host"],
+        port=offline["port"],
+        dbname=offline["database"],
+        user=offline["user"],
+        password=offline["password"] or None,
+        sslmode=offline["sslmode"],
+        connect_timeout=10,
+    ) as conn:
+        yield conn
+
+
+def _table_address(offline: dict[str, Any], table: str) -> str:
+    """Where a table lives, for reports and XCom (never the password)."""
+    return f"postgresql://{offline['host']}:{offline['port']}/{offline['database']}?table={table}"
+
+
+def offline_locations(paths: Paths) -> dict[str, str]:
+    """Each view's offline source as registered: its parquet path, or its table in the configured PostgreSQL."""
+    if offline_store_config():
+        return dict(OFFLINE_TABLES)
+    return {view: str(path) for view, path in offline_paths(paths).items()}
+
+
+def _write_postgres_tables(tables: dict[str, pd.DataFrame], offline: dict[str, Any]) -> dict[str, str]:
+    """Replace each view's table in one transaction: a reader sees all old tables or all new ones, never a mix.
+
+    Each table is built as a new one and renamed over the old (a schema change needs no migration); an advisory lock
+    serialises concurrent writers, which would otherwise collide on the new tables' names.
+    """
+    from psycopg import sql
+
+    schemas = _arrow_schemas()
+    written = {}
+    with _offline_connection(offline) as conn, conn.cursor() as cur:
+        cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("shopguide feast offline tables",))
+        for name, df in tables.items():
+            table, incoming = OFFLINE_TABLES[name], f"{OFFLINE_TABLES[name]}__incoming"
+            columns = [(field.name, _PG_TYPES[str(field.type)]) for field in schemas[name]]
+            names = sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(incoming)))
+            cur.execute(
+                sql.SQL("CREATE TABLE {} ({})").format(
+                    sql.Identifier(incoming),
+                    sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns),
+                )
+            )
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(incoming), names)) as copy:
+                for row in df[[c for c, _ in columns]].to_numpy(dtype=object).tolist():
+                    copy.write_row(row)
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(incoming), sql.Identifier(table)))
+            # The point-in-time join and the freshness probe look rows up by entity and time.
+            key = columns[0][0]
+            cur.execute(
+                sql.SQL("CREATE INDEX ON {} ({}, event_timestamp)").format(sql.Identifier(table), sql.Identifier(key))
+            )
+            written[name] = _table_address(offline, table)
+    return written
+
+
+def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[str, str]:
+    """Write each table to the configured offline store (parquet under the home, or PostgreSQL tables), atomically:
+    a reader never sees half a table. Returns where each went (a path, or a postgresql:// address)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    unknown = set(tables) - set(VIEWS)
     if unknown:
-        raise ValueError(f"no feature view for tables {sorted(unknown)}; known: {sorted(targets)}")
+        raise ValueError(f"no feature view for tables {sorted(unknown)}; known: {sorted(VIEWS)}")
+    offline = offline_store_config()
+    if offline:
+        return _write_postgres_tables(tables, offline)
+    schemas = _arrow_schemas()
+    targets = offline_paths(paths)
     written = {}
     for name, df in tables.items():
         target = targets[name]
@@ -300,7 +426,7 @@ def apply_feature_repo(paths: Paths) -> list[str]:
     kind (entities, data sources, feature views, feature services), each kind sorted.
     """
     feast_dir = paths.feast_dir
-    (feast_dir / "data").mkdir(parents=True, exist_ok=True)
+    (feast_dir if offline_store_config() else feast_dir / "data").mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "SHOPGUIDE_HOME": str(paths.home)}
     # Private (0700) and removed afterwards: a Redis connection string may carry a password.
     with tempfile.TemporaryDirectory(dir=feast_dir, prefix=".apply-") as tmp:
@@ -317,16 +443,63 @@ def apply_feature_repo(paths: Paths) -> list[str]:
     store = feature_store(paths)
     sources = store.list_data_sources()
     # The registry, not the CLI's exit status, says what was applied (Feast reports some failures and exits 0).
-    found = {getattr(s, "path", s.name) for s in sources}
-    expected = {str(p) for p in offline_paths(paths).values()}
+    found = {_source_location(s) for s in sources}
+    expected = set(offline_locations(paths).values())
     if found != expected:
         raise RuntimeError(f"feast apply registered {sorted(found)}, expected {sorted(expected)}\n{output[-2000:]}")
     kinds = (store.list_entities(), sources, store.list_feature_views(), store.list_feature_services())
     return [name for objects in kinds for name in sorted(o.name for o in objects)]
 
 
+def _source_location(source: Any) -> str:
+    """A registered data source's parquet path or PostgreSQL table (its name for any other kind)."""
+    if getattr(source, "path", None):
+        return str(source.path)
+    if hasattr(source, "get_table_query_string"):
+        return str(source.get_table_query_string())
+    return str(source.name)
+
+
+def _key(view: str) -> str:
+    return "user_id" if view == USER_VIEW else "product_id"
+
+
+def _postgres_table_exists(cur: psycopg.Cursor[Any], table: str) -> bool:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table,))
+    row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def _postgres_source_rows(offline: dict[str, Any], view: str, start: datetime | None, end: datetime) -> dict[str, Any]:
+    from psycopg import sql
+
+    table, key = OFFLINE_TABLES[view], _key(view)
+    with _offline_connection(offline) as conn, conn.cursor() as cur:
+        if not _postgres_table_exists(cur, table):
+            return {"rows": 0, "entities": 0, "newest_row": None}
+        cur.execute(
+            sql.SQL(
+                "SELECT count(*), count(DISTINCT {key}), max(event_timestamp) FROM {table}"
+                " WHERE event_timestamp <= %(end)s AND (%(start)s::timestamptz IS NULL OR event_timestamp >= %(start)s)"
+            ).format(key=sql.Identifier(key), table=sql.Identifier(table)),
+            {
+                "start": _as_utc(start).to_pydatetime() if start is not None else None,
+                "end": _as_utc(end).to_pydatetime(),
+            },
+        )
+        rows, entities, newest = cur.fetchone() or (0, 0, None)
+    return {
+        "rows": int(rows),
+        "entities": int(entities),
+        "newest_row": _as_utc(newest).isoformat() if newest is not None else None,
+    }
+
+
 def _source_rows(paths: Paths, view: str, start: datetime | None, end: datetime) -> dict[str, Any]:
     """Rows, entities and newest row time of a view's offline source within [start, end] (what materialize pushes)."""
+    offline = offline_store_config()
+    if offline:
+        return _postgres_source_rows(offline, view, start, end)
     source = offline_paths(paths)[view]
     if not source.is_file():
         return {"rows": 0, "entities": 0, "newest_row": None}
@@ -392,11 +565,35 @@ class StaleFeaturesError(RuntimeError):
     """The online store is older than the freshness bound (or holds nothing): personalisation would serve old data."""
 
 
+def _postgres_newest(offline: dict[str, Any], view: str, until: datetime) -> tuple[pd.Timestamp | None, list[int]]:
+    from psycopg import sql
+
+    table, key = OFFLINE_TABLES[view], _key(view)
+    order = sql.SQL("last_event_ts DESC, {}" if view == USER_VIEW else "{}").format(sql.Identifier(key))
+    with _offline_connection(offline) as conn, conn.cursor() as cur:
+        if not _postgres_table_exists(cur, table):
+            return None, []
+        cur.execute(
+            sql.SQL(
+                "SELECT event_timestamp, {key} FROM {table} WHERE event_timestamp ="
+                " (SELECT max(event_timestamp) FROM {table} WHERE event_timestamp <= %s) ORDER BY {order}"
+            ).format(key=sql.Identifier(key), table=sql.Identifier(table), order=order),
+            (_as_utc(until).to_pydatetime(),),
+        )
+        rows = cur.fetchall()
+    if not rows:
+        return None, []
+    return _as_utc(rows[0][0]), [int(r[1]) for r in rows]
+
+
 def _newest_offline(paths: Paths, view: str, until: datetime) -> tuple[pd.Timestamp | None, list[int]]:
     """The newest offline row time <= until of a view and the entities with a row at that time.
 
     User entities come newest data first (by last_event_ts), so probing the first few finds the newest event.
     """
+    offline = offline_store_config()
+    if offline:
+        return _postgres_newest(offline, view, until)
     source = offline_paths(paths)[view]
     if not source.is_file():
         return None, []
@@ -515,6 +712,23 @@ def check_freshness(
     return result
 
 
+def offline_entities(paths: Paths, view: str) -> set[int]:
+    """The entities (user or product ids) with any row in a view's offline source, from the configured store."""
+    offline = offline_store_config()
+    key = _key(view)
+    if not offline:
+        source = offline_paths(paths)[view]
+        return set(pd.read_parquet(source, columns=[key])[key].astype("int64")) if source.is_file() else set()
+    from psycopg import sql
+
+    table = OFFLINE_TABLES[view]
+    with _offline_connection(offline) as conn, conn.cursor() as cur:
+        if not _postgres_table_exists(cur, table):
+            return set()
+        cur.execute(sql.SQL("SELECT DISTINCT {} FROM {}").format(sql.Identifier(key), sql.Identifier(table)))
+        return {int(r[0]) for r in cur.fetchall()}
+
+
 def historical_user_features(paths: Paths, entity_df: pd.DataFrame) -> pd.DataFrame:
     """Point-in-time join of the served user features (USER_SERVICE) onto (user_id, event_timestamp) rows.
 
@@ -577,6 +791,8 @@ __all__ = [
     "import_feast",
     "load_events",
     "materialize",
+    "offline_entities",
+    "offline_locations",
     "refresh_features",
     "repo_config",
     "write_feature_tables",
