@@ -354,40 +354,37 @@ def offline_locations(paths: Paths) -> dict[str, str]:
 
 
 def _write_postgres_tables(tables: dict[str, pd.DataFrame], offline: dict[str, Any]) -> dict[str, str]:
-    """Replace each view's table in one transaction: a reader sees all old tables or all new ones, never a mix.
+    """Replace the views' tables in one transaction: a reader sees all old tables or all new ones, never a mix.
 
-    Each table is built as a new one and renamed over the old (a schema change needs no migration); an advisory lock
-    serialises concurrent writers, which would otherwise collide on the new tables' names.
+    Each table is built (rows and index) as a new one first, then all are renamed over the old at the end, so readers
+    wait only for the swap; a schema change needs no migration. An advisory lock serialises concurrent writers.
     """
     from psycopg import sql
 
     schemas = _arrow_schemas()
-    written = {}
+    swaps = []
     with _offline_connection(offline) as conn, conn.cursor() as cur:
         cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", ("shopguide feast offline tables",))
         for name, df in tables.items():
-            table, incoming = OFFLINE_TABLES[name], f"{OFFLINE_TABLES[name]}__incoming"
+            table = OFFLINE_TABLES[name]
+            incoming = sql.Identifier(f"{table}__incoming")
             columns = [(field.name, _PG_TYPES[str(field.type)]) for field in schemas[name]]
+            typed = sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns)
+            cur.execute(sql.SQL("CREATE TABLE {} ({})").format(incoming, typed))
             names = sql.SQL(", ").join(sql.Identifier(c) for c, _ in columns)
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(incoming)))
-            cur.execute(
-                sql.SQL("CREATE TABLE {} ({})").format(
-                    sql.Identifier(incoming),
-                    sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(t)) for c, t in columns),
-                )
-            )
-            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(sql.Identifier(incoming), names)) as copy:
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN").format(incoming, names)) as copy:
                 for row in df[[c for c, _ in columns]].to_numpy(dtype=object).tolist():
                     copy.write_row(row)
-            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
-            cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(sql.Identifier(incoming), sql.Identifier(table)))
             # The point-in-time join and the freshness probe look rows up by entity and time.
-            key = columns[0][0]
-            cur.execute(
-                sql.SQL("CREATE INDEX ON {} ({}, event_timestamp)").format(sql.Identifier(table), sql.Identifier(key))
-            )
-            written[name] = _table_address(offline, table)
-    return written
+            index = sql.Identifier(f"{table}__incoming_key_ts")
+            key = sql.Identifier(columns[0][0])
+            cur.execute(sql.SQL("CREATE INDEX {} ON {} ({}, event_timestamp)").format(index, incoming, key))
+            swaps.append((table, incoming, index))
+        for table, incoming, index in swaps:
+            cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(table)))
+            cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(incoming, sql.Identifier(table)))
+            cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(index, sql.Identifier(f"{table}_key_ts")))
+    return {name: _table_address(offline, OFFLINE_TABLES[name]) for name in tables}
 
 
 def write_feature_tables(tables: dict[str, pd.DataFrame], paths: Paths) -> dict[str, str]:

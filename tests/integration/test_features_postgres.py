@@ -158,6 +158,8 @@ def test_a_worker_with_an_empty_home_reads_what_another_wrote(
     with psycopg.connect(postgres_database) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert set(F.OFFLINE_TABLES.values()) <= tables and not {t for t in tables if t.endswith("__incoming")}
+        indexes = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE schemaname = 'public'")}
+        assert {f"{t}_key_ts" for t in F.OFFLINE_TABLES.values()} <= indexes  # the same names after every rewrite
         for view, table in F.OFFLINE_TABLES.items():
             count = conn.execute(f"SELECT count(*) FROM {table}").fetchone()
             assert count is not None and count[0] == len(earlier[view]), view
