@@ -7,6 +7,7 @@ import importlib.util
 import math
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import psycopg
 import pytest
 
 from pipelines.config import Paths
@@ -153,8 +155,6 @@ def test_a_worker_with_an_empty_home_reads_what_another_wrote(
     # A rewrite replaces the tables whole (an earlier as_of has fewer snapshots) and leaves no staging table behind.
     earlier = F.build_feature_tables(events, END - timedelta(days=7), RECENT_N)
     F.write_feature_tables(earlier, reader)
-    import psycopg
-
     with psycopg.connect(postgres_database) as conn:
         tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")}
         assert set(F.OFFLINE_TABLES.values()) <= tables and not {t for t in tables if t.endswith("__incoming")}
@@ -167,3 +167,41 @@ def test_a_worker_with_an_empty_home_reads_what_another_wrote(
     for home in (writer, reader):
         assert not (home.feast_dir / "data").exists()
         assert _files(home.home) == [], f"a worker kept Feast state on its own disk: {_files(home.home)}"
+
+
+def test_readers_see_the_old_tables_or_the_new_never_a_mix(
+    postgres_database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    paths = _worker(monkeypatch, tmp_path / "worker", **{F.OFFLINE_ENV: postgres_database})
+    events = simulate_events(select_terms(load_judgments(), 60), n_users=20, end=END, days=28, seed=5)
+    versions = [F.build_feature_tables(events, at, RECENT_N) for at in (END, END - timedelta(days=7))]
+    consistent = {tuple(len(v[view]) for view in F.VIEWS) for v in versions}
+    assert len(consistent) == 2
+    F.write_feature_tables(versions[0], paths)
+    counts = ", ".join(f"(SELECT count(*) FROM {F.OFFLINE_TABLES[view]})" for view in F.VIEWS)
+    seen: list[tuple[int, ...]] = []
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:  # one statement reads both tables, as a join over the two views would
+        with psycopg.connect(postgres_database, autocommit=True) as conn:
+            while not stop.is_set():
+                try:
+                    row = conn.execute(f"SELECT {counts}").fetchone()
+                    seen.append(tuple(row) if row else ())
+                except psycopg.Error as err:
+                    errors.append(repr(err))
+
+    readers = [threading.Thread(target=read) for _ in range(3)]
+    for reader in readers:
+        reader.start()
+    try:
+        for i in range(10):
+            F.write_feature_tables(versions[(i + 1) % 2], paths)
+    finally:
+        stop.set()
+        for reader in readers:
+            reader.join(timeout=30)
+    assert not errors, errors[:3]
+    assert seen and set(seen) <= consistent, set(seen) - consistent
+    assert len(set(seen)) == 2, "the readers never saw a swap: the check proved nothing"
