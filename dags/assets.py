@@ -4,6 +4,7 @@ every task runs under (retries, retry delay, execution timeout) with the `bounde
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,11 @@ USER_EVENTS = Asset(name="shopguide_user_events", uri="file://shopguide/user_eve
 
 # Every configs/<profile>.yaml is a choice of the DAGs' `profile` Param (a file glob).
 PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+# The profile of runs nobody filled a form for (the schedule, an Asset event): SHOPGUIDE_PROFILE of the deployment,
+# read when the DAG files are parsed; a trigger form can still pick any other.
+DEFAULT_PROFILE = os.environ.get("SHOPGUIDE_PROFILE") or "default"
+if DEFAULT_PROFILE not in PROFILES:
+    raise ValueError(f"SHOPGUIDE_PROFILE={DEFAULT_PROFILE!r} is not one of configs/*.yaml: {PROFILES}")
 
 # Fixed when the file is parsed, so taken over every profile a run may pick (pipelines/steps/bounds.py):
 # the DAGs pass BOUNDS.default_args and BOUNDS.dag_run_timeout, bounded_task sets each task's own timeout.

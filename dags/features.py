@@ -9,7 +9,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Param, dag, get_current_context
 
-from dags.assets import BOUNDS, PROFILES, USER_EVENTS, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
 
 
 @dag(
@@ -22,7 +22,7 @@ from dags.assets import BOUNDS, PROFILES, USER_EVENTS, bounded_task
     dagrun_timeout=BOUNDS.dag_run_timeout,
     params={
         "profile": Param(
-            "default", type="string", enum=PROFILES, description="Config profile (configs/<profile>.yaml)."
+            DEFAULT_PROFILE, type="string", enum=PROFILES, description="Config profile (configs/<profile>.yaml)."
         ),
         "max_feature_age_hours": Param(
             2.0,

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import CronTriggerTimetable, Param, dag, get_current_context
 
-from dags.assets import BOUNDS, PROFILES, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, bounded_task
 
 PARAMS = {
     "profile": Param(
-        "default", type="string", enum=PROFILES, description="Config profile whose `retention` section applies."
+        DEFAULT_PROFILE, type="string", enum=PROFILES, description="Config profile whose `retention` section applies."
     ),
     "dry_run": Param(False, type="boolean", description="Only report what the policy would delete."),
 }

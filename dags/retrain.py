@@ -12,11 +12,11 @@ from airflow.sdk import (
     get_current_context,
 )
 
-from dags.assets import BOUNDS, PROFILES, USER_EVENTS, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
 
 PARAMS = {
     "profile": Param(
-        "default",
+        DEFAULT_PROFILE,
         type="string",
         enum=PROFILES,
         description="Config profile (configs/<profile>.yaml) every other value starts from.",

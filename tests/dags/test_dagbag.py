@@ -105,3 +105,28 @@ def test_profile_param_offers_every_config_profile() -> None:
     for dag in bag.dags.values():
         if "profile" in dag.params:
             assert dag.params.get_param("profile").schema["enum"] == profiles, dag.dag_id
+
+
+_PROFILE_PROBE = """
+import json
+from airflow.dag_processing.dagbag import DagBag
+from pipelines.airflow_env import DAGS_FOLDER
+bag = DagBag(dag_folder=DAGS_FOLDER, safe_mode=False)
+defaults = {i: d.params.get_param("profile").value for i, d in bag.dags.items() if "profile" in d.params}
+print(json.dumps({"defaults": defaults, "errors": {k: v[-300:] for k, v in bag.import_errors.items()}}))
+"""
+
+
+@pytest.mark.parametrize("profile", ["tiny", "no-such-profile"])
+def test_scheduled_runs_take_the_deployments_profile(profile: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SHOPGUIDE_PROFILE sets the profile of runs nobody filled a form for (schedule, Asset event); an unknown one
+    is an import error that names it, never a silent fallback."""
+    monkeypatch.setenv("SHOPGUIDE_PROFILE", profile)
+    out = subprocess.run([sys.executable, "-c", _PROFILE_PROBE], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    if profile == "tiny":
+        assert result["defaults"] and set(result["defaults"].values()) == {"tiny"}, result
+        assert not result["errors"]
+    else:
+        assert not result["defaults"]
+        assert all("SHOPGUIDE_PROFILE='no-such-profile'" in e for e in result["errors"].values()), result
