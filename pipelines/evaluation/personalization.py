@@ -21,6 +21,7 @@ from pipelines.features.store import (
     feature_store,
     historical_user_features,
     load_events,
+    offline_entities,
     write_feature_tables,
 )
 from pipelines.runtime import personalize
@@ -68,12 +69,7 @@ def popularity_as_of(paths: Paths, product_ids: np.ndarray, at: datetime) -> np.
 
     Only products with an offline row are asked for (the rest have no popularity at any time).
     """
-    source = paths.feast_dir / "data" / f"{PRODUCT_VIEW}.parquet"
-    known = (
-        set(pd.read_parquet(source, columns=["product_id"])["product_id"].astype("int64"))
-        if source.is_file()
-        else set()
-    )
+    known = offline_entities(paths, PRODUCT_VIEW)  # the configured offline store (parquet or PostgreSQL)
     asked = np.asarray([p for p in product_ids if int(p) in known], dtype=np.int64)
     views = np.zeros(len(product_ids))
     clicks = np.zeros(len(product_ids))
