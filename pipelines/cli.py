@@ -481,6 +481,18 @@ def prod_down() -> None:
     typer.echo("production profile stopped")
 
 
+@prod_app.command("env")
+def prod_env() -> None:
+    """`export` lines pointing a shell at the profile's stores (no secrets): `eval "$(shopguide prod env)"`, then
+    `shopguide promote / rollback / history` act on the MLflow server under the profile's lock."""
+    import shlex
+
+    from pipelines.prod import client_environment
+
+    for key, value in client_environment(_prod_config()).items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
+
+
 @prod_app.command("logs")
 def prod_logs(
     program: Annotated[str | None, typer.Argument(help="One program (default: all), e.g. airflow-worker-1.")] = None,

@@ -265,6 +265,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
                 f"db={cfg.number('SHOPGUIDE_FEAST_REDIS_DB')}"
             ),
             "SHOPGUIDE_FEAST_REGISTRY": cfg.pg_url("feast"),
+            # @champion moves hold an advisory lock on Airflow's DB, which every worker and the CLI reach
+            "SHOPGUIDE_LOCK_URL": cfg.pg_url("airflow"),
             "SHOPGUIDE_DEPLOYMENT": "production",
             "SHOPGUIDE_API_KEYS": secret["SHOPGUIDE_API_KEYS"],
             "SHOPGUIDE_MODEL_POLL_SECONDS": str(cfg.number("SHOPGUIDE_MODEL_POLL_SECONDS")),
@@ -878,6 +880,23 @@ def log_files(cfg: ProdConfig, program: str | None = None) -> list[Path]:
         raise ProdError(f"no program {program!r}; programs: {', '.join([*names, 'supervisord'])}")
     wanted = [program] if program else [*names, "supervisord"]
     return [cfg.logs / f"{name}.log" for name in wanted if (cfg.logs / f"{name}.log").exists()]
+
+
+# What a shell needs to act on the profile's stores (`shopguide promote`, `rollback`, `history`): no secret among them.
+CLIENT_VARIABLES = (
+    "MLFLOW_TRACKING_URI",
+    "SHOPGUIDE_LOCK_URL",
+    "SHOPGUIDE_RUN_STORE",
+    "SHOPGUIDE_FEAST_ONLINE_STORE",
+    "SHOPGUIDE_REDIS",
+    "SHOPGUIDE_FEAST_REGISTRY",
+)
+
+
+def client_environment(cfg: ProdConfig) -> dict[str, str]:
+    """The variables of CLIENT_VARIABLES as the profile's processes have them."""
+    env = environment(cfg, dict.fromkeys(_SECRETS, ""), base={})
+    return {k: env[k] for k in CLIENT_VARIABLES}
 
 
 def admin_token(cfg: ProdConfig) -> str:
