@@ -265,6 +265,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
                 f"db={cfg.number('SHOPGUIDE_FEAST_REDIS_DB')}"
             ),
             "SHOPGUIDE_FEAST_REGISTRY": cfg.pg_url("feast"),
+            # the offline feature tables too: a worker on another host reads what the materialize task wrote
+            "SHOPGUIDE_FEAST_OFFLINE": cfg.pg_url("feast"),
             # @champion moves hold an advisory lock on Airflow's DB, which every worker and the CLI reach
             "SHOPGUIDE_LOCK_URL": cfg.pg_url("airflow"),
             "SHOPGUIDE_DEPLOYMENT": "production",
