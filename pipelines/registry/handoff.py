@@ -45,6 +45,9 @@ class TaskFolders:
     store: str
     run: str
     scratch: Path | None  # None: the store is a local folder, written in place
+    # the server an mlflow-artifacts: store lives on, passed explicitly: MLflow's process-wide tracking URI (set by
+    # mlflow.set_tracking_uri anywhere in the process) would otherwise win over this run's configuration
+    tracking_uri: str | None = None
     outputs: dict[str, Path] = field(default_factory=dict)
     staged: dict[str, Path] = field(default_factory=dict)
 
@@ -91,7 +94,7 @@ class TaskFolders:
             return value
         from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-        repo = get_artifact_repository(self.store)
+        repo = get_artifact_repository(self.store, tracking_uri=self.tracking_uri)
         for name, path in self.outputs.items():
             repo.log_artifacts(str(path), f"{self.run}/{name}")
         return _walk(value, self._publish_path)
@@ -111,7 +114,9 @@ class TaskFolders:
             dst = self._scratch / "in"
             dst.mkdir(parents=True, exist_ok=True)
             try:
-                local = get_artifact_repository(self.store).download_artifacts(key, str(dst))
+                local = get_artifact_repository(self.store, tracking_uri=self.tracking_uri).download_artifacts(
+                    key, str(dst)
+                )
             except Exception as err:
                 raise HandoffError(f"cannot stage {key} from the run store {self.store}: {err}") from err
             self.staged[key] = Path(local)
@@ -154,6 +159,6 @@ def task_folders(run_key: str, paths: Paths | None = None) -> Iterator[TaskFolde
     paths.scratch.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f"{run[:80]}-", dir=paths.scratch))
     try:
-        yield TaskFolders(store, run, scratch)
+        yield TaskFolders(store, run, scratch, paths.mlflow_tracking_uri)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # scratch only: the store keeps every published output
