@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import shutil
 import socket
-import subprocess
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +22,6 @@ from serving.online_features import FeaturesUnavailable, OnlineFeatures
 
 END = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RECENT_N = 5
-REDIS_SERVER = "/usr/bin/redis-server"
 
 
 def _use_home(monkeypatch: pytest.MonkeyPatch, home: Path) -> Paths:
@@ -339,50 +336,6 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-@pytest.fixture
-def redis_port(tmp_path: Path) -> Iterator[int]:
-    """A private, throw-away redis-server on a free loopback port (never the shared 6379 instance)."""
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
-    if importlib.util.find_spec("redis") is None:
-        pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            REDIS_SERVER,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(16).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def test_redis_online_store_round_trip(redis_port: int, events, events_file: Path, tmp_path, monkeypatch) -> None:

@@ -2,14 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import math
-import socket
-import subprocess
 import threading
-import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -25,36 +19,7 @@ from pipelines.features import store as F
 
 END = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RECENT_N = 5
-REDIS_SERVER = "/usr/bin/redis-server"
 SWITCHES = (F.OFFLINE_ENV, F.REGISTRY_ENV, F.ONLINE_STORE_ENV, F.REDIS_ENV)
-
-
-@pytest.fixture
-def redis_port(tmp_path: Path) -> Iterator[int]:
-    """A private, throw-away redis-server on a free loopback port: the online store both workers share."""
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
-    if importlib.util.find_spec("redis") is None:
-        pytest.skip("the redis Python client is not installed (feast[redis])")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)]
-    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
 
 
 def _worker(monkeypatch: pytest.MonkeyPatch, home: Path, **switches: str) -> Paths:

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +18,6 @@ from serving import online_features
 from serving.online_features import FeatureServiceReader, OnlineFeatures
 
 END = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
-REDIS_SERVER = "/usr/bin/redis-server"
 UNKNOWN = {"user_id": 10**9, "product_id": -1}  # ids the store has no row for
 SERVICES = [(F.USER_SERVICE, "user_id"), (F.PRODUCT_SERVICE, "product_id")]
 
@@ -36,36 +31,10 @@ def events(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, Path
     return log, folder
 
 
-@contextlib.contextmanager
-def _redis_server(folder: Path) -> Iterator[int]:
-    """A private, throw-away redis-server on a free loopback port (never a shared instance)."""
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
-    if importlib.util.find_spec("redis") is None:
-        pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
-    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture(scope="module", params=["sqlite", "redis"])
-def home(request: pytest.FixtureRequest, events, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Paths]:
+def home(
+    request: pytest.FixtureRequest, events, tmp_path_factory: pytest.TempPathFactory, private_redis
+) -> Iterator[Paths]:
     """A temporary SHOPGUIDE_HOME whose Feast repo is applied and materialized up to END, per online store."""
     _, folder = events
     root = tmp_path_factory.mktemp(f"home-{request.param}")
@@ -74,7 +43,7 @@ def home(request: pytest.FixtureRequest, events, tmp_path_factory: pytest.TempPa
         mp.delenv(F.ONLINE_STORE_ENV, raising=False)
         mp.delenv(F.REDIS_ENV, raising=False)
         if request.param == "redis":
-            port = stack.enter_context(_redis_server(root))
+            port = stack.enter_context(private_redis(root))
             mp.setenv(F.ONLINE_STORE_ENV, "redis")
             mp.setenv(F.REDIS_ENV, f"127.0.0.1:{port}")
         paths = Paths.from_env()
