@@ -73,29 +73,18 @@ def make_snapshot(work: Path) -> Path:
 
 def build_bundle(work: Path, snapshot: Path) -> Path:
     """The whole catalog embedded by the base MiniLM (0 steps, real category head), INT8, with hybrid search."""
-    from pipelines.compression.export import build_product_index, export_bundle
-    from pipelines.config import EvaluateConfig, ExportConfig, SearchConfig, ShopguideConfig, TrainConfig
+    from pipelines.config import EvaluateConfig, TrainConfig
     from pipelines.data.dataset import Snapshot
-    from pipelines.evaluation.evaluate import evaluate_bundle
-    from pipelines.evaluation.fusion import build_lexical_index
-    from pipelines.registry.mlflow_client import write_model_card
-    from pipelines.training.finetune import finetune_encoder
+    from pipelines.steps.bundle import build_bundle as build
 
     bundle = work / "bundle"
     if (bundle / "model_card.md").is_file():
         return bundle
+    print("building the bundle (0 training steps, export, embedding the catalog) ...", file=sys.stderr, flush=True)
     train = TrainConfig(max_steps=0, head_max_offers=2000, head_epochs=5)
-    finetune_encoder(snapshot, work / "model", train)
-    export_bundle(work / "model", snapshot, bundle, ShopguideConfig(train=train, export=ExportConfig(parity_texts=8)))
-    print("embedding the catalog ...", file=sys.stderr, flush=True)
-    build_product_index(bundle, snapshot)
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
-    build_lexical_index(bundle, snapshot, SearchConfig(), evaluation)
-    report = evaluate_bundle(bundle, snapshot, evaluation)
-    write_model_card(
-        bundle, report, None, {"passed": True, "reasons": ["bench"]}, {"snapshot_hash": Snapshot.open(snapshot).hash}
-    )
-    return bundle
+    lineage = {"snapshot_hash": Snapshot.open(snapshot).hash}
+    return build(snapshot, work, train, 8, evaluation, "bench", lineage)[0]
 
 
 def search_terms(n: int, seed: int = 0) -> list[str]:

@@ -21,10 +21,7 @@ from pipelines.config import (
     MODEL_NAME,
     DataConfig,
     EvaluateConfig,
-    ExportConfig,
     Paths,
-    SearchConfig,
-    ShopguideConfig,
     TrainConfig,
 )
 
@@ -52,34 +49,17 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     Every step is the pipeline's own function, on the session's temporary SQLite MLflow store (tests/conftest.py)
     and a home below the session's SHOPGUIDE_HOME; only the sizes are small. ~20-30 s, mostly ONNX export.
     """
-    from pipelines.compression.export import build_product_index, export_bundle
     from pipelines.data.dataset import snapshot_data
-    from pipelines.evaluation.evaluate import evaluate_bundle
-    from pipelines.evaluation.fusion import build_lexical_index
-    from pipelines.registry.mlflow_client import (
-        CHAMPION,
-        end_run,
-        register_bundle,
-        set_alias,
-        start_run,
-        write_model_card,
-    )
-    from pipelines.training.finetune import finetune_encoder
+    from pipelines.registry.mlflow_client import CHAMPION, end_run, register_bundle, set_alias, start_run
+    from pipelines.steps.bundle import build_bundle
 
     paths = Paths(shopguide_home.home / "serving-test")
     work = paths.run_dir(RUN_KEY)
     snapshot = snapshot_data(DataConfig(max_terms=100, max_offers=1000, event_users=30), work / "snapshot", AS_OF)
     train = TrainConfig(max_steps=0, head_max_offers=300, head_epochs=5)
-    finetune_encoder(snapshot.path, work / "model", train)
-    bundle = work / "bundle"
-    export = ShopguideConfig(train=train, export=ExportConfig(parity_texts=8))
-    export_bundle(work / "model", snapshot.path, bundle, export)
-    build_product_index(bundle, snapshot.path)
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
-    build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
-    report = evaluate_bundle(bundle, snapshot.path, evaluation)
     lineage = {"snapshot_hash": snapshot.hash, "run_key": RUN_KEY}
-    write_model_card(bundle, report, None, {"passed": True, "reasons": ["integration fixture"]}, lineage)
+    bundle, _ = build_bundle(snapshot.path, work, train, 8, evaluation, "integration fixture", lineage)
     run_id = start_run(paths, RUN_KEY, lineage)
     version = register_bundle(paths, run_id, bundle, TEST_MODEL_NAME, RUN_KEY, lineage)
     set_alias(paths, TEST_MODEL_NAME, CHAMPION, version)

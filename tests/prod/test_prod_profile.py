@@ -332,29 +332,17 @@ class Bundle:
 def _build_champion_bundle(home: Path) -> Bundle:
     """A real bundle (base MiniLM, 0 training steps, small catalog) built with the pipeline's own functions, as
     tests/integration/conftest.py builds its champion (~30 s of CPU, so it is built while the profile comes up)."""
-    from pipelines.compression.export import build_product_index, export_bundle
-    from pipelines.config import DataConfig, EvaluateConfig, ExportConfig, SearchConfig, ShopguideConfig, TrainConfig
+    from pipelines.config import DataConfig, EvaluateConfig, TrainConfig
     from pipelines.data.dataset import snapshot_data
-    from pipelines.evaluation.evaluate import evaluate_bundle
-    from pipelines.evaluation.fusion import build_lexical_index
-    from pipelines.registry.mlflow_client import write_model_card
-    from pipelines.training.finetune import finetune_encoder
+    from pipelines.steps.bundle import build_bundle
 
     work = Paths(home).run_dir(CHAMPION_RUN_KEY)
     as_of = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
     snapshot = snapshot_data(DataConfig(max_terms=60, max_offers=400, event_users=10), work / "snapshot", as_of)
     train = TrainConfig(max_steps=0, head_max_offers=200, head_epochs=3)
-    finetune_encoder(snapshot.path, work / "model", train)
-    bundle = work / "bundle"
-    export_bundle(
-        work / "model", snapshot.path, bundle, ShopguideConfig(train=train, export=ExportConfig(parity_texts=4))
-    )
-    build_product_index(bundle, snapshot.path)
     evaluation = EvaluateConfig(max_category_offers=100, latency_queries=10)
-    build_lexical_index(bundle, snapshot.path, SearchConfig(), evaluation)
-    report = evaluate_bundle(bundle, snapshot.path, evaluation)
     lineage = {"snapshot_hash": snapshot.hash, "run_key": CHAMPION_RUN_KEY}
-    write_model_card(bundle, report, None, {"passed": True, "reasons": ["prod test fixture"]}, lineage)
+    bundle, _ = build_bundle(snapshot.path, work, train, 4, evaluation, "prod test fixture", lineage)
     return Bundle(home, bundle, lineage)
 
 
