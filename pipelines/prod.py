@@ -159,21 +159,24 @@ class ProdConfig:
     def redis_url(self, db_key: str) -> str:
         return f"redis://{self.get('SHOPGUIDE_REDIS_HOST')}:{self.get('SHOPGUIDE_REDIS_PORT')}/{self.number(db_key)}"
 
+    def _loopback(self, port_key: str, path: str = "") -> str:
+        return f"http://127.0.0.1:{self.number(port_key)}{path}"
+
     @property
     def airflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.number('SHOPGUIDE_AIRFLOW_PORT')}"
+        return self._loopback("SHOPGUIDE_AIRFLOW_PORT")
 
     @property
     def mlflow_url(self) -> str:
-        return f"http://127.0.0.1:{self.number('SHOPGUIDE_MLFLOW_PORT')}"
+        return self._loopback("SHOPGUIDE_MLFLOW_PORT")
 
     @property
     def lb_url(self) -> str:
-        return f"http://127.0.0.1:{self.number('SHOPGUIDE_LB_PORT')}"
+        return self._loopback("SHOPGUIDE_LB_PORT")
 
     @property
     def stats_url(self) -> str:
-        return f"http://127.0.0.1:{self.number('SHOPGUIDE_LB_STATS_PORT')}/stats"
+        return self._loopback("SHOPGUIDE_LB_STATS_PORT", "/stats")
 
     @property
     def replica_ports(self) -> list[int]:
