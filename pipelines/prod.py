@@ -710,9 +710,9 @@ def _airflow_health(cfg: ProdConfig) -> dict[str, Any]:
     return dict(r.json())
 
 
-def _component(health: Mapping[str, Any] | None, key: str) -> tuple[bool, str]:
-    if health is None:
-        return False, "api-server not answering /api/v2/monitor/health"
+def _component(health: Mapping[str, Any] | Exception, key: str) -> tuple[bool, str]:
+    if isinstance(health, Exception):
+        return False, f"api-server not answering /api/v2/monitor/health: {type(health).__name__}: {health}"[:200]
     part = health.get(key) or {}
     status = part.get("status")
     beat = next((v for k, v in part.items() if k.startswith("latest") and v), None)
@@ -758,9 +758,9 @@ def health(cfg: ProdConfig) -> dict[str, tuple[bool, str]]:
 
     result["mlflow"] = _probe(mlflow)
     try:
-        airflow: dict[str, Any] | None = _airflow_health(cfg)
-    except Exception:
-        airflow = None
+        airflow: dict[str, Any] | Exception = _airflow_health(cfg)
+    except Exception as err:  # unhealthy, with the reason: not an absent answer
+        airflow = err
     result["airflow-api-server"] = _component(airflow, "metadatabase")
     result["airflow-scheduler"] = _component(airflow, "scheduler")
     result["airflow-dag-processor"] = _component(airflow, "dag_processor")
