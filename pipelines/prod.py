@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import quote
 
 from pipelines.airflow_env import airflow_environ
-from pipelines.config import REPO_ROOT, Paths
+from pipelines.config import CONFIG_DIR, REPO_ROOT, Paths
 
 ENV_FILE = REPO_ROOT / "docker" / "prod.env"
 ADMIN_USER = "admin"
@@ -190,6 +190,16 @@ class ProdConfig:
         return ports
 
     @property
+    def profile(self) -> str:
+        """SHOPGUIDE_PROFILE, checked here: the DAG files refuse to load with an unknown one, which shows only in
+        Airflow's import errors."""
+        name = self.get("SHOPGUIDE_PROFILE")
+        if not (CONFIG_DIR / f"{name}.yaml").is_file():
+            known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+            raise ProdError(f"SHOPGUIDE_PROFILE={name!r} is not one of configs/*.yaml: {known}")
+        return name
+
+    @property
     def workers(self) -> list[str]:
         """The Celery workers' names (`--celery-hostname`), distinct per worker and per host."""
         host = socket.gethostname()
@@ -252,6 +262,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
             # the driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cfg.pg_url("airflow"),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(cfg.number("SHOPGUIDE_CELERY_CONCURRENCY")),
+            "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(cfg.number("SHOPGUIDE_TASK_HEARTBEAT_TIMEOUT")),
+            "SHOPGUIDE_PROFILE": cfg.profile,
             # Logins for the UI and the REST API (POST /auth/token); the embedded profile's "everyone is admin" is off.
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{ADMIN_USER}:admin",
@@ -425,9 +437,12 @@ def render_haproxy(cfg: ProdConfig) -> str:
             "    timeout connect 2s",
             "    timeout client 60s",
             "    timeout server 60s",
-            # a request whose replica died on the way is retried once on another one
-            "    retries 1",
-            "    option redispatch",
+            # A request whose replica died on the way (refused, reset, no answer) is sent again to another replica:
+            # every call of the service is a read or an idempotent write, so a replayed request is safe. The
+            # request is kept in the buffer for that (bodies up to tune.bufsize, 16 kB; the service caps at 64 kB).
+            "    retries 2",
+            "    option redispatch 1",
+            "    retry-on all-retryable-errors",
             "frontend shopguide",
             f"    bind 127.0.0.1:{cfg.number('SHOPGUIDE_LB_PORT')}",
             # no replica ready (none has a model yet, or all are down): the balancer answers, in the service's format
@@ -895,6 +910,8 @@ CLIENT_VARIABLES = (
     "SHOPGUIDE_FEAST_ONLINE_STORE",
     "SHOPGUIDE_REDIS",
     "SHOPGUIDE_FEAST_REGISTRY",
+    # `shopguide features` in that shell reads and writes the offline tables the workers do
+    "SHOPGUIDE_FEAST_OFFLINE",
 )
 
 
