@@ -12,7 +12,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,12 @@ from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines.runtime import personalize
+from pipelines.runtime.request_log import RequestRecord
 from serving.logs import configure_logging
 from serving.metrics import Metrics
 from serving.online_features import FeaturesUnavailable, OnlineFeatures
 from serving.predictor import ModelUnavailable, Predictor, load_options, registry_bounds, resolve
+from serving.request_log import ParquetFolderSink, RequestLog, RequestLogSink
 from serving.schemas import (
     Category,
     ClassifyRequestBase,
@@ -69,6 +72,12 @@ class RequestContext:
     model_version: str | None = None
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
+    received_at: float = field(default_factory=time.time)  # wall clock, for the request log's ts
+    answer: RequestRecord | None = None  # logged once the response went out with status 200 (latency filled in)
+
+    @property
+    def received(self) -> datetime:
+        return datetime.fromtimestamp(self.received_at, UTC)
 
 
 _context: ContextVar[RequestContext | None] = ContextVar("shopguide_request", default=None)
@@ -90,6 +99,7 @@ class ServingState:
     load_error: str | None = None  # nothing could be loaded (not ready)
     problem: str | None = None  # loaded, but the alias's current version is not what serves (why)
     shadow: ShadowRunner | None = None
+    request_log: RequestLog | None = None
 
     def refresh(self) -> None:
         """Load, or swap in the version the alias points to now; on any failure keep serving what is loaded."""
@@ -283,6 +293,9 @@ class ServingMiddleware:
                 await self._error(scope, receive, send_with_headers, 500, "internal error")
         finally:
             seconds = time.perf_counter() - started
+            if ctx.answer is not None and status == 200 and self.state.request_log is not None:
+                # after the response went out: the latency is the one /metrics observes; submit never waits
+                self.state.request_log.submit(replace(ctx.answer, latency_ms=round(seconds * 1000, 3)))
             m = self.state.metrics
             m.requests.labels(endpoint, scope["method"], str(status)).inc()
             m.latency.labels(endpoint, str(status)).observe(seconds)
@@ -360,10 +373,15 @@ def _stage(ctx: RequestContext, metrics: Metrics, name: str, since: float) -> fl
     return now
 
 
-def create_app(settings: Settings | None = None, predictor: Predictor | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    predictor: Predictor | None = None,
+    request_log_sink: RequestLogSink | None = None,
+) -> FastAPI:
     """Nothing heavy happens here: the model loads in the lifespan, Feast connects on the first personalised request.
 
-    An injected `predictor` is served as is (no registry lookups, no polling, no shadow).
+    An injected `predictor` is served as is (no registry lookups, no polling, no shadow). An injected
+    `request_log_sink` replaces the parquet folder of the settings (when the request log is enabled).
     """
     settings = settings or Settings()
     settings.check_deployment()  # again: model_copy(update=...) skips the validators
@@ -374,6 +392,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         state._publish(predictor)
     if settings.shadow_alias and predictor is None and settings.bundle_dir is None:
         state.shadow = ShadowRunner(settings.shadow_alias, settings.shadow_fraction, settings.shadow_queue, metrics)
+    if settings.request_log_enabled:
+        sink = request_log_sink or ParquetFolderSink(settings.request_log_folder, settings.request_log_roll_seconds)
+        state.request_log = RequestLog(sink, settings.request_log_queue, settings.request_log_flush_seconds, metrics)
     poll = predictor is None and settings.model_poll_seconds > 0
 
     @contextlib.asynccontextmanager
@@ -384,6 +405,8 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 "no SHOPGUIDE_API_KEYS: the API is open to anyone who can reach it (allowed for deployment %r only)",
                 settings.deployment,
             )
+        if state.request_log is not None:
+            state.request_log.start()
         # Every MLflow call of this process from here on is bounded: MLflow down costs seconds, not minutes.
         with registry_bounds(settings):
             if state.predictor is None:
@@ -401,6 +424,9 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                         await task
                 if state.shadow is not None:
                     state.shadow.close()
+                if state.request_log is not None:
+                    # served answers first: whatever is queued is appended and rolled before the process ends
+                    await asyncio.to_thread(state.request_log.close)
 
     app = FastAPI(
         title="shopguide",
@@ -456,6 +482,23 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
                 metrics.features_fallbacks.labels("/v1/search", reason).inc()
         hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight, body.query)
         _stage(ctx, metrics, "rank", t)
+        if state.request_log is not None:
+            ctx.answer = RequestRecord(
+                request_id=ctx.request_id,
+                ts=ctx.received,
+                endpoint="search",
+                model_version=predictor.version,
+                query=body.query,
+                user_id=body.user_id,
+                k=body.k,
+                category=answer.category,
+                product_ids=[h.product_id for h in hits],
+                scores=[h.score for h in hits],
+                personalized=user_vec is not None,
+                fallback_reason=reason,
+                method=None,
+                latency_ms=0.0,
+            )
         shadow = state.shadow
         if shadow is not None and shadow.sampled():
             shadow.submit(
@@ -471,6 +514,7 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
             )
         return SearchResponse(
             model_version=predictor.version,
+            request_id=ctx.request_id,
             query=body.query,
             category=answer.category,
             taxonomy=predictor.taxonomy,
@@ -503,20 +547,35 @@ def create_app(settings: Settings | None = None, predictor: Predictor | None = N
         if reason is not None:
             metrics.features_fallbacks.labels("/v1/recommend", reason).inc()
         method = "history" if len(rows) else ("popularity" if popularity is not None else "none")
+        results = [
+            Hit(product_id=int(predictor.index.product_ids[r]), title=str(predictor.index.titles[r]), score=float(sc))
+            for r, sc in zip(top, scores, strict=True)
+        ]
+        if state.request_log is not None:
+            ctx.answer = RequestRecord(
+                request_id=ctx.request_id,
+                ts=ctx.received,
+                endpoint="recommend",
+                model_version=predictor.version,
+                query=None,
+                user_id=body.user_id,
+                k=body.k,
+                category=None,
+                product_ids=[h.product_id for h in results],
+                scores=[h.score for h in results],
+                personalized=bool(len(rows)),
+                fallback_reason=reason,
+                method=method,
+                latency_ms=0.0,
+            )
         return RecommendResponse(
             model_version=predictor.version,
+            request_id=ctx.request_id,
             user_id=body.user_id,
             personalized=bool(len(rows)),
             fallback_reason=reason,
             method=method,
-            results=[
-                Hit(
-                    product_id=int(predictor.index.product_ids[r]),
-                    title=str(predictor.index.titles[r]),
-                    score=float(sc),
-                )
-                for r, sc in zip(top, scores, strict=True)
-            ],
+            results=results,
         )
 
     def encode_batch(endpoint: str, texts: list[str]) -> tuple[Predictor, np.ndarray, np.ndarray]:

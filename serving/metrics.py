@@ -109,6 +109,27 @@ class Metrics:
             registry=r,
         )
 
+        self.request_log_written = Counter(
+            "shopguide_request_log_written_rows",
+            "Answers of /v1/search and /v1/recommend made durable in the request log.",
+            registry=r,
+        )
+        self.request_log_dropped = Counter(
+            "shopguide_request_log_dropped_rows",
+            "Answers not logged, by reason (queue_full: the writer fell behind; write_failed; closed).",
+            ["reason"],
+            registry=r,
+        )
+        self.request_log_queue = Gauge(
+            "shopguide_request_log_queue_depth", "Answers waiting for the request log's writer.", registry=r
+        )
+        self.request_log_flush = Histogram(
+            "shopguide_request_log_flush_duration_seconds",
+            "Time of one request-log append (write + fsync) by the writer thread.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
     def set_model(self, gauge: Gauge, labels: dict[str, str]) -> None:
         """One series at 1: the old version's series disappears in the same step."""
         previous = self._info_labels.get(id(gauge))

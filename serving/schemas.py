@@ -108,8 +108,15 @@ class Hit(BaseModel):
     score: float = Field(description="cos(query, product) + weight * cos(user, product) when personalised.")
 
 
+REQUEST_ID = (
+    "This answer's id in the request log (also the X-Request-ID header: the client's own id when it sent a valid "
+    "one); feedback events name it."
+)
+
+
 class SearchResponse(BaseModel):
     model_version: str = Field(description="Registry version (or local-<sha> for a fixed bundle) that answered.")
+    request_id: str = Field(description=REQUEST_ID)
     query: str
     category: str | None = Field(
         description="The query's category in `taxonomy`; null when the query is outside that taxonomy "
@@ -145,6 +152,7 @@ class EmbedResponse(BaseModel):
 
 class RecommendResponse(BaseModel):
     model_version: str
+    request_id: str = Field(description=REQUEST_ID)
     user_id: int
     personalized: bool = Field(description="False: no usable history; fallback_reason says why.")
     fallback_reason: FallbackReason | None = None

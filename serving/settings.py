@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
 from pipelines.runtime.encoder import OrtOptimization
+from pipelines.runtime.request_log import REQUEST_LOG_DIRNAME
 
 
 def _default_home() -> Path:
@@ -180,6 +181,42 @@ class Settings(BaseSettings):
         description="Pending shadow requests beyond this are dropped (and counted).",
     )
 
+    # Request log: every /v1/search and /v1/recommend answer, off the response path (serving/request_log.py).
+    request_log_enabled: bool = Field(
+        True,
+        alias="SHOPGUIDE_REQUEST_LOG_ENABLED",
+        description="Log every search and recommend answer (the feedback loop and monitoring read it).",
+    )
+    request_log_dir: Path | None = Field(
+        None,
+        alias="SHOPGUIDE_REQUEST_LOG_DIR",
+        description="Folder of the partitioned parquet log; unset = request_log under SHOPGUIDE_HOME. "
+        "pipelines.data.request_log reads the same variable.",
+    )
+    request_log_queue: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        alias="SHOPGUIDE_REQUEST_LOG_QUEUE",
+        description="Answers waiting for the writer beyond this are dropped (and counted), never waited for.",
+    )
+    request_log_flush_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        alias="SHOPGUIDE_REQUEST_LOG_FLUSH_SECONDS",
+        description="The writer makes what it has durable (write + fsync) this often: a crash loses at most "
+        "this much of the log.",
+    )
+    request_log_roll_seconds: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        alias="SHOPGUIDE_REQUEST_LOG_ROLL_SECONDS",
+        description="How often a writer's durable segment becomes a parquet part (also at 100,000 rows and on "
+        "shutdown): 60 parts per hour and replica at most.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",
         alias="SHOPGUIDE_LOG_LEVEL",
@@ -233,3 +270,7 @@ class Settings(BaseSettings):
     @property
     def paths(self) -> Paths:
         return Paths(self.home.resolve())
+
+    @property
+    def request_log_folder(self) -> Path:
+        return self.request_log_dir or self.home / REQUEST_LOG_DIRNAME
