@@ -156,8 +156,17 @@ class ProdConfig:
         host, port = self.get("SHOPGUIDE_PG_HOST"), self.get("SHOPGUIDE_PG_PORT")
         return f"postgresql+{driver}://{auth}@{host}:{port}/{self.database(name)}"
 
+    def redis_server(self, role: str = "") -> tuple[str, int]:
+        """(host, port) of the broker's Redis (role "") or the online store's ("FEAST_"; the broker's by default)."""
+        host = self.get(f"SHOPGUIDE_{role}REDIS_HOST") or self.get("SHOPGUIDE_REDIS_HOST")
+        port = self.get(f"SHOPGUIDE_{role}REDIS_PORT") or self.get("SHOPGUIDE_REDIS_PORT")
+        if not port.isdigit():
+            raise ProdError(f"SHOPGUIDE_{role}REDIS_PORT={port!r} is not a number")
+        return host, int(port)
+
     def redis_url(self, db_key: str) -> str:
-        return f"redis://{self.get('SHOPGUIDE_REDIS_HOST')}:{self.get('SHOPGUIDE_REDIS_PORT')}/{self.number(db_key)}"
+        host, port = self.redis_server()
+        return f"redis://{host}:{port}/{self.number(db_key)}"
 
     def _loopback(self, port_key: str, path: str = "") -> str:
         return f"http://127.0.0.1:{self.number(port_key)}{path}"
@@ -275,9 +284,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
             "SHOPGUIDE_RUN_STORE": RUN_STORE,
             "SHOPGUIDE_SCRATCH": str(cfg.scratch),
             "SHOPGUIDE_FEAST_ONLINE_STORE": "redis",
-            "SHOPGUIDE_REDIS": (
-                f"{cfg.get('SHOPGUIDE_REDIS_HOST')}:{cfg.get('SHOPGUIDE_REDIS_PORT')},"
-                f"db={cfg.number('SHOPGUIDE_FEAST_REDIS_DB')}"
+            "SHOPGUIDE_REDIS": "{}:{},db={}".format(
+                *cfg.redis_server("FEAST_"), cfg.number("SHOPGUIDE_FEAST_REDIS_DB")
             ),
             "SHOPGUIDE_FEAST_REGISTRY": cfg.pg_url("feast"),
             # the offline feature tables too: a worker on another host reads what the materialize task wrote
@@ -524,12 +532,15 @@ def purge(cfg: ProdConfig) -> None:
                 cur.execute(stmt)
     finally:
         conn.close()
-    for key in ("SHOPGUIDE_CELERY_REDIS_DB", "SHOPGUIDE_FEAST_REDIS_DB"):
-        client = redis.Redis(
-            host=cfg.get("SHOPGUIDE_REDIS_HOST"), port=cfg.number("SHOPGUIDE_REDIS_PORT"), db=cfg.number(key)
-        )
-        client.flushdb()
-        client.close()
+    for role, key in (("", "SHOPGUIDE_CELERY_REDIS_DB"), ("FEAST_", "SHOPGUIDE_FEAST_REDIS_DB")):
+        host, port = cfg.redis_server(role)
+        client = redis.Redis(host=host, port=port, db=cfg.number(key), socket_connect_timeout=5)
+        try:
+            client.flushdb()
+        except redis.ConnectionError:
+            pass  # a server that is gone holds nothing of this profile's
+        finally:
+            client.close()
 
 
 @contextlib.contextmanager

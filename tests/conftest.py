@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +63,40 @@ def airflow_paths(shopguide_home: Paths) -> Paths:
     """shopguide_home with its Airflow SQLite DB migrated once per session (~5 s); use with run_dag_test."""
     ensure_airflow_db(shopguide_home)
     return shopguide_home
+
+
+REDIS_SERVER = "/usr/bin/redis-server"
+
+
+@contextlib.contextmanager
+def _private_redis(folder: Path) -> Iterator[int]:
+    """A private, throw-away redis-server on a free loopback port (never the shared 6379 instance): its port."""
+    if not Path(REDIS_SERVER).is_file():
+        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
+    if importlib.util.find_spec("redis") is None:
+        pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    break
+            if time.monotonic() > deadline or proc.poll() is not None:
+                pytest.fail(f"redis-server did not start on port {port}")
+            time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def private_redis() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
+    """`with private_redis(folder) as port:` for fixtures of any scope."""
+    return _private_redis

@@ -3,14 +3,9 @@ PostgreSQL database of a test's own."""
 
 from __future__ import annotations
 
-import contextlib
-import importlib.util
 import os
 import secrets
-import socket
-import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -89,45 +84,8 @@ def postgres_database() -> Iterator[str]:
         conn.close()
 
 
-REDIS_SERVER = "/usr/bin/redis-server"
-
-
-@contextlib.contextmanager
-def _private_redis(folder: Path) -> Iterator[int]:
-    """A private, throw-away redis-server on a free loopback port (never the shared 6379 instance): its port."""
-    if not Path(REDIS_SERVER).is_file():
-        pytest.skip(f"{REDIS_SERVER} not installed (apt-get install redis-server)")
-    if importlib.util.find_spec("redis") is None:
-        pytest.skip("the redis Python client is not installed (Feast's Redis online store needs feast[redis])")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
-    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-@pytest.fixture(scope="session")
-def private_redis() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
-    """`with private_redis(folder) as port:` for fixtures of any scope."""
-    return _private_redis
-
-
 @pytest.fixture
-def redis_port(tmp_path: Path) -> Iterator[int]:
+def redis_port(tmp_path: Path, private_redis) -> Iterator[int]:
     """A private redis-server for one test."""
-    with _private_redis(tmp_path) as port:
+    with private_redis(tmp_path) as port:
         yield port
