@@ -3,12 +3,14 @@ REST API, MLflow and the balancer answering, a champion reaching both replicas t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -110,13 +112,17 @@ def _require_services() -> None:
 
 
 @pytest.fixture(scope="module")
-def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
-    """The profile up from empty databases named for this run, on free ports and empty Redis databases; afterwards
+def profile(tmp_path_factory: pytest.TempPathFactory, private_redis) -> Iterator[Profile]:
+    """The profile up from empty databases named for this run, on free ports, an empty Redis database of the machine's
+    server as the Celery broker and a private redis-server as Feast's online store (a test stops it); afterwards
     stopped, its databases dropped and its Redis databases flushed."""
     _require_services()
     run = uuid.uuid4().hex[:8]
     ports = _free_ports(7)
-    celery_db, feast_db = _empty_redis_dbs(2)
+    (celery_db,) = _empty_redis_dbs(1)
+    stack = contextlib.ExitStack()
+    feast_port = stack.enter_context(private_redis(tmp_path_factory.mktemp("feast-redis")))
+    stack.callback(_stop_redis, feast_port)  # a test may have replaced the server it started
     overrides = {
         "SHOPGUIDE_HOME": str(tmp_path_factory.mktemp("prod")),
         "SHOPGUIDE_PG_HOST": "127.0.0.1",
@@ -125,7 +131,9 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
         "SHOPGUIDE_REDIS_HOST": "127.0.0.1",
         "SHOPGUIDE_REDIS_PORT": "6379",
         "SHOPGUIDE_CELERY_REDIS_DB": str(celery_db),
-        "SHOPGUIDE_FEAST_REDIS_DB": str(feast_db),
+        "SHOPGUIDE_FEAST_REDIS_HOST": "127.0.0.1",
+        "SHOPGUIDE_FEAST_REDIS_PORT": str(feast_port),
+        "SHOPGUIDE_FEAST_REDIS_DB": "0",
         "SHOPGUIDE_AIRFLOW_PORT": str(ports[0]),
         "SHOPGUIDE_MLFLOW_PORT": str(ports[1]),
         "SHOPGUIDE_LB_PORT": str(ports[2]),
@@ -133,6 +141,10 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
         "SHOPGUIDE_REPLICA_PORTS": f"{ports[4]},{ports[5]}",
         "SHOPGUIDE_WORKER_LOG_PORT": str(ports[6]),
         "SHOPGUIDE_CELERY_WORKERS": "1",
+        # the schedule's and the Asset events' runs train on the tiny profile (no form fills them in)
+        "SHOPGUIDE_PROFILE": "tiny",
+        # a task whose worker died is failed (then retried) 20 s after its last heartbeat, not 120 s
+        "SHOPGUIDE_TASK_HEARTBEAT_TIMEOUT": "20",
         "SHOPGUIDE_ARTIFACTS_DESTINATION": "",
         # a replica notices a new @champion within seconds
         "SHOPGUIDE_MODEL_POLL_SECONDS": "3",
@@ -140,7 +152,9 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
     env = {**os.environ, **overrides}
     cfg = ProdConfig.load(Paths(Path(overrides["SHOPGUIDE_HOME"])), env)
     names = {cfg.database(n) for n in DATABASES}
-    assert not names & _existing_databases(cfg), "this run's database names are taken"
+    if names & _existing_databases(cfg):
+        stack.close()
+        pytest.fail(f"this run's database names are taken: {names}")
     builder = ThreadPoolExecutor(1)
     try:
         bundle = builder.submit(_build_champion_bundle, tmp_path_factory.mktemp("champion"))
@@ -152,6 +166,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Profile]:
         builder.shutdown(wait=True, cancel_futures=True)
         _cli(env, "down", timeout=180)
         purge(cfg)
+        stack.close()
         assert not names & _existing_databases(cfg)
 
 
@@ -280,46 +295,359 @@ class Airflow:
                 if run["run_type"] == "scheduled" and run["state"] in {"queued", "running"}:
                     self.call("PATCH", f"/dags/{dag_id}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
 
+    def wait_run(self, dag_id: str, run_id: str, timeout: float, every: float = 2) -> str:
+        """The run's final state; scheduled catch-up runs are stopped meanwhile (see stop_scheduled_runs)."""
+        deadline = time.monotonic() + timeout
+        while (state := self.call("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]) not in {"success", "failed"}:
+            assert time.monotonic() < deadline, self.tasks(dag_id, run_id)
+            self.stop_scheduled_runs()
+            time.sleep(every)
+        return str(state)
 
-def test_features_dag_runs_on_the_celery_worker_and_its_asset_schedules_retrain(profile: Profile) -> None:
+    def xcom(self, dag_id: str, run_id: str, task_id: str) -> Any:
+        path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value"
+        return self.call("GET", path, params={"deserialize": True})["value"]
+
+
+def _on_the_worker(tasks: list[dict[str, Any]], worker: str) -> None:
+    """Every task instance ran on the Celery worker (its name is what task instances record as their hostname)."""
+    ran = [t for t in tasks if t["state"] not in {"skipped", "upstream_failed"}]
+    assert ran and {(t["hostname"], t["queue"]) for t in ran} == {(worker, "default")}, tasks
+
+
+@dataclass
+class Champions:
+    """The versions the tests in this module move @champion between."""
+
+    trained: str = ""  # registered and promoted by the Asset-triggered retrain run
+
+
+CHAMPIONS = Champions()
+
+
+def registry_client(cfg: ProdConfig) -> Any:
+    from pipelines.registry.mlflow_client import client
+
+    return client(cfg.paths)
+
+
+def _champion(cfg: ProdConfig) -> str | None:
+    from pipelines.registry.mlflow_client import CHAMPION, alias_version
+
+    return alias_version(cfg.paths, MODEL_NAME, CHAMPION)
+
+
+def test_features_on_celery_then_the_scheduler_retrains_from_its_asset_and_promotes(
+    profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", profile.cfg.mlflow_url)
     airflow = Airflow(profile.cfg)
     worker = profile.cfg.workers[0]
     started = time.monotonic()
-    run = airflow.call(
-        "POST", "/dags/shopguide_features/dagRuns", json={"logical_date": None, "conf": {"profile": "tiny"}}
-    )
+    # no conf: the run takes the deployment's profile (SHOPGUIDE_PROFILE=tiny), as the schedule's runs do
+    run = airflow.call("POST", "/dags/shopguide_features/dagRuns", json={"logical_date": None})
     for dag_id in ("shopguide_features", "shopguide_retrain"):
         airflow.call("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
-    deadline = time.monotonic() + 180
-    while True:
-        airflow.stop_scheduled_runs()
-        state = airflow.call("GET", f"/dags/shopguide_features/dagRuns/{run['dag_run_id']}")["state"]
-        if state in {"success", "failed"}:
-            break
-        assert time.monotonic() < deadline, airflow.tasks("shopguide_features", run["dag_run_id"])
-        # often: a catch-up run failed before its queued tasks start costs the worker almost nothing
-        time.sleep(0.5)
+    state = airflow.wait_run("shopguide_features", run["dag_run_id"], 240, every=0.5)
     tasks = airflow.tasks("shopguide_features", run["dag_run_id"])
     assert state == "success", tasks
-    # every task ran on the Celery worker (its name is what task instances record as their hostname), none locally
-    assert {(t["task_id"], t["state"], t["hostname"], t["queue"]) for t in tasks} == {
-        (t["task_id"], "success", worker, "default") for t in tasks
-    }
+    _on_the_worker(tasks, worker)
     features_seconds = time.monotonic() - started
+    airflow.call("PATCH", "/dags/shopguide_features", json={"is_paused": True})
     # materialize emitted the Asset shopguide_user_events: the scheduler itself creates the retrain run
     deadline = time.monotonic() + 60
     while not (triggered := [r for r in airflow.runs("shopguide_retrain") if r["run_type"] == "asset_triggered"]):
         assert time.monotonic() < deadline, airflow.runs("shopguide_retrain")
         airflow.stop_scheduled_runs()
-        time.sleep(2)
+        time.sleep(1)
     (retrain,) = triggered
     assert retrain["triggered_by"] == "asset"
-    # it would now train on the default profile (an asset-triggered run has no conf): stop it, and both schedules
-    for dag_id in ("shopguide_features", "shopguide_retrain"):
-        airflow.call("PATCH", f"/dags/{dag_id}", json={"is_paused": True})
-    airflow.call("PATCH", f"/dags/shopguide_retrain/dagRuns/{retrain['dag_run_id']}", json={"state": "failed"})
-    airflow.stop_scheduled_runs()
-    print(f"features DAG (tiny) on Celery: {features_seconds:.0f} s from trigger to success; retrain asset-triggered")
+    state = airflow.wait_run("shopguide_retrain", retrain["dag_run_id"], 900)  # ~5 min on a quiet 2-core machine
+    retrain_seconds = time.monotonic() - started - features_seconds
+    tasks = airflow.tasks("shopguide_retrain", retrain["dag_run_id"])
+    assert state == "success", tasks
+    _on_the_worker(tasks, worker)
+    mlflow_run = airflow.xcom("shopguide_retrain", retrain["dag_run_id"], "snapshot")["mlflow_run_id"]
+    assert registry_client(profile.cfg).get_run(mlflow_run).data.tags["profile"] == "tiny"
+    registered = airflow.xcom("shopguide_retrain", retrain["dag_run_id"], "register")
+    assert registered["registered"] and _champion(profile.cfg) == registered["version"]
+    CHAMPIONS.trained = registered["version"]
+    print(
+        f"on Celery, tiny: features {features_seconds:.0f} s trigger to success; asset-triggered retrain "
+        f"{retrain_seconds:.0f} s from the features run's success to its own"
+    )
+
+
+class Load:
+    """A client sending /v1/search through the balancer until stopped; every answer or error is kept.
+
+    Like browsers, Go's http.Transport or urllib3's Retry, it sends an idempotent request once more when a reused
+    keep-alive connection is closed before any response (RFC 9112, 9.3.1): haproxy closes the client's connection
+    that way when the replica behind a reused server connection dies (its `http-reuse safe` relies on the client's
+    retry). Those retries are counted; anything else is a failure.
+    """
+
+    def __init__(self, cfg: ProdConfig) -> None:
+        self.url = f"{cfg.lb_url}/v1/search"
+        self.headers = {"X-API-Key": read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]}
+        self.answers: list[tuple[float, str, str]] = []  # (time, replica, model version)
+        self.failures: list[str] = []
+        self.retried = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._send, daemon=True)
+
+    def _send(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self._stop.is_set():
+                try:
+                    try:
+                        r = http.post(self.url, json={"query": "cordless drill", "k": 3}, headers=self.headers)
+                    except httpx.RemoteProtocolError:  # closed without a response: once more, on a new connection
+                        self.retried += 1
+                        r = http.post(self.url, json={"query": "cordless drill", "k": 3}, headers=self.headers)
+                except httpx.HTTPError as err:
+                    self.failures.append(f"{datetime.now(UTC):%H:%M:%S.%f} {type(err).__name__}: {err}")
+                    continue
+                if r.status_code != 200:
+                    self.failures.append(f"{datetime.now(UTC):%H:%M:%S.%f} {r.status_code} {r.text[:200]}")
+                else:
+                    self.answers.append((time.monotonic(), r.headers["X-Shopguide-Replica"], r.json()["model_version"]))
+
+    def check(self, cfg: ProdConfig) -> None:
+        """No failed request; otherwise the failures with what haproxy logged around them."""
+        if self.failures:
+            log = [line for line in (cfg.logs / "haproxy.log").read_text().splitlines() if "STATS" not in line]
+            pytest.fail(f"{len(self.failures)} failed requests: {self.failures[:5]}\nhaproxy:\n" + "\n".join(log[-60:]))
+
+    def __enter__(self) -> Load:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+    def wait_all_serve(self, version: str, replicas: set[str], timeout: float = 90) -> None:
+        """Wait until each of `replicas` has answered with `version` three times in a row."""
+        deadline = time.monotonic() + timeout
+        while True:
+            latest: dict[str, list[str]] = {}
+            for _, replica, served in self.answers[-40:]:
+                latest.setdefault(replica, []).append(served)
+            if set(latest) >= replicas and all(v[-3:] == [version] * 3 for r, v in latest.items() if r in replicas):
+                return
+            assert time.monotonic() < deadline, (version, latest, self.failures[-5:])
+            time.sleep(0.5)
+
+
+def _shell(p: Profile, *args: str) -> subprocess.CompletedProcess[str]:
+    """The `shopguide` CLI in a user's shell pointed at the profile (`eval "$(shopguide prod env)"`)."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipelines.cli", *args],
+        env={**p.env, **client_environment(p.cfg)},
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_promote_and_rollback_swap_both_replicas_under_load_without_a_failed_request(
+    profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = profile.cfg
+    assert CHAMPIONS.trained, "needs the retrain test's champion"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow_url)
+    replicas = {f"replica-{i}" for i in range(1, len(cfg.replica_ports) + 1)}
+    exported = _cli(profile.env, "env", timeout=60).stdout
+    assert all(f"export {k}=" in exported for k in client_environment(cfg))
+    other = _register_candidate(profile.bundle.result(timeout=300))
+    with Load(cfg) as load:
+        load.wait_all_serve(CHAMPIONS.trained, replicas)
+        # the bundle is re-checked against its manifest through the MLflow server, under the advisory lock on
+        # Airflow's PostgreSQL database; each replica polls @champion every 3 s and swaps in the new version
+        promote = _shell(profile, "promote", other, "--reason", "prod profile test")
+        assert promote.returncode == 0, promote.stdout + promote.stderr
+        load.wait_all_serve(other, replicas)
+        rollback = _shell(profile, "rollback", "--reason", "prod profile test: back")
+        assert rollback.returncode == 0, rollback.stdout + rollback.stderr
+        load.wait_all_serve(CHAMPIONS.trained, replicas)
+    assert _champion(cfg) == CHAMPIONS.trained
+    load.check(cfg)
+    served = Counter((replica, version) for _, replica, version in load.answers)
+    assert {(r, v) for r in replicas for v in (CHAMPIONS.trained, other)} <= set(served), served
+    print(
+        f"promote + rollback under load: {len(load.answers)} answers, 0 failed, {load.retried} resent: {dict(served)}"
+    )
+    with httpx.Client(base_url=cfg.lb_url, timeout=30) as http:
+        assert http.post("/v1/search", json={"query": "drill"}).status_code == 401  # production: a key is required
+
+
+def _pid(p: Profile, program: str) -> int:
+    return int(_status(p)[program]["pid"])
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a program and everything it started, as a lost host would (no warm shutdown, no cleanup)."""
+    import psutil
+
+    parent = psutil.Process(pid)
+    for proc in [parent, *parent.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+
+
+def _supervisorctl(p: Profile, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, "-m", "supervisor.supervisorctl", "-c", str(p.cfg.supervisor_conf), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return proc.stdout + proc.stderr
+
+
+def test_a_replica_killed_under_load_costs_no_request(profile: Profile) -> None:
+    cfg = profile.cfg
+    before = _pid(profile, "replica-1")
+    with Load(cfg) as load:
+        time.sleep(2)
+        _kill_tree(before)
+        # supervisord starts it again; it loads @champion from its cache and haproxy's check puts it back
+        deadline = time.monotonic() + 90
+        while not (_pid(profile, "replica-1") not in {0, before} and _stats(cfg)["replica-1"]["status"] == "UP"):
+            assert time.monotonic() < deadline, _stats(cfg)
+            time.sleep(1)
+        load.wait_all_serve(CHAMPIONS.trained, {"replica-1", "replica-2"})
+    load.check(cfg)
+    print(f"replica-1 killed under load: {len(load.answers)} answers, 0 failed, {load.retried} resent")
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
+    except httpx.ConnectError:
+        return False
+
+
+def test_with_mlflow_down_a_restarted_replica_serves_the_cached_champion(profile: Profile) -> None:
+    cfg = profile.cfg
+    try:
+        assert "stopped" in _supervisorctl(profile, "stop", "mlflow")
+        assert httpx.get(f"{cfg.mlflow_url}/health", timeout=5).status_code != 200
+    except httpx.ConnectError:
+        pass  # refused: down, as wanted
+    try:
+        assert "started" in _supervisorctl(profile, "restart", "replica-2")
+        port = cfg.replica_ports[1]
+        # uvicorn binds its port after the app's start-up (the model from the cache, once the registry is given up)
+        deadline = time.monotonic() + 90
+        while not _ready(port):
+            assert time.monotonic() < deadline, (cfg.logs / "replica-2.log").read_text()[-3000:]
+            time.sleep(1)
+        key = read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/search", json={"query": "drill"}, headers={"X-API-Key": key})
+        assert r.status_code == 200 and r.json()["model_version"] == CHAMPIONS.trained, r.text
+    finally:
+        _supervisorctl(profile, "start", "mlflow")
+    deadline = time.monotonic() + 60
+    while not _status(profile)["mlflow"]["healthy"]:
+        assert time.monotonic() < deadline, _status(profile)["mlflow"]
+
+
+def _stop_redis(port: int) -> None:
+    import redis
+
+    with contextlib.suppress(redis.ConnectionError):
+        redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=2).shutdown(nosave=True)
+
+
+def test_with_the_online_store_down_answers_are_anonymous_and_say_so(profile: Profile) -> None:
+    cfg = profile.cfg
+    _, port = cfg.redis_server("FEAST_")
+    key = {"X-API-Key": read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]}
+    with httpx.Client(base_url=cfg.lb_url, timeout=30, headers=key) as http:
+        # a simulated user whose history the features DAG materialized into the online store
+        bodies = ({"query": "cordless drill", "k": 5, "user_id": user} for user in range(1, 31))
+        body = next((b for b in bodies if http.post("/v1/search", json=b).json()["personalized"]), None)
+        assert body is not None, "no simulated user 1-30 is personalised"
+        _stop_redis(port)
+        try:
+            for _ in range(10):  # both replicas
+                r = http.post("/v1/search", json=body)
+                assert r.status_code == 200, r.text
+                assert not r.json()["personalized"] and r.json()["fallback_reason"] == "features_unavailable"
+                assert [x["product_id"] for x in r.json()["results"]]
+        finally:
+            server = subprocess.Popen(
+                [
+                    "/usr/bin/redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ],
+                cwd=cfg.dir,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        # back: the replicas read the store again (empty now: the user is unknown, not unavailable)
+        deadline = time.monotonic() + 30
+        while (r := http.post("/v1/search", json=body).json()).get("fallback_reason") == "features_unavailable":
+            assert time.monotonic() < deadline, r
+            time.sleep(0.5)
+    assert server.poll() is None
+
+
+def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_fails_its_gate(
+    profile: Profile, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = profile.cfg
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow_url)
+    airflow = Airflow(cfg)
+    worker = cfg.workers[0]
+    # the base model (0 training steps) ranking alone (no BM25 fused in) against the fine-tuned hybrid champion, on
+    # the same tiny data: clearly worse (BM25 would lift the 0-step model about as much as the trained one)
+    worse = {"max_steps": 0, "lexical_weight": 0.0}
+    run = airflow.call("POST", "/dags/shopguide_retrain/dagRuns", json={"logical_date": None, "conf": worse})
+    run_id = run["dag_run_id"]
+    # kill the worker, and every task process it started, in the middle of a task after the snapshot
+    deadline = time.monotonic() + 300
+    while not (
+        running := [
+            t
+            for t in airflow.tasks("shopguide_retrain", run_id)
+            if t["state"] == "running" and t["task_id"] not in {"snapshot"}
+        ]
+    ):
+        assert time.monotonic() < deadline, airflow.tasks("shopguide_retrain", run_id)
+        time.sleep(0.5)
+    killed = running[0]["task_id"]
+    _kill_tree(_pid(profile, "airflow-worker-1"))
+    state = airflow.wait_run("shopguide_retrain", run_id, 900)
+    tasks = {t["task_id"]: t for t in airflow.tasks("shopguide_retrain", run_id)}
+    assert state == "failed", tasks
+    # no heartbeat from the dead worker: the scheduler failed the task, which was retried on the restarted worker
+    assert (tasks[killed]["state"], tasks[killed]["try_number"]) == ("success", 2), tasks[killed]
+    _on_the_worker(list(tasks.values()), worker)
+    assert {t: tasks[t]["state"] for t in ("gate", "register", "promote", "conclude")} == {
+        "gate": "success",
+        "register": "success",
+        "promote": "success",
+        "conclude": "failed",
+    }
+    decision = airflow.xcom("shopguide_retrain", run_id, "gate")
+    assert not decision["passed"] and decision["champion_version"] == CHAMPIONS.trained, decision
+    assert any(r.startswith("FAIL: ndcg_at_10") and "vs champion" in r for r in decision["reasons"]), decision
+    assert _champion(cfg) == CHAMPIONS.trained
+    print(f"worse retrain: {killed} killed with its worker, retried (try 2), gate failed, champion kept")
 
 
 @dataclass(frozen=True)
@@ -357,45 +685,6 @@ def _register_candidate(bundle: Bundle) -> str:
     version = register_bundle(paths, run_id, bundle.path, MODEL_NAME, CHAMPION_RUN_KEY, tags)
     end_run(paths, run_id)
     return version
-
-
-def test_a_champion_reaches_both_replicas_through_the_balancer(
-    profile: Profile, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    cfg = profile.cfg
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.mlflow_url)
-    version = _register_candidate(profile.bundle.result(timeout=300))
-    # promoted by a user's shell pointed at the profile (`eval "$(shopguide prod env)"`): the bundle is re-checked
-    # against its manifest through the MLflow server, under the advisory lock on Airflow's PostgreSQL database
-    client_env = {**profile.env, **client_environment(cfg)}
-    exported = _cli(profile.env, "env", timeout=60).stdout
-    assert all(f"export {k}=" in exported for k in client_environment(cfg))
-    promote = subprocess.run(
-        [sys.executable, "-m", "pipelines.cli", "promote", version, "--reason", "prod profile test"],
-        env=client_env,
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert promote.returncode == 0, promote.stdout + promote.stderr
-    # each replica polls @champion every 3 s, downloads the bundle through the MLflow server, and haproxy's next
-    # check (every 2 s) puts it in
-    deadline = time.monotonic() + 90
-    while not all(s["status"] == "UP" for s in _stats(cfg).values()):
-        assert time.monotonic() < deadline, _stats(cfg)
-        time.sleep(1)
-    api_key = read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]
-    with httpx.Client(base_url=cfg.lb_url, timeout=30) as http:
-        assert http.post("/v1/search", json={"query": "drill"}).status_code == 401  # production: a key is required
-        served = Counter()
-        for _ in range(20):
-            r = http.post("/v1/search", json={"query": "cordless drill", "k": 3}, headers={"X-API-Key": api_key})
-            assert r.status_code == 200, r.text
-            assert r.json()["model_version"] == version
-            served[r.headers["X-Shopguide-Replica"]] += 1
-    assert set(served) == {"replica-1", "replica-2"}, served
 
 
 def test_down_leaves_no_process_behind(profile: Profile) -> None:
