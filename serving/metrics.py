@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
@@ -10,6 +11,39 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 OVERLAP_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+@dataclass(frozen=True)
+class LogMetrics:
+    """One durable log's writer (serving/log_writer.py): rows made durable, rows dropped, queue, append time."""
+
+    written: Counter
+    dropped: Counter
+    queue: Gauge
+    flush: Histogram
+
+    @classmethod
+    def create(cls, registry: CollectorRegistry, log: str, rows: str, what: str) -> LogMetrics:
+        """`shopguide_<log>_written_rows_total`, `..._dropped_rows_total{reason}`, `..._queue_depth` and
+        `..._flush_duration_seconds`, described as `rows` (e.g. "Answers of ...") in `what` (e.g. "the request log")."""
+        return cls(
+            written=Counter(f"shopguide_{log}_written_rows", f"{rows} made durable in {what}.", registry=registry),
+            dropped=Counter(
+                f"shopguide_{log}_dropped_rows",
+                f"{rows} not logged, by reason (queue_full: the writer fell behind; write_failed; closed).",
+                ["reason"],
+                registry=registry,
+            ),
+            queue=Gauge(
+                f"shopguide_{log}_queue_depth", f"Submits waiting for the writer of {what}.", registry=registry
+            ),
+            flush=Histogram(
+                f"shopguide_{log}_flush_duration_seconds",
+                f"Time of one append to {what} (write + fsync) by its writer thread.",
+                buckets=LATENCY_BUCKETS,
+                registry=registry,
+            ),
+        )
 
 
 class Metrics:
@@ -109,25 +143,8 @@ class Metrics:
             registry=r,
         )
 
-        self.request_log_written = Counter(
-            "shopguide_request_log_written_rows",
-            "Answers of /v1/search and /v1/recommend made durable in the request log.",
-            registry=r,
-        )
-        self.request_log_dropped = Counter(
-            "shopguide_request_log_dropped_rows",
-            "Answers not logged, by reason (queue_full: the writer fell behind; write_failed; closed).",
-            ["reason"],
-            registry=r,
-        )
-        self.request_log_queue = Gauge(
-            "shopguide_request_log_queue_depth", "Answers waiting for the request log's writer.", registry=r
-        )
-        self.request_log_flush = Histogram(
-            "shopguide_request_log_flush_duration_seconds",
-            "Time of one request-log append (write + fsync) by the writer thread.",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+        self.request_log = LogMetrics.create(
+            r, "request_log", "Answers of /v1/search and /v1/recommend", "the request log"
         )
 
     def set_model(self, gauge: Gauge, labels: dict[str, str]) -> None:

@@ -1,33 +1,25 @@
-"""The request log's format, defined once for the service that writes it and the pipelines that read it.
+"""The request log's format, defined once for the service that writes it and the pipelines that read it: its schema
+and row type, in the log folder layout of pipelines/runtime/logfolder.py (default folder `$SHOPGUIDE_HOME/request_log`).
 
-Layout under the log folder (default `$SHOPGUIDE_HOME/request_log`), one hive partition per UTC date:
-
-    date=2026-12-04/part-<writer>-<seq>.parquet    rolled parts: what any parquet reader sees
-    date=2026-12-04/_seg-<writer>-<seq>.arrows     the open segment: Arrow IPC stream, appended + fsynced per flush
-
-A writer appends each flush's rows to its segment as one record batch, then rolls the segment into the part of the
-same name (about once a minute): per-second durability without a parquet file per second. A segment is locked
-(flock) by its writer; one nobody holds was left by a crash and is read as is (its complete batches), then rolled by
-the next writer that starts. The `_` prefix hides segments from pyarrow.dataset, Spark or DuckDB globs of *.parquet.
-
-Imports nothing else of pipelines: serving writes with it, pipelines.data reads with it.
+Imports nothing outside pipelines.runtime: serving writes with it, pipelines.data reads with it.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
-from pathlib import Path
+from datetime import datetime
 from typing import Literal
 
 import pyarrow as pa
 
+# The layout helpers, also under the names the request log had before the event log shared them.
+from pipelines.runtime.logfolder import is_part, is_segment, part_for
+
+__all__ = ["REQUEST_LOG_DIRNAME", "SCHEMA", "Endpoint", "RequestRecord", "is_part", "is_segment", "part_for"]
+
 REQUEST_LOG_DIRNAME = "request_log"
 FORMAT_VERSION = "1"
-SEGMENT_PREFIX, SEGMENT_SUFFIX = "_seg-", ".arrows"
-PART_PREFIX, PART_SUFFIX = "part-", ".parquet"
 
 Endpoint = Literal["search", "recommend"]
 
@@ -70,55 +62,3 @@ class RequestRecord:
     fallback_reason: str | None
     method: str | None
     latency_ms: float
-
-
-def to_batch(records: Sequence[RequestRecord]) -> pa.RecordBatch:
-    columns = [[getattr(r, name) for r in records] for name in SCHEMA.names]
-    return pa.record_batch([pa.array(c, type=f.type) for c, f in zip(columns, SCHEMA, strict=True)], schema=SCHEMA)
-
-
-def partition_name(day: date) -> str:
-    return f"date={day.isoformat()}"
-
-
-def partition_day(ts: datetime) -> date:
-    return ts.astimezone(UTC).date()
-
-
-def part_for(segment: Path) -> Path:
-    """The part a segment rolls into: same folder, same writer and sequence number."""
-    stem = segment.name.removeprefix(SEGMENT_PREFIX).removesuffix(SEGMENT_SUFFIX)
-    return segment.with_name(f"{PART_PREFIX}{stem}{PART_SUFFIX}")
-
-
-def is_segment(path: Path) -> bool:
-    return path.name.startswith(SEGMENT_PREFIX) and path.name.endswith(SEGMENT_SUFFIX)
-
-
-def is_part(path: Path) -> bool:
-    return path.name.startswith(PART_PREFIX) and path.name.endswith(PART_SUFFIX)
-
-
-def read_segment(path: Path) -> pa.Table:
-    """A segment's complete record batches. A writer killed mid-append leaves a torn last batch: it is skipped, not
-    an error (those rows were never reported durable). FileNotFoundError when it was rolled meanwhile."""
-    data = path.read_bytes()  # at most one roll interval of rows
-    batches: list[pa.RecordBatch] = []
-    try:
-        reader = pa.ipc.open_stream(pa.BufferReader(data))
-        while True:
-            batches.append(reader.read_next_batch())
-    except StopIteration:
-        pass
-    except (pa.ArrowInvalid, OSError):  # empty file, torn schema or torn last batch
-        pass
-    return pa.Table.from_batches(batches, schema=SCHEMA)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make a rename or a new file in `folder` durable (POSIX: the directory entry is separate data)."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
