@@ -1,4 +1,5 @@
-"""Feast objects for shopguide: user and product entities, their activity views and the versioned feature services."""
+"""Feast objects for shopguide: user and product entities, their activity views, the push source that feedback events
+reach the user view through, and the versioned feature services."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 from datetime import timedelta
 from pathlib import Path
 
-from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, PushSource, ValueType
 from feast.data_source import DataSource
 from feast.types import Array, Float32, Int64
 
@@ -55,6 +56,16 @@ product_popularity_source = _offline_source(
     "product_popularity", "Daily point-in-time snapshots of per-product popularity, built by pipelines.features.store."
 )
 
+# POST /v1/events pushes each user's updated row here (pipelines.features.push), online only: the offline rows are
+# rebuilt from the event logs by the features DAG, so a pushed row written offline would only be overwritten (and
+# Feast's parquet store rewrites the whole file per push; its PostgreSQL store has no offline push at all).
+# Materialization keeps reading the batch source.
+user_activity_push = PushSource(
+    name="user_activity_push",
+    batch_source=user_activity_source,
+    description="The service's feedback events: a user's user_activity row with the new events on top, pushed online.",
+)
+
 user_activity = FeatureView(
     name="user_activity",
     entities=[user],
@@ -70,7 +81,7 @@ user_activity = FeatureView(
         Field(name="recent_products", dtype=Array(Int64), description="Last distinct products, most recent first."),
     ],
     online=True,
-    source=user_activity_source,
+    source=user_activity_push,
     tags={"owner": "shopguide", "simulated": "true"},
 )
 

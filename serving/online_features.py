@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -142,30 +143,33 @@ class OnlineFeatures:
         reader = self._readers.get(service_name)
         if reader is not None:
             return reader
-        if self._down_until and time.monotonic() < self._down_until:
-            raise FeaturesUnavailable(
-                f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
-            )
+        self._check_up()
         with self._lock:
             try:
-                if self._store is None:
-                    # Imported here: Feast is slow to import and the app must start (non-personalised) without it.
-                    from pipelines.features.store import feature_store, import_feast
-
-                    import_feast()
-                    self._store = feature_store(self._paths or Paths.from_env(), serving=True)
-                reader = FeatureServiceReader(self._store, service_name)
+                reader = FeatureServiceReader(self._feature_store(), service_name)
             except Exception as exc:  # any Feast, registry or driver error means "no features", never a crash
                 raise self._fail(f"feature service {service_name!r} unavailable", exc) from exc
             self._readers[service_name] = reader
             return reader
 
-    def _read(self, service_name: str, ids: list[int]) -> list[dict[str, Any] | None]:
-        """One row per id (None when the store has no row for it), features by name, in the service's order."""
+    def _feature_store(self) -> FeatureStore:
+        if self._store is None:
+            # Imported here: Feast is slow to import and the app must start (non-personalised) without it.
+            from pipelines.features.store import feature_store, import_feast
+
+            import_feast()
+            self._store = feature_store(self._paths or Paths.from_env(), serving=True)
+        return self._store
+
+    def _check_up(self) -> None:
         if self._down_until and time.monotonic() < self._down_until:
             raise FeaturesUnavailable(
                 f"still unavailable (retrying in <= {self._retry_after_s:g} s): {self._last_error}"
             )
+
+    def _read(self, service_name: str, ids: list[int]) -> list[dict[str, Any] | None]:
+        """One row per id (None when the store has no row for it), features by name, in the service's order."""
+        self._check_up()
         reader = self._reader(service_name)
         try:
             out = reader.read(ids)
@@ -173,6 +177,23 @@ class OnlineFeatures:
             raise self._fail(f"online read of {service_name!r} failed", exc) from exc
         self._down_until = 0.0
         return out
+
+    def push_user_rows(self, rows: Mapping[int, Mapping[str, Any]], at: datetime) -> None:
+        """Write whole user_activity rows (pipelines.features.push) online through the view's PushSource; fails as
+        FeaturesUnavailable (and starts the retry pause) like a read."""
+        self._check_up()
+        with self._lock:
+            try:
+                store = self._feature_store()
+            except Exception as exc:
+                raise self._fail("feature store unavailable", exc) from exc
+        try:
+            from pipelines.features.push import push_user_rows
+
+            push_user_rows(store, rows, at)
+        except Exception as exc:
+            raise self._fail("push to the online store failed", exc) from exc
+        self._down_until = 0.0
 
     def warm_up(self) -> str | None:
         """Import Feast, resolve both FeatureServices and read one row now, so that the first personalised request

@@ -35,6 +35,9 @@ PRODUCT_VIEW = "product_popularity"
 USER_SERVICE = "search_v2"
 PRODUCT_SERVICE = "product_v1"
 VIEWS = (USER_VIEW, PRODUCT_VIEW)
+# The PushSource of USER_VIEW (feature_repo/definitions.py): the service's feedback events reach the online rows
+# through it (pipelines.features.push).
+USER_PUSH_SOURCE = "user_activity_push"
 # The production switch: same code, the online store picked by the environment.
 ONLINE_STORE_ENV = "SHOPGUIDE_FEAST_ONLINE_STORE"  # "sqlite" (default) or "redis"
 REDIS_ENV = "SHOPGUIDE_REDIS"  # Feast connection string, "host:port[,db=0,password=...]"
@@ -440,8 +443,10 @@ def apply_feature_repo(paths: Paths) -> list[str]:
     store = feature_store(paths)
     sources = store.list_data_sources()
     # The registry, not the CLI's exit status, says what was applied (Feast reports some failures and exits 0).
-    found = {_source_location(s) for s in sources}
-    expected = set(offline_locations(paths).values())
+    push_source = import_feast().PushSource
+    found = {_source_location(s) for s in sources if not isinstance(s, push_source)}
+    found |= {f"push:{s.name}" for s in sources if isinstance(s, push_source)}
+    expected = {*offline_locations(paths).values(), f"push:{USER_PUSH_SOURCE}"}
     if found != expected:
         raise RuntimeError(f"feast apply registered {sorted(found)}, expected {sorted(expected)}\n{output[-2000:]}")
     kinds = (store.list_entities(), sources, store.list_feature_views(), store.list_feature_services())
@@ -777,6 +782,7 @@ def refresh_features(
 
 __all__ = [
     "PRODUCT_SERVICE",
+    "USER_PUSH_SOURCE",
     "USER_SERVICE",
     "StaleFeaturesError",
     "apply_feature_repo",

@@ -80,6 +80,7 @@ def test_refresh_keeps_state_under_home_and_returns_json(sqlite_home: tuple[Path
         "product",
         "user",
         "product_popularity_source",
+        "user_activity_push",
         "user_activity_source",
         "product_popularity",
         "user_activity",
@@ -223,7 +224,12 @@ def test_apply_registers_the_given_home_and_drops_what_is_no_longer_declared(eve
     applied = F.apply_feature_repo(paths)
     store = F.feature_store(paths)
     assert "retired" not in applied and "retired" not in {e.name for e in store.list_entities()}
-    assert {s.path for s in store.list_data_sources()} == {str(p) for p in F.offline_paths(paths).values()}
+    sources = store.list_data_sources()
+    assert {s.path for s in sources if s.name != F.USER_PUSH_SOURCE} == {
+        str(p) for p in F.offline_paths(paths).values()
+    }
+    push = store.get_data_source(F.USER_PUSH_SOURCE)
+    assert push.batch_source.path == str(F.offline_paths(paths)[F.USER_VIEW])  # materialize reads it
     assert Path.cwd() == cwd and not (tmp_path / "elsewhere").exists()
     assert not list(paths.feast_dir.glob(".apply-*"))  # the private copy of the configuration is gone
 

@@ -106,7 +106,7 @@ def test_a_worker_with_an_empty_home_reads_what_another_wrote(
     assert {name: t["path"].rsplit("=", 1)[1] for name, t in result["tables"].items()} == F.OFFLINE_TABLES
     assert result["materialized"]["user_activity"]["entities"] == 40
     sources = F.feature_store(writer).list_data_sources()
-    assert {type(s).__name__ for s in sources} == {"PostgreSQLSource"}
+    assert {type(s).__name__ for s in sources if s.name != F.USER_PUSH_SOURCE} == {"PostgreSQLSource"}
 
     reader = _worker(monkeypatch, tmp_path / "worker-b", **shared)
     fresh = check_freshness(landed, max_age_hours=1, on_stale="fail")
