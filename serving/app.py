@@ -1,4 +1,5 @@
-"""The HTTP service: search, recommend, classify and embed over the @champion bundle, personalised with Feast."""
+"""The HTTP service: search, recommend, classify and embed over the @champion bundle, personalised with Feast, and
+the feedback events that update those features."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,20 +24,27 @@ from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines.runtime import personalize
+from pipelines.runtime import event_log, personalize
+from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.request_log import RequestRecord
+from serving.events import EventLogFull, EventsRefused, Feedback
+from serving.log_writer import LogWriter, SegmentFolderSink
 from serving.logs import configure_logging
 from serving.metrics import Metrics
 from serving.online_features import FeaturesUnavailable, OnlineFeatures
 from serving.predictor import ModelUnavailable, Predictor, load_options, registry_bounds, resolve
 from serving.request_log import ParquetFolderSink, RequestLog, RequestLogSink
 from serving.schemas import (
+    REQUEST_ID_PATTERN,
     Category,
     ClassifyRequestBase,
     ClassifyResponse,
     EmbedRequestBase,
     EmbedResponse,
     ErrorResponse,
+    Event,
+    EventBatchBase,
+    EventsResponse,
     FallbackReason,
     Health,
     Hit,
@@ -49,6 +57,7 @@ from serving.schemas import (
     ShadowInfo,
     classify_request_model,
     embed_request_model,
+    events_request_type,
     recommend_request_model,
     search_request_model,
 )
@@ -61,7 +70,7 @@ access_log = logging.getLogger("serving.access")
 API_KEY_HEADER = "X-API-Key"
 # Probes must work without a key; the API docs hold no data and show how to send the key ("Authorize").
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 
 
 @dataclass
@@ -73,7 +82,8 @@ class RequestContext:
     stages_ms: dict[str, float] = field(default_factory=dict)
     fields: dict[str, Any] = field(default_factory=dict)
     received_at: float = field(default_factory=time.time)  # wall clock, for the request log's ts
-    answer: RequestRecord | None = None  # logged once the response went out with status 200 (latency filled in)
+    # logged once the response went out with status 200 (latency filled in); events may name it from then on
+    answer: RequestRecord | None = None
 
     @property
     def received(self) -> datetime:
@@ -100,6 +110,8 @@ class ServingState:
     problem: str | None = None  # loaded, but the alias's current version is not what serves (why)
     shadow: ShadowRunner | None = None
     request_log: RequestLog | None = None
+    event_log: LogWriter[EventRecord] | None = None
+    feedback: Feedback | None = None
 
     def refresh(self) -> None:
         """Load, or swap in the version the alias points to now; on any failure keep serving what is loaded."""
@@ -272,6 +284,8 @@ class ServingMiddleware:
             nonlocal status, response_started
             if message["type"] == "http.response.start":
                 status, response_started = message["status"], True
+                if status == 200 and ctx.answer is not None and self.state.feedback is not None:
+                    self.state.feedback.remember(ctx.answer)  # before the client has the id it may send events for
                 extra = [(b"x-request-id", ctx.request_id.encode())]
                 version = ctx.model_version or (self.state.predictor.version if self.state.predictor else None)
                 if version:
@@ -395,6 +409,22 @@ def create_app(
     if settings.request_log_enabled:
         sink = request_log_sink or ParquetFolderSink(settings.request_log_folder, settings.request_log_roll_seconds)
         state.request_log = RequestLog(sink, settings.request_log_queue, settings.request_log_flush_seconds, metrics)
+    events_sink = SegmentFolderSink[EventRecord](
+        settings.event_log_folder, event_log.SCHEMA, settings.request_log_roll_seconds
+    )
+    event_writer = state.event_log = LogWriter(
+        events_sink, settings.event_log_queue, settings.request_log_flush_seconds, metrics.event_log, "event log"
+    )
+    feedback = state.feedback = Feedback(
+        state.features,
+        metrics,
+        event_writer,
+        request_log_folder=settings.request_log_folder,
+        event_log_folder=settings.event_log_folder,
+        window_seconds=settings.events_window_seconds,
+        lookup_size=settings.events_lookup_size,
+        flush_seconds=settings.request_log_flush_seconds,
+    )
     poll = predictor is None and settings.model_poll_seconds > 0
 
     @contextlib.asynccontextmanager
@@ -407,6 +437,7 @@ def create_app(
             )
         if state.request_log is not None:
             state.request_log.start()
+        event_writer.start()
         # Every MLflow call of this process from here on is bounded: MLflow down costs seconds, not minutes.
         with registry_bounds(settings):
             if state.predictor is None:
@@ -427,6 +458,7 @@ def create_app(
                 if state.request_log is not None:
                     # served answers first: whatever is queued is appended and rolled before the process ends
                     await asyncio.to_thread(state.request_log.close)
+                await asyncio.to_thread(event_writer.close)
 
     app = FastAPI(
         title="shopguide",
@@ -482,23 +514,22 @@ def create_app(
                 metrics.features_fallbacks.labels("/v1/search", reason).inc()
         hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight, body.query)
         _stage(ctx, metrics, "rank", t)
-        if state.request_log is not None:
-            ctx.answer = RequestRecord(
-                request_id=ctx.request_id,
-                ts=ctx.received,
-                endpoint="search",
-                model_version=predictor.version,
-                query=body.query,
-                user_id=body.user_id,
-                k=body.k,
-                category=answer.category,
-                product_ids=[h.product_id for h in hits],
-                scores=[h.score for h in hits],
-                personalized=user_vec is not None,
-                fallback_reason=reason,
-                method=None,
-                latency_ms=0.0,
-            )
+        ctx.answer = RequestRecord(
+            request_id=ctx.request_id,
+            ts=ctx.received,
+            endpoint="search",
+            model_version=predictor.version,
+            query=body.query,
+            user_id=body.user_id,
+            k=body.k,
+            category=answer.category,
+            product_ids=[h.product_id for h in hits],
+            scores=[h.score for h in hits],
+            personalized=user_vec is not None,
+            fallback_reason=reason,
+            method=None,
+            latency_ms=0.0,
+        )
         shadow = state.shadow
         if shadow is not None and shadow.sampled():
             shadow.submit(
@@ -551,23 +582,22 @@ def create_app(
             Hit(product_id=int(predictor.index.product_ids[r]), title=str(predictor.index.titles[r]), score=float(sc))
             for r, sc in zip(top, scores, strict=True)
         ]
-        if state.request_log is not None:
-            ctx.answer = RequestRecord(
-                request_id=ctx.request_id,
-                ts=ctx.received,
-                endpoint="recommend",
-                model_version=predictor.version,
-                query=None,
-                user_id=body.user_id,
-                k=body.k,
-                category=None,
-                product_ids=[h.product_id for h in results],
-                scores=[h.score for h in results],
-                personalized=bool(len(rows)),
-                fallback_reason=reason,
-                method=method,
-                latency_ms=0.0,
-            )
+        ctx.answer = RequestRecord(
+            request_id=ctx.request_id,
+            ts=ctx.received,
+            endpoint="recommend",
+            model_version=predictor.version,
+            query=None,
+            user_id=body.user_id,
+            k=body.k,
+            category=None,
+            product_ids=[h.product_id for h in results],
+            scores=[h.score for h in results],
+            personalized=bool(len(rows)),
+            fallback_reason=reason,
+            method=method,
+            latency_ms=0.0,
+        )
         return RecommendResponse(
             model_version=predictor.version,
             request_id=ctx.request_id,
@@ -619,6 +649,46 @@ def create_app(
         # bases; FastAPI reads the annotation to validate the body, so hand it the class with this app's limits.
         endpoint.__annotations__["body"] = body_model
         app.post(path, response_model=response_model, tags=[tag], dependencies=secured, responses=errors)(endpoint)
+
+    def events(body: Event | EventBatchBase) -> EventsResponse:
+        """Clicks, add-to-carts and purchases on the products of earlier answers (their request_id): one event or
+        {"events": [...]}, accepted or refused whole (422 with each refused event's reason). Accepted events are in
+        the event log within the flush interval and in the users' online features when the answer comes back."""
+        predictor = loaded()
+        batch = isinstance(body, EventBatchBase)
+        items = body.events if isinstance(body, EventBatchBase) else [body]
+        ctx = request_context()
+        try:
+            outcome = feedback.record(items, predictor.index, ctx.received)
+        except EventsRefused as exc:
+            where: list[str | int] = ["body", "events"] if batch else ["body"]
+            detail = [
+                {
+                    "loc": [*where, *([r.index] if batch else []), r.field],
+                    "msg": r.message,
+                    "type": r.reason,
+                    "input": r.value,
+                }
+                for r in exc.refusals
+            ]
+            raise HTTPException(422, detail) from None
+        except EventLogFull as exc:
+            raise HTTPException(503, str(exc), headers={"Retry-After": "1"}) from None
+        ctx.fields.update(events=outcome.received, accepted=outcome.accepted, online=outcome.online)
+        return EventsResponse(model_version=predictor.version, **asdict(outcome))
+
+    events.__annotations__["body"] = events_request_type(settings.max_events)  # this deployment's max_events
+    app.post(
+        "/v1/events",
+        response_model=EventsResponse,
+        status_code=202,
+        tags=["feedback"],
+        dependencies=secured,
+        responses={
+            **errors,
+            503: {"model": ErrorResponse, "description": "No model loaded yet, or the event log's writer is behind."},
+        },
+    )(events)
 
     @app.get("/healthz", response_model=Health, tags=["ops"])
     def healthz() -> Health:

@@ -66,7 +66,7 @@ class Metrics:
         )
         self.stage = Histogram(
             "shopguide_stage_duration_seconds",
-            "Time per serving stage (encode, features, rank, queue).",
+            "Time per serving stage (encode, features, rank, queue; push: an events request's online update).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -146,6 +146,26 @@ class Metrics:
         self.request_log = LogMetrics.create(
             r, "request_log", "Answers of /v1/search and /v1/recommend", "the request log"
         )
+        self.events = Counter(
+            "shopguide_events",
+            "Feedback events of POST /v1/events by type and outcome (accepted: new; duplicate: acknowledged again, "
+            "not counted; refused: the request was refused with 422).",
+            ["type", "outcome"],
+            registry=r,
+        )
+        self.events_refused = Counter(
+            "shopguide_events_refused",
+            "Refused feedback events by reason: unknown_request, user_mismatch, not_shown, unknown_product, timestamp.",
+            ["reason"],
+            registry=r,
+        )
+        self.feature_pushes = Counter(
+            "shopguide_feature_pushes",
+            "Pushes of accepted events to the users' online features, by result (ok, failed: events logged only).",
+            ["result"],
+            registry=r,
+        )
+        self.event_log = LogMetrics.create(r, "event_log", "Accepted feedback events", "the event log")
 
     def set_model(self, gauge: Gauge, labels: dict[str, str]) -> None:
         """One series at 1: the old version's series disappears in the same step."""

@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    StringConstraints,
+    Tag,
+    create_model,
+)
+
+from pipelines.runtime.event_log import EventType
+
+# What X-Request-ID may be (else the service makes a new one), and so what an event's request_id can be.
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:/+=-]{1,128}$"
 
 FallbackReason = Literal[
     "no_online_features",  # the user has no online row or an empty history
@@ -161,6 +177,68 @@ class RecommendResponse(BaseModel):
         "popularity: the fallback, most clicked products; none: no history and no popularity (empty)."
     )
     results: list[Hit]
+
+
+def _iso_8601(value: object) -> object:
+    """JSON has no time type: a timestamp is a string, never a number (whose unit a client could get wrong)."""
+    if not isinstance(value, str):
+        raise ValueError("expected an ISO 8601 string with a UTC offset, e.g. 2026-12-04T10:15:00Z")
+    return value
+
+
+class Event(StrictBody):
+    """One feedback event on a product of an answer of /v1/search or /v1/recommend."""
+
+    request_id: Annotated[str, StringConstraints(pattern=REQUEST_ID_PATTERN)] = Field(
+        description="The answer's request_id (its X-Request-ID)."
+    )
+    user_id: int = Field(ge=0, le=2**63 - 1, description="The shopper; must be the answer's user_id if it had one.")
+    product_id: int = Field(
+        ge=0, le=2**63 - 1, description="A product of the served catalog; a click must name one the answer showed."
+    )
+    type: EventType
+    # strict models take no string for a datetime; this field parses ISO 8601 strings only (see _iso_8601)
+    ts: Annotated[AwareDatetime, Strict(False), BeforeValidator(_iso_8601)] = Field(
+        description="When it happened: ISO 8601 with a UTC offset, not before the answer, not in the future."
+    )
+
+
+class EventBatchBase(StrictBody):
+    events: list[Event]
+
+
+def _event_or_batch(value: Any) -> str:
+    if isinstance(value, dict):
+        return "batch" if "events" in value else "event"
+    return "batch" if isinstance(value, EventBatchBase) else "event"
+
+
+def events_request_type(max_events: int) -> Any:
+    """The body of POST /v1/events: one event, or {"events": [...]} with 1 to max_events of them."""
+    batch = create_model(
+        "EventBatch",
+        __base__=EventBatchBase,
+        events=(list[Event], Field(..., min_length=1, max_length=max_events, description="Accepted or refused whole.")),
+    )
+    return Annotated[
+        Annotated[Event, Tag("event")] | Annotated[batch, Tag("batch")],
+        Discriminator(_event_or_batch),
+    ]
+
+
+class EventsResponse(BaseModel):
+    model_version: str = Field(description="The version serving now (events name the answer's own version).")
+    received: int = Field(description="Events in the request.")
+    accepted: int = Field(description="New events: written to the event log and pushed to the users' online rows.")
+    duplicates: int = Field(
+        description="Events accepted before (same request_id, product_id and type) or repeated in this request: "
+        "acknowledged, not counted again."
+    )
+    online: bool = Field(
+        description="The users' online features include the accepted events. False: the feature store could not be "
+        "updated (online_reason); the events are in the event log all the same."
+    )
+    online_reason: str | None = None
 
 
 class ShadowInfo(BaseModel):

@@ -13,6 +13,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
 from pipelines.runtime.encoder import OrtOptimization
+from pipelines.runtime.event_log import EVENT_LOG_DIRNAME
 from pipelines.runtime.request_log import REQUEST_LOG_DIRNAME
 
 
@@ -217,6 +218,40 @@ class Settings(BaseSettings):
         "shutdown): 60 parts per hour and replica at most.",
     )
 
+    # Feedback events (POST /v1/events): the event log shares the request log's flush and roll intervals.
+    event_log_dir: Path | None = Field(
+        None,
+        alias="SHOPGUIDE_EVENT_LOG_DIR",
+        description="Folder of the partitioned parquet event log; unset = event_log under SHOPGUIDE_HOME. "
+        "pipelines.data.event_log reads the same variable.",
+    )
+    event_log_queue: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        alias="SHOPGUIDE_EVENT_LOG_QUEUE",
+        description="Event requests waiting for the event log's writer beyond this are refused with 503 (the "
+        "client retries; duplicates are idempotent), never dropped after being accepted.",
+    )
+    max_events: int = Field(
+        100, ge=1, le=10_000, alias="SHOPGUIDE_MAX_EVENTS", description="Most events in one POST /v1/events."
+    )
+    events_window_seconds: float = Field(
+        3600.0,
+        ge=60,
+        le=7 * 86_400,
+        alias="SHOPGUIDE_EVENTS_WINDOW_SECONDS",
+        description="An event may name an answer at most this old; older (or unknown) request ids are refused.",
+    )
+    events_lookup_size: int = Field(
+        200_000,
+        ge=1_000,
+        le=10_000_000,
+        alias="SHOPGUIDE_EVENTS_LOOKUP_SIZE",
+        description="Recent answers (and accepted events, for duplicates) each replica keeps in memory for the "
+        "checks, read from the shared logs: about 200 bytes per k=10 answer.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO",
         alias="SHOPGUIDE_LOG_LEVEL",
@@ -274,3 +309,7 @@ class Settings(BaseSettings):
     @property
     def request_log_folder(self) -> Path:
         return self.request_log_dir or self.home / REQUEST_LOG_DIRNAME
+
+    @property
+    def event_log_folder(self) -> Path:
+        return self.event_log_dir or self.home / EVENT_LOG_DIRNAME

@@ -62,6 +62,17 @@ def champion(shopguide_home: Paths) -> RegisteredChampion:
     return RegisteredChampion(paths, TEST_MODEL_NAME, version, bundle, snapshot.path, AS_OF)
 
 
+@pytest.fixture(scope="session")
+def champion_features(champion: RegisteredChampion) -> RegisteredChampion:
+    """The champion with its snapshot's simulated events built, applied (`feast apply`) and materialized into its
+    home's Feast stores, once per session (the apply alone is a 20-30 s subprocess)."""
+    from pipelines.features.store import refresh_features
+
+    result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
+    assert result["materialized"]["user_activity"]["entities"] > 0, result
+    return champion
+
+
 @pytest.fixture
 def postgres_database() -> Iterator[str]:
     """A new, empty database on the machine's PostgreSQL (127.0.0.1:5432, trust auth) as a postgresql:// URL; dropped

@@ -50,13 +50,9 @@ def predictor(client: TestClient) -> Predictor:
 
 
 @pytest.fixture(scope="module")
-def online(champion: RegisteredChampion) -> OnlineFeatures:
+def online(champion_features: RegisteredChampion) -> OnlineFeatures:
     """The snapshot's simulated events built, applied and materialized into the fixture home's Feast stores."""
-    from pipelines.features.store import refresh_features
-
-    result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
-    assert result["materialized"]["user_activity"]["entities"] > 0, json.dumps(result)
-    return OnlineFeatures(champion.paths)
+    return OnlineFeatures(champion_features.paths)
 
 
 @pytest.fixture(scope="module")
