@@ -54,7 +54,7 @@ class Answer:
     ts: datetime
     user_id: int | None
     model_version: str
-    product_ids: array[int]  # ranked, best first; array('q'): ~80 bytes for k=10 instead of ~400 as a tuple
+    product_ids: array[int]  # ranked, best first; array('q'): 144 bytes for k=10, a tuple of ints 400
 
 
 class LogTail:
@@ -140,19 +140,22 @@ class TailedIndex(Generic[K, V]):
             except Exception:
                 log.exception("%s: reading the log failed", self.tail.folder)
                 return
+            if table is not None and table.num_rows > self.capacity:  # only the newest would stay anyway
+                table = table.sort_by("ts").slice(table.num_rows - self.capacity)
             for key, value in self._entries(table) if table is not None else ():
                 self.put(key, value)
             self._refreshed_at = started
 
 
 def _answers(table: pa.Table) -> Iterable[tuple[str, Answer]]:
-    for row in table.to_pylist():
-        yield row["request_id"], Answer(row["ts"], row["user_id"], row["model_version"], array("q", row["product_ids"]))
+    columns = [table[name].to_pylist() for name in ("request_id", "ts", "user_id", "model_version", "product_ids")]
+    for request_id, ts, user_id, version, products in zip(*columns, strict=True):
+        yield request_id, Answer(ts, user_id, version, array("q", products))
 
 
 def _event_keys(table: pa.Table) -> Iterable[tuple[tuple[str, int, str], None]]:
-    for row in table.to_pylist():
-        yield (row["request_id"], row["product_id"], row["event_type"]), None
+    for key in zip(*(table[name].to_pylist() for name in event_log.EVENT_KEY), strict=True):
+        yield key, None
 
 
 @dataclass(frozen=True)

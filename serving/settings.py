@@ -244,12 +244,12 @@ class Settings(BaseSettings):
         description="An event may name an answer at most this old; older (or unknown) request ids are refused.",
     )
     events_lookup_size: int = Field(
-        200_000,
+        100_000,
         ge=1_000,
         le=10_000_000,
         alias="SHOPGUIDE_EVENTS_LOOKUP_SIZE",
-        description="Recent answers (and accepted events, for duplicates) each replica keeps in memory for the "
-        "checks, read from the shared logs: about 200 bytes per k=10 answer.",
+        description="Recent answers, and accepted events (for repeats), each replica keeps in memory for the checks, "
+        "read from the shared logs, oldest out first: ~600 bytes per k=10 answer and ~350 per event.",
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
