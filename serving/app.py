@@ -28,7 +28,7 @@ from pipelines.runtime import event_log, personalize
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.request_log import RequestRecord
 from serving.events import EventLogFull, EventsRefused, Feedback
-from serving.log_writer import LogWriter, SegmentFolderSink
+from serving.log_writer import LogSink, LogWriter, SegmentFolderSink
 from serving.logs import configure_logging
 from serving.metrics import Metrics
 from serving.online_features import FeaturesUnavailable, OnlineFeatures
@@ -391,11 +391,12 @@ def create_app(
     settings: Settings | None = None,
     predictor: Predictor | None = None,
     request_log_sink: RequestLogSink | None = None,
+    event_log_sink: LogSink[EventRecord] | None = None,
 ) -> FastAPI:
     """Nothing heavy happens here: the model loads in the lifespan, Feast connects on the first personalised request.
 
     An injected `predictor` is served as is (no registry lookups, no polling, no shadow). An injected
-    `request_log_sink` replaces the parquet folder of the settings (when the request log is enabled).
+    `request_log_sink` or `event_log_sink` replaces that log's parquet folder of the settings.
     """
     settings = settings or Settings()
     settings.check_deployment()  # again: model_copy(update=...) skips the validators
@@ -409,7 +410,7 @@ def create_app(
     if settings.request_log_enabled:
         sink = request_log_sink or ParquetFolderSink(settings.request_log_folder, settings.request_log_roll_seconds)
         state.request_log = RequestLog(sink, settings.request_log_queue, settings.request_log_flush_seconds, metrics)
-    events_sink = SegmentFolderSink[EventRecord](
+    events_sink = event_log_sink or SegmentFolderSink[EventRecord](
         settings.event_log_folder, event_log.SCHEMA, settings.request_log_roll_seconds
     )
     event_writer = state.event_log = LogWriter(

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -276,6 +277,49 @@ def test_an_answer_of_another_replica_is_known(replicas: tuple[TestClient, TestC
     assert detail["detail"][0]["type"] == "unknown_request"
     assert time.perf_counter() - started >= 0.5  # a recent unknown id is final only after the replicas' flush
     assert _post(a, "/v1/events", _event(answer, _ids(answer)[0]), 202)["duplicates"] == 1  # b's event, via the log
+
+
+class StalledSink(SegmentFolderSink[EventRecord]):
+    """The real event log folder behind a gate: an append waits until the test opens it (a disk that stopped)."""
+
+    def __init__(self, folder: Path) -> None:
+        super().__init__(folder, event_log.SCHEMA)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def append(self, records: Sequence[EventRecord]) -> None:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        super().append(records)
+
+
+def test_a_full_event_log_queue_refuses_with_503_and_a_retry_is_not_a_repeat(
+    settings: Settings, predictor: Predictor
+) -> None:
+    sink = StalledSink(settings.event_log_folder)
+    app = create_app(settings.model_copy(update={"event_log_queue": 1}), predictor, event_log_sink=sink)
+    opener = threading.Timer(10.0, sink.gate.set)  # a safety: never leave the writer stuck
+    opener.start()
+    try:
+        with TestClient(app) as client:
+            answer = _post(client, "/v1/search", {"query": "bath towel", "user_id": NEW_USER})
+            first, second, third = (_event(answer, p) for p in _ids(answer)[:3])
+            assert _post(client, "/v1/events", first, 202)["accepted"] == 1
+            assert sink.entered.wait(10)  # the writer holds `first` and is stuck in the sink
+            assert _post(client, "/v1/events", second, 202)["accepted"] == 1  # queued: the one place there is
+            response = client.post("/v1/events", json=third)
+            assert response.status_code == 503 and response.headers["retry-after"] == "1", response.text
+            assert _post(client, "/v1/events", second, 202)["duplicates"] == 1
+            sink.gate.set()
+            deadline = time.monotonic() + 10
+            while (response := client.post("/v1/events", json=third)).status_code == 503:
+                assert time.monotonic() < deadline, "the writer did not catch up"
+                time.sleep(0.05)
+            assert response.status_code == 202 and response.json()["accepted"] == 1  # not taken for a repeat
+    finally:
+        opener.cancel()
+    logged = read_event_log(folder=settings.event_log_folder)["product_id"].to_pylist()
+    assert logged == [first["product_id"], second["product_id"], third["product_id"]]
+    assert _metric(app, "shopguide_event_log_dropped_rows_total", reason="queue_full") >= 1
 
 
 def test_feast_down_still_logs_the_event_and_says_so(settings: Settings, predictor: Predictor) -> None:
