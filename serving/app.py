@@ -177,6 +177,7 @@ class ServingState:
             },
         )
         self.metrics.model_loaded_at.set(loaded.loaded_at.timestamp())
+        self.metrics.ready.set(1)  # a loaded version is never unloaded: ready from here on
 
     def _refresh_shadow(self) -> None:
         shadow = self.shadow
@@ -232,14 +233,18 @@ class ServingState:
     def recent_products(self, user_id: int) -> tuple[list[int], FallbackReason | None]:
         """The user's recent product ids from Feast, or [] and why not. Features are an enhancement: whatever
         breaks there, the request still answers."""
+        reads = self.metrics.features_reads
         try:
             features = self.features.user_features(user_id)
         except FeaturesUnavailable as exc:
             log.warning("user %s without online features: %s", user_id, exc)
+            reads.labels("unavailable").inc()
             return [], "features_unavailable"
         except Exception:
             log.exception("unexpected error reading features of user %s", user_id)
+            reads.labels("unavailable").inc()
             return [], "features_unavailable"
+        reads.labels("ok").inc()
         recent = [int(p) for p in (features or {}).get("recent_products") or []]
         return (recent, None) if recent else ([], "no_online_features")
 

@@ -167,6 +167,26 @@ class Metrics:
         )
         self.event_log = LogMetrics.create(r, "event_log", "Accepted feedback events", "the event log")
 
+        self.ready = Gauge(
+            "shopguide_ready", "1 while a model version is loaded and served (/readyz 200); 0 before.", registry=r
+        )
+        self.features_reads = Counter(
+            "shopguide_features_reads",
+            "Reads of a user's online features on the request path, by result (ok, unavailable).",
+            ["result"],
+            registry=r,
+        )
+        # Series the alert rules (docker/prometheus/rules.yml) take rate() or increase() of exist at 0 from the start:
+        # a counter series that first appears with a value N loses those N to rate() and increase().
+        for result in ("ok", "unavailable"):
+            self.features_reads.labels(result)
+        for reason in ("queue_full", "write_failed", "closed"):
+            self.request_log_dropped.labels(reason)
+        for result in ("ok", "failed"):
+            self.shadow_requests.labels(result)
+        for result in ("agree", "disagree"):
+            self.shadow_category_agreement.labels(result)
+
     def set_model(self, gauge: Gauge, labels: dict[str, str]) -> None:
         """One series at 1: the old version's series disappears in the same step."""
         previous = self._info_labels.get(id(gauge))
