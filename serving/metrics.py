@@ -181,7 +181,7 @@ class Metrics:
         for result in ("ok", "unavailable"):
             self.features_reads.labels(result)
         for reason in ("queue_full", "write_failed", "closed"):
-            self.request_log_dropped.labels(reason)
+            self.request_log.dropped.labels(reason)
         for result in ("ok", "failed"):
             self.shadow_requests.labels(result)
         for result in ("agree", "disagree"):

@@ -106,7 +106,9 @@ def _exported() -> dict[str, set[str]]:
     """Every series name the service exports (a counter's _total, a histogram's _bucket/_count/_sum) and its labels."""
     metrics = Metrics()
     out: dict[str, set[str]] = {}
-    for value in vars(metrics).values():
+    # the metrics are attributes of Metrics or of a group on it (LogMetrics: one durable log's writer)
+    found = [v for v in vars(metrics).values() if not isinstance(v, MetricWrapperBase) and hasattr(v, "__dict__")]
+    for value in [*vars(metrics).values(), *(m for group in found for m in vars(group).values())]:
         if not isinstance(value, MetricWrapperBase):
             continue
         # prometheus_client keeps a metric's label names in _labelnames (no public accessor)
