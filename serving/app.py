@@ -68,6 +68,13 @@ log = logging.getLogger(__name__)
 access_log = logging.getLogger("serving.access")
 
 API_KEY_HEADER = "X-API-Key"
+
+
+def _bearer(value: bytes) -> bytes:
+    scheme, _, token = value.partition(b" ")
+    return token.strip() if scheme.lower() == b"bearer" else b""
+
+
 # Probes must work without a key; the API docs hold no data and show how to send the key ("Authorize").
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
@@ -335,10 +342,11 @@ class ServingMiddleware:
 
     def _refuse(self, path: str, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         if self.keys and path not in OPEN_PATHS:
-            key = headers.get(b"x-api-key", b"")
+            # X-API-Key, or the same key as an RFC 6750 bearer token: what Prometheus' scrape `authorization` sends
+            key = headers.get(b"x-api-key") or _bearer(headers.get(b"authorization", b""))
             # compare_digest against every key: the time taken does not tell which prefix matched
             if not any([hmac.compare_digest(key, k) for k in self.keys]):
-                return 401, f"missing or invalid API key (header {API_KEY_HEADER})"
+                return 401, f"missing or invalid API key (header {API_KEY_HEADER}, or Authorization: Bearer)"
         length = headers.get(b"content-length")
         if length is not None and (not length.isdigit() or int(length) > self.max_body):
             return 413, f"request body larger than {self.max_body} bytes"

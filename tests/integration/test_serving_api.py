@@ -226,16 +226,27 @@ def test_api_keys(settings: Settings, predictor: Predictor) -> None:
             ("/v1/embed", {"texts": ["drill"]}),
             ("/v1/recommend", {"user_id": 1}),
         ]:
-            for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": KEY[:-1]}):
+            for headers in (
+                {},
+                {"X-API-Key": "wrong"},
+                {"X-API-Key": KEY[:-1]},
+                {"Authorization": f"Basic {KEY}"},
+                {"Authorization": f"Bearer {KEY[:-1]}"},
+            ):
                 response = c.post(path, json=body, headers=headers)
                 assert response.status_code == 401, (path, headers)
-                assert response.json() == {"detail": "missing or invalid API key (header X-API-Key)"}
+                assert response.json() == {
+                    "detail": "missing or invalid API key (header X-API-Key, or Authorization: Bearer)"
+                }
             assert c.post(path, json=body, headers={"X-API-Key": KEY}).status_code == 200
+            assert c.post(path, json=body, headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
             assert c.post(path, json=body, headers={"X-API-Key": "other-key"}).status_code == 200
         # auth comes before parsing: a bad body without a key is a 401, not a 422 that describes the API
         assert c.post("/v1/search", content=b"{", headers={"content-type": "application/json"}).status_code == 401
         assert c.get("/v1/model").status_code == 401 and c.get("/metrics").status_code == 401
         assert c.get("/metrics", headers={"X-API-Key": KEY}).status_code == 200
+        # Prometheus sends the key from a file as a bearer token (scrape_config `authorization: credentials_file`)
+        assert c.get("/metrics", headers={"Authorization": f"Bearer {KEY}"}).status_code == 200
         assert c.get("/healthz").status_code == 200 and c.get("/readyz").status_code == 200  # probes stay open
         schema = c.get("/openapi.json").json()
         assert schema["components"]["securitySchemes"]["APIKeyHeader"]["name"] == "X-API-Key"
