@@ -434,7 +434,6 @@ def test_promote_dag_rejects_invalid_params(airflow_paths: Paths) -> None:
 class RetrainRuns:
     paths: Paths
     better: DagTestResult
-    worse: DagTestResult
     rerun_output: dict[str, str]
     versions_before_rerun: list[str]
     versions_after_rerun: list[str]
@@ -448,25 +447,17 @@ def _versions(paths: Paths) -> list[str]:
 
 @pytest.fixture(scope="module")
 def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns:
-    """Two retrain DAG runs on the same data snapshot: 4 training steps (tiny), then the base model (0 steps).
+    """A retrain DAG run on the tiny profile, then two of its tasks run again under the same run id (`airflow tasks
+    test`), as clearing them in the UI would.
 
-    @champion is cleared first so the first run is decided on the floors alone whatever ran before in the session;
-    the second run must not regress at all (max_regression=0). Between them, two tasks of the first DAG run are run
-    again under the same run id (`airflow tasks test`), as clearing them in the UI would.
+    @champion is cleared first so the run is decided on the floors alone whatever ran before in the session. A worse
+    candidate failing the gate through the DAG is tests/prod's (a REST-triggered run on the Celery worker); the
+    gate's rules are tests/unit/test_gate.py's.
     """
     paths = airflow_paths
     with contextlib.suppress(Exception):
         registry.client(paths).delete_registered_model_alias(MODEL_NAME, registry.CHAMPION)
-    # the encoder's ranking alone (lexical_weight 0): BM25 fused in lifts the 0-step model as much as the trained one;
-    # 24 steps, not the tiny profile's 4 (noise on 39 held-out terms), so "better" is a fact the test can rely on
-    better = run_dag_test(
-        paths,
-        "shopguide_retrain",
-        {"profile": "tiny", "lexical_weight": 0.0, "max_steps": 24},
-        RETRAIN_DATE,
-        capture=True,
-        timeout=1800,
-    )
+    better = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny"}, RETRAIN_DATE, capture=True, timeout=1800)
     better.check()
     versions_before, history_before = _versions(paths), registry.champion_history(paths, MODEL_NAME)
     rerun = {
@@ -474,15 +465,7 @@ def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns
         for task in ("register", "promote")
     }
     versions_after, history_after = _versions(paths), registry.champion_history(paths, MODEL_NAME)
-    worse = run_dag_test(
-        paths,
-        "shopguide_retrain",
-        {"profile": "tiny", "max_steps": 0, "max_regression": 0.0, "lexical_weight": 0.0},
-        RETRAIN_DATE,
-        capture=True,
-        timeout=1800,
-    )
-    return RetrainRuns(paths, better, worse, rerun, versions_before, versions_after, history_before, history_after)
+    return RetrainRuns(paths, better, rerun, versions_before, versions_after, history_before, history_after)
 
 
 @pytest.mark.slow
@@ -508,32 +491,6 @@ def test_rerunning_tasks_of_a_dag_run_registers_and_promotes_once(retrain_runs: 
     assert retrain_runs.versions_after_rerun == retrain_runs.versions_before_rerun
     assert retrain_runs.history_after_rerun == retrain_runs.history_before_rerun
     assert "already promoted version" in retrain_runs.rerun_output["promote"], retrain_runs.rerun_output["promote"]
-
-
-@pytest.mark.slow
-def test_a_worse_candidate_fails_the_gate_and_the_champion_stays(retrain_runs: RetrainRuns) -> None:
-    paths, better, worse = retrain_runs.paths, retrain_runs.better, retrain_runs.worse
-    champion = better.xcom("register")["version"]
-    assert not worse.ok and worse.task_states["conclude"] == "failed", worse.output[-3000:]
-    assert all(worse.task_states[t] == "success" for t in ("gate", "register", "promote"))
-    report, champion_report = worse.xcom("evaluate"), better.xcom("evaluate")
-    # honest precondition: the 0-step model really is worse on the same held-out data
-    assert report["snapshot_hash"] == champion_report["snapshot_hash"]
-    assert report["ndcg_at_10"] < champion_report["ndcg_at_10"], (report, champion_report)
-    decision = worse.xcom("gate")
-    print("failing run:", json.dumps(decision, indent=2))
-    assert not decision["passed"] and decision["champion_version"] == champion
-    assert any(r.startswith("FAIL: ndcg_at_10") and "vs champion" in r for r in decision["reasons"])
-    assert "GateFailed: candidate failed the gate; champion unchanged" in worse.output
-    assert champion_of(paths, MODEL_NAME) == champion
-    candidate = worse.xcom("register")["version"]
-    assert int(candidate) > int(champion)
-    assert registry.alias_version(paths, MODEL_NAME, registry.CHALLENGER) == candidate
-    c = registry.client(paths)
-    tags = c.get_model_version(MODEL_NAME, candidate).tags
-    assert tags["gate_passed"] == "false" and "FAIL: ndcg_at_10" in tags["gate_reasons"]
-    assert c.get_run(tags["mlflow_run_id"]).data.tags["outcome"] == "not promoted"
-    assert [e["version"] for e in registry.champion_history(paths, MODEL_NAME)][-1] == champion
 
 
 # --- the REST API of a real api-server ------------------------------------------------------------------------------
