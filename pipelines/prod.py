@@ -932,6 +932,14 @@ def client_environment(cfg: ProdConfig) -> dict[str, str]:
     return {k: env[k] for k in CLIENT_VARIABLES}
 
 
+def airflow_api(cfg: ProdConfig) -> Any:
+    """An httpx client on Airflow's REST API (`/api/v2`) as the admin user; `.raise_for_status()` is the caller's."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {admin_token(cfg)}"}
+    return httpx.Client(base_url=f"{cfg.airflow_url}/api/v2", headers=headers, timeout=30)
+
+
 def admin_token(cfg: ProdConfig) -> str:
     """A JWT for Airflow's REST API as the admin user (POST /auth/token with the generated password)."""
     import httpx

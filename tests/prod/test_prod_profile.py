@@ -25,7 +25,15 @@ import httpx
 import pytest
 
 from pipelines.config import MODEL_NAME, Paths
-from pipelines.prod import DATABASES, ProdConfig, admin_token, client_environment, purge, read_env_file
+from pipelines.prod import (
+    DATABASES,
+    ProdConfig,
+    admin_token,
+    airflow_api,
+    client_environment,
+    purge,
+    read_env_file,
+)
 
 pytestmark = pytest.mark.prod
 
@@ -272,9 +280,7 @@ class Airflow:
     """Airflow's REST API as the admin user."""
 
     def __init__(self, cfg: ProdConfig) -> None:
-        self.http = httpx.Client(
-            base_url=f"{cfg.airflow_url}/api/v2", headers={"Authorization": f"Bearer {admin_token(cfg)}"}, timeout=30
-        )
+        self.http = airflow_api(cfg)
 
     def call(self, method: str, path: str, **kwargs: Any) -> Any:
         r = self.http.request(method, path, **kwargs)
@@ -320,6 +326,7 @@ class Champions:
     """The versions the tests in this module move @champion between."""
 
     trained: str = ""  # registered and promoted by the Asset-triggered retrain run
+    trained_run: str = ""  # that run's id
 
 
 CHAMPIONS = Champions()
@@ -371,7 +378,7 @@ def test_features_on_celery_then_the_scheduler_retrains_from_its_asset_and_promo
     assert registry_client(profile.cfg).get_run(mlflow_run).data.tags["profile"] == "tiny"
     registered = airflow.xcom("shopguide_retrain", retrain["dag_run_id"], "register")
     assert registered["registered"] and _champion(profile.cfg) == registered["version"]
-    CHAMPIONS.trained = registered["version"]
+    CHAMPIONS.trained, CHAMPIONS.trained_run = registered["version"], retrain["dag_run_id"]
     print(
         f"on Celery, tiny: features {features_seconds:.0f} s trigger to success; asset-triggered retrain "
         f"{retrain_seconds:.0f} s from the features run's success to its own"
@@ -647,6 +654,21 @@ def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_fails_its_gate(
     assert not decision["passed"] and decision["champion_version"] == CHAMPIONS.trained, decision
     assert any(r.startswith("FAIL: ndcg_at_10") and "vs champion" in r for r in decision["reasons"]), decision
     assert _champion(cfg) == CHAMPIONS.trained
+    # honest precondition: the candidate really is worse on the held-out terms
+    report = airflow.xcom("shopguide_retrain", run_id, "evaluate")
+    champion_report = airflow.xcom("shopguide_retrain", CHAMPIONS.trained_run, "evaluate")
+    assert report["ndcg_at_10"] < champion_report["ndcg_at_10"], (report, champion_report)
+    # registered for the record, as the challenger, never promoted
+    from pipelines.registry.mlflow_client import CHALLENGER, alias_version, champion_history
+
+    candidate = airflow.xcom("shopguide_retrain", run_id, "register")["version"]
+    assert int(candidate) > int(CHAMPIONS.trained)
+    assert alias_version(cfg.paths, MODEL_NAME, CHALLENGER) == candidate
+    client = registry_client(cfg)
+    tags = client.get_model_version(MODEL_NAME, candidate).tags
+    assert tags["gate_passed"] == "false" and "FAIL: ndcg_at_10" in tags["gate_reasons"]
+    assert client.get_run(tags["mlflow_run_id"]).data.tags["outcome"] == "not promoted"
+    assert champion_history(cfg.paths, MODEL_NAME)[-1]["version"] == CHAMPIONS.trained
     print(f"worse retrain: {killed} killed with its worker, retried (try 2), gate failed, champion kept")
 
 
