@@ -100,3 +100,23 @@ def redis_port(tmp_path: Path, private_redis) -> Iterator[int]:
     """A private redis-server for one test."""
     with private_redis(tmp_path) as port:
         yield port
+
+
+def _metric_value(app_or_text, name: str, **labels: str) -> float:
+    """The sum of the samples named `name` with these labels (a subset) in Prometheus text: /metrics, or a running
+    app's own registry; 0 when there is none. Parsed with prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = app_or_text if isinstance(app_or_text, str) else app_or_text.state.serving.metrics.render().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.fixture(scope="session")
+def metric_value():
+    """`metric_value(app_or_text, name, **labels)`: a metric's value as the service exports it (see _metric_value)."""
+    return _metric_value

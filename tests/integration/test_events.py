@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from pipelines.data.event_log import read_event_log
@@ -94,21 +93,13 @@ def _event(answer: dict, product_id: Any, kind: str = "click", user_id: int = NE
     return body | {"ts": _now()} | extra
 
 
-def _metric(app: FastAPI, name: str, **labels: str) -> float:
-    text = app.state.serving.metrics.render().decode()
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def _ids(answer: dict) -> list[int]:
     return [r["product_id"] for r in answer["results"]]
 
 
-def test_a_click_moves_the_users_next_personalised_answer(settings: Settings, predictor: Predictor) -> None:
+def test_a_click_moves_the_users_next_personalised_answer(
+    settings: Settings, predictor: Predictor, metric_value
+) -> None:
     with _client(settings, predictor) as client:
         before = _post(client, "/v1/search", {"query": "cordless drill", "user_id": NEW_USER})
         assert before["personalized"] is False and before["fallback_reason"] == "no_online_features"
@@ -141,8 +132,8 @@ def test_a_click_moves_the_users_next_personalised_answer(settings: Settings, pr
     row = OnlineFeatures(settings.paths).user_features(NEW_USER)
     assert row is not None and row["recent_products"] == [clicked]
     assert (row["clicks_7d"], row["events_1d"], row["events_30d"], row["purchases_30d"]) == (1, 1, 1, 0)
-    assert _metric(app, "shopguide_events_total", type="click", outcome="accepted") == 1
-    assert _metric(app, "shopguide_feature_pushes_total", result="ok") == 1
+    assert metric_value(app, "shopguide_events_total", type="click", outcome="accepted") == 1
+    assert metric_value(app, "shopguide_feature_pushes_total", result="ok") == 1
 
 
 def test_events_add_to_a_materialized_history(settings: Settings, predictor: Predictor) -> None:
@@ -179,7 +170,7 @@ def test_events_add_to_a_materialized_history(settings: Settings, predictor: Pre
     assert all(r["model_version"] == predictor.version for r in logged)
 
 
-def test_invalid_events_are_refused_with_the_reason(settings: Settings, predictor: Predictor) -> None:
+def test_invalid_events_are_refused_with_the_reason(settings: Settings, predictor: Predictor, metric_value) -> None:
     with _client(settings, predictor, max_events=3) as client:
         mine = _post(client, "/v1/search", {"query": "light bulb", "user_id": 41})
         anonymous = _post(client, "/v1/search", {"query": "light bulb"})
@@ -227,12 +218,14 @@ def test_invalid_events_are_refused_with_the_reason(settings: Settings, predicto
     assert [r["user_id"] for r in read_event_log(folder=settings.event_log_folder).to_pylist()] == [43]
     assert OnlineFeatures(settings.paths).user_features(41) is None  # nothing of the refused events went online
     for reason, n in [("unknown_request", 1), ("user_mismatch", 1), ("not_shown", 2), ("timestamp", 2)]:
-        assert _metric(app, "shopguide_events_refused_total", reason=reason) == n, reason
-    assert _metric(app, "shopguide_events_total", outcome="refused") == 8
-    assert _metric(app, "shopguide_events_total", outcome="accepted") == 1
+        assert metric_value(app, "shopguide_events_refused_total", reason=reason) == n, reason
+    assert metric_value(app, "shopguide_events_total", outcome="refused") == 8
+    assert metric_value(app, "shopguide_events_total", outcome="accepted") == 1
 
 
-def test_repeats_are_acknowledged_once_also_by_another_replica(settings: Settings, predictor: Predictor) -> None:
+def test_repeats_are_acknowledged_once_also_by_another_replica(
+    settings: Settings, predictor: Predictor, metric_value
+) -> None:
     with _client(settings, predictor) as client:
         answer = _post(client, "/v1/search", {"query": "ceiling fan", "user_id": NEW_USER})
         first, second, third = _ids(answer)[:3]
@@ -254,8 +247,8 @@ def test_repeats_are_acknowledged_once_also_by_another_replica(settings: Setting
     assert logged["product_id"].to_pylist() == [first, second, third]  # written once each
     row = OnlineFeatures(settings.paths).user_features(NEW_USER)
     assert row is not None and (row["clicks_7d"], row["recent_products"]) == (3, [third, second, first])  # once each
-    assert _metric(app, "shopguide_events_total", outcome="duplicate") == 3 + 7
-    assert _metric(app, "shopguide_events_total", outcome="accepted") == 3
+    assert metric_value(app, "shopguide_events_total", outcome="duplicate") == 3 + 7
+    assert metric_value(app, "shopguide_events_total", outcome="accepted") == 3
 
 
 @pytest.fixture
@@ -293,7 +286,7 @@ class StalledSink(SegmentFolderSink[EventRecord]):
 
 
 def test_a_full_event_log_queue_refuses_with_503_and_a_retry_is_not_a_repeat(
-    settings: Settings, predictor: Predictor
+    settings: Settings, predictor: Predictor, metric_value
 ) -> None:
     sink = StalledSink(settings.event_log_folder)
     app = create_app(settings.model_copy(update={"event_log_queue": 1}), predictor, event_log_sink=sink)
@@ -319,10 +312,10 @@ def test_a_full_event_log_queue_refuses_with_503_and_a_retry_is_not_a_repeat(
         opener.cancel()
     logged = read_event_log(folder=settings.event_log_folder)["product_id"].to_pylist()
     assert logged == [first["product_id"], second["product_id"], third["product_id"]]
-    assert _metric(app, "shopguide_event_log_dropped_rows_total", reason="queue_full") >= 1
+    assert metric_value(app, "shopguide_event_log_dropped_rows_total", reason="queue_full") >= 1
 
 
-def test_feast_down_still_logs_the_event_and_says_so(settings: Settings, predictor: Predictor) -> None:
+def test_feast_down_still_logs_the_event_and_says_so(settings: Settings, predictor: Predictor, metric_value) -> None:
     (settings.home / "feast" / "online.db").write_bytes(b"not a sqlite database" * 100)
     with _client(settings, predictor) as client:
         answer = _post(client, "/v1/search", {"query": "drill bits"})
@@ -330,7 +323,7 @@ def test_feast_down_still_logs_the_event_and_says_so(settings: Settings, predict
         app = client.app
     assert ack["accepted"] == 1 and ack["online"] is False and ack["online_reason"], ack
     assert read_event_log(folder=settings.event_log_folder)["user_id"].to_pylist() == [NEW_USER]
-    assert _metric(app, "shopguide_feature_pushes_total", result="failed") == 1
+    assert metric_value(app, "shopguide_feature_pushes_total", result="failed") == 1
 
 
 def test_the_api_key_guards_events(settings: Settings, predictor: Predictor) -> None:

@@ -60,24 +60,12 @@ def _app(
     return create_app(settings.model_copy(update={"request_log_dir": folder, **update}), predictor, sink)
 
 
-def _metric(app_or_text: FastAPI | str, name: str, **labels: str) -> float:
-    """The sum of the samples with these labels in the Prometheus text (/metrics, or the app's registry after its
-    shutdown); 0 when absent."""
-    text = app_or_text if isinstance(app_or_text, str) else app_or_text.state.serving.metrics.render().decode()
-    total = 0.0
-    for line in text.splitlines():
-        head, _, value = line.rpartition(" ")
-        if head.split("{")[0] == name and all(f'{k}="{v}"' in head for k, v in labels.items()):
-            total += float(value)
-    return total
-
-
 def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
 def test_every_answer_is_logged_once_with_the_id_the_client_got(
-    settings: Settings, predictor: Predictor, terms: list[str], tmp_path: Path
+    settings: Settings, predictor: Predictor, terms: list[str], tmp_path: Path, metric_value
 ) -> None:
     app = _app(settings, predictor, tmp_path)
     calls: list[tuple[str, dict, dict]] = [
@@ -121,15 +109,17 @@ def test_every_answer_is_logged_once_with_the_id_the_client_got(
         else:
             assert row["query"] is None and row["category"] is None and row["method"] == body["method"]
     assert [r["ts"] for r in rows] == sorted(r["ts"] for r in rows)
-    assert _metric(app, "shopguide_request_log_written_rows_total") == len(calls)
-    assert _metric(app, "shopguide_request_log_dropped_rows_total") == 0
+    assert metric_value(app, "shopguide_request_log_written_rows_total") == len(calls)
+    assert metric_value(app, "shopguide_request_log_dropped_rows_total") == 0
     # the clean shutdown rolled every segment: only parquet parts, readable by any hive-partitioned reader
     files = _files(tmp_path)
     assert files and all(is_part(p) for p in files), files
     assert ds.dataset(tmp_path, format="parquet", partitioning="hive").count_rows() == len(calls)
 
 
-def test_malformed_requests_are_not_logged(settings: Settings, predictor: Predictor, tmp_path: Path) -> None:
+def test_malformed_requests_are_not_logged(
+    settings: Settings, predictor: Predictor, tmp_path: Path, metric_value
+) -> None:
     app = _app(settings, predictor, tmp_path)
     malformed = [
         ("/v1/search", {"query": ""}),
@@ -142,7 +132,7 @@ def test_malformed_requests_are_not_logged(settings: Settings, predictor: Predic
         for path, body in malformed:
             assert client.post(path, json=body).status_code == 422
         answered = client.post("/v1/search", json={"query": "drill"}).json()
-    assert _metric(app, "shopguide_requests_total", status="422") == len(malformed)
+    assert metric_value(app, "shopguide_requests_total", status="422") == len(malformed)
     assert read_request_log(folder=tmp_path)["request_id"].to_pylist() == [answered["request_id"]]
 
 
@@ -168,7 +158,7 @@ class StalledSink(ParquetFolderSink):
 
 
 def test_a_full_queue_drops_and_counts_without_slowing_requests(
-    settings: Settings, predictor: Predictor, terms: list[str], tmp_path: Path
+    settings: Settings, predictor: Predictor, terms: list[str], tmp_path: Path, metric_value
 ) -> None:
     sink = StalledSink(tmp_path)
     app = _app(settings, predictor, tmp_path, sink, request_log_queue=1, request_log_flush_seconds=0.05)
@@ -185,15 +175,15 @@ def test_a_full_queue_drops_and_counts_without_slowing_requests(
             assert all(r.status_code == 200 for r in later)
             assert elapsed < 3.0, f"12 searches took {elapsed:.1f} s while the log writer was stuck"
             metrics = client.get("/metrics").text
-            assert _metric(metrics, "shopguide_request_log_dropped_rows_total", reason="queue_full") == 11
-            assert _metric(metrics, "shopguide_request_log_queue_depth") == 1  # the one that fitted
+            assert metric_value(metrics, "shopguide_request_log_dropped_rows_total", reason="queue_full") == 11
+            assert metric_value(metrics, "shopguide_request_log_queue_depth") == 1  # the one that fitted
             sink.gate.set()
     finally:
         opener.cancel()
     # what was accepted is written on shutdown: the stuck row and the queued one
     logged = read_request_log(folder=tmp_path)["request_id"].to_pylist()
     assert logged == [first, later[0].json()["request_id"]]
-    assert _metric(app, "shopguide_request_log_written_rows_total") == 2
+    assert metric_value(app, "shopguide_request_log_written_rows_total") == 2
 
 
 def test_clean_shutdown_flushes_everything(
