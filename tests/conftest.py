@@ -68,6 +68,22 @@ def airflow_paths(shopguide_home: Paths) -> Paths:
 REDIS_SERVER = "/usr/bin/redis-server"
 
 
+def start_redis_server(port: int, folder: Path) -> subprocess.Popen:
+    """redis-server on 127.0.0.1:`port`, keeping nothing on disk, once it answers PING (fails the test otherwise)."""
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
+    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
+            conn.sendall(b"PING\r\n")
+            if conn.recv(16).startswith(b"+PONG"):
+                return proc
+        if time.monotonic() > deadline or proc.poll() is not None:
+            proc.kill()
+            pytest.fail(f"redis-server did not start on port {port}")
+        time.sleep(0.05)
+
+
 @contextlib.contextmanager
 def _private_redis(folder: Path) -> Iterator[int]:
     """A private, throw-away redis-server on a free loopback port (never the shared 6379 instance): its port."""
@@ -78,18 +94,8 @@ def _private_redis(folder: Path) -> Iterator[int]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(folder)]
-    proc = subprocess.Popen([REDIS_SERVER, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = start_redis_server(port, folder)
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5) as conn:
-                conn.sendall(b"PING\r\n")
-                if conn.recv(16).startswith(b"+PONG"):
-                    break
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.fail(f"redis-server did not start on port {port}")
-            time.sleep(0.05)
         yield port
     finally:
         proc.terminate()
@@ -100,3 +106,9 @@ def _private_redis(folder: Path) -> Iterator[int]:
 def private_redis() -> Callable[[Path], contextlib.AbstractContextManager[int]]:
     """`with private_redis(folder) as port:` for fixtures of any scope."""
     return _private_redis
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Callable[[int, Path], subprocess.Popen]:
+    """`redis_server(port, folder)`: start_redis_server, for a test that brings a stopped server back on its port."""
+    return start_redis_server

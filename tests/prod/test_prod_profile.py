@@ -571,7 +571,7 @@ def _stop_redis(port: int) -> None:
         redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=2).shutdown(nosave=True)
 
 
-def test_with_the_online_store_down_answers_are_anonymous_and_say_so(profile: Profile) -> None:
+def test_with_the_online_store_down_answers_are_anonymous_and_say_so(profile: Profile, redis_server) -> None:
     cfg = profile.cfg
     _, port = cfg.redis_server("FEAST_")
     key = {"X-API-Key": read_env_file(cfg.secrets_file)["SHOPGUIDE_API_KEYS"]}
@@ -588,23 +588,7 @@ def test_with_the_online_store_down_answers_are_anonymous_and_say_so(profile: Pr
                 assert not r.json()["personalized"] and r.json()["fallback_reason"] == "features_unavailable"
                 assert [x["product_id"] for x in r.json()["results"]]
         finally:
-            server = subprocess.Popen(
-                [
-                    "/usr/bin/redis-server",
-                    "--port",
-                    str(port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ],
-                cwd=cfg.dir,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            server = redis_server(port, cfg.dir)
         # back: the replicas read the store again (empty now: the user is unknown, not unavailable)
         deadline = time.monotonic() + 30
         while (r := http.post("/v1/search", json=body).json()).get("fallback_reason") == "features_unavailable":
