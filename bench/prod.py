@@ -166,7 +166,10 @@ def _replica_state(cfg: ProdConfig) -> dict[str, str]:
 
 def _wait_replicas(cfg: ProdConfig, want: dict[str, str], timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
-    while any((state := _replica_state(cfg)).get(name) != status for name, status in want.items()):
+    while True:
+        state = _replica_state(cfg)  # one read of haproxy's statistics per round
+        if all(state.get(name) == status for name, status in want.items()):
+            return
         if time.monotonic() > deadline:
             raise SystemExit(f"replicas {state}, wanted {want}")
         time.sleep(1)
