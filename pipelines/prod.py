@@ -271,6 +271,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
             # the driver named: SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which is not installed
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + cfg.pg_url("airflow"),
             "AIRFLOW__CELERY__WORKER_CONCURRENCY": str(cfg.number("SHOPGUIDE_CELERY_CONCURRENCY")),
+            # the steps' libraries imported once per worker, not once per task (pipelines/celery_config.py)
+            "AIRFLOW__CELERY__CELERY_CONFIG_OPTIONS": "pipelines.celery_config.CELERY_CONFIG",
             "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": str(cfg.number("SHOPGUIDE_TASK_HEARTBEAT_TIMEOUT")),
             "SHOPGUIDE_PROFILE": cfg.profile,
             # Logins for the UI and the REST API (POST /auth/token); the embedded profile's "everyone is admin" is off.

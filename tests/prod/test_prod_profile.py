@@ -191,6 +191,9 @@ def test_up_from_empty_databases_every_program_running_and_healthy(profile: Prof
     unhealthy = {n: r for n, r in rows.items() if not (r["state"] == "RUNNING" and r["healthy"])}
     assert not unhealthy
     assert "answers ping" in rows["airflow-worker-1"]["detail"]
+    # the step libraries are in the worker before any task: its task processes fork with them (celery_config.py)
+    maps = Path(f"/proc/{rows['airflow-worker-1']['pid']}/maps").read_text()
+    assert "libtorch_cpu" in maps and "onnxruntime" in maps
     print(f"prod up from empty databases: {profile.up_seconds:.0f} s")
 
 
