@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import APIKeyHeader
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from threadpoolctl import threadpool_limits
 
 from pipelines.runtime import event_log, personalize
 from pipelines.runtime.event_log import EventRecord
@@ -452,8 +453,9 @@ def create_app(
         if state.request_log is not None:
             state.request_log.start()
         event_writer.start()
-        # Every MLflow call of this process from here on is bounded: MLflow down costs seconds, not minutes.
-        with registry_bounds(settings):
+        # Every MLflow call of this process from here on is bounded: MLflow down costs seconds, not minutes. BLAS
+        # threads are process-wide: limited for the app's lifetime, restored when it stops.
+        with registry_bounds(settings), threadpool_limits(settings.blas_threads or None, user_api="blas"):
             if state.predictor is None:
                 # A failed load leaves the process up but not ready (/readyz 503); the poll keeps retrying.
                 await asyncio.to_thread(state.refresh)

@@ -138,6 +138,16 @@ class Settings(BaseSettings):
     ort_optimization: OrtOptimization = Field(
         "all", alias="SHOPGUIDE_ORT_OPTIMIZATION", description="ONNX Runtime graph optimization level."
     )
+    # numpy's OpenBLAS runs the brute-force catalog search (catalogs below ann_min_products) and the fusion; left to
+    # itself it starts a thread per core for each request's small matmul, and its threads spin-wait between calls:
+    # with 8 clients on 2 cores that tripled the CPU per request (bench/results/serving-blas-2026-12-03.json).
+    blas_threads: int = Field(
+        1,
+        ge=0,
+        le=64,
+        alias="SHOPGUIDE_BLAS_THREADS",
+        description="BLAS (numpy) threads of the service process; 0 = the library's default (one per core).",
+    )
     ann_min_products: int = Field(
         20_000,
         ge=0,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -230,6 +231,38 @@ def test_fixed_bundle_dir_needs_no_registry(champion: RegisteredChampion, tmp_pa
         assert info["source"] == "bundle_dir" and info["version"].startswith("local-")
         assert len(_search(c, query="drill", k=5)["results"]) == 5
         assert c.post("/v1/search", json={"query": "drill", "k": 6}).status_code == 422  # the deployment's max_k
+
+
+def _blas_threads() -> set[int]:
+    from threadpoolctl import threadpool_info
+
+    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+
+def test_the_service_limits_blas_threads_while_it_runs(champion: RegisteredChampion, tmp_path: Path) -> None:
+    """numpy's BLAS threads spin between a request's small matmuls and starve the other requests' cores: the service
+    runs with SHOPGUIDE_BLAS_THREADS (default 1) and gives the process its own limit back when it stops. The lifespan
+    runs on the main thread, as under uvicorn (OpenBLAS ignores a limit set from another thread once torch's OpenMP
+    runtime is loaded, as it is in this test process; the service never imports torch)."""
+    from threadpoolctl import threadpool_limits
+
+    settings = Settings.from_env(
+        {
+            "SHOPGUIDE_HOME": str(tmp_path),
+            "SHOPGUIDE_BUNDLE_DIR": str(champion.bundle_dir),
+            "SHOPGUIDE_MODEL_POLL_SECONDS": "0",
+        }
+    )
+    app = create_app(settings)
+
+    async def serve() -> set[int]:
+        async with app.router.lifespan_context(app):
+            return _blas_threads()
+
+    with threadpool_limits(2, user_api="blas"):
+        assert _blas_threads() == {2}
+        assert asyncio.run(serve()) == {1}
+        assert _blas_threads() == {2}
 
 
 def test_unknown_user_gets_the_anonymous_ranking_and_a_reason(client: TestClient, online: OnlineFeatures) -> None:
