@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -35,6 +35,14 @@ class DataConfig(_Section):
     event_users: int = Field(2000, ge=10, description="Simulated users in the event log.")
     event_days: int = Field(28, ge=1, le=365, description="Days of simulated history before the as-of time.")
     event_seed: int = 7
+    judged_at_launch: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="Share of the training terms whose judgments the first model trains on (a young shop's "
+        "'judged at launch'); the others reach the model only through SIMULATED clicks (`shopguide simulate`). "
+        "Which terms: pipelines.data.dataset.is_judged_at_launch. 1.0 = every training term judged (today's runs).",
+    )
 
 
 class TrainConfig(_Section):
@@ -290,6 +298,69 @@ class CategoryConfig(_Section):
     )
 
 
+class SimulateConfig(_Section):
+    """SIMULATED shoppers for `shopguide simulate` (pipelines/data/traffic.py has the model, pipelines/data/replay.py
+    the HTTP driver): what they search, which shown products they look at, click, add to cart and buy."""
+
+    seed: int = Field(11, description="Same seed, same users and, for the same answers, the same searches and events.")
+    users: int = Field(20, ge=1, le=100_000, description="Simulated users, drawn from the event log's user ids.")
+    minutes: float = Field(1.0, gt=0, le=7 * 24 * 60, description="Wall-clock length of a run.")
+    sessions_per_user: int | None = Field(
+        None, ge=1, description="Stop a user after this many sessions (None: until `minutes` ran out)."
+    )
+    concurrency: int = Field(4, ge=1, le=256, description="Client threads; each plays its share of users in turn.")
+    think_seconds: float = Field(
+        1.0, ge=0, le=3600, description="Mean pause (exponential) after each search of a thread; 0 = flat out."
+    )
+    k: int = Field(10, ge=1, le=100, description="Results asked per search (the page the shopper sees).")
+    term_frequency_power: float = Field(
+        1.0,
+        ge=0,
+        le=4,
+        description="A training term is searched with probability ~ (its judgment rows)^power; 0 = uniform.",
+    )
+    related_search: float = Field(
+        0.3, ge=0, lt=1, description="Chance that a session goes on with a related training term after a search."
+    )
+    max_searches_per_session: int = Field(3, ge=1, le=20)
+    examination_eta: float = Field(
+        1.0, ge=0, le=4, description="Position bias: the product at rank r (1-based) is looked at with 1 / r^eta."
+    )
+    click_at_relevance_1: float = Field(
+        0.02, ge=0, le=1, description="Click chance of a looked-at product judged 1.0 (irrelevant): misclicks."
+    )
+    click_at_relevance_3: float = Field(
+        0.9, ge=0, le=1, description="Click chance of a looked-at product judged 3.0 (exact match)."
+    )
+    click_relevance_exponent: float = Field(
+        2.0,
+        gt=0,
+        le=8,
+        description="Between the two: c1 + (c3 - c1) * g^exponent with g = (relevance - 1) / 2 in [0, 1].",
+    )
+    unjudged_click: float = Field(
+        0.05, ge=0, le=1, description="Click chance of a looked-at product never judged for the term."
+    )
+    cart_at_relevance_3: float = Field(
+        0.5, ge=0, le=1, description="Add-to-cart chance of a clicked product judged 3.0; scales as g^exponent."
+    )
+    unjudged_cart: float = Field(0.05, ge=0, le=1, description="Add-to-cart chance of a clicked unjudged product.")
+    purchase_given_cart: float = Field(0.5, ge=0, le=1, description="Purchase chance of a product added to the cart.")
+    event_batch: int = Field(
+        50, ge=1, le=10_000, description="Most events per POST /v1/events (the service's SHOPGUIDE_MAX_EVENTS: 100)."
+    )
+    timeout_seconds: float = Field(30, gt=0, le=600, description="HTTP timeout of one request.")
+    max_errors: int = Field(100, ge=1, description="Stop the run after this many failed requests.")
+
+    @field_validator("click_at_relevance_3")
+    @classmethod
+    def _clicks_rise(cls, value: float, info: ValidationInfo) -> float:
+        low = info.data.get("click_at_relevance_1")
+        if low is not None and value < low:
+            raise ValueError(f"click_at_relevance_3 ({value}) must be at least click_at_relevance_1 ({low})")
+        return value
+
+
 class ShopguideConfig(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -304,6 +375,7 @@ class ShopguideConfig(_Section):
     category: CategoryConfig = CategoryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
     retention: RetentionConfig = RetentionConfig()
+    simulate: SimulateConfig = SimulateConfig()
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

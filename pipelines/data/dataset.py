@@ -47,6 +47,30 @@ def is_validation_term(term: str) -> bool:
     return _md5(normalize_term(term))[-1] == "2"
 
 
+def is_training_term(term: str) -> bool:
+    """A term the model may learn from: neither held-out nor validation, and not empty."""
+    return bool(normalize_term(term)) and not is_heldout_term(term) and not is_validation_term(term)
+
+
+def is_judged_at_launch(term: str, share: float) -> bool:
+    """Whether a training term's judgments are among the `share` the first model trains on ('judged at launch').
+
+    sha256 of "judged_at_launch:" + the normalised term, read as a fraction in [0, 1), below `share`: independent of
+    the md5 split rules above (held-out and validation use md5's last digit), and nested, so every term judged at
+    share 0.3 is judged at 0.5 too. share 1.0 judges every term, 0.0 none.
+    """
+    if share >= 1.0:
+        return True
+    digest = hashlib.sha256(f"judged_at_launch:{normalize_term(term)}".encode()).hexdigest()
+    return int(digest[:13], 16) / 16**13 < share
+
+
+def split_judged_at_launch(train: pd.DataFrame, share: float) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(judged at launch, click-only) training judgments by term (is_judged_at_launch), never by row."""
+    judged = train["search_term"].map(lambda t: is_judged_at_launch(t, share)).astype(bool)
+    return train[judged].reset_index(drop=True), train[~judged].reset_index(drop=True)
+
+
 def is_test_cluster(cluster_id: int) -> bool:
     """PriceRunner split by product cluster, same md5 rule, so no product leaks across splits."""
     return _md5(str(int(cluster_id)))[-1] in "01"
@@ -249,6 +273,11 @@ def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime, landing: Path
     A configured judgments_path must name a file in the landing folder (`landing`, default Paths.landing): checked
     by landed_judgments before anything is read or written.
     """
+    if cfg.judged_at_launch < 1.0:  # refused, not ignored: a run must not claim a split it did not apply
+        raise NotImplementedError(
+            f"data.judged_at_launch={cfg.judged_at_launch}: the training snapshot does not apply the judged-at-launch "
+            "split yet (issue 19 item 4); only the simulator reads it today"
+        )
     if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
         source = HOMEDEPOT_FILE
     else:
