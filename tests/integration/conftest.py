@@ -3,9 +3,13 @@ PostgreSQL database of a test's own."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
-from collections.abc import Iterator
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -71,6 +75,37 @@ def champion_features(champion: RegisteredChampion) -> RegisteredChampion:
     result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
     assert result["materialized"]["user_activity"]["entities"] > 0, result
     return champion
+
+
+@contextlib.contextmanager
+def _serve_app(app) -> Iterator[str]:
+    """The app under uvicorn on a free loopback port, in a thread; yields the base URL once ready."""
+    import uvicorn
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def serve_app() -> Callable[..., contextlib.AbstractContextManager[str]]:
+    """`with serve_app(create_app(settings)) as url:` the app over real HTTP (uvicorn in a thread, its lifespan run);
+    on leaving, a graceful shutdown (the logs flushed)."""
+    return _serve_app
 
 
 @pytest.fixture

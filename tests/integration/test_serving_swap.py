@@ -9,13 +9,12 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
 import pytest
-import uvicorn
 
 from serving.app import create_app
 from serving.settings import Settings
@@ -62,33 +61,10 @@ def settings(champion: RegisteredChampion, tmp_path: Path) -> Settings:
     return Settings(home=tmp_path / "home", model_name=champion.model_name, model_poll_seconds=0.2)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@contextmanager
-def serve(settings: Settings) -> Iterator[str]:
-    """The app under uvicorn on a free loopback port, in a thread; yields the base URL once ready."""
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings), host="127.0.0.1", port=port, log_level="warning", access_log=False, lifespan="on"
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield url
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+@pytest.fixture(scope="module")
+def serve(serve_app) -> Callable[[Settings], AbstractContextManager[str]]:
+    """`with serve(settings) as url:` create_app(settings) under uvicorn (conftest's serve_app)."""
+    return lambda settings: serve_app(create_app(settings))
 
 
 def _wait_for(url: str, version: str, timeout: float = 60) -> None:
@@ -167,7 +143,7 @@ class Load:
 
 
 def test_swap_under_load_fails_no_request(
-    settings: Settings, champion: RegisteredChampion, newer: str, move_champion
+    settings: Settings, champion: RegisteredChampion, newer: str, move_champion, serve
 ) -> None:
     old = champion.version
     with serve(settings) as url, Load(url) as load:
@@ -186,7 +162,7 @@ def test_swap_under_load_fails_no_request(
 
 
 def test_corrupt_version_is_refused_and_the_old_one_kept(
-    settings: Settings, champion: RegisteredChampion, move_champion, tmp_path: Path
+    settings: Settings, champion: RegisteredChampion, move_champion, tmp_path: Path, serve
 ) -> None:
     bundle = tmp_path / "corrupt-bundle"
     shutil.copytree(champion.bundle_dir, bundle)
@@ -233,7 +209,7 @@ def _registry_down(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_registry_down_during_reloads(
-    settings: Settings, champion: RegisteredChampion, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, champion: RegisteredChampion, monkeypatch: pytest.MonkeyPatch, serve
 ) -> None:
     import os
 
@@ -262,7 +238,9 @@ def test_registry_down_during_reloads(
     assert not load.failures and set(load.versions) == {champion.version}, (load.failures[:3], load.versions)
 
 
-def test_shadow_mode_replays_on_the_challenger(settings: Settings, champion: RegisteredChampion, newer: str) -> None:
+def test_shadow_mode_replays_on_the_challenger(
+    settings: Settings, champion: RegisteredChampion, newer: str, serve
+) -> None:
     from pipelines.registry.mlflow_client import CHALLENGER, client, set_alias
 
     set_alias(champion.paths, champion.model_name, CHALLENGER, newer)
