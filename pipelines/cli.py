@@ -410,6 +410,74 @@ def run(
   Airflow UI: .venv/bin/shopguide airflow standalone          then open http://127.0.0.1:8080""")
 
 
+@app.command()
+def simulate(
+    users: Annotated[
+        int | None, typer.Option(min=1, help="Simulated users (default: the profile's simulate.users).")
+    ] = None,
+    minutes: Annotated[float | None, typer.Option(min=0.001, help="How long to run (simulate.minutes).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Same seed: same users, searches and (for the same answers) events.")
+    ] = None,
+    url: Annotated[str, typer.Option(help="Base URL of the running service.")] = "http://127.0.0.1:8000",
+    sessions: Annotated[
+        int | None, typer.Option(min=1, help="Stop each user after this many sessions (an exact replay).")
+    ] = None,
+    think_seconds: Annotated[
+        float | None, typer.Option(min=0, help="Mean pause after each search of a client thread (0: flat out).")
+    ] = None,
+    profile: Profile = "default",
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SHOPGUIDE_API_KEY", help="Sent as X-API-Key (a service with keys).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON instead of a table.")] = False,
+) -> None:
+    """SIMULATED shoppers against a running service: searches drawn from the training terms' frequency, clicks and
+    add-to-carts from the Home Depot judgments of the products shown (position bias; unjudged products rarely
+    clicked), sent to POST /v1/events. Every request and event it causes is simulated traffic, not real shoppers'."""
+    import httpx
+
+    from pipelines.config import load_config
+    from pipelines.data.replay import ReplaySummary, simulate_traffic
+
+    flags = {"users": users, "minutes": minutes, "seed": seed, "sessions_per_user": sessions}
+    flags["think_seconds"] = think_seconds
+    cfg = load_config(profile, {f"simulate.{k}": v for k, v in flags.items() if v is not None})
+    sim = cfg.simulate
+    url = url.rstrip("/")
+    try:
+        ready = httpx.get(f"{url}/readyz", timeout=sim.timeout_seconds)
+    except httpx.HTTPError as err:
+        typer.secho(f"no service at {url}: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    if ready.status_code != 200:
+        typer.secho(f"the service at {url} is not ready: {ready.text}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1)
+    until = (
+        f"{sim.sessions_per_user} sessions each, at most {sim.minutes:g} min"
+        if sim.sessions_per_user
+        else (f"{sim.minutes:g} min")
+    )
+    typer.secho(
+        f"SIMULATED traffic against {url} (model {ready.json().get('model_version')}): {sim.users} users, {until}, "
+        f"seed {sim.seed}, {sim.concurrency} client threads",
+        bold=True,
+        err=True,
+    )
+
+    def progress(s: ReplaySummary) -> None:
+        typer.echo(
+            f"  simulated {s.seconds:5.0f} s: {s.searches} searches, {sum(s.events.values())} events, "
+            f"{sum(s.errors.values())} errors",
+            err=True,
+        )
+
+    summary = simulate_traffic(url, cfg, api_key=api_key, progress=progress)
+    typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.table())
+    if summary.stopped == "errors":
+        raise typer.Exit(1)
+
+
 prod_app = typer.Typer(
     help="The production profile on this machine: Airflow on Celery, an MLflow server, Feast on PostgreSQL + Redis, "
     "service replicas behind haproxy, all kept by supervisord. Addresses: docker/prod.env (the environment wins).",
