@@ -361,6 +361,72 @@ class SimulateConfig(_Section):
         return value
 
 
+class MonitorConfig(_Section):
+    """The monitor DAG: its window, the reference it compares with, and the thresholds of each alarm."""
+
+    window_minutes: int = Field(60, ge=5, le=7 * 24 * 60, description="Length of one monitored window.")
+    min_queries: int = Field(
+        30,
+        ge=5,
+        description="Distinct queries a window needs before its drift tests run: a domain classifier over a handful of "
+        "texts is noise, so a quieter window reports its rates and no drift verdict.",
+    )
+    reference_queries: int = Field(
+        1000,
+        ge=50,
+        le=50_000,
+        description="Training terms of the champion sampled (deterministically) as the reference: each is encoded once "
+        "per window, and the report's t-SNE plot of both windows grows with it.",
+    )
+    distinct_queries: bool = Field(
+        True,
+        description="Compare the window's distinct queries with the (distinct) training terms; false keeps every "
+        "request, so a popular query repeated all hour reads as drift.",
+    )
+    # Evidently's own tests, each at its own threshold (their meanings differ: see each description)
+    text_drift_method: Literal["perc_text_content_drift", "abs_text_content_drift"] = Field(
+        "perc_text_content_drift",
+        description="Query text drift: a TF-IDF domain classifier's ROC AUC between the windows, against a random "
+        "classifier's percentile (perc) or a fixed AUC (abs).",
+    )
+    text_drift_threshold: float = Field(
+        0.95, gt=0, lt=1, description="perc: the percentile's confidence; abs: the ROC AUC above which it is drift."
+    )
+    embedding_drift_quantile: float = Field(
+        0.95,
+        gt=0,
+        lt=1,
+        description="Query embedding drift (the champion's encoder): a classifier between the windows' embeddings is "
+        "drift when its ROC AUC beats this quantile of random classifiers' (Evidently's model method, bootstrap).",
+    )
+    category_drift_method: Literal["chisquare", "jensenshannon", "psi", "TVD"] = Field(
+        "chisquare", description="Test of the answered category's distribution (abstentions are one more value)."
+    )
+    category_drift_threshold: float = Field(
+        0.05, gt=0, lt=1, description="chisquare / TVD: the p-value below which it is drift; others: the distance."
+    )
+    vocab_miss_margin: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Alarm when the window's share of query words outside the served vocabulary exceeds the "
+        "reference's share by more than this (the exported threshold is that sum).",
+    )
+    low_score: float = Field(
+        0.5,
+        ge=0,
+        description="An answer whose best score is below this counts as low-score (a hybrid version logs fused "
+        "scores in [0, 1], a dense-only one cosines).",
+    )
+    max_empty_rate: float = Field(0.05, ge=0, le=1, description="Alarm above this share of answers with no product.")
+    max_low_score_rate: float = Field(0.5, ge=0, le=1, description="Alarm above this share of low-score answers.")
+    # the service's SLO (docker/prometheus/rules.yml): 99% of answered searches within 50 ms in the app
+    latency_slo_p99_ms: float = Field(50.0, gt=0, description="Alarm when the window's search latency p99 is above.")
+    max_feature_age_hours: float = Field(
+        2.0, gt=0, description="Alarm when a feature view's newest online row is older (the features DAG's bound)."
+    )
+
+
 class ShopguideConfig(_Section):
     profile: str = "default"
     data: DataConfig = DataConfig()
@@ -376,6 +442,7 @@ class ShopguideConfig(_Section):
     orchestration: OrchestrationConfig = OrchestrationConfig()
     retention: RetentionConfig = RetentionConfig()
     simulate: SimulateConfig = SimulateConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
