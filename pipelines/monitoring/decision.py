@@ -15,7 +15,7 @@ DRIFT_SIGNALS = ("query_text", "query_embedding", "category")
 class DriftResult:
     """One drift test of the window against the reference, as the drift library ran it."""
 
-    score: float
+    score: float | None  # None: the statistic is undefined (chi-square of one category on both sides: no drift)
     detected: bool
     method: str
     threshold: float
@@ -81,7 +81,8 @@ def decide(signals: WindowSignals, cfg: MonitorConfig) -> MonitorDecision:
         alarms[signal] = result.detected
         reasons.append(
             f"{signal}: {'ALARM, drift detected' if result.detected else 'ok, no drift'} "
-            f"({result.method} score {result.score:.4g}, threshold {result.threshold:.4g})"
+            f"({result.method} score {'undefined' if result.score is None else f'{result.score:.4g}'}, "
+            f"threshold {result.threshold:.4g})"
         )
     threshold = vocab_miss_threshold(signals.reference_vocab_miss_ratio, cfg)
     if threshold is None:

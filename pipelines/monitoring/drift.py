@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -72,9 +73,8 @@ def _value_drifts(snapshot: Any, signals: dict[str, str]) -> dict[str, DriftResu
         column = params.get("column")
         if column in signals and column in scores:
             detected = str(getattr(test.status, "value", test.status)) == "FAIL"
-            out[signals[column]] = DriftResult(
-                scores[column], detected, str(params["method"]), float(params["threshold"])
-            )
+            score = scores[column] if math.isfinite(scores[column]) else None
+            out[signals[column]] = DriftResult(score, detected, str(params["method"]), float(params["threshold"]))
     missing = sorted(set(signals.values()) - set(out))
     if missing:
         raise RuntimeError(f"the drift report has no verdict for {missing} (Evidently's ValueDrift tests changed?)")

@@ -74,6 +74,19 @@ def test_a_shifted_window_raises_every_drift_alarm() -> None:
     assert decision.drift_detected and decision.alarms == dict.fromkeys(DRIFT_SIGNALS, True)
 
 
+def test_one_category_on_both_sides_is_no_drift_with_an_undefined_score() -> None:
+    """Chi-square of a single value (every answer abstained, as for Home Depot terms) has no p-value: Evidently
+    says no drift, and the score is kept as None (JSON and MLflow take no NaN)."""
+    from pipelines.monitoring.drift import drift_tests
+
+    cfg = MonitorConfig(text_drift_method="abs_text_content_drift", text_drift_threshold=0.55)
+    reference, ref_emb = window(HOME, {ABSTAINED: 1.0}, 200, 0.0, seed=1)
+    current, cur_emb = window(HOME, {ABSTAINED: 1.0}, 60, 0.0, seed=2)
+    results, _ = drift_tests(reference, current, ref_emb, cur_emb, cfg)
+    assert results["category"].score is None and not results["category"].detected
+    assert "score undefined" in " ".join(decide(WindowSignals(drift=results), cfg).reasons)
+
+
 def wordpiece(words: list[str]):
     """A MiniLM-style tokenizer (BERT normalizer and pre-tokenizer, WordPiece) over a known vocabulary: `words`, the
     single ASCII letters and their ## continuations, as a pruned vocabulary keeps them."""
