@@ -287,6 +287,37 @@ def prune(
     prune_step({"profile": profile, "dry_run": dry_run}, paths)
 
 
+@app.command()
+def monitor(
+    profile: Annotated[str, typer.Option(help="Config profile whose `monitor` bounds are shown.")] = "default",
+    as_json: Annotated[bool, typer.Option("--json", help="The latest window's row as JSON.")] = False,
+) -> None:
+    """The latest monitored window's health (the shopguide_monitor DAG writes one row per window)."""
+    from pipelines.config import load_config
+    from pipelines.monitoring.records import health_table, read_windows
+
+    paths = Paths.from_env()
+    table = read_windows(paths)
+    if table.num_rows == 0:
+        typer.echo(f"no monitored window yet in {paths.home} (the shopguide_monitor DAG writes them hourly)")
+        raise typer.Exit(1)
+    row = table.slice(table.num_rows - 1).to_pylist()[0]
+    if as_json:
+        typer.echo(json.dumps(row, default=str, indent=2))
+        return
+    start, end = row["window_start"], row["window_end"]
+    typer.echo(
+        f"window {start:%Y-%m-%d %H:%M} -> {end:%H:%M} UTC  @champion v{row['model_version'] or '(none)'}  "
+        f"{row['requests']} searches, {row['distinct_queries']} distinct queries  "
+        f"{'ALARM' if row['alarm'] else 'healthy'}\nreference: {row['reference'] or '(none)'}"
+    )
+    rows = [("signal", "value", "bound", "status"), *health_table(row, load_config(profile).monitor)]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for r in rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        typer.secho(line, fg=typer.colors.RED if r[3] == "ALARM" else None)
+
+
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def airflow(ctx: typer.Context) -> None:
     """Any `airflow ...` command on the embedded Airflow, e.g. `shopguide airflow standalone` for the UI."""
