@@ -82,20 +82,22 @@ def client(paths: Paths):
     return MlflowClient(paths.mlflow_tracking_uri, paths.mlflow_tracking_uri)
 
 
-def experiment_id(paths: Paths) -> str:
-    """The shopguide experiment, with artifacts under SHOPGUIDE_HOME (not ./mlruns of whatever cwd)."""
+def experiment_id(paths: Paths, name: str = EXPERIMENT) -> str:
+    """The shopguide experiment (or another of this project's: `name`), with artifacts under SHOPGUIDE_HOME (not
+    ./mlruns of whatever cwd)."""
     c = client(paths)
-    exp = c.get_experiment_by_name(EXPERIMENT)
+    exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     paths.mlflow_artifacts.mkdir(parents=True, exist_ok=True)
-    return c.create_experiment(EXPERIMENT, artifact_location=paths.mlflow_artifacts.as_uri())
+    location = paths.mlflow_artifacts if name == EXPERIMENT else paths.mlflow_artifacts / name
+    return c.create_experiment(name, artifact_location=location.as_uri())
 
 
-def start_run(paths: Paths, run_key: str, tags: dict[str, str]) -> str:
+def start_run(paths: Paths, run_key: str, tags: dict[str, str], experiment: str = EXPERIMENT) -> str:
     """One MLflow run per pipeline run, found again by its key so a re-run of the same DAG run reuses it."""
     c = client(paths)
-    exp = experiment_id(paths)
+    exp = experiment_id(paths, experiment)
     # filter_literal refuses a key it cannot quote exactly, so such a key never creates a run
     found = c.search_runs([exp], filter_string=f"tags.shopguide_run_key = {filter_literal(run_key)}", max_results=1)
     if found:
@@ -149,6 +151,17 @@ def metrics_sink(paths: Paths, run_id: str) -> Callable[[dict[str, float], int],
 
 def end_run(paths: Paths, run_id: str, status: str = "FINISHED") -> None:
     client(paths).set_terminated(run_id, status=status)
+
+
+def log_file(paths: Paths, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+    """One file as an artifact of the run (a report); logging it again replaces it."""
+    client(paths).log_artifact(run_id, str(path), artifact_path)
+
+
+def set_run_tags(paths: Paths, run_id: str, tags: dict[str, str]) -> None:
+    c = client(paths)
+    for key, value in tags.items():
+        c.set_tag(run_id, key, value[:_TAG_MAX])
 
 
 def write_model_card(
@@ -291,6 +304,11 @@ def _manifest_from_tags(tags: dict[str, str], what: str) -> dict[str, str] | Non
     if not isinstance(manifest, dict) or not manifest or not all(isinstance(v, str) for v in manifest.values()):
         raise BundleMismatch(f"{what}: its recorded manifest is not a non-empty {{path: sha256}} object")
     return manifest
+
+
+def version_tags(paths: Paths, model_name: str, version: str) -> dict[str, str]:
+    """A registered version's tags (lineage: run key, data snapshot, gate result)."""
+    return dict(client(paths).get_model_version(model_name, str(version)).tags)
 
 
 def version_manifest(paths: Paths, model_name: str, version: str) -> dict[str, str] | None:
