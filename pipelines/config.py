@@ -196,7 +196,7 @@ class CompressConfig(_Section):
     objective: Literal["latency", "size", "throughput"] = Field(
         "latency", description="What the selection minimises (p50 query latency, file size) or maximises."
     )
-    min_ndcg_retained: float = Field(0.97, ge=0, le=1.5, description="Share of the teacher's held-out nDCG@10 kept.")
+    min_ndcg_retained: float = Field(0.97, ge=0, le=1.5, description="Share of the teacher's validation nDCG@10 kept.")
     min_parity_cosine: float = Field(0.95, ge=0, le=1, description="Floor on min cosine(PyTorch, ONNX) per variant.")
     max_size_mb: float | None = Field(None, gt=0, description="Optional ceiling on the served file size.")
     fallback: Literal["teacher-int8", "fail"] = Field(
@@ -223,7 +223,21 @@ class GateConfig(_Section):
     min_parity_cosine: float = Field(0.95, ge=0, le=1, description="Floor on min cosine(PyTorch, served ONNX).")
     max_latency_p99_ms: float = Field(50.0, gt=0, description="Ceiling on query latency p99 at batch 1.")
     max_size_mb: float = Field(150.0, gt=0, description="Ceiling on the served ONNX file size.")
-    max_regression: float = Field(0.01, ge=0, le=1, description="Allowed drop vs the champion on each quality metric.")
+    # vs the champion re-evaluated on the candidate's snapshot: nDCG@10 passes when the lower bound of the paired
+    # bootstrap CI of the per-query difference (candidate - champion) is >= -max_regression (non-inferiority: a wide
+    # interval, from few held-out terms, keeps the champion); category accuracy: candidate >= champion - max_regression
+    max_regression: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="Allowed drop vs the champion: bound on the paired CI's lower end (nDCG@10) and on category "
+        "accuracy.",
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Confidence level of the paired bootstrap CI of the nDCG@10 difference."
+    )
+    bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Resamples of the paired bootstrap.")
+    bootstrap_seed: int = Field(0, description="Seed of the paired bootstrap: one decision is reproducible.")
 
 
 class RegistryConfig(_Section):

@@ -13,7 +13,7 @@ from pipelines.config import CategoryConfig, EvaluateConfig
 from pipelines.data.dataset import Snapshot, normalize_term
 from pipelines.evaluation.category import calibrate_bundle, heldout_category
 from pipelines.evaluation.category import category_accuracy as category_accuracy  # compression.variants' import
-from pipelines.runtime.bundle import ENCODER_FILE, ERRORS_FILE, ONNX_FILE, REPORT_FILE
+from pipelines.runtime.bundle import ENCODER_FILE, ERRORS_FILE, ONNX_FILE, PER_QUERY_FILE, REPORT_FILE
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex, min_max
@@ -45,6 +45,21 @@ def ir_metrics(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]
     # Recall and RR count a document as relevant at gain >= 1 (here: any grade above "irrelevant")
     agg = ir_measures.calc_aggregate([nDCG @ 10, RR @ 10, R @ 100], qrels, run)
     return {"ndcg_at_10": float(agg[nDCG @ 10]), "mrr_at_10": float(agg[RR @ 10]), "recall_at_100": float(agg[R @ 100])}
+
+
+def per_query_ndcg(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
+    """nDCG@10 of every term in qrels (ir-measures; a term the run has no list for scores 0): the per-query values
+    whose mean is ir_metrics' ndcg_at_10, what a paired comparison of two models resamples."""
+    import ir_measures
+    from ir_measures import nDCG
+
+    values = {m.query_id: float(m.value) for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
+    return {term: values.get(term, 0.0) for term in qrels}
+
+
+def read_per_query(bundle_dir: str | Path, metric: str = "ndcg_at_10") -> dict[str, float]:
+    """The per-query figures evaluate_bundle stored with a bundle (term -> value)."""
+    return {str(t): float(v) for t, v in json.loads((Path(bundle_dir) / PER_QUERY_FILE).read_text())[metric].items()}
 
 
 def judgment_coverage(qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -155,10 +170,7 @@ def error_sample(
     qrels: dict[str, dict[str, int]], run: dict[str, dict[str, float]], titles: dict[str, str], n: int = 25
 ) -> list[dict[str, Any]]:
     """The n held-out terms with the lowest nDCG@10: what was retrieved vs what the judges liked best."""
-    import ir_measures
-    from ir_measures import nDCG
-
-    per_query = {m.query_id: m.value for m in ir_measures.iter_calc([nDCG @ 10], qrels, run)}
+    per_query = per_query_ndcg(qrels, run)
     worst = sorted(per_query, key=lambda t: (per_query[t], t))[:n]
     out = []
     for term in worst:
@@ -182,10 +194,12 @@ def evaluate_bundle(
     parity_cosine_min: float | None = None,
     extra: dict[str, Any] | None = None,
     category: CategoryConfig | None = None,
+    calibrate: bool = True,
 ) -> dict[str, Any]:
     """Every figure the gate reads, measured on the served graph, plus `extra` facts (variant, compression reason);
-    written to the bundle as evaluation.json. The bundle's category abstention threshold is calibrated here too
-    (category.json, `category` config; default CategoryConfig())."""
+    written to the bundle as evaluation.json, each held-out term's nDCG@10 as per_query.json. The bundle's category
+    abstention threshold is calibrated here too (category.json, `category` config; default CategoryConfig()) unless
+    `calibrate` is False (a registered version re-evaluated as it is served)."""
     bundle, snap = Path(bundle_dir), Snapshot.open(snapshot_dir)
     encoder, index = OnnxEncoder.load(bundle), ProductIndex.load(bundle)
     qrels = heldout_qrels(snap.table("judgments_heldout"))
@@ -205,7 +219,8 @@ def evaluate_bundle(
     # search terms are encoded as the service does: one per run when the graph's outputs depend on the batch
     quantization = str(json.loads((bundle / ENCODER_FILE).read_text()).get("quantization") or "")
     one_per_run = quantization.startswith("int8-dynamic")
-    calibrate_bundle(bundle, encoder, snap, category or CategoryConfig(), cfg.batch_size, one_per_run)
+    if calibrate:
+        calibrate_bundle(bundle, encoder, snap, category or CategoryConfig(), cfg.batch_size, one_per_run)
     report.update(heldout_category(encoder, snap, cfg.max_category_offers, cfg.batch_size, one_per_run))
     report.update(encoder.query_latency_ms(terms[: cfg.latency_queries]))
     report["size_mb"] = (bundle / ONNX_FILE).stat().st_size / 1e6
@@ -213,6 +228,7 @@ def evaluate_bundle(
     report["snapshot_hash"] = snap.hash
     report.update(extra or {})
     (bundle / REPORT_FILE).write_text(json.dumps(report, indent=2))
+    (bundle / PER_QUERY_FILE).write_text(json.dumps({"ndcg_at_10": per_query_ndcg(qrels, run)}, indent=0))
     titles = dict(zip(map(str, index.product_ids), index.titles, strict=True))
     (bundle / ERRORS_FILE).write_text(json.dumps(error_sample(qrels, run, titles), indent=2))
     return report

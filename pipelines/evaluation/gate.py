@@ -1,4 +1,4 @@
-"""The promotion gate: a pure decision from the candidate's report, the champion's and the thresholds."""
+"""The promotion gate: a pure decision from the candidate's report, the champion's on the same data, the thresholds."""
 
 from __future__ import annotations
 
@@ -6,9 +6,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipelines.config import GateConfig
-
-# quality metrics compared against the champion (higher is better)
-QUALITY_METRICS = ("ndcg_at_10", "category_accuracy")
+from pipelines.evaluation.paired import PairedDifference
 
 
 @dataclass(frozen=True)
@@ -25,7 +23,7 @@ class GateDecision:
 
 @dataclass(frozen=True)
 class UnreadableChampion:
-    """@champion exists but its stored evaluation report cannot be read (missing, not JSON): the gate refuses.
+    """@champion exists but its bundle cannot be evaluated (files missing or not the registered ones): the gate refuses.
 
     Distinct from "no champion" (None): reading a broken champion as "none" would let floors alone decide and a weaker
     candidate through. A registry that cannot be reached at all never gets here: the task raises and Airflow retries.
@@ -40,14 +38,24 @@ def _check(ok: bool, text: str, out: list[tuple[bool, str]]) -> None:
 
 
 def decide(
-    candidate: dict[str, Any], champion: dict[str, Any] | UnreadableChampion | None, cfg: GateConfig
+    candidate: dict[str, Any],
+    champion: dict[str, Any] | UnreadableChampion | None,
+    cfg: GateConfig,
+    paired: PairedDifference | None = None,
 ) -> GateDecision:
-    """Absolute floors, then no regression beyond cfg.max_regression vs the champion when one exists.
+    """Absolute floors, then no regression against the champion when one exists.
 
-    `champion`: its report, None when there is no champion, or UnreadableChampion, which fails the gate.
+    `champion`: the champion's report from the same evaluation code on the candidate's snapshot (its held-out terms
+    and offers), None when there is no champion, or UnreadableChampion, which fails the gate. `paired`: the bootstrap
+    CI of the per-query nDCG@10 difference (candidate - champion) on those terms (evaluation.paired).
 
-    The champion comparison is only meaningful on the same held-out data; a champion evaluated on another snapshot
-    is compared anyway but the reason says so.
+    No regression:
+    - nDCG@10, a paired test: passes when the CI's lower bound is >= -cfg.max_regression, i.e. the data are
+      consistent with a drop of at most max_regression at the CI's confidence (a non-inferiority test). A candidate
+      whose interval is too wide to show that (few held-out terms, noisy differences) keeps the champion.
+    - category accuracy: candidate >= champion - cfg.max_regression (one figure over the same held-out offers).
+    A champion report from another snapshot, or no paired comparison, fails: figures from different data are not
+    compared.
     """
     checks: list[tuple[bool, str]] = []
     floors = [
@@ -69,18 +77,35 @@ def decide(
     elif isinstance(champion, UnreadableChampion):
         _check(
             False,
-            f"champion version {champion.version} exists but its evaluation report cannot be read "
-            f"({champion.problem}): no comparison, no promotion; fix or re-register that report, or promote by hand",
+            f"champion version {champion.version} exists but cannot be evaluated ({champion.problem}): no "
+            "comparison, no promotion; fix or re-register that version, or promote by hand",
+            checks,
+        )
+    elif champion.get("snapshot_hash") != candidate.get("snapshot_hash"):
+        _check(
+            False,
+            f"the champion was evaluated on snapshot {champion.get('snapshot_hash')}, the candidate on "
+            f"{candidate.get('snapshot_hash')}: no comparison on different data",
             checks,
         )
     else:
-        same = champion.get("snapshot_hash") == candidate.get("snapshot_hash")
-        note = "" if same else " (champion was evaluated on another data snapshot)"
-        for metric in QUALITY_METRICS:
-            new, old = candidate.get(metric), champion.get(metric)
-            if new is None or old is None:
-                checks.append((True, f"ok: {metric} not comparable with the champion (missing){note}"))
-                continue
-            ok = new >= old - cfg.max_regression
-            _check(ok, f"{metric} {new:.4f} vs champion {old:.4f} (tolerance {cfg.max_regression}){note}", checks)
+        if paired is None:
+            _check(False, "ndcg_at_10: no paired per-query comparison with the champion", checks)
+        else:
+            _check(
+                paired.low >= -cfg.max_regression,
+                f"ndcg_at_10 {paired.candidate:.4f} vs champion {paired.champion:.4f} on the same {paired.queries} "
+                f"held-out terms: difference {paired.mean_difference:+.4f}, {paired.confidence:.0%} CI "
+                f"[{paired.low:+.4f}, {paired.high:+.4f}] (lower bound >= -{cfg.max_regression} required)",
+                checks,
+            )
+        new, old = candidate.get("category_accuracy"), champion.get("category_accuracy")
+        if new is None or old is None:
+            checks.append((True, "ok: category_accuracy not comparable with the champion (missing)"))
+        else:
+            _check(
+                new >= old - cfg.max_regression,
+                f"category_accuracy {new:.4f} vs champion {old:.4f} (tolerance {cfg.max_regression})",
+                checks,
+            )
     return GateDecision(passed=all(ok for ok, _ in checks), reasons=[text for _, text in checks])

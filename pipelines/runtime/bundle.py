@@ -16,6 +16,8 @@ LEXICAL_DIR = f"{INDEX_DIR}/bm25"
 FUSION_FILE = "fusion.json"
 REPORT_FILE = "evaluation.json"
 ERRORS_FILE = "error_sample.json"
+# nDCG@10 of every held-out term in the evaluation report's run: what the gate pairs with the champion's
+PER_QUERY_FILE = "per_query.json"
 MODEL_CARD_FILE = "model_card.md"
 # The calibrated category-abstention rule (runtime/category.py). Optional: a bundle without it never abstains.
 CATEGORY_FILE = "category.json"
