@@ -93,7 +93,7 @@ def main() -> None:
     }
 
     print(
-        f"\nprofile {cfg.profile}{' (quick)' if args.quick else ''}: {result['heldout_terms']} held-out terms x "
+        f"\nprofile {cfg.profile}{' (quick)' if args.quick else ''}: {result['validation_terms']} validation terms x "
         f"{result['catalog_products']} products, {cfg.compress.threads} threads, load average "
         f"{result['load_average'][0]:.1f} on {os.cpu_count()} CPUs"
     )

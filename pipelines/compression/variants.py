@@ -378,10 +378,14 @@ def _timings(
 def evaluate_variants(
     exported: dict[str, Any], snapshot_dir: str | Path, out_dir: str | Path, cfg: ShopguideConfig
 ) -> dict[str, Any]:
-    """Every variant in one run: held-out nDCG@10 (MRR@10, R@100) over the whole catalog, category accuracy, file
-    size, p50/p99 query latency at batch 1, products/s at batch 32, peak memory, parity, and ratios to the PyTorch
-    fp32 teacher. Each ONNX bundle gets the product index it was evaluated with (its own graph), so the selected
-    bundle is complete; rows are also written to out_dir/variants.json."""
+    """Every variant in one run: validation nDCG@10 (MRR@10, R@100) over the whole catalog, validation category
+    accuracy, file size, p50/p99 query latency at batch 1, products/s at batch 32, peak memory, parity, and ratios to
+    the PyTorch fp32 teacher. Quality is measured on the validation terms and offers (the training side's, never the
+    held-out ones): the variant is chosen on them, and the held-out figures are the evaluate step's, of the chosen
+    variant only, so that what the gate reads was not used to choose. Each ONNX bundle gets the product index it was
+    evaluated with (its own graph), so the selected bundle is complete; rows are also written to
+    out_dir/variants.json."""
+    from pipelines.data.dataset import validation_judgments, validation_offers
     from pipelines.evaluation.evaluate import category_accuracy, heldout_qrels, ir_metrics, retrieval_run
     from pipelines.runtime.index import ProductIndex
 
@@ -389,9 +393,12 @@ def evaluate_variants(
     ccfg, ecfg, out = cfg.compress, cfg.evaluate, Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     snap = Snapshot.open(snapshot_dir)
-    qrels = heldout_qrels(snap.table("judgments_heldout"))
+    # graded qrels of the validation terms, by the held-out rule (>= 2 judged products, >= 1 relevant)
+    qrels = heldout_qrels(validation_judgments(snap.table("judgments_train")))
     terms = sorted(qrels)
-    catalog, offers_test = snap.table("catalog"), snap.table("offers_test")
+    if not terms:
+        raise ValueError("the snapshot has no validation terms with graded judgments: no variant can be scored")
+    catalog, offers_val = snap.table("catalog"), validation_offers(snap.table("offers_train"))
     titles = catalog["product_title"].astype(str).tolist()
     bench_titles = (
         catalog["product_title"]
@@ -424,7 +431,7 @@ def evaluate_variants(
             "bundle_dir": path if kind == "onnx" else None,
         }
         row.update(ir_metrics(qrels, retrieval_run(encoder, index, terms, ecfg.retrieve_k, ecfg.batch_size)))
-        row.update(category_accuracy(encoder, offers_test, ecfg.max_category_offers, ecfg.batch_size))
+        row.update(category_accuracy(encoder, offers_val, ecfg.max_category_offers, ecfg.batch_size))
         row["index_seconds"] = round(index_seconds, 2)
         if kind == "torch":
             row.update(size_mb=weights_size_mb(path), parity_cosine_min=None, parity_cosine_mean=None)
@@ -455,7 +462,9 @@ def evaluate_variants(
     result = {
         "rows": with_ratios(list(rows.values())),
         "baseline": BASELINE_VARIANT,
-        "heldout_terms": len(terms),
+        "split": "validation",
+        "validation_terms": len(terms),
+        "validation_offers": min(len(offers_val), ecfg.max_category_offers or len(offers_val)),
         "catalog_products": len(catalog),
         "threads": ccfg.threads,
         "snapshot_hash": snap.hash,
@@ -511,7 +520,7 @@ _OBJECTIVES = {
 
 
 def choose_variant(rows: list[dict[str, Any]], cfg: CompressConfig, baseline: str = BASELINE_VARIANT) -> Selection:
-    """The pure rule: among servable variants that keep >= cfg.min_ndcg_retained of the baseline teacher's held-out
+    """The pure rule: among servable variants that keep >= cfg.min_ndcg_retained of the baseline teacher's validation
     nDCG@10, pass parity (min cosine >= cfg.min_parity_cosine) and fit cfg.max_size_mb, take the best by
     cfg.objective. If none qualifies: the teacher INT8 (whatever its figures) or no variant, as cfg.fallback says."""
     base = next((r for r in rows if r["variant"] == baseline), None)
@@ -644,7 +653,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def pareto_plot(rows: list[dict[str, Any]], selection: Selection | None, floor: float | None, path: Path) -> None:
-    """Quality (held-out nDCG@10) vs p50 query latency, log x, file size annotated, Pareto front and floor drawn."""
+    """Quality (validation nDCG@10) vs p50 query latency, log x, file size annotated, Pareto front and floor drawn."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(8, 5.5), dpi=120)
@@ -679,7 +688,7 @@ def pareto_plot(rows: list[dict[str, Any]], selection: Selection | None, floor: 
         ax.axhline(floor, color="tab:orange", ls="--", lw=1, label="selection floor (share of teacher nDCG@10)")
     ax.set_xscale("log")
     ax.set_xlabel("query latency p50 at batch 1, ms (log; tokenisation included)")
-    ax.set_ylabel("held-out nDCG@10")
+    ax.set_ylabel("validation nDCG@10")
     ax.set_title("Compression variants: quality vs latency (marker area ~ file size)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="best", fontsize=8)
@@ -695,7 +704,7 @@ def write_report(evaluated: dict[str, Any], selection: Selection | None, report_
     floor = cfg.min_ndcg_retained * base["ndcg_at_10"] if base else None
     pareto_plot(rows, selection, floor, report_dir / PARETO_PNG)
     md = [
-        f"# Compression report ({evaluated.get('heldout_terms')} held-out terms x "
+        f"# Compression report ({evaluated.get('validation_terms')} validation terms x "
         f"{evaluated.get('catalog_products')} products, {evaluated.get('threads')} threads)",
         "",
         markdown_table(rows, selection),
@@ -746,6 +755,6 @@ def compress_model(
         "pruned": pruned["pruned"],
         "exported": {k: {kk: vv for kk, vv in v.items() if kk != "model_dir"} for k, v in exported["variants"].items()},
         "stage_seconds": seconds,
-        "heldout_terms": evaluated["heldout_terms"],
+        "validation_terms": evaluated["validation_terms"],
         "catalog_products": evaluated["catalog_products"],
     }

@@ -82,6 +82,17 @@ def is_validation_cluster(cluster_id: int) -> bool:
     return _md5(str(int(cluster_id)))[-1] == "2"
 
 
+def validation_judgments(judgments_train: pd.DataFrame) -> pd.DataFrame:
+    """The validation terms' rows of the training judgments: what model choices (compression variant, fusion weight)
+    are scored on, never the held-out terms the gate reads."""
+    return judgments_train[judgments_train["search_term"].map(is_validation_term).astype(bool)]
+
+
+def validation_offers(offers_train: pd.DataFrame) -> pd.DataFrame:
+    """The validation clusters' offers of the training offers (kept out of the category head's training)."""
+    return offers_train[offers_train["cluster_id"].map(is_validation_cluster).astype(bool)]
+
+
 class JudgmentsPathError(ValueError):
     """A judgments_path that is not a regular file inside the landing folder; the message says which rule failed."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from pipelines.config import EvaluateConfig, SearchConfig
-from pipelines.data.dataset import Snapshot, is_validation_term
+from pipelines.data.dataset import Snapshot, validation_judgments
 from pipelines.evaluation.evaluate import candidate_lists, fused_runs, heldout_qrels, ir_metrics
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
@@ -35,8 +35,7 @@ def build_lexical_index(
     sweep: dict[float, float] = {}
     terms: list[str] = []
     if cfg.lexical_weight is None:
-        judgments = Snapshot.open(snapshot_dir).table("judgments_train")
-        qrels = heldout_qrels(judgments[judgments["search_term"].map(is_validation_term).astype(bool)])
+        qrels = heldout_qrels(validation_judgments(Snapshot.open(snapshot_dir).table("judgments_train")))
         terms = sorted(qrels)
         if terms:
             k = eval_cfg.retrieve_k
