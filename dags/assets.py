@@ -32,7 +32,7 @@ BOUNDS = dag_bounds()
 
 def bounded_task(python_callable: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
     """`@task` whose execution_timeout is the config's for its task id (the function name), and whose permanent
-    errors (bad input, a failed gate: pipelines.steps.bounds.PERMANENT_ERRORS) fail the task without a retry."""
+    errors (bad input, broken data: pipelines.steps.bounds.PERMANENT_ERRORS) fail the task without a retry."""
 
     def decorate(fn: Callable[..., Any]) -> Any:
         @functools.wraps(fn)

@@ -1,5 +1,6 @@
 """Retrain: snapshot -> validate -> fine-tune -> compress (distill -> prune -> export -> evaluate variants -> select)
--> evaluate -> gate -> register -> promote."""
+-> evaluate -> gate (vs @champion re-evaluated on the same snapshot) -> register -> branch: promote | keep_champion
+-> conclude. A lost gate ends the run successfully with the outcome "not promoted"; only errors fail a run."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from airflow.sdk import (
     Param,
     dag,
     get_current_context,
+    task,
 )
 
 from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
@@ -53,7 +55,16 @@ PARAMS = {
         type=["null", "number"],
         minimum=0,
         maximum=1,
-        description="Allowed drop vs the champion on each quality metric.",
+        description="Allowed drop vs the champion re-evaluated on the same snapshot: the paired bootstrap CI of "
+        "the per-term nDCG@10 difference must not reach below -max_regression; category accuracy may drop by this "
+        "much. Empty = the profile's value.",
+    ),
+    "gate_confidence": Param(
+        None,
+        type=["null", "number"],
+        exclusiveMinimum=0.5,
+        exclusiveMaximum=1,
+        description="Confidence level of the gate's paired bootstrap CI (e.g. 0.95); empty = the profile's value.",
     ),
     "lexical_weight": Param(
         None,
@@ -157,6 +168,12 @@ def shopguide_retrain():
         params, run_key, _, lineage = _run()
         return register(params, snap, selected, report, decision, lineage, run_key)
 
+    @task.branch
+    def promote_or_keep(decision: dict, registered: dict) -> str:
+        from pipelines.steps.retrain import promotion_branch
+
+        return promotion_branch(_run()[0], decision, registered)
+
     @bounded_task
     def promote(snap: dict, registered: dict, decision: dict) -> dict:
         from pipelines.steps.retrain import promote
@@ -165,10 +182,17 @@ def shopguide_retrain():
         return promote(params, snap, registered, decision, lineage, run_key)
 
     @bounded_task
-    def conclude(decision: dict, outcome: dict) -> dict:
+    def keep_champion(snap: dict, registered: dict, decision: dict) -> dict:
+        from pipelines.steps.retrain import keep_champion
+
+        return keep_champion(_run()[0], snap, registered, decision)
+
+    # whichever branch ran; the skipped one hands over None
+    @bounded_task(trigger_rule="none_failed_min_one_success")
+    def conclude(decision: dict, promoted: dict | None, kept: dict | None) -> dict:
         from pipelines.steps.retrain import conclude
 
-        return conclude(decision, outcome)
+        return conclude(decision, promoted, kept)
 
     snap = snapshot()
     trained = finetune(snap, validate(snap))
@@ -177,7 +201,10 @@ def shopguide_retrain():
     report = evaluate(snap, selected)
     decision = gate(snap, report)
     registered = register(snap, selected, report, decision)
-    conclude(decision, promote(snap, registered, decision))
+    branch = promote_or_keep(decision, registered)
+    promoted, kept = promote(snap, registered, decision), keep_champion(snap, registered, decision)
+    branch >> [promoted, kept]
+    conclude(decision, promoted, kept)
 
 
 shopguide_retrain()

@@ -126,7 +126,8 @@ def retrain(
     quiet: bool = False,
     timeout_minutes: TimeoutMinutes = None,
 ) -> None:
-    """Run the retrain DAG once (airflow dags test): validate -> fine-tune -> export -> evaluate -> gate -> promote."""
+    """Run the retrain DAG once (airflow dags test): validate -> fine-tune -> export -> evaluate -> gate -> promote or
+    keep the champion (a lost gate is an outcome: the command succeeds and says "not promoted")."""
     paths = Paths.from_env()
     _env(paths)
     conf: dict = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
@@ -138,7 +139,7 @@ def retrain(
         except JudgmentsPathError as err:
             raise typer.BadParameter(str(err), param_hint="--judgments") from None
     xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes))
-    typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "promote")}, indent=2))
+    typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "conclude")}, indent=2))
 
 
 @app.command()

@@ -16,7 +16,6 @@ PERMANENT_ERRORS = frozenset(
     {
         "pipelines.data.dataset.JudgmentsPathError",  # judgments_path outside the landing folder
         "pipelines.data.validate.DataValidationError",  # the data broke an expectation
-        "pipelines.steps.retrain.GateFailed",  # the candidate failed the gate (the run's verdict)
         "pipelines.compression.variants.CompressionFailed",  # no variant qualifies and the fallback is "fail"
         "pipelines.features.store.StaleFeaturesError",  # materialize already ran: a retry cannot freshen the store
     }

@@ -6,17 +6,22 @@ each step stages its inputs, writes its outputs and publishes them, so that any 
 
 from __future__ import annotations
 
-import contextlib
 import json
+import shutil
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipelines.config import Paths, ShopguideConfig, load_config
 from pipelines.registry.handoff import task_folders
 
+if TYPE_CHECKING:
+    from pipelines.evaluation.gate import UnreadableChampion
+
 # The export step's output folder: one bundle per variant; the evaluation steps add indexes to them.
 BUNDLES = "bundles"
+# The evaluate step's output folder: the selected bundle's per-query figures, for the gate
+HELDOUT = "heldout"
 
 # DAG Params that may override the config, and where they land (everything else comes from configs/<profile>.yaml).
 PARAM_FIELDS = {
@@ -26,6 +31,7 @@ PARAM_FIELDS = {
     "min_ndcg_at_10": "gate.min_ndcg_at_10",
     "min_category_accuracy": "gate.min_category_accuracy",
     "max_regression": "gate.max_regression",
+    "gate_confidence": "gate.confidence",
     "lexical_weight": "search.lexical_weight",
 }
 
@@ -234,12 +240,18 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
 
 
 def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
+    """The selected bundle on the held-out terms and offers: its report, plus `per_query_url`, the per-term nDCG@10
+    the gate pairs with the champion's (a small file of its own, so the gate stages no bundle)."""
+    from pipelines.runtime.bundle import PER_QUERY_FILE
 
     cfg = config_from_params(params)
     with task_folders(snap["run_key"]) as t:
         t.extend(BUNDLES)  # the selected bundle gets its BM25 index, category calibration and error sample
         local = t.stage({"snap": snap, "selected": exported})
-        return t.publish(_evaluate(cfg, snap["mlflow_run_id"], local["snap"]["snapshot_dir"], local["selected"]))
+        report = _evaluate(cfg, snap["mlflow_run_id"], local["snap"]["snapshot_dir"], local["selected"])
+        per_query = t.output(HELDOUT) / PER_QUERY_FILE
+        shutil.copyfile(Path(local["selected"]["bundle_dir"]) / PER_QUERY_FILE, per_query)
+        return t.publish({**report, "per_query_url": str(per_query)})
 
 
 def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported: dict[str, Any]) -> dict[str, Any]:
@@ -269,31 +281,91 @@ def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported
 
 
 def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
-    """Compare with the current champion's stored report; the decision and every reason go to MLflow.
+    """The candidate against the floors and against @champion re-evaluated here on the candidate's snapshot (same
+    held-out terms and offers, same code): a paired bootstrap CI of the per-term nDCG@10 difference decides "no
+    regression". The decision, every reason and the champion's figures go to MLflow.
 
     Fails closed: a registry that cannot be read raises (the task retries, then fails; nothing is decided), and a
-    champion whose report is missing or not JSON fails the gate with that reason, never "no champion yet".
+    champion whose bundle is not the registered one or lacks files fails the gate with that reason, never "no
+    champion yet".
     """
-    from pipelines.evaluation.gate import UnreadableChampion, decide
+    import tempfile
+
+    from pipelines.evaluation.evaluate import read_per_query
+    from pipelines.evaluation.gate import decide
+    from pipelines.evaluation.paired import PairedDifference, paired_bootstrap
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
+    run_id = snap["mlflow_run_id"]
+    client = registry.client(paths)
     champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
     champion_report: dict[str, Any] | UnreadableChampion | None = None
-    if champion is not None:
-        try:
-            champion_report = registry.version_report(paths, cfg.registry.model_name, champion)
-        except registry.ReportUnreadable as err:
-            champion_report = UnreadableChampion(champion, str(err))
-        if champion_report is None:
-            champion_report = UnreadableChampion(champion, f"the registry has no {registry.REPORT_FILE} for it")
-    decision = decide(report, champion_report, cfg.gate)
-    client = registry.client(paths)
-    client.set_tag(snap["mlflow_run_id"], "gate_passed", str(decision.passed).lower())
-    client.log_text(snap["mlflow_run_id"], decision.summary(), "gate.txt")
+    paired: PairedDifference | None = None
+    with task_folders(snap["run_key"], paths) as t:
+        local = t.stage({"snap": snap, "per_query": report["per_query_url"]})
+        if champion is not None:
+            paths.scratch.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix="champion-", dir=paths.scratch) as tmp:
+                champion_report, per_query = _reevaluate_champion(
+                    cfg, paths, champion, local["snap"]["snapshot_dir"], Path(tmp)
+                )
+            if per_query is not None:
+                candidate = read_per_query(Path(local["per_query"]).parent)
+                g = cfg.gate
+                paired = paired_bootstrap(
+                    candidate, per_query, "ndcg_at_10", g.confidence, g.bootstrap_resamples, g.bootstrap_seed
+                )
+    decision = decide(report, champion_report, cfg.gate, paired)
+    client.set_tag(run_id, "gate_passed", str(decision.passed).lower())
+    client.log_text(run_id, decision.summary(), "gate.txt")
+    if isinstance(champion_report, dict):
+        registry.log_step(paths, run_id, "champion", champion_report)  # champion.<metric>: the same data, same code
+    if paired is not None:
+        registry.log_step(
+            paths,
+            run_id,
+            "gate",
+            {
+                "ndcg_at_10_difference": paired.mean_difference,
+                "ndcg_at_10_difference_low": paired.low,
+                "ndcg_at_10_difference_high": paired.high,
+                "paired_terms": paired.queries,
+            },
+        )
     print(f"Gate vs champion {champion or '(none)'}: {decision.summary()}")
-    return {**decision.to_dict(), "champion_version": champion}
+    figures = champion_report if isinstance(champion_report, dict) else {}
+    return {
+        **decision.to_dict(),
+        "champion_version": champion,
+        "paired": paired.to_dict() if paired else None,
+        # the champion's figures on this snapshot, for the model card's comparison column
+        "champion_report": {k: v for k, v in figures.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+    }
+
+
+def _reevaluate_champion(
+    cfg: ShopguideConfig, paths: Paths, version: str, snapshot_dir: str, work: Path
+) -> tuple[dict[str, Any] | UnreadableChampion, dict[str, float] | None]:
+    """(report, per-query nDCG@10) of @champion's bundle on this snapshot, or (UnreadableChampion, None) when its
+    bundle is not the registered one (download_bundle checks every file against the manifest recorded at
+    registration, and that the required ones are there). Registry errors raise."""
+    from pipelines.evaluation.champion import reevaluate
+    from pipelines.evaluation.gate import UnreadableChampion
+    from pipelines.registry import mlflow_client as registry
+
+    try:
+        bundle = registry.download_bundle(paths, cfg.registry.model_name, version, work)
+    except registry.BundleMismatch as err:
+        return UnreadableChampion(version, str(err)), None
+    report, per_query = reevaluate(bundle, snapshot_dir, cfg.evaluate, extra={"model_version": version})
+    rebuilt = " (its index rebuilt over this catalog)" if report["reindexed_catalog"] else ""
+    print(
+        f"champion {version} on this snapshot{rebuilt}: nDCG@10 {report['ndcg_at_10']:.4f}, category accuracy "
+        f"{report['category_accuracy']:.4f}"
+    )
+    return report, per_query
 
 
 def register(
@@ -312,11 +384,7 @@ def register(
     paths = Paths.from_env()
     if not decision["passed"] and not cfg.registry.register_failed:
         return {"version": None, "registered": False}
-    champion_report = None
-    if decision.get("champion_version"):
-        # the model card's comparison column only: an unreadable champion report already failed the gate
-        with contextlib.suppress(registry.ReportUnreadable):
-            champion_report = registry.version_report(paths, cfg.registry.model_name, decision["champion_version"])
+    champion_report = decision.get("champion_report") or None  # the champion re-evaluated on this snapshot
     lineage = {**lineage, "mlflow_run_id": snap["mlflow_run_id"], "data_snapshot": snap["snapshot_hash"]}
     tags = {
         **lineage,
@@ -335,6 +403,38 @@ def register(
     return {"version": version, "registered": True}
 
 
+PROMOTE, KEEP_CHAMPION = "promote", "keep_champion"  # the two branches after the gate (their DAG task ids)
+
+
+def promotion_branch(params: dict[str, Any], decision: dict[str, Any], registered: dict[str, Any]) -> str:
+    """The DAG's branch after the gate: PROMOTE when the gate passed, auto-promotion is on and a version was
+    registered; KEEP_CHAMPION otherwise. A lost gate is an outcome, not an error: the run ends successfully."""
+    cfg = config_from_params(params)
+    return PROMOTE if _not_promoted_because(cfg, decision, registered) is None else KEEP_CHAMPION
+
+
+def _not_promoted_because(cfg: ShopguideConfig, decision: dict[str, Any], registered: dict[str, Any]) -> str | None:
+    if not decision["passed"]:
+        return "gate failed"
+    if not cfg.registry.auto_promote:
+        return "auto-promotion is off: promote it with `shopguide promote VERSION`"
+    if not registered.get("version"):
+        return "nothing registered"
+    return None
+
+
+def _finish(paths: Paths, snap: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
+    """The run's outcome to the task log and the MLflow run (tag `outcome`), which ends FINISHED either way."""
+    from pipelines.registry import mlflow_client as registry
+
+    print(f"Promotion: {outcome['note']}")
+    registry.client(paths).set_tag(
+        snap["mlflow_run_id"], "outcome", "promoted" if outcome["promoted"] else "not promoted"
+    )
+    registry.end_run(paths, snap["mlflow_run_id"])
+    return outcome
+
+
 def promote(
     params: dict[str, Any],
     snap: dict[str, Any],
@@ -343,52 +443,66 @@ def promote(
     lineage: dict[str, str],
     run_key: str,
 ) -> dict[str, Any]:
-    """Move @champion to the candidate when the gate passed and auto-promotion is on, through registry.promote
-    (artifact re-check + history); idempotent per run: a re-run never moves the alias a second time."""
+    """Move @champion to the candidate through registry.promote (artifact re-check + history); idempotent per run: a
+    re-run never moves the alias a second time. Re-checks what the branch decided (a task run by hand, `airflow tasks
+    test`, has no branch before it): otherwise it keeps the champion as keep_champion does."""
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
+    why_not = _not_promoted_because(cfg, decision, registered)
+    if why_not is not None:
+        return keep_champion(params, snap, registered, decision)
     model = cfg.registry.model_name
     current = registry.alias_version(paths, model, registry.CHAMPION)
-    outcome = {"champion": current, "previous_champion": current, "promoted": False, "moved": False}
+    actor = f"airflow:{lineage.get('airflow_dag_id')}/{lineage.get('airflow_run_id')}"
+    move = registry.promote(
+        paths,
+        model,
+        registered["version"],
+        f"gate passed in retrain run {run_key}",
+        actor,
+        run_key=run_key,
+        # compare-and-set against the champion the gate compared with, not whatever is champion by now
+        decided_against=decision.get("champion_version"),
+    )
+    outcome = {
+        "champion": move.version,
+        "previous_champion": current,
+        "promoted": True,
+        "moved": move.moved,
+        "note": move.summary(),
+    }
+    return _finish(paths, snap, outcome)
+
+
+def keep_champion(
+    params: dict[str, Any], snap: dict[str, Any], registered: dict[str, Any], decision: dict[str, Any]
+) -> dict[str, Any]:
+    """The other branch: @champion stays where it is; the reasons go to the task log and `outcome` = "not promoted"
+    to the MLflow run (a losing candidate stays registered as @challenger, for the record)."""
+    from pipelines.registry import mlflow_client as registry
+
+    cfg = config_from_params(params)
+    paths = Paths.from_env()
+    current = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
+    note = _not_promoted_because(cfg, decision, registered) or "not promoted"
     if not decision["passed"]:
-        note = "gate failed"
-    elif not cfg.registry.auto_promote:
-        note = "auto-promotion is off: promote it with `shopguide promote VERSION`"
-    elif not registered.get("version"):
-        note = "nothing registered"
-    else:
-        actor = f"airflow:{lineage.get('airflow_dag_id')}/{lineage.get('airflow_run_id')}"
-        move = registry.promote(
-            paths,
-            model,
-            registered["version"],
-            f"gate passed in retrain run {run_key}",
-            actor,
-            run_key=run_key,
-            # compare-and-set against the champion the gate compared with, not whatever is champion by now
-            decided_against=decision.get("champion_version"),
-        )
-        note = move.summary()
-        outcome.update(champion=move.version, promoted=True, moved=move.moved)
-    print(f"Promotion: {note}")
-    outcome["note"] = note
-    client = registry.client(paths)
-    client.set_tag(snap["mlflow_run_id"], "outcome", "promoted" if outcome["promoted"] else "not promoted")
-    registry.end_run(paths, snap["mlflow_run_id"])
-    return outcome
+        note += ":\n" + "\n".join(f"- {r}" for r in decision["reasons"])
+    outcome = {"champion": current, "previous_champion": current, "promoted": False, "moved": False, "note": note}
+    return _finish(paths, snap, outcome)
 
 
-class GateFailed(RuntimeError):
-    """Raised at the end of a run whose candidate failed the gate, so the run ends visibly failed."""
-
-
-def conclude(decision: dict[str, Any], outcome: dict[str, Any]) -> dict[str, Any]:
-    """The run's last word: success with the champion it leaves, or GateFailed with every reason."""
-    if not decision["passed"]:
-        raise GateFailed(
-            "candidate failed the gate; champion unchanged ("
-            f"{outcome.get('champion') or 'none'}):\n" + "\n".join(f"- {r}" for r in decision["reasons"])
-        )
-    return outcome
+def conclude(decision: dict[str, Any], promoted: dict[str, Any] | None, kept: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's last word, whichever branch ran: the outcome and the champion it leaves. Only errors fail a run."""
+    outcome = promoted or kept
+    if outcome is None:
+        raise ValueError("neither branch after the gate left an outcome")
+    result = {
+        "outcome": "promoted" if outcome["promoted"] else "not promoted",
+        "gate_passed": decision["passed"],
+        "champion": outcome.get("champion"),
+        "moved": outcome.get("moved", False),
+    }
+    print(f"{result['outcome']}; champion {result['champion'] or 'none'}: {outcome.get('note', '')}")
+    return result

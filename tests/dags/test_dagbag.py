@@ -130,3 +130,21 @@ def test_scheduled_runs_take_the_deployments_profile(profile: str, monkeypatch: 
     else:
         assert not result["defaults"]
         assert all("SHOPGUIDE_PROFILE='no-such-profile'" in e for e in result["errors"].values()), result
+
+
+def test_retrain_turns_the_gate_decision_into_a_branch() -> None:
+    """Design rule 6: a lost gate is an outcome, not an error. The branch after register runs promote or
+    keep_champion (the other is skipped) and conclude runs after either, so the run ends successfully both ways;
+    the branch returns the steps' own names for its two task ids."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipelines.steps.retrain import KEEP_CHAMPION, PROMOTE
+
+    dag = DagBag(dag_folder=DAGS_FOLDER / "retrain.py", safe_mode=False).dags["shopguide_retrain"]
+    branch = dag.get_task("promote_or_keep")
+    assert branch.upstream_task_ids == {"gate", "register"}
+    assert branch.downstream_task_ids == {PROMOTE, KEEP_CHAMPION}
+    conclude = dag.get_task("conclude")
+    assert conclude.upstream_task_ids == {"gate", PROMOTE, KEEP_CHAMPION}
+    assert conclude.trigger_rule == "none_failed_min_one_success"
+    assert {t.task_id for t in dag.leaves} == {"conclude"}

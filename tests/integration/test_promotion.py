@@ -447,8 +447,9 @@ def _versions(paths: Paths) -> list[str]:
 
 @pytest.fixture(scope="module")
 def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns:
-    """A retrain DAG run on the tiny profile, then two of its tasks run again under the same run id (`airflow tasks
-    test`), as clearing them in the UI would.
+    """A retrain DAG run on the tiny profile, then three of its tasks run again under the same run id (`airflow tasks
+    test`), as clearing them in the UI would: register, promote, and the gate, which now finds the run's own version
+    as @champion and re-evaluates it on the run's snapshot.
 
     @champion is cleared first so the run is decided on the floors alone whatever ran before in the session. A worse
     candidate failing the gate through the DAG is tests/prod's (a REST-triggered run on the Celery worker); the
@@ -462,7 +463,7 @@ def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns
     versions_before, history_before = _versions(paths), registry.champion_history(paths, MODEL_NAME)
     rerun = {
         task: airflow_command(paths, "tasks", "test", "shopguide_retrain", task, better.run_id, timeout=600).stdout
-        for task in ("register", "promote")
+        for task in ("register", "promote", "gate")
     }
     versions_after, history_after = _versions(paths), registry.champion_history(paths, MODEL_NAME)
     return RetrainRuns(paths, better, rerun, versions_before, versions_after, history_before, history_after)
@@ -491,6 +492,19 @@ def test_rerunning_tasks_of_a_dag_run_registers_and_promotes_once(retrain_runs: 
     assert retrain_runs.versions_after_rerun == retrain_runs.versions_before_rerun
     assert retrain_runs.history_after_rerun == retrain_runs.history_before_rerun
     assert "already promoted version" in retrain_runs.rerun_output["promote"], retrain_runs.rerun_output["promote"]
+
+
+@pytest.mark.slow
+def test_the_gate_re_evaluates_the_champion_on_the_candidates_snapshot(retrain_runs: RetrainRuns) -> None:
+    """The gate run again after the promotion compares the candidate with itself as @champion: downloaded from the
+    registry and evaluated by the same code on the same held-out terms, it ties exactly (paired CI [0, 0]) and
+    passes; the candidate's own figures and the champion's agree."""
+    run, out = retrain_runs.better, retrain_runs.rerun_output["gate"]
+    version, report = run.xcom("register")["version"], run.xcom("evaluate")
+    assert f"Gate vs champion {version}: PASSED" in out, out[-3000:]
+    assert f"champion {version} on this snapshot: nDCG@10 {report['ndcg_at_10']:.4f}" in out, out[-3000:]
+    assert f"on the same {report['heldout_terms']} held-out terms: difference +0.0000" in out, out[-3000:]
+    assert "CI [+0.0000, +0.0000]" in out, out[-3000:]
 
 
 # --- the REST API of a real api-server ------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The registry fails closed on real stores: an unreachable or corrupt MLflow is an error, never "no champion"; a
-champion whose report cannot be read fails the gate; a run key with a quote cannot change a search filter; every
-download of a registered bundle is checked against the sha256 manifest recorded at registration."""
+champion whose bundle is not the registered one fails the gate; a run key with a quote cannot change a search filter;
+every download of a registered bundle is checked against the sha256 manifest recorded at registration."""
 
 from __future__ import annotations
 
@@ -141,29 +141,45 @@ def _register_copy(champion, model: str, run_key: str, tmp_path: Path, extra_fil
     return version, stored / "artifacts" / registry.BUNDLE_ARTIFACT
 
 
-def test_a_champion_whose_report_cannot_be_read_fails_the_gate(champion, shopguide_home: Paths, tmp_path: Path) -> None:
+def test_a_champion_whose_bundle_is_not_the_registered_one_fails_the_gate(
+    champion, shopguide_home: Paths, tmp_path: Path
+) -> None:
+    """The gate re-evaluates @champion from its registered bundle: one whose files no longer match the manifest
+    recorded at registration (a report truncated, then deleted in the artifact store) cannot be evaluated, and that
+    fails the gate with the reason, never "no champion yet"."""
+    from pipelines.data.dataset import Snapshot
+    from pipelines.runtime.bundle import PER_QUERY_FILE
+
     paths, model = shopguide_home, "fail-closed-gate"
     version, stored = _register_copy(champion, model, "fail-closed-gate-champion", tmp_path)
     registry.set_alias(paths, model, registry.CHAMPION, version)
-    run_id = registry.start_run(paths, "fail-closed-gate-candidate", {})
-    params, snap = {"profile": _profile(tmp_path, model)}, {"mlflow_run_id": run_id}
+    run_key = "fail-closed-gate-candidate"
+    run_id = registry.start_run(paths, run_key, {})
+    snap = {"mlflow_run_id": run_id, "run_key": run_key, "snapshot_dir": str(champion.snapshot_dir)}
+    params = {"profile": _profile(tmp_path, model)}
+    # the champion's own figures as the candidate's, on the champion's snapshot: the paired difference is exactly 0
+    candidate = {
+        **CANDIDATE,
+        "snapshot_hash": Snapshot.open(champion.snapshot_dir).hash,
+        "per_query_url": str(champion.bundle_dir / PER_QUERY_FILE),
+    }
 
-    readable = retrain.gate(params, snap, CANDIDATE)
-    assert readable["passed"] and readable["champion_version"] == version
-    assert any("vs champion" in r for r in readable["reasons"]), readable
+    readable = retrain.gate(params, snap, candidate)
+    assert readable["passed"] and readable["champion_version"] == version, readable
+    assert any("vs champion" in r and "difference +0.0000" in r for r in readable["reasons"]), readable
 
     report = stored / REPORT_FILE
-    report.write_text(report.read_text()[:40])  # truncated: exists, not JSON
-    corrupt = retrain.gate(params, snap, CANDIDATE)
+    report.write_text(report.read_text()[:40])  # truncated: exists, not the registered file
+    corrupt = retrain.gate(params, snap, candidate)
     print("corrupt report:", corrupt["reasons"][-1])
     assert not corrupt["passed"]
-    assert corrupt["reasons"][-1].startswith(f"FAIL: champion version {version} exists but its evaluation report")
-    assert "is not JSON" in corrupt["reasons"][-1]
+    assert corrupt["reasons"][-1].startswith(f"FAIL: champion version {version} exists but cannot be evaluated")
+    assert REPORT_FILE in corrupt["reasons"][-1]
 
-    report.unlink()  # gone: MLflow answers RESOURCE_DOES_NOT_EXIST, which used to read as "no champion yet"
-    missing = retrain.gate(params, snap, CANDIDATE)
+    report.unlink()  # gone: MLflow answers RESOURCE_DOES_NOT_EXIST, which must not read as "no champion yet"
+    missing = retrain.gate(params, snap, candidate)
     print("missing report:", missing["reasons"][-1])
-    assert not missing["passed"] and f"no {REPORT_FILE}" in missing["reasons"][-1]
+    assert not missing["passed"] and REPORT_FILE in missing["reasons"][-1]
     assert not any("no champion yet" in r for r in missing["reasons"])
     assert registry.client(paths).get_run(run_id).data.tags["gate_passed"] == "false"
 

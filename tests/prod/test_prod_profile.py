@@ -600,7 +600,7 @@ def test_with_the_online_store_down_answers_are_anonymous_and_say_so(profile: Pr
     assert server.poll() is None
 
 
-def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_fails_its_gate(
+def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_loses_its_gate(
     profile: Profile, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = profile.cfg
@@ -627,19 +627,27 @@ def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_fails_its_gate(
     _kill_tree(_pid(profile, "airflow-worker-1"))
     state = airflow.wait_run("shopguide_retrain", run_id, 900)
     tasks = {t["task_id"]: t for t in airflow.tasks("shopguide_retrain", run_id)}
-    assert state == "failed", tasks
+    # a lost gate is an outcome, not an error: the run succeeds through the branch that keeps the champion
+    assert state == "success", tasks
     # no heartbeat from the dead worker: the scheduler failed the task, which was retried on the restarted worker
     assert (tasks[killed]["state"], tasks[killed]["try_number"]) == ("success", 2), tasks[killed]
     _on_the_worker(list(tasks.values()), worker)
-    assert {t: tasks[t]["state"] for t in ("gate", "register", "promote", "conclude")} == {
+    assert {
+        t: tasks[t]["state"] for t in ("gate", "register", "promote_or_keep", "promote", "keep_champion", "conclude")
+    } == {
         "gate": "success",
         "register": "success",
-        "promote": "success",
-        "conclude": "failed",
+        "promote_or_keep": "success",
+        "promote": "skipped",
+        "keep_champion": "success",
+        "conclude": "success",
     }
+    assert airflow.xcom("shopguide_retrain", run_id, "conclude")["outcome"] == "not promoted"
     decision = airflow.xcom("shopguide_retrain", run_id, "gate")
     assert not decision["passed"] and decision["champion_version"] == CHAMPIONS.trained, decision
     assert any(r.startswith("FAIL: ndcg_at_10") and "vs champion" in r for r in decision["reasons"]), decision
+    # the champion was re-evaluated on this run's snapshot: the paired CI lies below the allowed drop
+    assert decision["paired"]["low"] < -0.01 and decision["champion_report"]["ndcg_at_10"] > 0, decision
     assert _champion(cfg) == CHAMPIONS.trained
     # honest precondition: the candidate really is worse on the held-out terms
     report = airflow.xcom("shopguide_retrain", run_id, "evaluate")
@@ -656,7 +664,7 @@ def test_a_worse_retrain_from_rest_outlives_a_killed_worker_and_fails_its_gate(
     assert tags["gate_passed"] == "false" and "FAIL: ndcg_at_10" in tags["gate_reasons"]
     assert client.get_run(tags["mlflow_run_id"]).data.tags["outcome"] == "not promoted"
     assert champion_history(cfg.paths, MODEL_NAME)[-1]["version"] == CHAMPIONS.trained
-    print(f"worse retrain: {killed} killed with its worker, retried (try 2), gate failed, champion kept")
+    print(f"worse retrain: {killed} killed with its worker, retried (try 2), gate lost, not promoted, champion kept")
 
 
 @dataclass(frozen=True)
