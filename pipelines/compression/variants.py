@@ -550,12 +550,13 @@ def choose_variant(rows: list[dict[str, Any]], cfg: CompressConfig, baseline: st
     if qualified:
         key, what = _OBJECTIVES[cfg.objective]
         best = min(qualified, key=key)
+        # a teacher at 0 (a handful of validation terms, an untrained model) leaves no share to quote
+        share = f"{best['ndcg_at_10'] / base['ndcg_at_10']:.1%}" if base["ndcg_at_10"] > 0 else "n/a"
         reason = (
             f"{best['variant']}: the {what} of {len(qualified)} qualifying variant(s) "
             f"(p50 {best['latency_p50_ms']:.2f} ms, {best['products_per_s']:.0f} products/s, "
             f"{best['size_mb']:.1f} MB, nDCG@10 {best['ndcg_at_10']:.4f} = "
-            f"{best['ndcg_at_10'] / base['ndcg_at_10']:.1%} of the teacher's, parity min cosine "
-            f"{best['parity_cosine_min']:.4f})"
+            f"{share} of the teacher's, parity min cosine {best['parity_cosine_min']:.4f})"
         )
         return Selection(best["variant"], reason, False, names, rejected)
     summary = "no variant qualifies: " + "; ".join(f"{k}: {v}" for k, v in rejected.items())

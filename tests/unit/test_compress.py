@@ -30,7 +30,8 @@ DOMAIN = [
 @pytest.fixture(scope="module")
 def snapshot_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("snap")
-    snapshot_data(DataConfig(max_terms=30, max_offers=200, event_users=10), out, datetime(2026, 1, 1, tzinfo=UTC))
+    # 120 terms: variants are scored on the validation terms (1 in 16 training terms), 5 of them here
+    snapshot_data(DataConfig(max_terms=120, max_offers=200, event_users=10), out, datetime(2026, 1, 1, tzinfo=UTC))
     return out
 
 
