@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import shutil
@@ -19,7 +18,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
-from pipelines.config import SearchConfig
+from pipelines.config import REPO_ROOT, SearchConfig
 from pipelines.runtime.bundle import LABELS_FILE, REPORT_FILE
 from pipelines.runtime.personalize import ATTENTION_TEMPERATURE, recency_weights
 from serving.app import create_app
@@ -233,36 +232,49 @@ def test_fixed_bundle_dir_needs_no_registry(champion: RegisteredChampion, tmp_pa
         assert c.post("/v1/search", json={"query": "drill", "k": 6}).status_code == 422  # the deployment's max_k
 
 
-def _blas_threads() -> set[int]:
-    from threadpoolctl import threadpool_info
+# The service's own process: serving never imports torch, whose OpenMP runtime (loaded in this test process) changes
+# how OpenBLAS takes a limit; the lifespan runs on the main thread, as under uvicorn.
+BLAS_PROBE = """
+import asyncio, json, sys
+from threadpoolctl import threadpool_info, threadpool_limits
+from serving.app import create_app
+from serving.settings import Settings
 
-    return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+app = create_app(Settings.from_env(
+    {"SHOPGUIDE_HOME": sys.argv[1], "SHOPGUIDE_BUNDLE_DIR": sys.argv[2], "SHOPGUIDE_MODEL_POLL_SECONDS": "0"}
+))
+
+
+def blas():
+    return sorted({lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"})
+
+
+async def serve():
+    async with app.router.lifespan_context(app):
+        return blas()
+
+
+with threadpool_limits(2, user_api="blas"):
+    print(json.dumps([blas(), asyncio.run(serve()), blas()]))
+"""
 
 
 def test_the_service_limits_blas_threads_while_it_runs(champion: RegisteredChampion, tmp_path: Path) -> None:
     """numpy's BLAS threads spin between a request's small matmuls and starve the other requests' cores: the service
-    runs with SHOPGUIDE_BLAS_THREADS (default 1) and gives the process its own limit back when it stops. The lifespan
-    runs on the main thread, as under uvicorn (OpenBLAS ignores a limit set from another thread once torch's OpenMP
-    runtime is loaded, as it is in this test process; the service never imports torch)."""
-    from threadpoolctl import threadpool_limits
-
-    settings = Settings.from_env(
-        {
-            "SHOPGUIDE_HOME": str(tmp_path),
-            "SHOPGUIDE_BUNDLE_DIR": str(champion.bundle_dir),
-            "SHOPGUIDE_MODEL_POLL_SECONDS": "0",
-        }
+    runs with SHOPGUIDE_BLAS_THREADS (default 1) and gives the process its own limit back when it stops."""
+    env = {k: v for k, v in os.environ.items() if k != "SHOPGUIDE_BLAS_THREADS"}
+    proc = subprocess.run(
+        [sys.executable, "-c", BLAS_PROBE, str(tmp_path), str(champion.bundle_dir)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
-    app = create_app(settings)
-
-    async def serve() -> set[int]:
-        async with app.router.lifespan_context(app):
-            return _blas_threads()
-
-    with threadpool_limits(2, user_api="blas"):
-        assert _blas_threads() == {2}
-        assert asyncio.run(serve()) == {1}
-        assert _blas_threads() == {2}
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before, serving, after = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (before, serving, after) == ([2], [1], [2])
 
 
 def test_unknown_user_gets_the_anonymous_ranking_and_a_reason(client: TestClient, online: OnlineFeatures) -> None:
