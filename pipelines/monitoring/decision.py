@@ -95,7 +95,7 @@ def decide(signals: WindowSignals, cfg: MonitorConfig) -> MonitorDecision:
     for view, age in sorted(signals.feature_age_s.items()):
         if age is None:  # the view is registered and nothing of it is online: the stalest of all
             alarms[f"feature_age:{view}"] = True
-            reasons.append(f"feature_age:{view}: ALARM, no row online")
+            reasons.append(f"feature_age:{view}: ALARM, no row online (or the store could not be read)")
             continue
         bound = cfg.max_feature_age_hours * 3600
         _bound(alarms, reasons, f"feature_age:{view}", age, bound, "newest online row age s")

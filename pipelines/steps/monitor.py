@@ -128,6 +128,11 @@ def _short(measured: dict[str, Any]) -> str:
     return f"model {measured.get('model_version')}, health {measured['health']}, drift {drift}"
 
 
+# The feature-view name under which a feature store with no readable view (unreachable, or nothing applied) is
+# reported: never as "no views, so nothing stale".
+UNREADABLE_STORE = "no_feature_view_readable"
+
+
 def feature_freshness(window_end: str) -> dict[str, Any]:
     """Age of each feature view's newest online row at the window's end; an unreachable store is reported, not
     raised (the other signals of the window still count)."""
@@ -136,7 +141,10 @@ def feature_freshness(window_end: str) -> dict[str, Any]:
     try:
         report = freshness(Paths.from_env(), datetime.fromisoformat(window_end))
     except Exception as err:  # Feast not applied yet, or its registry / online store unreachable
-        return {"ages": {}, "error": f"{type(err).__name__}: {err}"[:500]}
+        # not "no views": a store nobody can read is the stalest of all (alarm, +Inf in the textfile)
+        return {"ages": {UNREADABLE_STORE: None}, "error": f"{type(err).__name__}: {err}"[:500]}
+    if not report:
+        return {"ages": {UNREADABLE_STORE: None}, "error": "no feature view registered (feast apply not run?)"}
     return {"ages": {view: entry.get("newest_row_age_s") for view, entry in report.items()}}
 
 

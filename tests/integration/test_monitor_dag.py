@@ -117,6 +117,7 @@ def test_monitor_dag_records_the_window(monitored_home: tuple[Paths, str]) -> No
     assert measured["vocabulary"]["missed_words"] >= 20  # the two invented words of 10 queries
     assert set(measured["drift"]) == {"query_text", "query_embedding", "category"}
     assert "freshness_error" in decision  # no Feast repo in this home: reported, not raised
+    assert decision["freshness_error"] and decision["alarms"]["feature_age:no_feature_view_readable"]  # never "fresh"
 
     client = MlflowClient(paths.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
