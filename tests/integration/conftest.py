@@ -1,5 +1,5 @@
-"""A real registered @champion, built once per session from the shipped data (base MiniLM, 0 training steps); a
-PostgreSQL database of a test's own."""
+"""A real registered @champion, built once per session from the shipped data (base MiniLM, 0 training steps); the
+features and retrain DAGs run once per session on the tiny profile; a PostgreSQL database of a test's own."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.airflow_env import DagTestResult
 from pipelines.config import (
     MODEL_NAME,
     DataConfig,
@@ -75,6 +76,35 @@ def champion_features(champion: RegisteredChampion) -> RegisteredChampion:
     result = refresh_features(champion.snapshot_dir, champion.as_of, paths=champion.paths)
     assert result["materialized"]["user_activity"]["entities"] > 0, result
     return champion
+
+
+@dataclass(frozen=True)
+class TinyPipeline:
+    paths: Paths
+    features: DagTestResult
+    retrain: DagTestResult
+
+
+PIPELINE_DATE = "2026-11-01T00:00:00+00:00"
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(airflow_paths: Paths) -> TinyPipeline:
+    """The features DAG, then the retrain DAG, on the tiny profile under `airflow dags test`, once per session (~2-3
+    min, the longest setup of the suite): test_end_to_end checks what they built, test_promotion what the run decided
+    and promoted. @champion of the pipeline's model is cleared first, so the run is decided on the floors alone
+    whatever ran before it in the session."""
+    from pipelines.airflow_env import run_dag_test
+    from pipelines.registry import mlflow_client as registry
+
+    paths = airflow_paths
+    features = run_dag_test(paths, "shopguide_features", {"profile": "tiny"}, PIPELINE_DATE, capture=True).check()
+    with contextlib.suppress(Exception):  # no registered model yet
+        registry.client(paths).delete_registered_model_alias(MODEL_NAME, registry.CHAMPION)
+    retrain = run_dag_test(
+        paths, "shopguide_retrain", {"profile": "tiny"}, PIPELINE_DATE, capture=True, timeout=1800
+    ).check()
+    return TinyPipeline(paths, features, retrain)
 
 
 @contextlib.contextmanager

@@ -15,23 +15,22 @@ from pipelines.data.dataset import HOMEDEPOT_FILE
 from pipelines.registry import mlflow_client as registry
 
 pytestmark = pytest.mark.slow
-LOGICAL_DATE = "2026-11-01T00:00:00+00:00"
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(airflow_paths):
-    """Features DAG then retrain DAG on the tiny profile; returns the retrain run's results."""
-    features = run_dag_test(airflow_paths, "shopguide_features", {"profile": "tiny"}, LOGICAL_DATE, capture=True)
-    features.check()
-    retrain = run_dag_test(airflow_paths, "shopguide_retrain", {"profile": "tiny"}, LOGICAL_DATE, capture=True)
-    retrain.check()
-    return airflow_paths, features, retrain
+def pipeline_run(tiny_pipeline):
+    """The session's features DAG run then retrain DAG run on the tiny profile (tests/integration/conftest.py)."""
+    return tiny_pipeline.paths, tiny_pipeline.features, tiny_pipeline.retrain
 
 
 def test_retrain_registers_a_complete_champion(pipeline_run, tmp_path):
     paths, _, retrain = pipeline_run
-    version = registry.alias_version(paths, MODEL_NAME, registry.CHAMPION)
-    assert version is not None and version == retrain.xcom("register")["version"]
+    version = retrain.xcom("register")["version"]
+    # what the run did; other tests of the session may move the aliases after it
+    assert retrain.xcom("promote")["champion"] == version and retrain.xcom("promote")["moved"]
+    run_key = f"shopguide_retrain__{retrain.run_id}"
+    promoted = [e for e in registry.champion_history(paths, MODEL_NAME) if e.get("run_key") == run_key]
+    assert [(e["action"], e["version"]) for e in promoted] == [("promote", version)]
     assert registry.alias_version(paths, MODEL_NAME, registry.CHALLENGER) == version
     bundle = registry.download_bundle(paths, MODEL_NAME, version, tmp_path)
     assert registry.missing_files(bundle) == []

@@ -23,7 +23,6 @@ from pipelines.config import MODEL_NAME, REPO_ROOT, Paths
 from pipelines.registry import mlflow_client as registry
 from pipelines.runtime.bundle import ONNX_FILE
 
-RETRAIN_DATE = "2026-12-07T00:00:00+00:00"
 FAILED_GATE = ["ok: ndcg_at_10 0.3 >= 0.2", "FAIL: ndcg_at_10 0.3000 vs champion 0.4000 (tolerance 0.01)"]
 
 
@@ -446,20 +445,18 @@ def _versions(paths: Paths) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def retrain_runs(airflow_paths: Paths, model_aliases_kept: Paths) -> RetrainRuns:
-    """A retrain DAG run on the tiny profile, then three of its tasks run again under the same run id (`airflow tasks
-    test`), as clearing them in the UI would: register, promote, and the gate, which now finds the run's own version
-    as @champion and re-evaluates it on the run's snapshot.
+def retrain_runs(tiny_pipeline, model_aliases_kept: Paths) -> RetrainRuns:
+    """The session's retrain DAG run on the tiny profile (tests/integration/conftest.py: decided on the floors alone),
+    then three of its tasks run again under the same run id (`airflow tasks test`), as clearing them in the UI right
+    after the run would: register, promote, and the gate, which now finds the run's own version as @champion and
+    re-evaluates it on the run's snapshot.
 
-    @champion is cleared first so the run is decided on the floors alone whatever ran before in the session. A worse
-    candidate failing the gate through the DAG is tests/prod's (a REST-triggered run on the Celery worker); the
-    gate's rules are tests/unit/test_gate.py's.
+    A worse candidate failing the gate through the DAG is tests/prod's (a REST-triggered run on the Celery worker);
+    the gate's rules are tests/unit/test_gate.py's.
     """
-    paths = airflow_paths
-    with contextlib.suppress(Exception):
-        registry.client(paths).delete_registered_model_alias(MODEL_NAME, registry.CHAMPION)
-    better = run_dag_test(paths, "shopguide_retrain", {"profile": "tiny"}, RETRAIN_DATE, capture=True, timeout=1800)
-    better.check()
+    paths, better = tiny_pipeline.paths, tiny_pipeline.retrain
+    # @champion as the run left it: other tests of the session may have moved it since
+    registry.client(paths).set_registered_model_alias(MODEL_NAME, registry.CHAMPION, better.xcom("register")["version"])
     versions_before, history_before = _versions(paths), registry.champion_history(paths, MODEL_NAME)
     rerun = {
         task: airflow_command(paths, "tasks", "test", "shopguide_retrain", task, better.run_id, timeout=600).stdout
@@ -477,12 +474,9 @@ def test_a_candidate_that_passes_the_gate_becomes_champion(retrain_runs: Retrain
     assert decision["passed"] and all(r.startswith("ok: ") for r in decision["reasons"])
     outcome = run.xcom("promote")
     assert (outcome["champion"], outcome["promoted"], outcome["moved"]) == (version, True, True)
-    entry = retrain_runs.history_before_rerun[-1]
-    assert (entry["action"], entry["version"], entry["run_key"]) == (
-        "promote",
-        version,
-        f"shopguide_retrain__{run.run_id}",
-    )
+    run_key = f"shopguide_retrain__{run.run_id}"
+    (entry,) = [e for e in retrain_runs.history_before_rerun if e.get("run_key") == run_key]
+    assert (entry["action"], entry["version"]) == ("promote", version)
     assert entry["actor"] == f"airflow:shopguide_retrain/{run.run_id}"
     assert registry.client(paths).get_model_version(MODEL_NAME, version).tags["gate_passed"] == "true"
 
