@@ -89,6 +89,9 @@ class TrainConfig(_Section):
     )
     validation_terms: bool = Field(True, description="Hold out 1/16 of the training terms to score the model.")
     eval_steps: int | None = Field(None, ge=1, description="Score the validation terms every N steps, keep the best.")
+    validation_distractors: int = Field(
+        2000, ge=0, description="Catalog titles the validation terms are ranked among, besides their judged products."
+    )
     head_epochs: int = Field(20, ge=1, le=1000, description="Epochs of the category head on frozen embeddings.")
     head_max_offers: int = Field(6000, ge=50, description="PriceRunner training offers encoded for the head.")
     head_hidden: int = Field(0, ge=0, le=4096, description="Hidden ReLU units of the category head (0 = linear).")

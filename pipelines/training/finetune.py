@@ -240,14 +240,16 @@ def load_training_sets(model_dir: str | Path) -> dict[str, pd.DataFrame] | None:
     }
 
 
-def validation_evaluator(judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int):
-    """IR evaluator on the validation terms against their judged products plus 2,000 distractor titles."""
+def validation_evaluator(
+    judgments: pd.DataFrame, catalog: pd.DataFrame, min_relevance: float, seed: int, distractors: int = 2000
+):
+    """IR evaluator on the validation terms against their judged products plus `distractors` catalog titles."""
     from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
 
     val = judgments.assign(term=judgments["search_term"].map(normalize_term))
     relevant = val[val["relevance"] >= min_relevance].groupby("term")["product_uid"].agg(lambda s: set(map(str, s)))
-    distractors = catalog.sample(n=min(2000, len(catalog)), random_state=seed)
-    corpus = dict(zip(distractors["product_uid"].astype(str), distractors["product_title"].astype(str), strict=True))
+    sample = catalog.sample(n=min(distractors, len(catalog)), random_state=seed)
+    corpus = dict(zip(sample["product_uid"].astype(str), sample["product_title"].astype(str), strict=True))
     corpus.update(zip(val["product_uid"].astype(str), val["product_title"].astype(str), strict=True))
     return InformationRetrievalEvaluator(
         queries={t: t for t in relevant.index},
@@ -398,7 +400,9 @@ def finetune_encoder(
     sets = training_sets(judgments[~is_val], offers, cfg, snap.table("catalog"), miner)
     save_training_sets(sets, out / SETS_DIR)
     evaluator = (
-        validation_evaluator(judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed)
+        validation_evaluator(
+            judgments[is_val], snap.table("catalog"), cfg.min_positive_relevance, cfg.seed, cfg.validation_distractors
+        )
         if is_val.any()
         else None
     )
@@ -410,7 +414,11 @@ def finetune_encoder(
     history = train_contrastive(model, sets, cfg, out, evaluator, on_metrics)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:
-        metrics["val_ndcg_at_10"] = evaluator(model)["val_cosine_ndcg@10"]
+        # no step taken (train_contrastive's own condition): the model is the one just scored
+        trained = cfg.max_steps != 0 and bool(sets)
+        metrics["val_ndcg_at_10"] = (
+            evaluator(model)["val_cosine_ndcg@10"] if trained else metrics["val_ndcg_at_10_before"]
+        )
     model.save(str(out / ENCODER_DIR))
     head, labels, head_metrics = train_category_head(model, offers, cfg)
     save_file(head, str(out / HEAD_FILE))

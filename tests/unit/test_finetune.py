@@ -16,6 +16,7 @@ from pipelines.training.finetune import (
     save_training_sets,
     train_contrastive,
     training_sets,
+    validation_evaluator,
 )
 
 OFFERS = pd.DataFrame(
@@ -160,3 +161,16 @@ def test_a_tiny_contrastive_run_moves_the_ranking_loss_down(tmp_path) -> None:
     assert [e["step"] for e in history if "loss" in e] == [4, 8, 12, 16]  # a logged point every max_steps // 4
     assert seen[:4] == [[4], [4, 8], [4, 8, 12], [4, 8, 12, 16]]
     assert _in_batch_loss(model, pairs, cfg.batch_size) < 0.8 * before
+
+
+def test_the_validation_score_ranks_the_judged_products_among_the_configured_distractors() -> None:
+    catalog = pd.DataFrame({"product_uid": range(100, 140), "product_title": [f"title {i}" for i in range(40)]})
+    judged = JUDGMENTS.assign(product_uid=[1, 2, 3, 4, 5])
+    evaluator = validation_evaluator(judged, catalog, 2.5, seed=0, distractors=10)
+    assert len(evaluator.corpus) == 15 and {"1", "3", "5"} <= set(evaluator.corpus_ids)
+    assert dict(zip(evaluator.queries_ids, evaluator.queries, strict=True)).keys() == {
+        "cordless drill",
+        "deck screws",
+        "paint",
+    }
+    assert len(validation_evaluator(judged, catalog, 2.5, seed=0).corpus) == 45  # the default 2,000 > the catalog
