@@ -25,7 +25,15 @@ PRICERUNNER_COLUMNS = [
     "category_label",
 ]
 EVENT_TYPES = ("view", "click", "add_to_cart", "purchase")
-SNAPSHOT_TABLES = ("judgments_train", "judgments_heldout", "catalog", "offers_train", "offers_test", "events")
+SNAPSHOT_TABLES = (
+    "judgments_train",
+    "judgments_heldout",
+    "catalog",
+    "offers_train",
+    "offers_test",
+    "events",
+    "feedback_pairs",  # pipelines.data.feedback.FEEDBACK_TABLE
+)
 
 
 def _md5(text: str) -> str:
@@ -278,17 +286,39 @@ def _frame_hash(df: pd.DataFrame) -> str:
     return hashlib.sha256(pd.util.hash_pandas_object(df, index=False).values.tobytes()).hexdigest()
 
 
-def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime, landing: Path | None = None) -> Snapshot:
+def launch_judgments(train: pd.DataFrame, share: float) -> pd.DataFrame:
+    """The training judgments a run may train on: every row of a training term judged at launch
+    (is_judged_at_launch), and every row of a validation term (they score models, they are never trained on); the
+    other training terms' relevance reaches a model only through the feedback of the logged traffic."""
+    if share >= 1.0:
+        return train
+    terms = train["search_term"]
+    keep = terms.map(lambda t: not is_training_term(t) or is_judged_at_launch(t, share)).astype(bool)
+    return train[keep].reset_index(drop=True)
+
+
+def snapshot_data(
+    cfg: DataConfig,
+    out_dir: Path,
+    as_of: datetime,
+    landing: Path | None = None,
+    feedback_since: datetime | None = None,
+    request_log: Path | None = None,
+    event_log: Path | None = None,
+) -> Snapshot:
     """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run).
 
     A configured judgments_path must name a file in the landing folder (`landing`, default Paths.landing): checked
-    by landed_judgments before anything is read or written.
+    by landed_judgments before anything is read or written. `data.judged_at_launch` < 1 keeps only that share of the
+    training terms' judgments (judged_at_launch); the held-out ones and the catalog are the same at any share.
+
+    The logged traffic of [feedback_since, as_of) (None: from the beginning of the log; the retrain step passes the
+    champion's as-of time) becomes the `feedback_pairs` table (pipelines.data.feedback.read_feedback, from the
+    service's log folders unless `request_log` / `event_log` name others); the manifest's `feedback` says how much
+    and what was dropped.
     """
-    if cfg.judged_at_launch < 1.0:  # refused, not ignored: a run must not claim a split it did not apply
-        raise NotImplementedError(
-            f"data.judged_at_launch={cfg.judged_at_launch}: the training snapshot does not apply the judged-at-launch "
-            "split yet (issue 19 item 4); only the simulator reads it today"
-        )
+    from pipelines.data.feedback import FEEDBACK_TABLE, read_feedback, window
+
     if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
         source = HOMEDEPOT_FILE
     else:
@@ -297,25 +327,39 @@ def snapshot_data(cfg: DataConfig, out_dir: Path, as_of: datetime, landing: Path
     judgments = select_terms(load_judgments(source), cfg.max_terms)
     train, heldout = split_judgments(judgments)
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
+    catalog = catalog_from(judgments)
+    if feedback_since is not None and feedback_since > as_of:  # an older run re-run after a newer champion
+        feedback_since = as_of
+    feedback, stats = read_feedback(feedback_since, as_of, catalog, request_log, event_log)
     tables = {
-        "judgments_train": train,
+        "judgments_train": launch_judgments(train, cfg.judged_at_launch),
         "judgments_heldout": heldout,
-        "catalog": catalog_from(judgments),
+        "catalog": catalog,
         "offers_train": offers_train,
         "offers_test": offers_test,
+        # the simulated shoppers of the features pipeline click on every training term, judged at launch or not
         "events": simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed),
+        FEEDBACK_TABLE: feedback,
     }
     hashes = {}
     for name, df in tables.items():
         df.to_parquet(out_dir / f"{name}.parquet", index=False)
         hashes[name] = _frame_hash(df)
     digest = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()[:16]
+    terms = train["search_term"][train["search_term"].map(is_training_term).astype(bool)].map(normalize_term)
+    judged = terms.map(lambda t: is_judged_at_launch(t, cfg.judged_at_launch)).astype(bool)
     manifest = {
         "hash": digest,
         "tables": {n: {"rows": len(t), "sha256": hashes[n]} for n, t in tables.items()},
         "as_of": as_of.isoformat(),
         "config": cfg.model_dump(),
         "simulated": ["events"],
+        "judged_at_launch": {
+            "share": cfg.judged_at_launch,
+            "judged_terms": int(terms[judged].nunique()),
+            "click_only_terms": int(terms[~judged].nunique()),
+        },
+        "feedback": window(feedback_since, as_of, stats),
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Snapshot(out_dir, digest)

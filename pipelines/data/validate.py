@@ -15,6 +15,8 @@ from urllib.request import url2pathname
 import pandas as pd
 
 from pipelines.data.dataset import EVENT_TYPES, SNAPSHOT_TABLES, Snapshot, normalize_term
+from pipelines.data.feedback import COLUMNS as FEEDBACK_COLUMNS
+from pipelines.data.feedback import LABELS as FEEDBACK_LABELS
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -28,6 +30,7 @@ TABLE_SUITES = {
     "offers_train": "offers",
     "offers_test": "offers",
     "events": "events",
+    "feedback_pairs": "feedback",
 }
 TERM_COLUMN = "normalized_search_term"
 # GX matches pandas dtypes against these names (numpy names, pandas extension dtype classes, or Python types that
@@ -204,6 +207,33 @@ def events_suite() -> ExpectationSuite:
     )
 
 
+def feedback_suite() -> ExpectationSuite:
+    """Feedback pairs from the logged traffic (pipelines.data.feedback): complete, typed, one row per (term,
+    product), a known label backed by at least one answer. Empty is valid: a shop without traffic yet."""
+    exp = _gx().expectations
+    return _suite(
+        "feedback",
+        [
+            *_present(FEEDBACK_COLUMNS),
+            *_not_null(FEEDBACK_COLUMNS),
+            exp.ExpectCompoundColumnsToBeUnique(column_list=["search_term", "product_uid"]),
+            exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1, max_value=MAX_TERM_CHARS),
+            exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
+            exp.ExpectColumnValuesToBeInSet(column="label", value_set=list(FEEDBACK_LABELS)),
+            exp.ExpectColumnValuesToBeBetween(column="answers", min_value=1),
+            *_typed(
+                {
+                    "product_uid": INT_TYPES,
+                    "answers": INT_TYPES,
+                    "search_term": STRING_TYPES,
+                    "product_title": STRING_TYPES,
+                    "label": STRING_TYPES,
+                }
+            ),
+        ],
+    )
+
+
 def term_leakage_suite(heldout_terms: Iterable[str]) -> ExpectationSuite:
     """No normalised held-out search term may appear in the training judgments (split is by query, never by row).
 
@@ -243,6 +273,7 @@ SUITES: dict[str, Callable[[], ExpectationSuite]] = {
     "catalog": catalog_suite,
     "offers": offers_suite,
     "events": events_suite,
+    "feedback": feedback_suite,
 }
 
 
@@ -489,6 +520,10 @@ def _check_leakage(project: _Project, frames: dict[str, pd.DataFrame]) -> list[V
         terms = pd.DataFrame({TERM_COLUMN: train["search_term"].map(normalize_term, na_action="ignore")})
         suite = term_leakage_suite(heldout["search_term"].dropna().map(normalize_term))
         out.append(project.run(terms, suite, "judgments_train", name="term_leakage"))
+        if "search_term" in frames.get("feedback_pairs", ()):  # the logged traffic must not bring a test term back
+            feedback = frames["feedback_pairs"]
+            terms = pd.DataFrame({TERM_COLUMN: feedback["search_term"].map(normalize_term, na_action="ignore")})
+            out.append(project.run(terms, suite, "feedback_pairs", name="feedback_term_leakage"))
     if all("cluster_id" in frames.get(t, ()) for t in ("offers_train", "offers_test")):
         suite = cluster_leakage_suite(frames["offers_test"]["cluster_id"].dropna())
         out.append(project.run(frames["offers_train"][["cluster_id"]], suite, "offers_train", name="cluster_leakage"))

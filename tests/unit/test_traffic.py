@@ -22,7 +22,6 @@ from pipelines.data.dataset import (
     is_validation_term,
     load_judgments,
     normalize_term,
-    snapshot_data,
     split_judged_at_launch,
     split_judgments,
 )
@@ -161,17 +160,13 @@ def test_judged_at_launch_splits_training_terms_deterministically(judgments: pd.
     assert ShopperModel(judgments, CFG).click_only == frozenset()
 
 
-def test_config_defaults_and_refusals(tmp_path) -> None:
+def test_config_defaults_and_refusals() -> None:
     cfg = load_config("default", {"simulate.users": 3})
     assert cfg.simulate.users == 3 and cfg.data.judged_at_launch == 1.0
     with pytest.raises(ValidationError):
         SimulateConfig(click_at_relevance_1=0.5, click_at_relevance_3=0.4)
     with pytest.raises(ValidationError):
         DataConfig(judged_at_launch=1.5)
-    # the training snapshot does not apply the split yet: a run must not claim it did
-    with pytest.raises(NotImplementedError, match="judged_at_launch"):
-        snapshot_data(DataConfig(judged_at_launch=0.5), tmp_path / "snapshot", pd.Timestamp("2026-01-01", tz="UTC"))
-    assert not (tmp_path / "snapshot").exists()
 
 
 def test_draw_users_from_the_event_log_population() -> None:
