@@ -78,6 +78,14 @@ class TrainConfig(_Section):
         "unjudged products that match as well as the judged ones (false negatives).",
     )
     pricerunner_pairs: int = Field(0, ge=0, description="Offer title <-> canonical title pairs added as positives.")
+    feedback_weight: float = Field(
+        1.0,
+        ge=0,
+        le=20,
+        description="Copies of each feedback positive (the snapshot's feedback_pairs: clicked, carted, bought) among "
+        "the training pairs, as an expected count (1.5 = one copy, two for a seeded half); 0 = no feedback at all. "
+        "Skipped-above products join once, as negatives (pipelines.training.finetune.feedback_judgments).",
+    )
     category_offers: int = Field(
         0,
         ge=0,

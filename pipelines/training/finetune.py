@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
-from pipelines.data.dataset import Snapshot, is_validation_cluster, is_validation_term, normalize_term
+from pipelines.data.dataset import Snapshot, is_training_term, is_validation_cluster, is_validation_term, normalize_term
 from pipelines.runtime.bundle import LABELS_FILE
 from pipelines.training.progress import MetricsSink, progress_callback
 
@@ -54,6 +54,56 @@ def positive_pairs(judgments: pd.DataFrame, min_relevance: float, seed: int) -> 
 
 
 CATEGORY_SET = "categories"
+# The grade a feedback pair stands in for: past any min_positive_relevance / max_negative_relevance the config allows
+FEEDBACK_RELEVANCE = {"positive": 3.0, "negative": 1.0}
+
+
+def feedback_judgments(
+    feedback: pd.DataFrame | None, judgments: pd.DataFrame, weight: float, seed: int
+) -> tuple[pd.DataFrame, dict[str, int]]:
+    """The snapshot's feedback pairs (pipelines.data.feedback) as judgment rows (search_term, product_uid,
+    product_title, relevance) for training_sets, with their counts: a positive at relevance 3.0, a negative at 1.0,
+    so a clicked product joins the positives and a skipped-above one is a hard negative of its query, through the
+    same sets and the same loss as the human judgments.
+
+    A (term, title) pair a human judged (any grade) keeps its judgment only: clicks are a noisy, position-biased
+    label of the same pair. Held-out and validation terms never enter (the snapshot drops them; checked again here).
+
+    `weight`: MultipleNegativesRankingLoss takes no per-sample weight, so each positive enters as `weight` copies in
+    expectation (floor(weight), plus one more for a seeded frac(weight) share of them). The trainer's NO_DUPLICATES
+    batch sampler keeps copies out of one batch, so a copy is one more batch in which the pair is the target among
+    the in-batch negatives: the pair's weight in the loss. 0 leaves the feedback out, negatives too.
+    """
+    counts = {"feedback_positive_pairs": 0, "feedback_positive_rows": 0, "feedback_negative_rows": 0}
+    counts["feedback_judged_overlap"] = 0
+    if feedback is None or feedback.empty or weight <= 0:
+        columns = {"search_term": "object", "product_uid": "int64", "product_title": "object", "relevance": "float64"}
+        return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()}), counts
+    term = feedback["search_term"].map(normalize_term)
+    fb = feedback[term.map(is_training_term).astype(bool)].assign(term=term)
+    judged = set(zip(judgments["search_term"].map(normalize_term), judgments["product_title"].astype(str), strict=True))
+    overlap = [(t, str(title)) in judged for t, title in zip(fb["term"], fb["product_title"], strict=True)]
+    counts["feedback_judged_overlap"] = sum(overlap)
+    fb = fb[~np.array(overlap, dtype=bool)]
+    positives, negatives = fb[fb["label"] == "positive"], fb[fb["label"] == "negative"]
+    whole, share = int(weight), weight - int(weight)
+    extra = np.random.default_rng(seed).random(len(positives)) < share
+    copies = np.full(len(positives), whole) + extra
+    rows = pd.concat([positives.loc[positives.index.repeat(copies)], negatives], ignore_index=True)
+    out = pd.DataFrame(
+        {
+            "search_term": rows["term"].astype(str),
+            "product_uid": rows["product_uid"].astype("int64"),
+            "product_title": rows["product_title"].astype(str),
+            "relevance": rows["label"].map(FEEDBACK_RELEVANCE).astype("float64"),
+        }
+    )
+    counts |= {
+        "feedback_positive_pairs": len(positives),
+        "feedback_positive_rows": int(copies.sum()),
+        "feedback_negative_rows": len(negatives),
+    }
+    return out, counts
 
 
 def fit_offers(offers: pd.DataFrame) -> pd.DataFrame:
@@ -376,6 +426,13 @@ def train_category_head(
     return {k: v.detach().contiguous() for k, v in head.state_dict().items()}, labels, metrics
 
 
+def _feedback(snap: Snapshot) -> pd.DataFrame | None:
+    """The snapshot's feedback pairs; None for a snapshot frozen before it had them."""
+    from pipelines.data.feedback import FEEDBACK_TABLE
+
+    return snap.table(FEEDBACK_TABLE) if (snap.path / f"{FEEDBACK_TABLE}.parquet").is_file() else None
+
+
 def finetune_encoder(
     snapshot_dir: str | Path, out_dir: str | Path, cfg: TrainConfig, on_metrics: MetricsSink | None = None
 ) -> dict[str, Any]:
@@ -397,7 +454,10 @@ def finetune_encoder(
         is_val[:] = False
     started = time.perf_counter()
     miner = model if cfg.negative_miner == "base_model" else None  # mines before training: its own mistakes
-    sets = training_sets(judgments[~is_val], offers, cfg, snap.table("catalog"), miner)
+    feedback, feedback_counts = feedback_judgments(_feedback(snap), judgments, cfg.feedback_weight, cfg.seed)
+    # no feedback: the very sets of a run before feedback existed
+    fit = pd.concat([judgments[~is_val], feedback], ignore_index=True) if len(feedback) else judgments[~is_val]
+    sets = training_sets(fit, offers, cfg, snap.table("catalog"), miner)
     save_training_sets(sets, out / SETS_DIR)
     evaluator = (
         validation_evaluator(
@@ -406,7 +466,7 @@ def finetune_encoder(
         if is_val.any()
         else None
     )
-    metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()}
+    metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()} | feedback_counts
     metrics["sets_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:
         metrics["val_ndcg_at_10_before"] = evaluator(model)["val_cosine_ndcg@10"]
