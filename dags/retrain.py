@@ -37,6 +37,15 @@ PARAMS = {
         maximum=100_000,
         description="Contrastive training steps; empty = the profile's value; 0 = base model.",
     ),
+    "feedback_weight": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=20,
+        description="Copies of each clicked / carted / bought (query, product) pair of the logged traffic since "
+        "@champion's snapshot among the training pairs (expected count); 0 = train without the feedback; "
+        "empty = the profile's value.",
+    ),
     "auto_promote": Param(
         None, type=["null", "boolean"], description="Move @champion when the gate passes; empty = the profile's value."
     ),

@@ -10,6 +10,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,8 @@ CHAMPION, CHALLENGER = "champion", "challenger"
 # are VARCHAR(5000) in MLflow's SQL stores: a manifest that does not fit (a bundle of ~50+ files) goes to a run
 # artifact outside the bundle, and the tag then holds "sha256:<digest of that JSON>" with its URI in a second tag.
 MANIFEST_TAG = "bundle_sha256"
+# The as-of time of the snapshot a run froze (ISO 8601): on its MLflow run and on the version it registers.
+DATA_AS_OF_TAG = "data_as_of"
 MANIFEST_URI_TAG = "bundle_manifest_uri"
 _TAG_MAX = 5000
 _MISMATCHES_SHOWN = 5
@@ -309,6 +312,25 @@ def _manifest_from_tags(tags: dict[str, str], what: str) -> dict[str, str] | Non
 def version_tags(paths: Paths, model_name: str, version: str) -> dict[str, str]:
     """A registered version's tags (lineage: run key, data snapshot, gate result)."""
     return dict(client(paths).get_model_version(model_name, str(version)).tags)
+
+
+def data_as_of(paths: Paths, model_name: str, version: str) -> datetime | None:
+    """The as-of time of the snapshot `version` was trained on: its DATA_AS_OF_TAG, else its source run's, else that
+    run's start time (versions registered before the tag existed: the snapshot step opens the run right after it
+    froze the data, so the start is seconds after the as-of time); None for a version without a source run.
+    Registry errors raise."""
+    c = client(paths)
+    mv = c.get_model_version(model_name, str(version))
+    tagged = mv.tags.get(DATA_AS_OF_TAG)
+    if not tagged and mv.run_id:
+        run = c.get_run(mv.run_id)
+        tagged = run.data.tags.get(DATA_AS_OF_TAG)
+        if not tagged:
+            return datetime.fromtimestamp(run.info.start_time / 1000, UTC)
+    if not tagged:
+        return None
+    at = datetime.fromisoformat(tagged)
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 def version_manifest(paths: Paths, model_name: str, version: str) -> dict[str, str] | None:

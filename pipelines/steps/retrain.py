@@ -27,6 +27,7 @@ HELDOUT = "heldout"
 PARAM_FIELDS = {
     "judgments_path": "data.judgments_path",
     "max_steps": "train.max_steps",
+    "feedback_weight": "train.feedback_weight",
     "auto_promote": "registry.auto_promote",
     "min_ndcg_at_10": "gate.min_ndcg_at_10",
     "min_category_accuracy": "gate.min_category_accuracy",
@@ -42,21 +43,36 @@ def config_from_params(params: dict[str, Any]) -> ShopguideConfig:
 
 
 def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str, str]) -> dict[str, Any]:
-    """Freeze this run's inputs and open its MLflow run."""
+    """Freeze this run's inputs, with the logged traffic since @champion's snapshot (the whole log when there is no
+    champion) as feedback pairs, and open its MLflow run; the feedback's volume goes to it (`feedback.*`)."""
     from pipelines.data.dataset import snapshot_data
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
+    until = datetime.fromisoformat(as_of)
+    champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
+    since = registry.data_as_of(paths, cfg.registry.model_name, champion) if champion else None
     with task_folders(run_key, paths) as t:
-        snap = snapshot_data(cfg.data, t.output("data"), datetime.fromisoformat(as_of))
-        tags = {**lineage, "data_snapshot": snap.hash, "profile": cfg.profile}
+        snap = snapshot_data(cfg.data, t.output("data"), until, feedback_since=since)
+        feedback = json.loads((snap.path / "manifest.json").read_text())["feedback"]
+        tags = {**lineage, "data_snapshot": snap.hash, registry.DATA_AS_OF_TAG: as_of, "profile": cfg.profile}
         mlflow_run = registry.start_run(paths, run_key, tags)
         registry.log_step(paths, mlflow_run, "config", {}, params={"json": cfg.model_dump_json()})
+        window = {"since": feedback["since"] or "start of the log", "until": feedback["until"], "champion": champion}
+        registry.log_step(paths, mlflow_run, "feedback", feedback, params=window)
+        print(
+            f"feedback since {window['since']} (champion {champion or 'none'}): {feedback['pairs']} pairs "
+            f"({feedback['positives']} positive, {feedback['negatives']} negative) from {feedback['answers']} answers; "
+            f"dropped: {feedback['dropped_heldout']} pairs of {feedback['heldout_answers']} answers to held-out "
+            f"terms, {feedback['dropped_validation']} of validation terms, {feedback['dropped_unknown_product']} "
+            "of products outside the catalog"
+        )
         return t.publish(
             {
                 "snapshot_dir": str(snap.path),
                 "snapshot_hash": snap.hash,
+                "data_as_of": as_of,
                 "mlflow_run_id": mlflow_run,
                 "run_key": run_key,
             }
@@ -386,6 +402,8 @@ def register(
         return {"version": None, "registered": False}
     champion_report = decision.get("champion_report") or None  # the champion re-evaluated on this snapshot
     lineage = {**lineage, "mlflow_run_id": snap["mlflow_run_id"], "data_snapshot": snap["snapshot_hash"]}
+    if snap.get("data_as_of"):  # where the next run's feedback window starts once this version is champion
+        lineage[registry.DATA_AS_OF_TAG] = snap["data_as_of"]
     tags = {
         **lineage,
         "gate_passed": str(decision["passed"]).lower(),
