@@ -256,26 +256,54 @@ def test_feedback_weight_is_an_expected_count_and_judgments_win() -> None:
     assert again.equals(rows)  # seeded
 
 
-def test_the_feedback_window_starts_at_the_champions_snapshot(tmp_path: Path) -> None:
-    from mlflow import MlflowClient
-
+def test_the_snapshot_step_reads_the_traffic_since_the_champions_snapshot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipelines.config import MODEL_NAME
+    from pipelines.data.dataset import load_judgments, select_terms
     from pipelines.registry import mlflow_client as registry
+    from pipelines.steps import retrain
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")  # a champion of its own
+    monkeypatch.setenv("SHOPGUIDE_REQUEST_LOG_DIR", str(tmp_path / "requests"))
+    monkeypatch.setenv("SHOPGUIDE_EVENT_LOG_DIR", str(tmp_path / "events"))
     paths = Paths.from_env()
     c = registry.client(paths)
-    name = f"feedback-window-{tmp_path.name}"
-    c.create_registered_model(name)
+    c.create_registered_model(MODEL_NAME)
     exp = registry.experiment_id(paths)
 
     def version(run_tags: dict[str, str], version_tags: dict[str, str]) -> str:
         run = c.create_run(exp, tags=run_tags)
-        return c.create_model_version(name, run.info.artifact_uri, run.info.run_id, tags=version_tags).version
+        return str(
+            c.create_model_version(MODEL_NAME, run.info.artifact_uri, run.info.run_id, tags=version_tags).version
+        )
 
-    tagged = version({}, {registry.DATA_AS_OF_TAG: "2026-03-01T12:00:00+00:00"})
+    since = AS_OF - timedelta(days=1)
+    champion = version({}, {registry.DATA_AS_OF_TAG: since.isoformat()})
     on_run = version({registry.DATA_AS_OF_TAG: "2026-02-01T00:00:00+00:00"}, {})
     untagged = version({}, {})
-    assert registry.data_as_of(paths, name, tagged) == datetime(2026, 3, 1, 12, tzinfo=UTC)
-    assert registry.data_as_of(paths, name, on_run) == datetime(2026, 2, 1, tzinfo=UTC)
-    started = MlflowClient(paths.mlflow_tracking_uri).get_model_version(name, untagged).run_id
-    start_ms = c.get_run(started).info.start_time
-    assert registry.data_as_of(paths, name, untagged) == datetime.fromtimestamp(start_ms / 1000, UTC)
+    assert registry.data_as_of(paths, MODEL_NAME, champion) == since
+    assert registry.data_as_of(paths, MODEL_NAME, on_run) == datetime(2026, 2, 1, tzinfo=UTC)
+    start_ms = c.get_run(c.get_model_version(MODEL_NAME, untagged).run_id).info.start_time
+    assert registry.data_as_of(paths, MODEL_NAME, untagged) == datetime.fromtimestamp(start_ms / 1000, UTC)
+    registry.set_alias(paths, MODEL_NAME, registry.CHAMPION, champion)
+
+    judged = select_terms(load_judgments(), 300)  # the tiny profile's terms
+    term = next(t for t in judged["search_term"].map(normalize_term) if is_training_term(t))
+    products = judged.loc[judged["search_term"].map(normalize_term) == term, "product_uid"].tolist()[:2]
+    answers = [_answer("new", AS_OF - timedelta(hours=1), term, products)]
+    answers.append(_answer("before", since - timedelta(hours=1), term, products))  # the champion learnt from it
+    _write(tmp_path / "requests", answers, REQUEST_SCHEMA)
+    _write(tmp_path / "events", [_click("new", answers[0].ts, products[1], 1)], EVENT_SCHEMA)
+
+    snap = retrain.snapshot({"profile": "tiny"}, f"feedback-{tmp_path.name}", AS_OF.isoformat(), {})
+    assert _labels(Snapshot.open(snap["snapshot_dir"]).table(FEEDBACK_TABLE)) == {
+        (term, products[0]): "negative",
+        (term, products[1]): "positive",
+    }
+    run = c.get_run(snap["mlflow_run_id"])
+    assert run.data.tags[registry.DATA_AS_OF_TAG] == snap["data_as_of"] == AS_OF.isoformat()
+    metrics = run.data.metrics
+    assert (metrics["feedback.pairs"], metrics["feedback.positives"], metrics["feedback.negatives"]) == (2, 1, 1)
+    assert metrics["feedback.answers"] == 1 and metrics["feedback.dropped_heldout"] == 0
+    assert run.data.params["feedback.since"] == since.isoformat() and run.data.params["feedback.champion"] == champion
