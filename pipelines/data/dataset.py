@@ -7,11 +7,15 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from pipelines.config import DATA_DIR, DataConfig, Paths
+
+if TYPE_CHECKING:
+    from pipelines.data.feedback import FeedbackSource
 
 HOMEDEPOT_FILE = DATA_DIR / "homedepot_train.csv.zip"
 PRICERUNNER_FILE = DATA_DIR / "pricerunner_aggregate.csv.gz"
@@ -302,9 +306,7 @@ def snapshot_data(
     out_dir: Path,
     as_of: datetime,
     landing: Path | None = None,
-    feedback_since: datetime | None = None,
-    request_log: Path | None = None,
-    event_log: Path | None = None,
+    feedback: FeedbackSource | None = None,
 ) -> Snapshot:
     """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run).
 
@@ -312,12 +314,12 @@ def snapshot_data(
     by landed_judgments before anything is read or written. `data.judged_at_launch` < 1 keeps only that share of the
     training terms' judgments (judged_at_launch); the held-out ones and the catalog are the same at any share.
 
-    The logged traffic of [feedback_since, as_of) (None: from the beginning of the log; the retrain step passes the
-    champion's as-of time) becomes the `feedback_pairs` table (pipelines.data.feedback.read_feedback, from the
-    service's log folders unless `request_log` / `event_log` name others); the manifest's `feedback` says how much
-    and what was dropped.
+    With `feedback`, the logged traffic of [feedback.since, as_of) becomes the `feedback_pairs` table
+    (pipelines.data.feedback.read_feedback; the retrain step reads it since the champion's as-of time) and the
+    manifest's `feedback` says how much and what was dropped; without, the table is empty and `feedback` null, so
+    a bench or a test never picks up whatever traffic the local log holds.
     """
-    from pipelines.data.feedback import FEEDBACK_TABLE, read_feedback, window
+    from pipelines.data.feedback import FEEDBACK_TABLE, empty_pairs, read_feedback, window
 
     if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
         source = HOMEDEPOT_FILE
@@ -328,9 +330,7 @@ def snapshot_data(
     train, heldout = split_judgments(judgments)
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
     catalog = catalog_from(judgments)
-    if feedback_since is not None and feedback_since > as_of:  # an older run re-run after a newer champion
-        feedback_since = as_of
-    feedback, stats = read_feedback(feedback_since, as_of, catalog, request_log, event_log)
+    pairs, stats = read_feedback(feedback, as_of, catalog) if feedback is not None else (empty_pairs(), None)
     tables = {
         "judgments_train": launch_judgments(train, cfg.judged_at_launch),
         "judgments_heldout": heldout,
@@ -339,7 +339,7 @@ def snapshot_data(
         "offers_test": offers_test,
         # the simulated shoppers of the features pipeline click on every training term, judged at launch or not
         "events": simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed),
-        FEEDBACK_TABLE: feedback,
+        FEEDBACK_TABLE: pairs,
     }
     hashes = {}
     for name, df in tables.items():
@@ -359,7 +359,7 @@ def snapshot_data(
             "judged_terms": int(terms[judged].nunique()),
             "click_only_terms": int(terms[~judged].nunique()),
         },
-        "feedback": window(feedback_since, as_of, stats),
+        "feedback": window(feedback, as_of, stats) if feedback is not None and stats is not None else None,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Snapshot(out_dir, digest)

@@ -28,11 +28,26 @@ COLUMNS = {
 }
 
 
+# The service refuses longer queries (SHOPGUIDE_MAX_QUERY_CHARS, 256) and the snapshot's validation rejects longer
+# terms: one odd query (lower-casing can lengthen it) must not fail every retrain while it is in the window.
+MAX_TERM_CHARS = 256
+
+
+@dataclass(frozen=True)
+class FeedbackSource:
+    """Where a snapshot reads its feedback: the answers and events of [since, the run's as-of time) in the service's
+    log folders (request_log_dir, event_log_dir) unless others are named; since None = from the beginning."""
+
+    since: datetime | None
+    request_log: Path | None = None
+    event_log: Path | None = None
+
+
 @dataclass(frozen=True)
 class FeedbackStats:
     """How much logged traffic a feedback table holds, and what was left out of it and why."""
 
-    answers: int  # search answers in the window with a query
+    answers: int  # search answers in the window with a query (of at most MAX_TERM_CHARS, normalised)
     answers_with_events: int
     events: int  # feedback events in the window (click, add_to_cart, purchase)
     events_unmatched: int  # naming no search answer of the window (outside it, or a recommendation)
@@ -83,8 +98,8 @@ def feedback_pairs(
     """The (search term, product) pairs the logged traffic labels, with their titles from `catalog`.
 
     `answers` are request-log rows (request_id, endpoint, query, product_ids best first), `events` event-log rows
-    (request_id, product_id, event_type) naming them. Only search answers with a query count; an event counts on
-    the answer whose request_id it names (one per (answer, product, type)).
+    (request_id, product_id, event_type) naming them. Only search answers with a query (of at most MAX_TERM_CHARS)
+    count; an event counts on the answer whose request_id it names (one per (answer, product, type)).
 
     The rule, per answer: every product with a click, add_to_cart or purchase is a positive for the answer's
     (normalised) query, shown or not (a purchase may follow from the product page). Every product shown above the
@@ -100,7 +115,7 @@ def feedback_pairs(
     """
     searches = answers[(answers["endpoint"] == "search") & answers["query"].notna()]
     searches = searches.assign(search_term=searches["query"].map(normalize_term))
-    searches = searches[searches["search_term"] != ""]
+    searches = searches[(searches["search_term"] != "") & (searches["search_term"].str.len() <= MAX_TERM_CHARS)]
     heldout = searches["search_term"].map(is_heldout_term).astype(bool)
     rows, unmatched = _interactions(searches, events)
     counted = (
@@ -149,26 +164,21 @@ def feedback_pairs(
     return pairs, stats
 
 
-def read_feedback(
-    since: datetime | None,
-    until: datetime,
-    catalog: pd.DataFrame,
-    request_log: Path | None = None,
-    event_log: Path | None = None,
-) -> tuple[pd.DataFrame, FeedbackStats]:
-    """feedback_pairs over the answers logged in [since, until) (None: from the beginning of the log) and the events
-    accepted in the same window; the folders default to the service's (request_log_dir, event_log_dir). An event
-    accepted after `until` for an answer before it waits for the next window that holds both: never, since the next
-    window starts at the next champion's `until` (a few seconds of traffic at a window's edge)."""
+def read_feedback(source: FeedbackSource, until: datetime, catalog: pd.DataFrame) -> tuple[pd.DataFrame, FeedbackStats]:
+    """feedback_pairs over the answers logged in [source.since, until) and the events accepted in the same window.
+    An event accepted after `until` for an answer before it is in no window: the next one starts at `until` once
+    this run's model is champion (a few seconds of traffic at a window's edge)."""
     from pipelines.data.event_log import read_event_log
     from pipelines.data.request_log import read_request_log
 
+    since = source.since if source.since is None or source.since <= until else until  # a re-run of an older run
     columns = ["request_id", "endpoint", "query", "product_ids"]
-    answers = read_request_log(since, until, request_log).select(columns).to_pandas()
-    events = read_event_log(since, until, event_log).select(["request_id", "product_id", "event_type"]).to_pandas()
-    return feedback_pairs(answers, events, catalog)
+    answers = read_request_log(since, until, source.request_log).select(columns).to_pandas()
+    events = read_event_log(since, until, source.event_log).select(["request_id", "product_id", "event_type"])
+    return feedback_pairs(answers, events.to_pandas(), catalog)
 
 
-def window(since: datetime | None, until: datetime, stats: FeedbackStats) -> dict[str, Any]:
+def window(source: FeedbackSource, until: datetime, stats: FeedbackStats) -> dict[str, Any]:
     """What a snapshot's manifest records of its feedback."""
-    return {"since": since.isoformat() if since else None, "until": until.isoformat(), **stats.to_dict()}
+    since = source.since.isoformat() if source.since else None
+    return {"since": since, "until": until.isoformat(), **stats.to_dict()}

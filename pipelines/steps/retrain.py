@@ -46,6 +46,7 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
     """Freeze this run's inputs, with the logged traffic since @champion's snapshot (the whole log when there is no
     champion) as feedback pairs, and open its MLflow run; the feedback's volume goes to it (`feedback.*`)."""
     from pipelines.data.dataset import snapshot_data
+    from pipelines.data.feedback import FeedbackSource
     from pipelines.registry import mlflow_client as registry
 
     cfg = config_from_params(params)
@@ -54,7 +55,7 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
     champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
     since = registry.data_as_of(paths, cfg.registry.model_name, champion) if champion else None
     with task_folders(run_key, paths) as t:
-        snap = snapshot_data(cfg.data, t.output("data"), until, feedback_since=since)
+        snap = snapshot_data(cfg.data, t.output("data"), until, feedback=FeedbackSource(since))
         feedback = json.loads((snap.path / "manifest.json").read_text())["feedback"]
         tags = {**lineage, "data_snapshot": snap.hash, registry.DATA_AS_OF_TAG: as_of, "profile": cfg.profile}
         mlflow_run = registry.start_run(paths, run_key, tags)

@@ -22,7 +22,7 @@ from pipelines.data.dataset import (
     normalize_term,
     snapshot_data,
 )
-from pipelines.data.feedback import COLUMNS, FEEDBACK_TABLE, feedback_pairs
+from pipelines.data.feedback import COLUMNS, FEEDBACK_TABLE, MAX_TERM_CHARS, FeedbackSource, feedback_pairs
 from pipelines.runtime.event_log import SCHEMA as EVENT_SCHEMA
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.logfolder import partition_name, to_batch
@@ -105,10 +105,12 @@ def test_heldout_and_validation_terms_never_become_pairs() -> None:
         [
             _answers([("t", train, [1, 2]), ("h1", held, [1, 2]), ("h2", held.upper(), [3]), ("v", val, [1, 2])]),
             _answers([("rec", None, [1, 2])], endpoint="recommend"),  # no query: nothing to learn for a term
+            _answers([("long", "x" * (MAX_TERM_CHARS + 1), [1, 2])]),  # no query the service or validation takes
         ]
     )
     events = _events(
         [("t", 2, "click"), ("h1", 2, "purchase"), ("h2", 3, "click"), ("v", 2, "click"), ("rec", 2, "click")]
+        + [("long", 2, "click")]
     )
     catalog = CATALOG[CATALOG["product_uid"] != 1]  # product 1 is not in this snapshot's catalog: no title
     pairs, stats = feedback_pairs(answers, events, catalog)
@@ -116,7 +118,7 @@ def test_heldout_and_validation_terms_never_become_pairs() -> None:
     assert not any(is_heldout_term(t) or is_validation_term(t) for t in pairs["search_term"])
     assert (stats.heldout_answers, stats.dropped_heldout) == (2, 3)  # (held, 1) (held, 2) (held, 3)
     assert stats.dropped_validation == 2 and stats.dropped_unknown_product == 1  # (train, 1) had no title
-    assert stats.answers == 4 and stats.events_unmatched == 1  # the recommendation's click
+    assert stats.answers == 4 and stats.events_unmatched == 2  # the recommendation's and the long query's clicks
     empty, none = feedback_pairs(answers.iloc[:0], events.iloc[:0], catalog)
     assert empty.empty and dict(empty.dtypes.astype(str)) == {
         c: str(pd.Series(dtype=t).dtype) for c, t in COLUMNS.items()
@@ -159,7 +161,7 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Snapshots:
     """The same 300 terms judged in full and at 40%, the latter with a click on a click-only term's answer, one on a
     held-out term's, and one before the feedback window."""
     root = tmp_path_factory.mktemp("feedback-snapshots")
-    full = snapshot_data(DataConfig(**SMALL), root / "full", AS_OF, request_log=root / "none", event_log=root / "none")
+    full = snapshot_data(DataConfig(**SMALL), root / "full", AS_OF)
     judgments = pd.concat([full.table("judgments_train"), full.table("judgments_heldout")])
     by_term = judgments.assign(term=judgments["search_term"].map(normalize_term)).groupby("term")["product_uid"]
     click_only = next(t for t, g in by_term if is_training_term(t) and not is_judged_at_launch(t, 0.4) and len(g) > 2)
@@ -174,12 +176,13 @@ def snapshots(tmp_path_factory: pytest.TempPathFactory) -> Snapshots:
     events = [_click("in", at, shown[1], 1), _click("held", at, shown_held[1], 1), _click("old", since, shown[2], 2)]
     _write(root / "requests", answers, REQUEST_SCHEMA)
     _write(root / "events", events, EVENT_SCHEMA)
-    logs = {"request_log": root / "requests", "event_log": root / "events"}
     cfg = DataConfig(**SMALL, judged_at_launch=0.4)
     return Snapshots(
         full,
-        snapshot_data(cfg, root / "launch", AS_OF, request_log=root / "none", event_log=root / "none"),
-        snapshot_data(cfg, root / "feedback", AS_OF, feedback_since=since, **logs),
+        snapshot_data(cfg, root / "launch", AS_OF),  # no feedback asked for: none read
+        snapshot_data(
+            cfg, root / "feedback", AS_OF, feedback=FeedbackSource(since, root / "requests", root / "events")
+        ),
         click_only,
         [int(p) for p in shown],
     )
@@ -210,6 +213,7 @@ def test_the_snapshot_holds_the_window_feedback_without_heldout_terms(snapshots:
     pairs = snap.table(FEEDBACK_TABLE)
     assert _labels(pairs) == {(term, shown[0]): "negative", (term, shown[1]): "positive"}  # "old" is before `since`
     assert launch.table(FEEDBACK_TABLE).empty and launch.hash != snap.hash  # the hash covers the feedback
+    assert pd.read_json(launch.path / "manifest.json", typ="series")["feedback"] is None
     window = pd.read_json(snap.path / "manifest.json", typ="series")["feedback"]
     assert window["since"] == (AS_OF - timedelta(days=2)).isoformat() and window["until"] == AS_OF.isoformat()
     assert (window["heldout_answers"], window["dropped_heldout"], window["pairs"]) == (1, 2, 2)
