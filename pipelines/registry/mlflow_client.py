@@ -525,6 +525,12 @@ class PromotionError(RuntimeError):
     """A promotion or rollback was refused; nothing moved. The message says why and what would make it pass."""
 
 
+class PromotionRefused(PromotionError):
+    """Refused for what the request or the registry says (no such version, gate failed, nothing to roll back to...):
+    trying again gives the same answer, so a DAG task fails at once (pipelines.steps.bounds.PERMANENT_ERRORS). The
+    plain PromotionError stays for what may pass later: the lock held by another move, artifacts not downloadable."""
+
+
 @dataclass(frozen=True)
 class AliasMove:
     """The outcome of promote()/rollback(): where @champion was and is, and why; moved=False for a no-op."""
@@ -600,16 +606,16 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
         mv = c.get_model_version(model_name, str(version))
     except Exception as err:
         if is_absent(err):
-            raise PromotionError(f"{model_name} version {version} does not exist in the registry") from err
+            raise PromotionRefused(f"{model_name} version {version} does not exist in the registry") from err
         raise
     if mv.status != "READY":
-        raise PromotionError(f"{model_name} version {version} is {mv.status}, not READY")
+        raise PromotionRefused(f"{model_name} version {version} is {mv.status}, not READY")
     try:
         manifest = _manifest_from_tags(mv.tags, f"{model_name} version {version}")
         with tempfile.TemporaryDirectory(prefix="shopguide-check-") as tmp:
             download_bundle(paths, model_name, str(version), tmp)
     except BundleMismatch as err:
-        raise PromotionError(f"not servable (force does not override this): {err}") from err
+        raise PromotionRefused(f"not servable (force does not override this): {err}") from err
     except Exception as err:
         raise PromotionError(f"{model_name} version {version}: cannot download its artifacts: {err}") from err
     needs_force = []
@@ -623,7 +629,7 @@ def check_version(paths: Paths, model_name: str, version: str, force: bool) -> b
     if manifest is None:
         needs_force.append(f"it has no recorded sha256 manifest ({MANIFEST_TAG}), so its files cannot be verified")
     if needs_force and not force:
-        raise PromotionError(
+        raise PromotionRefused(
             f"{model_name} version {version}: " + "; and ".join(needs_force) + "; promoting it anyway needs force "
             "with a reason"
         )
@@ -744,7 +750,7 @@ _NOW: Any = object()  # promote(decided_against=...) not given: the champion pro
 
 def _require_reason(reason: str, action: str) -> str:
     if not reason or not reason.strip():
-        raise PromotionError(f"{action} needs a non-empty reason (it is recorded with the alias move)")
+        raise PromotionRefused(f"{action} needs a non-empty reason (it is recorded with the alias move)")
     return reason.strip()
 
 
@@ -785,7 +791,7 @@ def promote(
                 note=f"run {run_key} already promoted version {done[-1]['version']} at {done[-1]['at']}",
             )
     if decided_against is not _NOW and current != decided_against:
-        raise PromotionError(
+        raise PromotionRefused(
             f"{model_name}@{CHAMPION} moved from {decided_against or '(none)'} to {current or '(none)'} since the "
             f"decision to promote version {version} was made against it; nothing moved: decide again"
         )
@@ -814,16 +820,16 @@ def rollback(paths: Paths, model_name: str, reason: str, actor: str, force: bool
     reason = _require_reason(reason, ROLLBACK)
     current = alias_version(paths, model_name, CHAMPION)
     if current is None:
-        raise PromotionError(f"{model_name} has no @{CHAMPION}: nothing to roll back")
+        raise PromotionRefused(f"{model_name} has no @{CHAMPION}: nothing to roll back")
     lineage = champion_lineage(champion_history(paths, model_name))
     if not lineage or lineage[-1] != current:
-        raise PromotionError(
+        raise PromotionRefused(
             f"{model_name}@{CHAMPION} is version {current}, but the last recorded move left version "
             f"{lineage[-1] if lineage else '(none)'}: the alias was moved outside shopguide promote/rollback, so "
             "the version it held before is unknown; promote the version you want explicitly"
         )
     if len(lineage) < 2:
-        raise PromotionError(
+        raise PromotionRefused(
             f"{model_name}@{CHAMPION} is version {current} and no earlier champion is recorded: nothing to roll back to"
         )
     target = lineage[-2]

@@ -18,6 +18,7 @@ PERMANENT_ERRORS = frozenset(
         "pipelines.data.validate.DataValidationError",  # the data broke an expectation
         "pipelines.compression.variants.CompressionFailed",  # no variant qualifies and the fallback is "fail"
         "pipelines.features.store.StaleFeaturesError",  # materialize already ran: a retry cannot freshen the store
+        "pipelines.registry.mlflow_client.PromotionRefused",  # no such version, gate failed, nothing to roll back to
     }
 )
 

@@ -20,16 +20,16 @@ def move_champion(params: dict[str, Any], actor: str, paths: Paths | None = None
     reason, force = params.get("reason") or "", bool(params.get("force"))
     if action == registry.PROMOTE:
         if version is None:
-            raise registry.PromotionError("action promote needs a version")
+            raise registry.PromotionRefused("action promote needs a version")
         move = registry.promote(paths, model, str(version), reason, actor, force=force)
     elif action == registry.ROLLBACK:
         if version is not None:
-            raise registry.PromotionError(
+            raise registry.PromotionRefused(
                 f"rollback goes back to the recorded previous champion; leave version empty (got {version}) or use "
                 "action promote to pick a version"
             )
         move = registry.rollback(paths, model, reason, actor, force=force)
     else:
-        raise registry.PromotionError(f"unknown action {action!r}: expected promote or rollback")
+        raise registry.PromotionRefused(f"unknown action {action!r}: expected promote or rollback")
     print(move.summary())
     return move.to_dict()

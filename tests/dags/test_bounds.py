@@ -106,6 +106,10 @@ def test_permanent_errors_name_real_exception_classes() -> None:
 
         assert is_permanent(Narrower.__new__(Narrower)), name
     assert not is_permanent(RuntimeError("MLflow is unreachable"))
+    # a refused move fails at once; the lock held by another move or an unreachable store may pass on a retry
+    from pipelines.registry.mlflow_client import PromotionError, PromotionRefused
+
+    assert is_permanent(PromotionRefused("gate failed")) and not is_permanent(PromotionError("lock held"))
     assert not is_permanent(TimeoutError())
 
 
