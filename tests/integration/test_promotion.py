@@ -389,38 +389,6 @@ def model_aliases_kept(shopguide_home: Paths) -> Iterator[Paths]:
 
 
 @pytest.mark.slow
-def test_promote_dag_promotes_refuses_forces_and_rolls_back(source: Source, model_aliases_kept: Paths) -> None:
-    paths = model_aliases_kept
-    good = add_version(source, MODEL_NAME, True)
-    bad = add_version(source, MODEL_NAME, False, FAILED_GATE)
-
-    def trigger(**conf) -> DagTestResult:
-        return run_dag_test(paths, "shopguide_promote", conf, capture=True, timeout=600)
-
-    # A plain promotion through the DAG is test_trigger_the_promote_dag_through_the_rest_api's; here each run is an
-    # `airflow dags test` (~25 s), so the champion starts from the registry.
-    registry.promote(paths, MODEL_NAME, good, "the starting champion", "test")
-    assert champion_of(paths, MODEL_NAME) == good
-
-    refused = trigger(action="promote", version=int(bad), reason="without force")
-    assert not refused.ok and refused.task_states == {"move_champion": "failed"}
-    assert "did not pass its gate" in refused.output and champion_of(paths, MODEL_NAME) == good
-
-    forced = trigger(action="promote", version=int(bad), reason="forced from the form", force=True)
-    forced.check()
-    move = forced.xcom("move_champion")
-    assert (move["version"], move["moved"], move["forced"]) == (bad, True, True)
-    assert move["actor"].startswith("airflow:dag_test (shopguide_promote/manual__")
-    assert champion_of(paths, MODEL_NAME) == bad
-
-    back = trigger(action="rollback", reason="forced version misbehaves")
-    back.check()
-    assert (back.xcom("move_champion")["previous"], back.xcom("move_champion")["version"]) == (bad, good)
-    assert champion_of(paths, MODEL_NAME) == good
-    assert "rollback: shopguide-encoder@champion" in back.output
-
-
-@pytest.mark.slow
 def test_promote_dag_rejects_invalid_params(airflow_paths: Paths) -> None:
     run = run_dag_test(
         airflow_paths, "shopguide_promote", {"action": "promote", "version": 0, "reason": ""}, capture=True, timeout=600
@@ -561,13 +529,17 @@ def _poll(what: str, fn, timeout: float, log_dir: Path, every: float = 1.0):
 
 
 @pytest.mark.slow
-def test_trigger_the_promote_dag_through_the_rest_api(
+def test_the_promote_dag_through_the_rest_api_promotes_refuses_forces_and_rolls_back(
     source: Source, airflow_paths: Paths, model_aliases_kept: Paths, tmp_path: Path
 ) -> None:
+    """The form's four cases as a user triggers them, run by a real scheduler (LocalExecutor): a promotion, a
+    gate-failed version refused at once (no retry: a refusal is not transient), the same version forced with a
+    reason, and a rollback to the champion it replaced."""
     import httpx
 
     paths = airflow_paths
-    version = add_version(source, MODEL_NAME, True)
+    good = add_version(source, MODEL_NAME, True)
+    bad = add_version(source, MODEL_NAME, False, FAILED_GATE)
     with airflow_services(paths, tmp_path) as url, httpx.Client(base_url=url, timeout=10) as http:
 
         def token() -> str | None:
@@ -595,23 +567,50 @@ def test_trigger_the_promote_dag_through_the_rest_api(
         assert invalid.status_code == 400, invalid.text
         assert "version" in invalid.text or "reason" in invalid.text
 
-        conf = {"action": "promote", "version": int(version), "reason": "triggered through the REST API"}
-        created = http.post("/api/v2/dags/shopguide_promote/dagRuns", json={"logical_date": None, "conf": conf})
-        assert created.status_code == 200, created.text
-        run_id = created.json()["dag_run_id"]
-        assert created.json()["conf"] == conf
+        def trigger(**conf) -> tuple[dict, dict]:
+            """(the finished run, its move_champion task instance); runs one at a time (max_active_runs=1)."""
+            created = http.post("/api/v2/dags/shopguide_promote/dagRuns", json={"logical_date": None, "conf": conf})
+            assert created.status_code == 200, created.text
+            run_id = created.json()["dag_run_id"]
+            assert created.json()["conf"] == conf
 
-        def finished() -> dict | None:
-            run = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}").json()
-            return run if run["state"] in ("success", "failed") else None
+            def finished() -> dict | None:
+                run = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}").json()
+                return run if run["state"] in ("success", "failed") else None
 
-        run = _poll(f"run {run_id} finished", finished, 300, tmp_path, every=2)
+            run = _poll(f"run {run_id} finished", finished, 300, tmp_path, every=1)
+            ti = http.get(f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}/taskInstances/move_champion").json()
+            return run, ti
+
+        def xcom(run: dict) -> dict:
+            path = f"/api/v2/dags/shopguide_promote/dagRuns/{run['dag_run_id']}/taskInstances/move_champion"
+            return http.get(f"{path}/xcomEntries/return_value", params={"deserialize": True}).json()["value"]
+
+        def log(run: dict, ti: dict) -> str:
+            path = f"/api/v2/dags/shopguide_promote/dagRuns/{run['dag_run_id']}/taskInstances/move_champion"
+            r = http.get(f"{path}/logs/{ti['try_number']}", params={"full_content": True})
+            return r.text
+
+        run, _ = trigger(action="promote", version=int(good), reason="triggered through the REST API")
         assert run["state"] == "success", (run, (tmp_path / "scheduler.log").read_text()[-5000:])
-        xcom = http.get(
-            f"/api/v2/dags/shopguide_promote/dagRuns/{run_id}/taskInstances/move_champion/xcomEntries/return_value"
-        ).json()
-        print("REST-triggered run:", run["dag_run_id"], xcom.get("value"))
-    assert champion_of(paths, MODEL_NAME) == version
-    entry = registry.champion_history(paths, MODEL_NAME)[-1]
-    assert (entry["version"], entry["reason"]) == (version, "triggered through the REST API")
-    assert entry["actor"].startswith("airflow:") and run_id in entry["actor"]
+        assert champion_of(paths, MODEL_NAME) == good
+        entry = registry.champion_history(paths, MODEL_NAME)[-1]
+        assert (entry["version"], entry["reason"]) == (good, "triggered through the REST API")
+        assert entry["actor"].startswith("airflow:") and run["dag_run_id"] in entry["actor"]
+
+        run, ti = trigger(action="promote", version=int(bad), reason="without force")
+        assert (run["state"], ti["state"], ti["try_number"]) == ("failed", "failed", 1), ti
+        assert "did not pass its gate" in log(run, ti)
+        assert champion_of(paths, MODEL_NAME) == good
+
+        run, _ = trigger(action="promote", version=int(bad), reason="forced from the form", force=True)
+        assert run["state"] == "success", run
+        move = xcom(run)
+        assert (move["version"], move["moved"], move["forced"]) == (bad, True, True)
+        assert champion_of(paths, MODEL_NAME) == bad
+
+        run, _ = trigger(action="rollback", reason="forced version misbehaves")
+        assert run["state"] == "success", run
+        assert (xcom(run)["previous"], xcom(run)["version"]) == (bad, good)
+        print("REST-triggered runs: promote, refused, forced, rolled back:", xcom(run))
+    assert champion_of(paths, MODEL_NAME) == good
