@@ -42,7 +42,7 @@ check: install
 	$(VENV)/bin/mypy
 
 # The production-profile tests (marker `prod`: the profile's processes on this machine's PostgreSQL and Redis, two
-# DAG runs on its Celery worker; ~7.5 min alone on 2 cores, more beside the rest) run in a
+# DAG runs on its Celery worker; ~6 min alone on 2 cores, ~8.5 beside the rest) run in a
 # second pytest process beside the rest, which takes the other core; their report follows the main one. Exit status
 # 5 is pytest's "nothing selected" (PYTEST_ARGS naming other tests).
 test: check
