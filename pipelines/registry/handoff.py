@@ -10,20 +10,26 @@ store, `mlflow server --artifacts-destination`), `s3://`, `gs://` and the other 
 - Any other store: each task works in its own scratch folder (under SHOPGUIDE_SCRATCH, removed when the task ends),
   stages what it reads by downloading the folders its input URLs point into, and publishes its output folders;
   XCom carries URLs `<store>/<run>/<output>/<relative path>`. A path on one worker's disk never reaches another task.
+  Each publish also writes `<run>/_published.json` (when), the age the retention reads: object stores and the MLflow
+  server's artifact API report no modification times.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 from pipelines.config import Paths, safe_name
+
+PUBLISHED_MARK = "_published.json"
 
 
 def local_folder(url: str) -> Path | None:
@@ -97,6 +103,10 @@ class TaskFolders:
         repo = get_artifact_repository(self.store, tracking_uri=self.tracking_uri)
         for name, path in self.outputs.items():
             repo.log_artifacts(str(path), f"{self.run}/{name}")
+        if self.outputs:
+            mark = self._scratch / PUBLISHED_MARK
+            mark.write_text(json.dumps({"published_at": datetime.now(UTC).isoformat()}))
+            repo.log_artifact(str(mark), self.run)
         return _walk(value, self._publish_path)
 
     def _stage_url(self, text: str) -> str:
@@ -162,3 +172,30 @@ def task_folders(run_key: str, paths: Paths | None = None) -> Iterator[TaskFolde
         yield TaskFolders(store, run, scratch, paths.mlflow_tracking_uri)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)  # scratch only: the store keeps every published output
+
+
+def store_runs(store: str, tracking_uri: str | None = None) -> dict[str, datetime | None]:
+    """Every run folder of a remote run store and when a task of it last published (None: no mark, age unknown)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(store, tracking_uri=tracking_uri)
+    runs: dict[str, datetime | None] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for info in repo.list_artifacts():
+            if not info.is_dir:
+                continue
+            try:
+                mark = repo.download_artifacts(f"{info.path}/{PUBLISHED_MARK}", tmp)
+                runs[info.path] = datetime.fromisoformat(json.loads(Path(mark).read_text())["published_at"])
+            except Exception:  # no mark (a folder not written by task_folders) or unreadable: never aged out
+                runs[info.path] = None
+    return runs
+
+
+def delete_store_runs(store: str, runs: list[str], tracking_uri: str | None = None) -> None:
+    """Delete these run folders from a remote run store (the MLflow server deletes from its artifact destination)."""
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    repo = get_artifact_repository(store, tracking_uri=tracking_uri)
+    for run in runs:
+        repo.delete_artifacts(run)

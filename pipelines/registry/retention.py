@@ -5,7 +5,8 @@ Policy (RetentionConfig): every version holding an alias (champion, challenger) 
 rollback target) stay; of the other versions the newest `keep_candidates` stay, a failed one only for
 `failed_artifacts_days`. A deleted version loses its registry entry and its logged model (the bundle: ONNX graph,
 index, tokenizer); its training run keeps its metrics and small reports, so the history of what was tried stays.
-Pipeline run folders (snapshots, fine-tuned teachers, students: the bulk of the disk) go after `run_dirs_days`.
+Pipeline run folders (snapshots, fine-tuned teachers, students: the bulk of the disk) go after `run_dirs_days`, in the
+local runs folder by their newest file, in a remote run store (pipelines/registry/handoff.py) by their last publish.
 """
 
 from __future__ import annotations
@@ -116,6 +117,8 @@ def apply_version_verdicts(paths: Paths, model_name: str, verdicts: list[Verdict
 
     Re-reads the aliases first: a version that became champion since the decision is never deleted.
     """
+    if all(v.keep for v in verdicts):  # nothing to delete (no registered model yet, on a new deployment)
+        return []
     c = client(paths)
     held = {str(v) for v in c.get_registered_model(model_name).aliases.values()}
     deleted, models = [], []
@@ -154,6 +157,13 @@ def stale_folders(root: Path, older_than_days: float, now: float | None = None) 
     now = time.time() if now is None else now
     aged = [(newest_mtime(p), p) for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
     return [p for stamp, p in sorted(aged) if now - stamp > older_than_days * DAY]
+
+
+def stale_store_runs(published: dict[str, datetime | None], older_than_days: float, now: datetime) -> list[str]:
+    """Remote run-store folders whose last publish is older than the given days, oldest first; a folder without a
+    publish time is kept (its age is unknown)."""
+    aged = sorted((stamp, run) for run, stamp in published.items() if stamp is not None)
+    return [run for stamp, run in aged if (now - stamp).total_seconds() > older_than_days * DAY]
 
 
 def prune_folders(folders: list[Path]) -> int:

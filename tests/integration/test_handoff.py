@@ -111,3 +111,35 @@ def test_a_url_the_store_does_not_hold_is_refused_and_foreign_strings_pass(remot
             t.stage("mlflow-artifacts:/runs/run_2/missing")
         with pytest.raises(HandoffError, match="names no output folder"):
             t.stage("mlflow-artifacts:/runs/run_2")
+
+
+def test_the_retention_deletes_old_runs_from_a_remote_store_by_their_last_publish(
+    remote: tuple[Paths, Path], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The maintenance step on the production profile's kind of store: run folders go by the time a task of theirs
+    last published (object stores and the MLflow server report no modification times); a folder no task published
+    (no mark) is kept and reported."""
+    import json
+    from datetime import UTC, datetime, timedelta
+
+    from pipelines.steps.maintenance import prune
+
+    paths, artifacts = remote
+    monkeypatch.setenv("SHOPGUIDE_HOME", str(paths.home))
+    for run in ("retrain__old", "retrain__new"):
+        with task_folders(run, paths) as t:
+            (t.output("data") / "snapshot.parquet").write_bytes(b"rows")
+            t.publish({})
+    (artifacts / "runs" / "stray").mkdir()  # written by something else than a task
+    # eight days ago, as its mark says (the server's files have no meaningful mtime to age by)
+    old_mark = artifacts / "runs" / "retrain__old" / "_published.json"
+    published = datetime.fromisoformat(json.loads(old_mark.read_text())["published_at"])
+    old_mark.write_text(json.dumps({"published_at": (published - timedelta(days=8)).isoformat()}))
+
+    dry = prune({"profile": "tiny", "dry_run": True}, paths, datetime.now(UTC))
+    assert dry["store_runs"] == ["retrain__old"] and (artifacts / "runs" / "retrain__old").is_dir()
+    assert "stray" in dry["store_runs_without_a_publish_time"]  # (the module's other tests publish into this store)
+    done = prune({"profile": "tiny"}, paths, datetime.now(UTC))
+    assert done["store_runs"] == ["retrain__old"]
+    left = {p.name for p in (artifacts / "runs").iterdir()}
+    assert "retrain__old" not in left and {"retrain__new", "stray"} <= left
