@@ -4,6 +4,7 @@ scrape config and rules (docker/prometheus/), and alerts fire when their conditi
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -49,9 +50,10 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _render(folder: Path, targets: list[str]) -> Path:
-    """docker/prometheus/prometheus-process.yml with the test's targets, a 1 s step and a key file of its own, and
-    rules.yml with TEST_HOLD for every `for:`; everything else as shipped."""
+def _render(folder: Path, targets: list[str], monitor: str = "127.0.0.1:1") -> Path:
+    """docker/prometheus/prometheus-process.yml with the test's targets (the replicas', and the monitor textfile's
+    node_exporter: none by default), a 1 s step and a key file of its own, and rules.yml with TEST_HOLD for every
+    `for:`; everything else as shipped."""
     rules = yaml.safe_load((PROMETHEUS_DIR / "rules.yml").read_text())
     for group in rules["groups"]:
         for rule in group["rules"]:
@@ -60,7 +62,10 @@ def _render(folder: Path, targets: list[str]) -> Path:
     (folder / "rules.yml").write_text(yaml.safe_dump(rules, sort_keys=False))
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus-process.yml").read_text())
     config["global"] = {"scrape_interval": STEP, "scrape_timeout": STEP, "evaluation_interval": STEP}
-    (job,) = config["scrape_configs"]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert set(jobs) == {"shopguide", "shopguide-monitor"}, jobs
+    jobs["shopguide-monitor"]["static_configs"] = [{"targets": [monitor]}]
+    job = jobs["shopguide"]
     job["static_configs"] = [{"targets": targets}]
     # the services here run without API keys and ignore the header; the file must exist
     (folder / "api-key").write_text("test-key\n")
@@ -232,3 +237,69 @@ def test_the_service_exports_what_the_rules_read(
         ("shopguide_shadow_category_agreement_total", {"result": "disagree"}),
     ]
     assert [(n, x) for n, x in zeros if _sample(before, n, **x) != 0] == []
+
+
+def _node_exporter() -> str:
+    for name in ("prometheus-node-exporter", "node_exporter"):
+        if found := shutil.which(name):
+            return found
+    pytest.skip("node_exporter not installed (apt-get install prometheus-node-exporter)")
+
+
+def test_the_monitors_textfile_is_scraped_and_its_alerts_fire(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The monitor DAG's own writer (pipelines/monitoring/records.py) puts a window with query-text drift and
+    vocabulary misses above their bound into its textfile; node_exporter's textfile collector serves it (run as
+    docker/README.md says), the shipped config's job shopguide-monitor scrapes it, and ShopguideQueryDrift (with its
+    `signal` label kept) and ShopguideVocabularyMisses fire; fresh features and a fresh window raise nothing."""
+    from datetime import UTC, datetime
+
+    from pipelines.monitoring.decision import MonitorDecision
+    from pipelines.monitoring.records import TEXTFILE_ENV, write_textfile
+
+    binary, exporter = _prometheus(), _node_exporter()
+    monkeypatch.delenv(TEXTFILE_ENV, raising=False)
+    paths = Paths(tmp_path / "home")
+    row = {
+        "window_end": datetime.now(UTC),
+        "vocab_miss_ratio": 0.2,
+        "feature_age_s": json.dumps({"user_activity": 60.0}),
+    }
+    decision = MonitorDecision(
+        alarms={"query_text": True, "query_embedding": False, "vocab_miss": True}, reasons=[], vocab_miss_threshold=0.05
+    )
+    textfile = write_textfile(paths, row, decision)
+    assert textfile == paths.home / "monitor" / "shopguide_monitor.prom"
+    exporter_port, prom_port = _free_port(), _free_port()
+    prometheus = f"http://127.0.0.1:{prom_port}"
+    config = _render(tmp_path, ["127.0.0.1:1"], monitor=f"127.0.0.1:{exporter_port}")
+    exporter_args = [
+        exporter,
+        f"--web.listen-address=127.0.0.1:{exporter_port}",
+        "--collector.disable-defaults",
+        "--collector.textfile",
+        f"--collector.textfile.directory={textfile.parent}",
+    ]
+    prom_args = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{prom_port}",
+        "--log.level=warn",
+    ]
+    deadline = time.monotonic() + DEADLINE_S
+    with (
+        _process(exporter_args, tmp_path / "node_exporter.log") as exporter_proc,
+        _process(prom_args, tmp_path / "prometheus.log") as prom_proc,
+    ):
+        _wait(f"http://127.0.0.1:{exporter_port}/metrics", deadline, exporter_proc, tmp_path / "node_exporter.log")
+        _wait(f"{prometheus}/-/ready", deadline, prom_proc, tmp_path / "prometheus.log")
+        while True:
+            alerts = _active(prometheus)
+            firing = {a["labels"]["alertname"] for a in alerts if a["state"] == "firing"}
+            if {"ShopguideQueryDrift", "ShopguideVocabularyMisses"} <= firing:
+                break
+            assert time.monotonic() < deadline, f"alerts after {DEADLINE_S} s: {alerts}"
+            time.sleep(0.2)
+    drift = [a["labels"] for a in alerts if a["labels"]["alertname"] == "ShopguideQueryDrift"]
+    assert [a["signal"] for a in drift] == ["query_text"], drift  # one per drifted signal, query_embedding held
+    assert not firing & {"ShopguideFeaturesStale", "ShopguideMonitorNotRunning"}, alerts
