@@ -161,18 +161,22 @@ def distill_students(
 
 
 def vocabulary_texts(snapshot: Snapshot) -> list[str]:
-    """The domain's texts: training queries, the whole catalog (it is indexed) and the PriceRunner training titles;
-    never the held-out queries, so their unseen words are a fair test of the pruned tokenizer."""
+    """The domain's texts: training queries (judged, and the training terms shoppers searched in the logged traffic:
+    a new brand or product line enters the served vocabulary with the next retrain), the whole catalog (it is
+    indexed) and the PriceRunner training titles; never the held-out queries, so their unseen words are a fair test
+    of the pruned tokenizer (the feedback table holds none: pipelines/data/feedback.py drops them)."""
     import pandas as pd
 
-    texts = pd.concat(
-        [
-            snapshot.table("judgments_train")["search_term"],
-            snapshot.table("catalog")["product_title"],
-            snapshot.table("offers_train")["offer_title"],
-        ]
-    )
-    return texts.astype(str).drop_duplicates().tolist()
+    from pipelines.data.feedback import FEEDBACK_TABLE
+
+    texts = [
+        snapshot.table("judgments_train")["search_term"],
+        snapshot.table("catalog")["product_title"],
+        snapshot.table("offers_train")["offer_title"],
+    ]
+    if (snapshot.path / f"{FEEDBACK_TABLE}.parquet").is_file():  # a snapshot frozen before feedback existed has none
+        texts.append(snapshot.table(FEEDBACK_TABLE)["search_term"])
+    return pd.concat(texts).astype(str).drop_duplicates().tolist()
 
 
 def prune_vocabulary(

@@ -311,3 +311,14 @@ def test_the_snapshot_step_reads_the_traffic_since_the_champions_snapshot(
     assert (metrics["feedback.pairs"], metrics["feedback.positives"], metrics["feedback.negatives"]) == (2, 1, 1)
     assert metrics["feedback.answers"] == 1 and metrics["feedback.dropped_heldout"] == 0
     assert run.data.params["feedback.since"] == since.isoformat() and run.data.params["feedback.champion"] == champion
+
+
+def test_a_click_only_term_enters_the_pruned_vocabulary_texts(snapshots: Snapshots) -> None:
+    """The vocabulary a "-vocab" variant is pruned to covers what shoppers searched (training terms only), so a new
+    term's words are served whole after the next retrain; the held-out term of the traffic stays out."""
+    from pipelines.compression.variants import vocabulary_texts
+
+    launch, snap, term = snapshots.launch, snapshots.feedback, snapshots.term
+    assert term not in vocabulary_texts(launch) and term in vocabulary_texts(snap)
+    heldout = {normalize_term(t) for t in snap.table("judgments_heldout")["search_term"]}
+    assert not heldout & set(snap.table(FEEDBACK_TABLE)["search_term"])
