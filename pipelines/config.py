@@ -289,6 +289,23 @@ class OrchestrationConfig(_Section):
     dag_run_timeout_minutes: float = Field(240, gt=0, le=7 * 24 * 60, description="The CLI's wait for one DAG run.")
 
 
+class RetrainConfig(_Section):
+    """Whether a retrain run the machine started (the weekly schedule, the features DAG's Asset) trains at all: its
+    first task counts what is new since @champion's snapshot and ends the run as skipped when nothing is
+    (pipelines.data.newness). Manual runs always train unless their Param `only_with_new_data` asks for this rule."""
+
+    # ~100 answers with a click, cart or purchase add on the order of a hundred feedback pairs to ~70,000 judged
+    # training pairs: fewer rarely move held-out nDCG@10 beyond the gate's CI, and a retrain costs minutes to an hour
+    min_new_feedback: int = Field(
+        100,
+        ge=1,
+        le=10_000_000,
+        description="Search answers on training terms (neither held-out nor validation) with a click, add-to-cart or "
+        "purchase, logged since @champion's data_as_of, that make a machine-started run train. A drift or "
+        "vocabulary-miss alarm of the monitor, or a judgments file in the run's conf, makes it train regardless.",
+    )
+
+
 class RetentionConfig(_Section):
     """What `shopguide prune` keeps: the champion, the previous champion and the last N candidates."""
 
@@ -465,6 +482,7 @@ class ShopguideConfig(_Section):
     features: FeaturesConfig = FeaturesConfig()
     category: CategoryConfig = CategoryConfig()
     orchestration: OrchestrationConfig = OrchestrationConfig()
+    retrain: RetrainConfig = RetrainConfig()
     retention: RetentionConfig = RetentionConfig()
     simulate: SimulateConfig = SimulateConfig()
     monitor: MonitorConfig = MonitorConfig()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipelines.data.dataset import is_heldout_term, is_validation_term, normalize_term
+from pipelines.data.dataset import is_heldout_term, is_training_term, is_validation_term, normalize_term
 
 FEEDBACK_TABLE = "feedback_pairs"
 POSITIVE_EVENTS = ("click", "add_to_cart", "purchase")
@@ -176,6 +176,26 @@ def read_feedback(source: FeedbackSource, until: datetime, catalog: pd.DataFrame
     answers = read_request_log(since, until, source.request_log).select(columns).to_pandas()
     events = read_event_log(since, until, source.event_log).select(["request_id", "product_id", "event_type"])
     return feedback_pairs(answers, events.to_pandas(), catalog)
+
+
+def count_new_feedback(source: FeedbackSource, until: datetime) -> int:
+    """Search answers in [source.since, until) on training terms (is_training_term, of at most MAX_TERM_CHARS) that got
+    a click, add_to_cart or purchase in the same window: the answers read_feedback would learn from, counted from
+    two columns of each log instead of building the pairs (seconds, where a snapshot takes minutes). Whether the
+    products are in the catalog is not checked: that needs the catalog."""
+    from pipelines.data.event_log import read_event_log
+    from pipelines.data.request_log import read_request_log
+
+    since = source.since if source.since is None or source.since <= until else until
+    events = read_event_log(since, until, source.event_log).select(["request_id", "event_type"]).to_pandas()
+    acted = set(events.loc[events["event_type"].isin(POSITIVE_EVENTS), "request_id"])
+    if not acted:
+        return 0
+    answers = read_request_log(since, until, source.request_log).select(["request_id", "endpoint", "query"]).to_pandas()
+    searches = answers[(answers["endpoint"] == "search") & answers["request_id"].isin(acted) & answers["query"].notna()]
+    terms = searches["query"].map(normalize_term)
+    learnable = terms.map(is_training_term).astype(bool) & (terms.str.len() <= MAX_TERM_CHARS)
+    return int(searches.loc[learnable, "request_id"].nunique())
 
 
 def window(source: FeedbackSource, until: datetime, stats: FeedbackStats) -> dict[str, Any]:

@@ -9,6 +9,9 @@ from pipelines.config import MonitorConfig
 
 # the drift signals, named as the exported metric's `signal` label (docker/prometheus/rules.yml)
 DRIFT_SIGNALS = ("query_text", "query_embedding", "category")
+VOCABULARY_SIGNAL = "vocabulary"
+# the alarms that say the traffic moved away from what the champion learned: a retrain has something to learn
+RETRAIN_SIGNALS = (*DRIFT_SIGNALS, VOCABULARY_SIGNAL)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,9 @@ def decide(signals: WindowSignals, cfg: MonitorConfig) -> MonitorDecision:
     if threshold is None:
         reasons.append("vocabulary: not measured (no reference)")
     else:
-        _bound(alarms, reasons, "vocabulary", signals.vocab_miss_ratio, threshold, "share of words outside the vocab")
+        _bound(
+            alarms, reasons, VOCABULARY_SIGNAL, signals.vocab_miss_ratio, threshold, "share of words outside the vocab"
+        )
     _bound(alarms, reasons, "empty_answers", signals.empty_rate, cfg.max_empty_rate, "empty answer rate")
     _bound(alarms, reasons, "low_scores", signals.low_score_rate, cfg.max_low_score_rate, "low-score answer rate")
     _bound(alarms, reasons, "latency", signals.latency_p99_ms, cfg.latency_slo_p99_ms, "search latency p99 ms")

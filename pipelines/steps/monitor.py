@@ -84,6 +84,36 @@ def reference_terms(paths: Paths, model_name: str, version: str) -> tuple[list[s
     return train["search_term"].dropna().astype(str).tolist(), "shipped training terms (snapshot not kept)"
 
 
+def latest_window(paths: Paths, model_version: str, after: datetime | None) -> tuple[datetime, tuple[str, ...]] | None:
+    """(end, alarmed drift and vocabulary-miss signals) of the latest window recorded against `model_version` that
+    ends after `after`; None when there is none. Read from the windows' MLflow runs (tags written by `record`): the
+    shared store any worker reads, where the window table is a file under one machine's SHOPGUIDE_HOME. Only the
+    48 most recently started runs of the version are looked at (two days of hourly windows): a search, not a scan."""
+    from pipelines.monitoring.decision import RETRAIN_SIGNALS
+    from pipelines.registry import mlflow_client as registry
+
+    client = registry.client(paths)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    if experiment is None:  # the monitor never ran
+        return None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.model_version = {registry.filter_literal(model_version)}",
+        order_by=["attributes.start_time DESC"],
+        max_results=48,
+    )
+    windows = []
+    for run in runs:
+        tags = run.data.tags
+        if "alarms" not in tags or not tags.get("window_end"):  # a window whose record step did not get that far
+            continue
+        end = datetime.fromisoformat(tags["window_end"])
+        if after is None or end > after:
+            alarmed = set(tags["alarms"].split(","))
+            windows.append((end, tuple(s for s in RETRAIN_SIGNALS if s in alarmed)))
+    return max(windows, default=None)
+
+
 def measure(params: dict[str, Any], window_end: str) -> dict[str, Any]:
     """Answer health, engagement, vocabulary misses and drift of the window; the drift report goes to the run store."""
     from pipelines.data.event_log import read_event_log

@@ -42,6 +42,49 @@ def config_from_params(params: dict[str, Any]) -> ShopguideConfig:
     return load_config(params.get("profile") or "default", overrides)
 
 
+def decide(params: dict[str, Any], run_type: str, as_of: str) -> dict[str, Any]:
+    """The run's first step: is there anything to learn since @champion's snapshot? Counts the facts cheaply (the
+    answers with feedback in the service's logs, the monitor's latest window in MLflow, the run's Params) and asks
+    pipelines.data.newness; {"go", "reason", "facts"}. Opens no MLflow run: a skipped run leaves nothing there."""
+    from pipelines.data.feedback import FeedbackSource, count_new_feedback
+    from pipelines.data.newness import NewData, should_retrain
+    from pipelines.registry import mlflow_client as registry
+    from pipelines.steps.monitor import latest_window
+
+    cfg = config_from_params(params)
+    paths = Paths.from_env()
+    champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
+    since = feedback = window = None
+    if champion is not None:  # without one the run trains anyway: nothing to count
+        since = registry.data_as_of(paths, cfg.registry.model_name, champion)
+        feedback = count_new_feedback(FeedbackSource(since), datetime.fromisoformat(as_of))
+        window = latest_window(paths, champion, since)
+    facts = NewData(
+        run_type=run_type,
+        champion=champion,
+        since=since,
+        new_feedback=feedback or 0,
+        alarms=window[1] if window else (),
+        window_end=window[0] if window else None,
+        judgments=params.get("judgments_path") or None,
+        only_with_new_data=bool(params.get("only_with_new_data")),
+    )
+    decision = should_retrain(facts, cfg.retrain)
+    print(f"{'train' if decision.go else 'SKIP'}: {decision.reason}")
+    summary = {
+        "run_type": run_type,
+        "champion": champion,
+        "since": since.isoformat() if since else None,
+        "new_feedback": feedback,
+        "min_new_feedback": cfg.retrain.min_new_feedback,
+        "alarms": list(facts.alarms),
+        "window_end": facts.window_end.isoformat() if facts.window_end else None,
+        "judgments": facts.judgments,
+        "only_with_new_data": facts.only_with_new_data,
+    }
+    return {**decision.to_dict(), "facts": summary}
+
+
 def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str, str]) -> dict[str, Any]:
     """Freeze this run's inputs, with the logged traffic since @champion's snapshot (the whole log when there is no
     champion) as feedback pairs, and open its MLflow run; the feedback's volume goes to it (`feedback.*`)."""
