@@ -7,7 +7,7 @@ import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from airflow.sdk import Asset, task
 from airflow.sdk.exceptions import AirflowFailException
@@ -30,9 +30,16 @@ if DEFAULT_PROFILE not in PROFILES:
 BOUNDS = dag_bounds()
 
 
-def bounded_task(python_callable: Callable[..., Any] | None = None, /, **kwargs: Any) -> Any:
-    """`@task` whose execution_timeout is the config's for its task id (the function name), and whose permanent
-    errors (bad input, broken data: pipelines.steps.bounds.PERMANENT_ERRORS) fail the task without a retry."""
+def bounded_task(
+    python_callable: Callable[..., Any] | None = None,
+    /,
+    *,
+    kind: Literal["python", "short_circuit"] = "python",
+    **kwargs: Any,
+) -> Any:
+    """`@task` (or `@task.<kind>`, e.g. short_circuit) whose execution_timeout is the config's for its task id (the
+    function name), and whose permanent errors (bad input, broken data: pipelines.steps.bounds.PERMANENT_ERRORS) fail
+    the task without a retry."""
 
     def decorate(fn: Callable[..., Any]) -> Any:
         @functools.wraps(fn)
@@ -45,6 +52,7 @@ def bounded_task(python_callable: Callable[..., Any] | None = None, /, **kwargs:
                 raise
 
         timeout = BOUNDS.timeout(kwargs.get("task_id", fn.__name__))
-        return task(execution_timeout=timeout, **kwargs)(run)
+        decorator = task if kind == "python" else getattr(task, kind)
+        return decorator(execution_timeout=timeout, **kwargs)(run)
 
     return decorate(python_callable) if python_callable is not None else decorate

@@ -1,6 +1,8 @@
-"""Retrain: snapshot -> validate -> fine-tune -> compress (distill -> prune -> export -> evaluate variants -> select)
--> evaluate -> gate (vs @champion re-evaluated on the same snapshot) -> register -> branch: promote | keep_champion
--> conclude. A lost gate ends the run successfully with the outcome "not promoted"; only errors fail a run."""
+"""Retrain: decide (anything new to learn since @champion's snapshot? if not, every later task is skipped and the run
+ends in seconds) -> snapshot -> validate -> fine-tune -> compress (distill -> prune -> export -> evaluate variants ->
+select) -> evaluate -> gate (vs @champion re-evaluated on the same snapshot) -> register -> branch: promote |
+keep_champion -> conclude. A lost gate ends the run successfully with the outcome "not promoted"; only errors fail a
+run."""
 
 from __future__ import annotations
 
@@ -29,6 +31,13 @@ PARAMS = {
         description="A Home Depot-format judgments CSV in the landing folder (SHOPGUIDE_LANDING, default "
         "$SHOPGUIDE_HOME/landing): a name relative to it or a path inside it; nothing outside it is read. "
         "Empty = the shipped data.",
+    ),
+    "only_with_new_data": Param(
+        False,
+        type="boolean",
+        description="Train only when there is something new since @champion's snapshot, as the schedule's and the "
+        "Asset's runs do: at least retrain.min_new_feedback answers with feedback, a drift or vocabulary-miss alarm "
+        "of the monitor, or a judgments file. Off: a manual run always trains.",
     ),
     "max_steps": Param(
         None,
@@ -109,6 +118,18 @@ def _run() -> tuple[dict, str, str, dict]:
     doc_md=__doc__,
 )
 def shopguide_retrain():
+    # falsy skips every task after it (whatever their trigger rules); the run still ends successfully
+    @bounded_task(kind="short_circuit")
+    def decide() -> bool:
+        from pipelines.steps.retrain import decide
+
+        params, _, as_of, _ = _run()
+        ctx = get_current_context()
+        decision = decide(params, str(ctx["dag_run"].run_type), as_of)
+        # the return value is the condition (a dict is always truthy); the reason and the facts go beside it
+        ctx["ti"].xcom_push(key="decision", value=decision)
+        return decision["go"]
+
     @bounded_task
     def snapshot() -> dict:
         from pipelines.steps.retrain import snapshot
@@ -204,6 +225,7 @@ def shopguide_retrain():
         return conclude(decision, promoted, kept)
 
     snap = snapshot()
+    decide() >> snap
     trained = finetune(snap, validate(snap))
     exported = export_onnx(snap, prune(snap, distill(snap, trained)))
     selected = select_variant(snap, evaluate_variants(snap, exported))

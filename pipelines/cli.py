@@ -123,6 +123,14 @@ def retrain(
             "relative to it or a path inside it. Default: the shipped data."
         ),
     ] = None,
+    only_with_new_data: Annotated[
+        bool,
+        typer.Option(
+            help="Train only when something is new since @champion's snapshot (the schedule's rule: "
+            "retrain.min_new_feedback answers with feedback, a monitor drift alarm or --judgments); else the run "
+            "ends as skipped in seconds."
+        ),
+    ] = False,
     quiet: bool = False,
     timeout_minutes: TimeoutMinutes = None,
 ) -> None:
@@ -131,6 +139,8 @@ def retrain(
     paths = Paths.from_env()
     _env(paths)
     conf: dict = {"profile": profile, **({"max_steps": max_steps} if max_steps is not None else {})}
+    if only_with_new_data:
+        conf["only_with_new_data"] = True
     if judgments is not None:
         from pipelines.data.dataset import JudgmentsPathError, landed_judgments
 
@@ -139,7 +149,7 @@ def retrain(
         except JudgmentsPathError as err:
             raise typer.BadParameter(str(err), param_hint="--judgments") from None
     xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes))
-    typer.echo(json.dumps({k: xcoms.get(k) for k in ("evaluate", "gate", "conclude")}, indent=2))
+    typer.echo(json.dumps({k: xcoms.get(k) for k in ("decide", "evaluate", "gate", "conclude")}, indent=2))
 
 
 @app.command()
