@@ -1,4 +1,6 @@
-"""Features: land + validate the (simulated) event log -> Feast apply + materialize_incremental -> freshness check.
+"""Features: land + validate the (simulated) event log -> Feast apply + materialize_incremental -> freshness check;
+announce_events emits the Asset that schedules retraining, only on the first landing or when the service logged new
+feedback events since the previous announcement.
 
 Optionally (Param `evaluate_personalization`) scores personalised vs plain ranking of the held-out events with the
 @champion model and logs it to MLflow.
@@ -8,6 +10,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context
+from airflow.sdk.exceptions import AirflowSkipException
 
 from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
 
@@ -58,11 +61,28 @@ def shopguide_features():
         as_of = ctx.get("logical_date") or dag_run.run_after
         return steps.land_events(ctx["params"]["profile"], f"{dag_run.dag_id}__{dag_run.run_id}", as_of)
 
-    @bounded_task(outlets=[USER_EVENTS])
+    @bounded_task
     def materialize(landed: dict) -> dict:
         from pipelines.steps import features as steps
 
         return steps.materialize(get_current_context()["params"]["profile"], landed)
+
+    # Airflow records an outlet's asset event only when its task succeeds: when nothing new landed this task skips
+    # itself, so the retrain DAG scheduled on USER_EVENTS is not started for nothing (the run still succeeds)
+    @bounded_task(inlets=[USER_EVENTS], outlets=[USER_EVENTS])
+    def announce_events(landed: dict, materialized: dict) -> dict:
+        from pipelines.steps import features as steps
+
+        ctx = get_current_context()
+        latest = list(ctx["inlet_events"][USER_EVENTS].ascending(False).limit(1))
+        previous = (
+            {"extra": dict(latest[0].extra or {}), "timestamp": latest[0].timestamp.isoformat()} if latest else None
+        )
+        announced = steps.announce_events(landed, previous)
+        if not announced["announce"]:
+            raise AirflowSkipException(announced["reason"])
+        ctx["outlet_events"][USER_EVENTS].extra = announced["extra"]
+        return announced
 
     @bounded_task
     def check_freshness(landed: dict, materialized: dict) -> dict:
@@ -81,7 +101,9 @@ def shopguide_features():
         return steps.evaluate_personalization(params["profile"], landed)
 
     landed = land_events()
-    freshness = check_freshness(landed, materialize(landed))
+    materialized = materialize(landed)
+    announce_events(landed, materialized)
+    freshness = check_freshness(landed, materialized)
     evaluate_personalization(landed, freshness)
 
 

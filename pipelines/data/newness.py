@@ -76,3 +76,21 @@ def should_retrain(facts: NewData, cfg: RetrainConfig) -> RetrainDecision:
     if new:
         return RetrainDecision(True, f"{who}: new data: {'; '.join(new)}; {found}")
     return RetrainDecision(False, f"{who}: nothing new to learn, skipped; {found}")
+
+
+def should_announce(previous_until: datetime | None, as_of: datetime, new_events: int) -> RetrainDecision:
+    """Whether a features run emits the Asset that schedules retraining: on the first landing (no announcement yet:
+    everything landed is new), or when the service's event log took feedback events since the previous announcement
+    (`previous_until`, the as-of time it covered, up to this run's `as_of`). Otherwise nothing new landed: no event,
+    and no retrain run is started for nothing."""
+    if previous_until is None:
+        return RetrainDecision(True, "first landing: no user-events announcement yet")
+    if new_events > 0:
+        return RetrainDecision(
+            True, f"{new_events} feedback events logged in [{previous_until.isoformat()}, {as_of.isoformat()})"
+        )
+    return RetrainDecision(
+        False,
+        f"no feedback event logged in [{previous_until.isoformat()}, {as_of.isoformat()}): nothing new since the "
+        "previous announcement",
+    )

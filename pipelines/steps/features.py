@@ -30,6 +30,28 @@ def materialize(profile: str, landed: dict[str, Any]) -> dict[str, Any]:
         return refresh_features(events, datetime.fromisoformat(landed["as_of"]), cfg.features.recent_products)
 
 
+def announce_events(landed: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether this run's landing is news for the retrain DAG (pipelines.data.newness.should_announce), given the
+    previous user-events asset event ({"extra", "timestamp"}, None: there was none): {"announce", "reason", "extra"},
+    `extra` being what the asset event carries (the as-of time it covers, where the next run counts from)."""
+    from pipelines.data.event_log import read_event_log
+    from pipelines.data.newness import should_announce
+
+    as_of = datetime.fromisoformat(landed["as_of"])
+    previous_until = None
+    if previous is not None:
+        # an event without our extra (emitted by hand, or before it was written): its own time bounds the window
+        stamp = (previous.get("extra") or {}).get("landed_until") or previous["timestamp"]
+        previous_until = datetime.fromisoformat(stamp)
+    new_events = 0
+    if previous_until is not None and previous_until < as_of:
+        new_events = read_event_log(previous_until, as_of).num_rows
+    decision = should_announce(previous_until, as_of, new_events)
+    print(f"user events {'announced' if decision.go else 'NOT announced'}: {decision.reason}")
+    extra = {"landed_until": as_of.isoformat(), "new_feedback_events": new_events, "run_key": landed["run_key"]}
+    return {"announce": decision.go, "reason": decision.reason, "extra": extra}
+
+
 def check_freshness(landed: dict[str, Any], max_age_hours: float, on_stale: str) -> dict[str, Any]:
     """Fail (or warn) when the online store's newest rows are older than the bound at the run's own time."""
     from pipelines.features.store import check_freshness as check

@@ -148,3 +148,32 @@ def test_retrain_turns_the_gate_decision_into_a_branch() -> None:
     assert conclude.upstream_task_ids == {"gate", PROMOTE, KEEP_CHAMPION}
     assert conclude.trigger_rule == "none_failed_min_one_success"
     assert {t.task_id for t in dag.leaves} == {"conclude"}
+
+
+def test_retrain_first_decides_whether_there_is_anything_to_learn() -> None:
+    """`decide` is a short-circuit at the root: every other task descends from it, so a "nothing new" skips them all
+    (whatever their trigger rules: conclude's would otherwise run) and the run ends successfully."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=DAGS_FOLDER / "retrain.py", safe_mode=False).dags["shopguide_retrain"]
+    decide = dag.get_task("decide")
+    assert type(decide).__name__ == "_ShortCircuitDecoratedOperator" and decide.ignore_downstream_trigger_rules
+    assert [t.task_id for t in dag.roots] == ["decide"]
+    assert {t.task_id for t in decide.get_flat_relatives(upstream=False)} == set(dag.task_ids) - {"decide"}
+    assert decide.execution_timeout is not None  # bounded like every other task
+    assert dag.params.get_param("only_with_new_data").schema["type"] == "boolean"
+
+
+def test_features_announce_user_events_from_a_task_that_can_skip() -> None:
+    """Only a successful task emits its outlets' asset events: the one task producing USER_EVENTS is
+    announce_events, after materialize, which skips itself when nothing new landed; it reads the previous event."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=DAGS_FOLDER / "features.py", safe_mode=False).dags["shopguide_features"]
+    producers = [
+        t.task_id for t in dag.tasks if any(getattr(o, "name", None) == "shopguide_user_events" for o in t.outlets)
+    ]
+    assert producers == ["announce_events"]
+    announce = dag.get_task("announce_events")
+    assert [getattr(i, "name", None) for i in announce.inlets] == ["shopguide_user_events"]
+    assert announce.upstream_task_ids == {"land_events", "materialize"} and not announce.downstream_task_ids

@@ -193,3 +193,24 @@ def test_the_decide_step_counts_since_the_champions_snapshot_and_reads_the_monit
     assert drift["facts"]["min_new_feedback"] == load_config("tiny").retrain.min_new_feedback
     # the manual run that asked for the machine's rule: the alarm is new data for it too
     assert retrain.decide(params, "manual", until.isoformat())["go"]
+
+
+def test_the_features_run_announces_new_user_events_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pipelines.steps.features import announce_events
+
+    monkeypatch.setenv("SHOPGUIDE_EVENT_LOG_DIR", str(tmp_path / "events"))
+    until = SINCE + timedelta(days=1)
+    _logs(tmp_path, until)  # feedback events an hour before `until`, one at SINCE, one after `until`
+    landed = {"as_of": until.isoformat(), "run_key": "features__test"}
+
+    first = announce_events(landed, None)
+    assert first["announce"] and "first landing" in first["reason"]
+    assert first["extra"] == {"landed_until": until.isoformat(), "new_feedback_events": 0, "run_key": "features__test"}
+    covered = {"extra": {"landed_until": (until - timedelta(minutes=30)).isoformat()}, "timestamp": "ignored"}
+    assert not announce_events(landed, covered)["announce"]
+    news = announce_events(landed, {"extra": {"landed_until": (until - timedelta(hours=2)).isoformat()}})
+    assert news["announce"] and news["extra"]["new_feedback_events"] == 5, news
+    # an asset event without our extra (emitted by hand): its own time starts the window
+    by_hand = announce_events(landed, {"extra": {}, "timestamp": (SINCE + timedelta(hours=1)).isoformat()})
+    assert by_hand["announce"] and by_hand["extra"]["new_feedback_events"] == 5
+    assert not announce_events({**landed, "as_of": SINCE.isoformat()}, covered)["announce"]  # a re-run of an old one
