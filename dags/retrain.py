@@ -125,7 +125,9 @@ def shopguide_retrain():
 
         params, _, as_of, _ = _run()
         ctx = get_current_context()
-        decision = decide(params, str(ctx["dag_run"].run_type), as_of)
+        # the Task SDK's DagRunType prints as "DagRunType.MANUAL": its value is the run type's name
+        run_type = ctx["dag_run"].run_type
+        decision = decide(params, str(getattr(run_type, "value", run_type)), as_of)
         # the return value is the condition (a dict is always truthy); the reason and the facts go beside it
         ctx["ti"].xcom_push(key="decision", value=decision)
         return decision["go"]
