@@ -361,7 +361,7 @@ def test_retrain_runs_weekly_and_when_the_features_dag_lands_events() -> None:
         for t in bag.dags["shopguide_features"].tasks
         if any(getattr(o, "name", None) == "shopguide_user_events" for o in t.outlets)
     ]
-    assert producers == ["materialize"]
+    assert producers == ["announce_events"]
     # the time half fires every Monday 03:00 UTC, 7 days apart
     core = coerce_to_core_timetable(retrain.timetable)
     window = TimeRestriction(earliest=pendulum.datetime(2026, 1, 1, tz="UTC"), latest=None, catchup=True)
