@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -134,6 +134,20 @@ class EvaluateConfig(_Section):
     max_category_offers: int | None = Field(3000, ge=50, description="Held-out offers scored for category accuracy.")
     latency_queries: int = Field(200, ge=10, le=10_000)
     batch_size: int = Field(64, ge=1, le=1024)
+    out_of_domain_queries: int = Field(
+        1000,
+        ge=0,
+        le=100_000,
+        description="Held-out PriceRunner offer titles (a seeded sample) ranked among every canonical product title of "
+        "the snapshot, by the candidate and by the base model: the out-of-domain check "
+        "(pipelines.evaluation.out_of_domain); 0 = not run.",
+    )
+    out_of_domain_distractors: int | None = Field(
+        None,
+        ge=0,
+        description="Canonical titles the out-of-domain queries are ranked among besides their own (seeded); None = "
+        "every canonical title of the snapshot (12,849 in the full data).",
+    )
 
 
 class SearchConfig(_Section):
@@ -249,6 +263,13 @@ class GateConfig(_Section):
     )
     bootstrap_resamples: int = Field(2000, ge=100, le=100_000, description="Resamples of the paired bootstrap.")
     bootstrap_seed: int = Field(0, description="Seed of the paired bootstrap: one decision is reproducible.")
+    max_out_of_domain_drop: float | None = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Allowed drop of the candidate's out-of-domain nDCG@10 (evaluate.out_of_domain_queries) below "
+        "the base model's on the same queries: a fine-tune that forgets general matching is not promoted; None = off.",
+    )
 
 
 class RegistryConfig(_Section):
@@ -486,6 +507,16 @@ class ShopguideConfig(_Section):
     retention: RetentionConfig = RetentionConfig()
     simulate: SimulateConfig = SimulateConfig()
     monitor: MonitorConfig = MonitorConfig()
+
+    @model_validator(mode="after")
+    def _out_of_domain_gate_has_figures(self) -> ShopguideConfig:
+        # refused here, not as a failed gate after the whole training run
+        if self.gate.max_out_of_domain_drop is not None and self.evaluate.out_of_domain_queries == 0:
+            raise ValueError(
+                "gate.max_out_of_domain_drop needs the out-of-domain check: set evaluate.out_of_domain_queries above "
+                "0, or the gate option to null (off)"
+            )
+        return self
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

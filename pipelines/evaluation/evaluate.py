@@ -187,6 +187,13 @@ def error_sample(
     return out
 
 
+def queries_one_per_run(bundle_dir: str | Path) -> bool:
+    """Whether search terms are encoded one per ORT run, as the service does for a graph whose outputs depend on the
+    batch (dynamic INT8: its activation scales are taken over the whole batch)."""
+    quantization = str(json.loads((Path(bundle_dir) / ENCODER_FILE).read_text()).get("quantization") or "")
+    return quantization.startswith("int8-dynamic")
+
+
 def evaluate_bundle(
     bundle_dir: str | Path,
     snapshot_dir: str | Path,
@@ -216,9 +223,7 @@ def evaluate_bundle(
         report.update(lexical.latency_ms(terms[: cfg.latency_queries]))
     # the lexical baseline on the same split, same run: a candidate must be worth its compute
     report["bm25_ndcg_at_10"] = ir_metrics(qrels, bm25_run(snap.table("catalog"), terms, cfg.retrieve_k))["ndcg_at_10"]
-    # search terms are encoded as the service does: one per run when the graph's outputs depend on the batch
-    quantization = str(json.loads((bundle / ENCODER_FILE).read_text()).get("quantization") or "")
-    one_per_run = quantization.startswith("int8-dynamic")
+    one_per_run = queries_one_per_run(bundle)
     if calibrate:
         calibrate_bundle(bundle, encoder, snap, category or CategoryConfig(), cfg.batch_size, one_per_run)
     report.update(heldout_category(encoder, snap, cfg.max_category_offers, cfg.batch_size, one_per_run))

@@ -37,13 +37,30 @@ def _check(ok: bool, text: str, out: list[tuple[bool, str]]) -> None:
     out.append((ok, ("ok: " if ok else "FAIL: ") + text))
 
 
+def _out_of_domain(candidate: dict[str, Any], max_drop: float, out: list[tuple[bool, str]]) -> None:
+    """The candidate's out-of-domain nDCG@10 against the base model's on the same queries (evaluation.out_of_domain);
+    a missing figure fails: the check is on, and a run that did not measure it shows nothing about forgetting."""
+    new, base = candidate.get("ood_ndcg_at_10"), candidate.get("base_ood_ndcg_at_10")
+    if new is None or base is None:
+        missing = " and ".join(n for n, v in (("ood_ndcg_at_10", new), ("base_ood_ndcg_at_10", base)) if v is None)
+        _check(False, f"{missing} missing from the candidate's report (the out-of-domain check is on)", out)
+        return
+    _check(
+        new >= base - max_drop,
+        f"ood_ndcg_at_10 {new:.4f} vs base model {base:.4f} on the same {candidate.get('ood_queries', '?')} held-out "
+        f"PriceRunner offers: difference {new - base:+.4f} (>= -{max_drop} required)",
+        out,
+    )
+
+
 def decide(
     candidate: dict[str, Any],
     champion: dict[str, Any] | UnreadableChampion | None,
     cfg: GateConfig,
     paired: PairedDifference | None = None,
 ) -> GateDecision:
-    """Absolute floors, then no regression against the champion when one exists.
+    """Absolute floors, the out-of-domain check when it is on, then no regression against the champion when one
+    exists.
 
     `champion`: the champion's report from the same evaluation code on the candidate's snapshot (its held-out terms
     and offers), None when there is no champion, or UnreadableChampion, which fails the gate. `paired`: the bootstrap
@@ -56,6 +73,9 @@ def decide(
     - category accuracy: candidate >= champion - cfg.max_regression (one figure over the same held-out offers).
     A champion report from another snapshot, or no paired comparison, fails: figures from different data are not
     compared.
+
+    Out of domain (cfg.max_out_of_domain_drop, None = off): the candidate's ood_ndcg_at_10 >= its report's
+    base_ood_ndcg_at_10 (the base model on the same offers) - max_out_of_domain_drop; a missing figure fails.
     """
     checks: list[tuple[bool, str]] = []
     floors = [
@@ -72,6 +92,8 @@ def decide(
             continue
         ok = value >= bound if op == ">=" else value <= bound
         _check(ok, f"{metric} {value:.4g} {op} {bound:.4g}", checks)
+    if cfg.max_out_of_domain_drop is not None:
+        _out_of_domain(candidate, cfg.max_out_of_domain_drop, checks)
     if champion is None:
         checks.append((True, "ok: no champion yet, floors alone decide"))
     elif isinstance(champion, UnreadableChampion):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipelines.config import GateConfig
+from pipelines.config import GateConfig, ShopguideConfig, load_config
 from pipelines.evaluation.evaluate import per_query_ndcg
 from pipelines.evaluation.gate import UnreadableChampion, decide
 from pipelines.evaluation.paired import PairedDifference, paired_bootstrap
@@ -19,6 +19,7 @@ CFG = GateConfig(
     max_latency_p99_ms=10,
     max_size_mb=30,
     max_regression=0.01,
+    max_out_of_domain_drop=0.05,
 )
 GOOD = {
     "ndcg_at_10": 0.40,
@@ -27,6 +28,9 @@ GOOD = {
     "latency_p99_ms": 3.0,
     "size_mb": 23.0,
     "snapshot_hash": "abc",
+    "ood_ndcg_at_10": 0.39,
+    "base_ood_ndcg_at_10": 0.40,
+    "ood_queries": 1000,
 }
 
 
@@ -102,6 +106,55 @@ def test_gate(name, candidate, champion, paired, passed, reason):
     decision = decide(candidate, champion, CFG, paired)
     assert decision.passed is passed, (name, decision.reasons)
     assert any(reason in r for r in decision.reasons), (name, decision.reasons)
+
+
+OOD = ("ood_ndcg_at_10", "base_ood_ndcg_at_10", "ood_queries")
+
+
+@pytest.mark.parametrize(
+    ("name", "max_drop", "figures", "passed", "reason"),
+    [
+        ("better than the base model", 0.05, (0.45, 0.40), True, "ok: ood_ndcg_at_10 0.4500 vs base model 0.4000"),
+        (
+            "a drop within the allowance",
+            0.05,
+            (0.37, 0.40),
+            True,
+            "ok: ood_ndcg_at_10 0.3700 vs base model 0.4000 on the same 1000 held-out PriceRunner offers: difference "
+            "-0.0300 (>= -0.05 required)",
+        ),
+        # held out on Home Depot, fine: the gate's other rules all pass; only the unseen shop shows the forgetting
+        ("forgot general matching", 0.05, (0.30, 0.40), False, "FAIL: ood_ndcg_at_10 0.3000 vs base model 0.4000"),
+        ("a stricter allowance", 0.02, (0.37, 0.40), False, "difference -0.0300 (>= -0.02 required)"),
+        ("base model's figure missing", 0.05, (0.45, None), False, "FAIL: base_ood_ndcg_at_10 missing"),
+        ("candidate's figure missing", 0.05, (None, 0.40), False, "FAIL: ood_ndcg_at_10 missing"),
+        ("check not run", 0.05, (None, None), False, "FAIL: ood_ndcg_at_10 and base_ood_ndcg_at_10 missing"),
+        ("off, figures bad", None, (0.10, 0.40), True, None),
+        ("off, figures missing", None, (None, None), True, None),
+    ],
+)
+def test_out_of_domain_floor(name, max_drop, figures, passed, reason):
+    candidate = {k: v for k, v in GOOD.items() if k not in OOD}
+    candidate.update({k: v for k, v in zip(OOD, (*figures, 1000), strict=True) if v is not None})
+    decision = decide(candidate, None, CFG.model_copy(update={"max_out_of_domain_drop": max_drop}))
+    assert decision.passed is passed, (name, decision.reasons)
+    if reason is None:  # off: no line about it at all
+        assert not any("ood" in r for r in decision.reasons), (name, decision.reasons)
+    else:
+        assert any(reason in r for r in decision.reasons), (name, decision.reasons)
+        assert sum("ood_ndcg_at_10" in r for r in decision.reasons) == 1, (name, decision.reasons)
+
+
+def test_the_out_of_domain_gate_needs_the_check():
+    with pytest.raises(ValueError, match="needs the out-of-domain check"):
+        ShopguideConfig.model_validate({"evaluate": {"out_of_domain_queries": 0}})
+    off = ShopguideConfig.model_validate(
+        {"evaluate": {"out_of_domain_queries": 0}, "gate": {"max_out_of_domain_drop": None}}
+    )
+    assert off.gate.max_out_of_domain_drop is None
+    for profile in ("default", "full", "tiny"):  # on in every shipped profile
+        cfg = load_config(profile)
+        assert cfg.gate.max_out_of_domain_drop is not None and cfg.evaluate.out_of_domain_queries > 0, profile
 
 
 def test_every_check_is_reported_even_after_a_failure():
