@@ -322,6 +322,7 @@ def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported
 
     lexical = build_lexical_index(exported["bundle_dir"], snapshot_dir, cfg.search, cfg.evaluate)
     print(f"hybrid search: {lexical}")
+    ood = _out_of_domain(cfg, exported["bundle_dir"], snapshot_dir)
     report = evaluate_bundle(
         exported["bundle_dir"],
         snapshot_dir,
@@ -331,6 +332,7 @@ def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported
             "variant": exported.get("variant"),
             "compression_reason": exported.get("reason"),
             "lexical_validation_ndcg_by_weight": lexical.get("validation_ndcg_by_weight"),
+            **ood,
         },
         category=cfg.category,  # the abstention threshold is calibrated here and stored in the bundle
     )
@@ -338,6 +340,28 @@ def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported
     registry.log_step(paths, mlflow_run, "evaluate", report)
     registry.client(paths).log_artifact(mlflow_run, str(Path(exported["bundle_dir"]) / ERRORS_FILE))
     return report
+
+
+def _out_of_domain(cfg: ShopguideConfig, bundle_dir: str, snapshot_dir: str) -> dict[str, Any]:
+    """The served bundle and the base model (PyTorch, as configured in train.base_model: what a shop starts from)
+    on the held-out PriceRunner offers; {} when evaluate.out_of_domain_queries is 0."""
+    import time
+
+    from pipelines.evaluation.out_of_domain import out_of_domain_report
+    from pipelines.training.finetune import load_encoder, unit_vectors
+
+    if not cfg.evaluate.out_of_domain_queries:
+        return {}
+    started = time.perf_counter()
+    base = unit_vectors(load_encoder(cfg.train.base_model, cfg.train.max_seq_length))
+    ood = out_of_domain_report(bundle_dir, snapshot_dir, cfg.evaluate, base)
+    ood["ood_seconds"] = round(time.perf_counter() - started, 1)
+    print(
+        f"out of domain ({ood['ood_queries']} held-out PriceRunner offers among {ood['ood_titles']} canonical titles): "
+        f"nDCG@10 {ood['ood_ndcg_at_10']:.4f} (base model {ood['base_ood_ndcg_at_10']:.4f}), Recall@10 "
+        f"{ood['ood_recall_at_10']:.4f} (base model {ood['base_ood_recall_at_10']:.4f}) in {ood['ood_seconds']} s"
+    )
+    return ood
 
 
 def gate(params: dict[str, Any], snap: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
