@@ -1,10 +1,13 @@
 """Search and category quality of one profile in one run: BM25, the base model, the fine-tuned teacher, INT8 served
-(dense alone and fused with BM25, the weight chosen on validation terms).
+(dense alone and fused with BM25, the weight chosen on validation terms); the out-of-domain check of each encoder.
 
     .venv/bin/python bench/quality.py --profile default      # prints a table, then the JSON
 
 Not part of the test suite. Held-out Home Depot terms (1,326, project md5 rule) over the whole catalog (54,667 titles);
 PriceRunner held-out clusters for categories, against TF-IDF + logistic regression trained on the same split.
+Out of domain (pipelines/evaluation/out_of_domain.py, what gate.max_out_of_domain_drop reads): held-out PriceRunner
+offer titles -> their canonical titles, nDCG@10 and Recall@10 of the base model, the fine-tuned teacher and the served
+INT8 bundle on the same queries; the fine-tuning is on Home Depot only unless the profile mixes PriceRunner in.
 """
 
 from __future__ import annotations
@@ -51,6 +54,7 @@ def main() -> None:
     from pipelines.data.dataset import Snapshot, snapshot_data
     from pipelines.evaluation.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
     from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.evaluation.out_of_domain import bundle_encoders, out_of_domain_task, score_out_of_domain
     from pipelines.training.finetune import finetune_encoder, load_encoder, load_finetuned, unit_vectors
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -69,8 +73,19 @@ def main() -> None:
         "catalog": len(catalog),
         "retrieval": {},
         "category": {},
+        "out_of_domain": {},
         "seconds": {},
     }
+    ood_task = None
+    if cfg.evaluate.out_of_domain_queries:
+        ood_task = out_of_domain_task(snap, cfg.evaluate.out_of_domain_queries, cfg.evaluate.out_of_domain_distractors)
+        result["out_of_domain_queries"], result["out_of_domain_titles"] = len(ood_task.queries), len(ood_task.corpus)
+
+    def out_of_domain(name: str, *encoders) -> None:
+        if ood_task is not None:
+            t1 = time.perf_counter()
+            result["out_of_domain"][name] = score_out_of_domain(ood_task, *encoders)
+            result["seconds"][f"{name}_ood"] = round(time.perf_counter() - t1, 1)
 
     t0 = time.perf_counter()
     result["retrieval"]["bm25"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=False))
@@ -82,6 +97,7 @@ def main() -> None:
     run, _, _ = embedding_run(unit_vectors(base), catalog, terms, k)
     result["retrieval"]["base_fp32"] = _retrieval(qrels, run)
     result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain("base_fp32", unit_vectors(base))
     del base
 
     t0 = time.perf_counter()
@@ -107,6 +123,7 @@ def main() -> None:
         "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
     }
     result["seconds"]["finetuned_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain("finetuned_fp32", unit_vectors(model))
     result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
 
     t0 = time.perf_counter()
@@ -125,6 +142,7 @@ def main() -> None:
     result["retrieval"][served_name] = {m: served[m] for m in ("ndcg_at_10", "mrr_at_10", "recall_at_100")}
     result["category"]["served_int8"] = {m: served[m] for m in ("category_accuracy",) if m in served}
     result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain("served_int8", *bundle_encoders(work / "bundle", cfg.evaluate.batch_size))
 
     print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
     print(
@@ -140,6 +158,15 @@ def main() -> None:
     print(f"{'category':<22} {'accuracy':>8} {'macro-F1':>8}")
     for name, m in result["category"].items():
         print(f"{name:<22} {m['category_accuracy']:>8.4f} {m.get('category_macro_f1', float('nan')):>8.4f}")
+    if result["out_of_domain"]:
+        print(
+            f"out of domain: {result['out_of_domain_queries']} held-out PriceRunner offers x "
+            f"{result['out_of_domain_titles']} canonical titles"
+        )
+        print(f"{'model':<18} {'nDCG@10':>8} {'R@10':>8} {'vs base':>8}")
+        base_ndcg = result["out_of_domain"]["base_fp32"]["ndcg_at_10"]
+        for name, m in result["out_of_domain"].items():
+            print(f"{name:<18} {m['ndcg_at_10']:>8.4f} {m['recall_at_10']:>8.4f} {m['ndcg_at_10'] - base_ndcg:>+8.4f}")
     print(f"seconds: {result['seconds']}")
     print(json.dumps(result, indent=2))
     if args.json:
