@@ -29,6 +29,8 @@ CANDIDATE = {
     "parity_cosine_min": 1.0,
     "latency_p99_ms": 1.0,
     "size_mb": 1.0,
+    "ood_ndcg_at_10": 0.6,  # the out-of-domain rule is on in the default profile: a missing figure fails the gate
+    "base_ood_ndcg_at_10": 0.6,
     "snapshot_hash": "fail-closed",
 }
 EMBEDDINGS = f"{INDEX_DIR}/{EMBEDDINGS_FILE}"
