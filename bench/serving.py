@@ -19,6 +19,10 @@ Servers:
   teacher        bench/teacher_app.py: the fp32 PyTorch MiniLM (transformers) + FastAPI, brute-force over the same
                  catalog matrix: what a first, unoptimised service looks like
 
+With --compare-env SHOPGUIDE_X=V (and --repeats N), the shopguide service is also run with those settings,
+alternating with the plain one N times each; each entry holds the medians and the runs, `compare` the ratios. The
+request log's cost, for example: --compare-env SHOPGUIDE_REQUEST_LOG_ENABLED=false --repeats 3.
+
 Without --bundle, one is built from the shipped data (the base MiniLM at 0 training steps on the whole catalog, the
 steps of tests/integration/conftest.py; ~5-10 min on 2 cores). A snapshot's simulated event log is materialized into
 a Feast store of the bench's own for the personalised run.
@@ -295,6 +299,104 @@ def register_for_mlflow(home: Path, bundle: Path) -> str:
     return f"models:/{BENCH_MODEL}/{version}"
 
 
+def bench_shopguide(
+    bundle: Path, env: dict[str, str], extra: dict[str, str], terms: list[str], users: list[int], work: Path, args
+) -> dict:
+    """One shopguide server process on the bundle with `extra` settings: ready time, anonymous and personalised runs."""
+    py = sys.executable
+    port = free_port()
+    server_env = {**env, "SHOPGUIDE_BUNDLE_DIR": str(bundle), "SHOPGUIDE_MODEL_POLL_SECONDS": "0", **extra}
+    server = Server(
+        "shopguide",
+        [
+            py,
+            "-m",
+            "uvicorn",
+            "serving.app:app",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "warning",
+            "--no-access-log",
+        ],
+        server_env,
+        port,
+        "/readyz",
+        work / f"shopguide-{len(list(work.glob('shopguide*.log')))}.log",
+    )
+    try:
+        ready = server.wait_ready(300)
+        threshold = int(server_env.get("SHOPGUIDE_ANN_MIN_PRODUCTS", "20000"))
+        deadline = time.monotonic() + 900
+        # A first start serves exact search while it builds (and caches) the HNSW graph: measure after.
+        while (info := json.loads(_get(port, "/v1/model")))["search"] != "hnsw" and 0 < threshold <= info["products"]:
+            if time.monotonic() > deadline:
+                raise TimeoutError("the HNSW graph was not built in 900 s")
+            time.sleep(1)
+        if users:  # the first personalised request waits for Feast's import (seconds): not in any phase
+            _post(port, "/v1/search", json.dumps({"query": "drill", "user_id": users[0]}).encode())
+        bodies = [json.dumps({"query": q, "k": 10}).encode() for q in terms]
+        entry = {
+            "ready_seconds": round(ready, 1),
+            "model": info,
+            "anonymous": measure(server, "/v1/search", bodies, args),
+        }
+        if users:
+            bodies = [
+                json.dumps({"query": q, "k": 10, "user_id": users[i % len(users)]}).encode()
+                for i, q in enumerate(terms)
+            ]
+            check = json.loads(_post(port, "/v1/search", bodies[0]))
+            entry["personalised"] = {
+                "personalized": check["personalized"],
+                "fallback_reason": check["fallback_reason"],
+                **measure(server, "/v1/search", bodies, args),
+            }
+        return entry
+    finally:
+        server.stop()
+
+
+def median_entry(entries: list[dict]) -> dict:
+    """Several runs of one server as one entry: each figure of each phase the median over the runs, the runs kept."""
+    if len(entries) == 1:
+        return entries[0]
+    out = {**entries[-1], "repeats": len(entries), "runs": entries}
+    for run in ("anonymous", "personalised"):
+        if run not in entries[0]:
+            continue
+        out[run] = {}
+        for phase, figures in entries[0][run].items():
+            if not isinstance(figures, dict):
+                out[run][phase] = figures
+                continue
+            out[run][phase] = {
+                key: (
+                    round(statistics.median(e[run][phase][key] for e in entries), 3)
+                    if isinstance(value, int | float) and not isinstance(value, bool)
+                    else value
+                )
+                for key, value in figures.items()
+            }
+    return out
+
+
+def compare(a: dict, b: dict) -> dict:
+    """b's anonymous figures over a's (medians): > 1 means b is slower (latency) or faster (throughput)."""
+    out = {}
+    for phase, keys in (("one_client", ("p50_ms", "p99_ms")), ("eight_clients", ("throughput_rps", "p99_ms"))):
+        for key in keys:
+            x, y = a["anonymous"][phase][key], b["anonymous"][phase][key]
+            out[f"{phase}_{key}"] = {"a": x, "b": y, "b_over_a": round(y / x, 3) if x else None}
+    if "eight_clients_wrk" in a["anonymous"] and "eight_clients_wrk" in b["anonymous"]:
+        for key in ("throughput_rps", "p99_ms"):
+            x, y = a["anonymous"]["eight_clients_wrk"][key], b["anonymous"]["eight_clients_wrk"][key]
+            out[f"eight_clients_wrk_{key}"] = {"a": x, "b": y, "b_over_a": round(y / x, 3) if x else None}
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, help="a model bundle folder (default: build one in --work)")
@@ -330,6 +432,15 @@ def main() -> None:
         metavar="SHOPGUIDE_X=V",
         help="extra settings for the shopguide service, e.g. SHOPGUIDE_ORT_THREADS=2",
     )
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        metavar="SHOPGUIDE_X=V",
+        help="also bench the shopguide service with these settings, alternating with the plain one (e.g. "
+        "SHOPGUIDE_REQUEST_LOG_ENABLED=false: the request log's cost); the JSON's `compare` holds the ratios",
+    )
+    parser.add_argument("--repeats", type=int, default=1, help="runs of each shopguide variant; figures are medians")
     parser.add_argument("--json", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args()
     args.wrk = args.wrk and shutil.which("wrk") is not None
@@ -380,62 +491,21 @@ def main() -> None:
     wanted = args.servers.split(",")
 
     if "shopguide" in wanted:
-        port = free_port()
-        extra = dict(e.split("=", 1) for e in args.env)
-        server_env = {**env, "SHOPGUIDE_BUNDLE_DIR": str(bundle), "SHOPGUIDE_MODEL_POLL_SECONDS": "0", **extra}
-        server = Server(
-            "shopguide",
-            [
-                py,
-                "-m",
-                "uvicorn",
-                "serving.app:app",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--log-level",
-                "warning",
-                "--no-access-log",
-            ],
-            server_env,
-            port,
-            "/readyz",
-            work / "shopguide.log",
-        )
-        try:
-            ready = server.wait_ready(300)
-            threshold = int(server_env.get("SHOPGUIDE_ANN_MIN_PRODUCTS", "20000"))
-            deadline = time.monotonic() + 900
-            # A first start serves exact search while it builds (and caches) the HNSW graph: measure after.
-            while (info := json.loads(_get(port, "/v1/model")))["search"] != "hnsw" and 0 < threshold <= info[
-                "products"
-            ]:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("the HNSW graph was not built in 900 s")
-                time.sleep(1)
-            if users:  # the first personalised request waits for Feast's import (seconds): not in any phase
-                _post(port, "/v1/search", json.dumps({"query": "drill", "user_id": users[0]}).encode())
-            bodies = [json.dumps({"query": q, "k": 10}).encode() for q in terms]
-            entry = {
-                "ready_seconds": round(ready, 1),
-                "model": info,
-                "anonymous": measure(server, "/v1/search", bodies, args),
+        base = dict(e.split("=", 1) for e in args.env)
+        variants = {"shopguide": base}
+        if args.compare_env:
+            variants["shopguide " + " ".join(args.compare_env)] = {
+                **base,
+                **dict(e.split("=", 1) for e in args.compare_env),
             }
-            if users:
-                bodies = [
-                    json.dumps({"query": q, "k": 10, "user_id": users[i % len(users)]}).encode()
-                    for i, q in enumerate(terms)
-                ]
-                check = json.loads(_post(port, "/v1/search", bodies[0]))
-                entry["personalised"] = {
-                    "personalized": check["personalized"],
-                    "fallback_reason": check["fallback_reason"],
-                    **measure(server, "/v1/search", bodies, args),
-                }
-            result["servers"]["shopguide"] = entry
-        finally:
-            server.stop()
+        runs: dict[str, list[dict]] = {name: [] for name in variants}
+        for _ in range(args.repeats):  # alternating, so that drift in the machine's load hits both alike
+            for name, extra in variants.items():
+                runs[name].append(bench_shopguide(bundle, env, extra, terms, users, work, args))
+        for name, entries in runs.items():
+            result["servers"][name] = median_entry(entries)
+        if args.compare_env:
+            result["compare"] = compare(*(result["servers"][name] for name in variants))
 
     if "mlflow" in wanted:
         uri = register_for_mlflow(home, args.mlflow_bundle or bundle)
@@ -580,6 +650,8 @@ def table(result: dict) -> str:
                 else ""
             )
         )
+    for key, c in result.get("compare", {}).items():
+        rows.append(f"compare {key}: {c['a']} -> {c['b']} ({c['b_over_a']}x)")
     return "\n".join(rows)
 
 
