@@ -27,7 +27,7 @@ from pipelines.runtime.bundle import CATEGORY_FILE
 from pipelines.runtime.category import LEGACY_NOTE, CategoryPolicy, in_taxonomy_scores, taxonomy_description
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.training.finetune import fit_offers
-from tests.conftest import save_tiny_model
+from tests.tiny_bert import save_tiny_model
 
 LABELS = ("Dishwashers", "Fridges", "TVs")
 

@@ -14,7 +14,7 @@ from pipelines.config import CompressConfig, DataConfig, load_config
 from pipelines.data.dataset import snapshot_data
 from pipelines.runtime.bundle import LABELS_FILE
 from pipelines.training.finetune import ENCODER_DIR, HEAD_FILE, load_finetuned
-from tests.conftest import save_tiny_bert
+from tests.tiny_bert import save_tiny_bert
 
 LAYERS = 3
 DOMAIN = [

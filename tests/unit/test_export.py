@@ -12,7 +12,7 @@ from pipelines.compression.export import export_weights, parity, parity_texts
 from pipelines.config import DataConfig, ShopguideConfig
 from pipelines.data.dataset import Snapshot, snapshot_data
 from pipelines.runtime.encoder import OnnxEncoder
-from tests.conftest import save_tiny_model
+from tests.tiny_bert import save_tiny_model
 
 LABELS = ["a", "b", "c"]
 

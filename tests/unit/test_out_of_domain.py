@@ -20,7 +20,7 @@ from pipelines.evaluation.out_of_domain import (
     out_of_domain_task,
     score_out_of_domain,
 )
-from tests.conftest import save_tiny_model
+from tests.tiny_bert import save_tiny_model
 
 # canonical title -> its offers' titles, as merchants write them; test clusters are the held-out side
 TRAIN = {
