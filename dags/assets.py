@@ -16,6 +16,10 @@ from pipelines.steps.bounds import dag_bounds, is_permanent
 
 # Updated by the features DAG after a validated event log is materialized; the retrain DAG runs on it.
 USER_EVENTS = Asset(name="shopguide_user_events", uri="file://shopguide/user_events")
+# Emitted by the monitor DAG when a window alarms on drift or vocabulary misses; the retrain DAG runs on it too.
+# The reason rides in the event's extra: an Asset-triggered run has no conf, its tasks read triggering_asset_events.
+# Its name is pipelines.steps.monitor.DRIFT_ASSET (tests/dags checks), which the retrain's decide looks for.
+DRIFT = Asset(name="shopguide_drift", uri="file://shopguide/drift")
 
 # Every configs/<profile>.yaml is a choice of the DAGs' `profile` Param (a file glob).
 PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -488,6 +488,13 @@ class MonitorConfig(_Section):
     max_feature_age_hours: float = Field(
         2.0, gt=0, description="Alarm when a feature view's newest online row is older (the features DAG's bound)."
     )
+    retrain_cooldown_hours: float = Field(
+        24.0,
+        ge=0,
+        description="A window alarming on drift or vocabulary misses emits the Asset that schedules retraining, unless "
+        "one was emitted for the same @champion version by a window ending less than this many hours earlier: a "
+        "drift that persists while the candidates lose their gate starts one retrain a day, not one an hour.",
+    )
 
 
 class ShopguideConfig(_Section):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import Any
 
 from pipelines.config import MonitorConfig
@@ -105,3 +106,44 @@ def decide(signals: WindowSignals, cfg: MonitorConfig) -> MonitorDecision:
         bound = cfg.max_feature_age_hours * 3600
         _bound(alarms, reasons, f"feature_age:{view}", age, bound, "newest online row age s")
     return MonitorDecision(alarms, reasons, threshold)
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """Whether a window emits the Asset that schedules retraining (the monitor DAG's announce_drift), and why."""
+
+    go: bool
+    reason: str
+
+
+def retrain_alarms(alarms: dict[str, bool]) -> tuple[str, ...]:
+    """The window's alarmed signals a retrain can answer (drift, vocabulary misses), in RETRAIN_SIGNALS order; the
+    others (latency, empty answers, feature age) are the service's or the feature pipeline's to fix."""
+    return tuple(s for s in RETRAIN_SIGNALS if alarms.get(s))
+
+
+def should_announce_drift(
+    alarmed: tuple[str, ...],
+    model_version: str | None,
+    window_end: datetime,
+    previous: tuple[str | None, datetime] | None,
+    cooldown_hours: float,
+) -> Announcement:
+    """Announce when the window alarmed on drift or vocabulary misses, unless the previous announcement
+    (`previous`: its model version and window end; None: there was none) was for the same @champion version by a
+    window ending less than `cooldown_hours` before or after this one: that retrain was already asked for (a re-run
+    of a window, or a backfill, never asks twice), and a drift that persists while candidates lose their gate asks
+    again once the cool-down is over. Another version (a new champion) is announced at once."""
+    if not alarmed:
+        return Announcement(False, "no drift or vocabulary-miss alarm in this window: nothing for a retrain")
+    what = f"{', '.join(alarmed)} alarmed against @champion v{model_version}"
+    if previous is not None:
+        version, end = previous
+        cooldown = timedelta(hours=cooldown_hours)
+        if version == model_version and abs(window_end - end) < cooldown:
+            return Announcement(
+                False,
+                f"{what}, but the window ending {end.isoformat()} already announced drift for v{version} "
+                f"(monitor.retrain_cooldown_hours {cooldown_hours:g}): not asking again",
+            )
+    return Announcement(True, f"{what}: asking for a retrain")

@@ -1,5 +1,6 @@
 """The monitor DAG's steps, one per task: measure a window of the request log against the champion's reference, read
-Feast's freshness, then decide, log the window's MLflow run, append its row to the window table and export its gauges.
+Feast's freshness, then decide, log the window's MLflow run, append its row to the window table and export its gauges;
+a window alarming on drift or vocabulary misses announces it (the Asset that schedules retraining).
 
 A window is [end - monitor.window_minutes, end), `end` the DAG run's logical date: every step is keyed to it, so a
 re-run of a window replaces that window's report, MLflow run (found again by its key) and table row.
@@ -16,6 +17,8 @@ from pipelines.registry.handoff import task_folders
 
 EXPERIMENT = "shopguide-monitor"
 REPORT_FILE = "drift_report.html"
+# The name of the Asset announce_drift emits (dags/assets.py DRIFT) and the retrain DAG's decide reads
+DRIFT_ASSET = "shopguide_drift"
 
 # DAG Params that may override the config, and where they land.
 PARAM_FIELDS = {
@@ -216,4 +219,39 @@ def record(params: dict[str, Any], measured: dict[str, Any], freshness: dict[str
         "mlflow_run_id": run_id,
         "textfile": str(textfile) if textfile else None,
         "freshness_error": freshness.get("error"),
+        "window_start": measured["window_start"],
+        "window_end": measured["window_end"],
+        "model_version": measured.get("model_version"),
     }
+
+
+def announce_drift(params: dict[str, Any], recorded: dict[str, Any], previous: dict[str, Any] | None) -> dict[str, Any]:
+    """Whether the recorded window asks for a retrain (pipelines.monitoring.decision.should_announce_drift), given
+    the previous drift asset event ({"extra", "timestamp"}; None: there was none): {"announce", "reason", "extra"}.
+
+    `extra` is what the asset event carries to the retrain run: the reason (the alarmed signals' own verdicts), the
+    alarms, the window, the champion's version and the window's MLflow run. It travels in the event, not in a run
+    conf: Airflow starts an Asset-triggered run without one, and hands the run its triggering events instead."""
+    from pipelines.monitoring.decision import retrain_alarms, should_announce_drift
+
+    cfg = config_from_params(params)
+    alarmed = retrain_alarms(recorded["alarms"])
+    version, end = recorded.get("model_version"), datetime.fromisoformat(recorded["window_end"])
+    before = None
+    if previous is not None:
+        said = previous.get("extra") or {}
+        # an event without our extra (emitted by hand): its own time stands for its window
+        before = (said.get("model_version"), datetime.fromisoformat(said.get("window_end") or previous["timestamp"]))
+    decision = should_announce_drift(alarmed, version, end, before, cfg.monitor.retrain_cooldown_hours)
+    verdicts = [r for r in recorded["reasons"] if r.partition(":")[0] in alarmed]
+    extra = {
+        "reason": f"monitor window {recorded['window_start']} -> {recorded['window_end']} against @champion "
+        f"v{version}: {'; '.join(verdicts) or 'no drift or vocabulary alarm'}",
+        "alarms": list(alarmed),
+        "window_start": recorded["window_start"],
+        "window_end": recorded["window_end"],
+        "model_version": version,
+        "monitor_run_id": recorded.get("mlflow_run_id"),
+    }
+    print(f"drift {'announced' if decision.go else 'NOT announced'}: {decision.reason}")
+    return {"announce": decision.go, "reason": decision.reason, "extra": extra}

@@ -177,3 +177,28 @@ def test_features_announce_user_events_from_a_task_that_can_skip() -> None:
     announce = dag.get_task("announce_events")
     assert [getattr(i, "name", None) for i in announce.inlets] == ["shopguide_user_events"]
     assert announce.upstream_task_ids == {"land_events", "materialize"} and not announce.downstream_task_ids
+
+
+def test_the_monitor_announces_drift_from_a_task_that_can_skip_and_the_retrain_runs_on_it() -> None:
+    """Only a successful task emits its outlets' asset events: the one task producing the drift Asset is the
+    monitor's announce_drift, after record, which skips itself on a quiet window; it reads the previous event (the
+    cool-down). The retrain DAG is scheduled on user events or drift, besides its weekly time."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    from pipelines.steps.monitor import DRIFT_ASSET
+
+    bag = DagBag(dag_folder=DAGS_FOLDER, safe_mode=False)
+    producers = [
+        (dag.dag_id, t.task_id)
+        for dag in bag.dags.values()
+        for t in dag.tasks
+        if any(getattr(o, "name", None) == DRIFT_ASSET for o in t.outlets)
+    ]
+    assert producers == [("shopguide_monitor", "announce_drift")]
+    announce = bag.dags["shopguide_monitor"].get_task("announce_drift")
+    assert [getattr(i, "name", None) for i in announce.inlets] == [DRIFT_ASSET]
+    assert announce.upstream_task_ids == {"record"} and not announce.downstream_task_ids
+    retrain = bag.dags["shopguide_retrain"]
+    condition = retrain.timetable.asset_condition
+    assert type(condition).__name__ == "AssetAny"
+    assert sorted(a.name for a in condition.objects) == sorted(["shopguide_user_events", DRIFT_ASSET])

@@ -1,5 +1,6 @@
 """The monitor's core on hand-built windows: drift tests (no drift -> no alarm, a shifted window -> alarm), the
-vocabulary miss rate on texts with known new words, answer health, engagement and the pure decision."""
+vocabulary miss rate on texts with known new words, answer health, engagement, the pure decision and when a window
+announces drift (the Asset that schedules retraining)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,14 @@ import pytest
 
 from pipelines.config import MonitorConfig, Paths
 from pipelines.monitoring import records
-from pipelines.monitoring.decision import DRIFT_SIGNALS, DriftResult, WindowSignals, decide
+from pipelines.monitoring.decision import (
+    DRIFT_SIGNALS,
+    DriftResult,
+    WindowSignals,
+    decide,
+    retrain_alarms,
+    should_announce_drift,
+)
 from pipelines.monitoring.vocabulary import vocabulary_stats
 from pipelines.monitoring.windows import (
     ABSTAINED,
@@ -150,6 +158,76 @@ def test_decision_table(signals: WindowSignals, expected: dict[str, bool]) -> No
     assert decision.alarms == expected
     assert decision.alarm == any(expected.values())
     assert len(decision.reasons) >= len(expected)
+
+
+END = datetime(2026, 3, 1, 12, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("alarmed", "previous", "go", "reason"),
+    [
+        ((), None, False, "no drift or vocabulary-miss alarm"),
+        (("vocabulary",), None, True, "vocabulary alarmed against @champion v3: asking for a retrain"),
+        (("query_text", "category"), None, True, "query_text, category alarmed"),
+        # the same champion announced an hour ago: that retrain was asked for already
+        (("vocabulary",), ("3", END - timedelta(hours=1)), False, "already announced drift for v3"),
+        (("vocabulary",), ("3", END - timedelta(hours=23, minutes=59)), False, "retrain_cooldown_hours 24"),
+        (("vocabulary",), ("3", END - timedelta(hours=24)), True, "asking for a retrain"),  # the cool-down is over
+        (("vocabulary",), ("3", END), False, "already announced"),  # a re-run of the announced window
+        (("vocabulary",), ("3", END + timedelta(hours=2)), False, "already announced"),  # a backfill of an older one
+        (("vocabulary",), ("2", END - timedelta(hours=1)), True, "asking for a retrain"),  # a new champion
+        (("vocabulary",), (None, END - timedelta(hours=1)), True, "asking for a retrain"),  # emitted by hand
+    ],
+)
+def test_when_a_window_announces_drift(
+    alarmed: tuple[str, ...], previous: tuple[str | None, datetime] | None, go: bool, reason: str
+) -> None:
+    announcement = should_announce_drift(alarmed, "3", END, previous, CFG.retrain_cooldown_hours)
+    assert announcement.go is go and reason in announcement.reason, announcement
+
+
+def test_only_drift_and_vocabulary_alarms_ask_for_a_retrain() -> None:
+    alarms = {"latency": True, "feature_age:user_activity": True, "vocabulary": True, "query_text": False}
+    assert retrain_alarms(alarms) == ("vocabulary",)
+    assert retrain_alarms({"category": True, "query_embedding": True}) == ("query_embedding", "category")
+    assert retrain_alarms({"empty_answers": True, "low_scores": True}) == ()
+    assert should_announce_drift((), "3", END, None, 0).go is False  # a cool-down of 0 still needs an alarm
+
+
+def test_the_announcement_carries_the_reason_in_the_asset_events_extra() -> None:
+    from pipelines.steps.monitor import announce_drift
+
+    recorded = {
+        "alarms": {"vocabulary": True, "query_text": False, "latency": True},
+        "reasons": [
+            "query_text: ok, no drift (perc_text_content_drift score 0.5, threshold 0.95)",
+            "vocabulary: ALARM, share of words outside the vocab 0.31 > 0.12",
+            "latency: ALARM, search latency p99 ms 80 > 50",
+        ],
+        "window_start": (END - timedelta(hours=1)).isoformat(),
+        "window_end": END.isoformat(),
+        "model_version": "3",
+        "mlflow_run_id": "abc",
+    }
+    first = announce_drift({"profile": "tiny"}, recorded, None)
+    assert first["announce"], first
+    assert first["extra"] == {
+        "reason": "monitor window 2026-03-01T11:00:00+00:00 -> 2026-03-01T12:00:00+00:00 against @champion v3: "
+        "vocabulary: ALARM, share of words outside the vocab 0.31 > 0.12",
+        "alarms": ["vocabulary"],
+        "window_start": recorded["window_start"],
+        "window_end": recorded["window_end"],
+        "model_version": "3",
+        "monitor_run_id": "abc",
+    }
+    json.dumps(first)  # an XCom and an asset event's extra
+    again = announce_drift({"profile": "tiny"}, recorded, {"extra": first["extra"], "timestamp": "unused"})
+    assert not again["announce"] and "already announced" in again["reason"]
+    # the previous event without our extra (emitted by hand): its own time stands for its window
+    by_hand = {"extra": {}, "timestamp": (END - timedelta(hours=30)).isoformat()}
+    assert announce_drift({"profile": "tiny"}, recorded, by_hand)["announce"]
+    quiet = announce_drift({"profile": "tiny"}, {**recorded, "alarms": {"latency": True}}, None)
+    assert not quiet["announce"] and quiet["extra"]["alarms"] == []
 
 
 def answers(rows: list[tuple[str, str | None, list[float], float, str]]) -> pd.DataFrame:
