@@ -16,7 +16,7 @@ from airflow.sdk import (
     task,
 )
 
-from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, DRIFT, PROFILES, USER_EVENTS, bounded_task
 
 PARAMS = {
     "profile": Param(
@@ -106,8 +106,10 @@ def _run() -> tuple[dict, str, str, dict]:
 
 @dag(
     dag_id="shopguide_retrain",
-    # weekly, and whenever the features DAG lands a new event log
-    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=[USER_EVENTS]),
+    # weekly, whenever the features DAG lands a new event log, and when the monitor announces drift
+    schedule=AssetOrTimeSchedule(
+        timetable=CronTriggerTimetable("0 3 * * 1", timezone="UTC"), assets=USER_EVENTS | DRIFT
+    ),
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,
@@ -127,7 +129,19 @@ def shopguide_retrain():
         ctx = get_current_context()
         # the Task SDK's DagRunType prints as "DagRunType.MANUAL": its value is the run type's name
         run_type = ctx["dag_run"].run_type
-        decision = decide(params, str(getattr(run_type, "value", run_type)), as_of)
+        # an Asset-triggered run has no conf: why it runs (the monitor's drift reason, the landed events) is in the
+        # extra of the asset events that started it, all of those since the previous Asset-triggered run
+        triggers = [
+            {
+                "asset": event.asset.name,
+                "extra": dict(event.extra or {}),
+                "timestamp": event.timestamp.isoformat(),
+                "source": f"{event.source_dag_id}/{event.source_run_id}" if event.source_dag_id else None,
+            }
+            for events in ctx["triggering_asset_events"].values()
+            for event in events
+        ]
+        decision = decide(params, str(getattr(run_type, "value", run_type)), as_of, triggers)
         # the return value is the condition (a dict is always truthy); the reason and the facts go beside it
         ctx["ti"].xcom_push(key="decision", value=decision)
         return decision["go"]
@@ -137,7 +151,8 @@ def shopguide_retrain():
         from pipelines.steps.retrain import snapshot
 
         params, run_key, as_of, lineage = _run()
-        return snapshot(params, run_key, as_of, lineage)
+        decided = get_current_context()["ti"].xcom_pull(task_ids="decide", key="decision") or {}
+        return snapshot(params, run_key, as_of, lineage, trigger_reason=decided.get("trigger_reason"))
 
     @bounded_task
     def validate(snap: dict) -> dict:

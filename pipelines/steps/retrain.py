@@ -18,6 +18,10 @@ from pipelines.registry.handoff import task_folders
 if TYPE_CHECKING:
     from pipelines.evaluation.gate import UnreadableChampion
 
+# The snapshot's MLflow run tag saying why the run was started (the drift reason of the monitor's asset event, ...)
+TRIGGER_REASON_TAG = "trigger_reason"
+# well inside MLflow's limit on a tag value (8,000 characters in MLflow 3): several events' reasons can be long
+MAX_TAG_CHARS = 5000
 # The export step's output folder: one bundle per variant; the evaluation steps add indexes to them.
 BUNDLES = "bundles"
 # The evaluate step's output folder: the selected bundle's per-query figures, for the gate
@@ -42,17 +46,32 @@ def config_from_params(params: dict[str, Any]) -> ShopguideConfig:
     return load_config(params.get("profile") or "default", overrides)
 
 
-def decide(params: dict[str, Any], run_type: str, as_of: str) -> dict[str, Any]:
+def decide(
+    params: dict[str, Any], run_type: str, as_of: str, triggers: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     """The run's first step: is there anything to learn since @champion's snapshot? Counts the facts cheaply (the
-    answers with feedback in the service's logs, the monitor's latest window in MLflow, the run's Params) and asks
-    pipelines.data.newness; {"go", "reason", "facts"}. Opens no MLflow run: a skipped run leaves nothing there."""
+    answers with feedback in the service's logs, the monitor's latest window in MLflow, the run's Params, the asset
+    events that started it: `triggers`, {"asset", "extra", "timestamp", "source"} each) and asks
+    pipelines.data.newness; {"go", "reason", "trigger_reason", "facts"}. Opens no MLflow run: a skipped run leaves
+    nothing there (the snapshot step tags the run it opens with `trigger_reason`)."""
     from pipelines.data.feedback import FeedbackSource, count_new_feedback
-    from pipelines.data.newness import NewData, should_retrain
+    from pipelines.data.newness import NewData, Trigger, drift_event, should_retrain, trigger_reason
     from pipelines.registry import mlflow_client as registry
-    from pipelines.steps.monitor import latest_window
+    from pipelines.steps.monitor import DRIFT_ASSET, latest_window
 
     cfg = config_from_params(params)
     paths = Paths.from_env()
+    started_by = [
+        Trigger(
+            asset=str(t["asset"]),
+            extra=dict(t.get("extra") or {}),
+            timestamp=datetime.fromisoformat(t["timestamp"]) if t.get("timestamp") else None,
+            source=t.get("source"),
+        )
+        for t in triggers or []
+    ]
+    drift = tuple(e for t in started_by if t.asset == DRIFT_ASSET and (e := drift_event(t)) is not None)
+    reason = trigger_reason(run_type, started_by)
     champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
     since = feedback = window = None
     if champion is not None:  # without one the run trains anyway: nothing to count
@@ -68,9 +87,11 @@ def decide(params: dict[str, Any], run_type: str, as_of: str) -> dict[str, Any]:
         window_end=window[0] if window else None,
         judgments=params.get("judgments_path") or None,
         only_with_new_data=bool(params.get("only_with_new_data")),
+        drift_events=drift,
     )
     decision = should_retrain(facts, cfg.retrain)
-    print(f"{'train' if decision.go else 'SKIP'}: {decision.reason}")
+    text = f"{decision.reason}; started by: {reason}"
+    print(f"{'train' if decision.go else 'SKIP'}: {text}")
     summary = {
         "run_type": run_type,
         "champion": champion,
@@ -81,13 +102,24 @@ def decide(params: dict[str, Any], run_type: str, as_of: str) -> dict[str, Any]:
         "window_end": facts.window_end.isoformat() if facts.window_end else None,
         "judgments": facts.judgments,
         "only_with_new_data": facts.only_with_new_data,
+        "drift_events": [
+            {"model_version": e.model_version, "window_end": e.window_end.isoformat(), "alarms": list(e.alarms)}
+            for e in drift
+        ],
     }
-    return {**decision.to_dict(), "facts": summary}
+    return {"go": decision.go, "reason": text, "trigger_reason": reason, "facts": summary}
 
 
-def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str, str]) -> dict[str, Any]:
+def snapshot(
+    params: dict[str, Any],
+    run_key: str,
+    as_of: str,
+    lineage: dict[str, str],
+    trigger_reason: str | None = None,
+) -> dict[str, Any]:
     """Freeze this run's inputs, with the logged traffic since @champion's snapshot (the whole log when there is no
-    champion) as feedback pairs, and open its MLflow run; the feedback's volume goes to it (`feedback.*`)."""
+    champion) as feedback pairs and searched queries, and open its MLflow run; the feedback's volume goes to it
+    (`feedback.*`), and why the run was started (decide's `trigger_reason`) to its tag `trigger_reason`."""
     from pipelines.data.dataset import snapshot_data
     from pipelines.data.feedback import FeedbackSource
     from pipelines.registry import mlflow_client as registry
@@ -101,6 +133,8 @@ def snapshot(params: dict[str, Any], run_key: str, as_of: str, lineage: dict[str
         snap = snapshot_data(cfg.data, t.output("data"), until, feedback=FeedbackSource(since))
         feedback = json.loads((snap.path / "manifest.json").read_text())["feedback"]
         tags = {**lineage, "data_snapshot": snap.hash, registry.DATA_AS_OF_TAG: as_of, "profile": cfg.profile}
+        if trigger_reason:
+            tags[TRIGGER_REASON_TAG] = trigger_reason[:MAX_TAG_CHARS]
         mlflow_run = registry.start_run(paths, run_key, tags)
         registry.log_step(paths, mlflow_run, "config", {}, params={"json": cfg.model_dump_json()})
         window = {"since": feedback["since"] or "start of the log", "until": feedback["until"], "champion": champion}

@@ -14,7 +14,7 @@ import pytest
 from pipelines.config import RetrainConfig
 from pipelines.data.dataset import is_heldout_term, is_training_term, is_validation_term
 from pipelines.data.feedback import FeedbackSource, count_new_feedback
-from pipelines.data.newness import NewData, should_retrain
+from pipelines.data.newness import DriftEvent, NewData, Trigger, drift_event, should_retrain, trigger_reason
 from pipelines.runtime.event_log import SCHEMA as EVENT_SCHEMA
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.logfolder import partition_name, to_batch
@@ -26,6 +26,8 @@ SINCE = datetime(2026, 3, 1, tzinfo=UTC)
 WINDOW = SINCE + timedelta(days=2)
 # a scheduled run with a champion and nothing new: the base every row changes one fact of
 NOTHING = NewData("scheduled", "3", SINCE, 0, (), WINDOW, None)
+# the monitor's drift announcement against the champion, from a window after its snapshot
+DRIFTED = DriftEvent("3", SINCE + timedelta(hours=5), ("vocabulary",), "monitor window ...: vocabulary: ALARM")
 
 
 @pytest.mark.parametrize(
@@ -62,6 +64,30 @@ NOTHING = NewData("scheduled", "3", SINCE, 0, (), WINDOW, None)
             False,
             "scheduled run: nothing new",
         ),
+        (
+            # the latest window is quiet again: the announced window's drifted queries are still in the log
+            "drift announced",
+            replace(NOTHING, run_type="asset_triggered", drift_events=(DRIFTED,)),
+            True,
+            "asset_triggered run: new data: the monitor announced drift (vocabulary) in the window ending "
+            "2026-03-01T05:00:00+00:00",
+        ),
+        (
+            "drift announced against another version",
+            replace(NOTHING, run_type="asset_triggered", drift_events=(replace(DRIFTED, model_version="2"),)),
+            False,
+            "drift announced against v2 (window ending 2026-03-01T05:00:00+00:00) ignored",
+        ),
+        (
+            "drift announced before the champion's snapshot",
+            replace(
+                NOTHING,
+                run_type="asset_triggered",
+                drift_events=(replace(DRIFTED, window_end=SINCE - timedelta(hours=1)),),
+            ),
+            False,
+            "nothing new to learn",
+        ),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -76,6 +102,29 @@ def test_a_skip_says_what_was_counted() -> None:
     assert "since @champion 3's snapshot (2026-03-01T00:00:00+00:00): 4 answers with feedback" in reason
     assert "retrain.min_new_feedback 10" in reason and "no drift or vocabulary alarm" in reason
     assert "no judgments file" in reason
+
+
+def test_the_drift_assets_extra_becomes_the_runs_drift_event_and_trigger_reason() -> None:
+    extra = {
+        "reason": "monitor window A -> B against @champion v3: vocabulary: ALARM, share 0.3 > 0.1",
+        "alarms": ["vocabulary"],
+        "window_end": "2026-03-01T05:00:00+00:00",
+        "model_version": "3",
+    }
+    drift = Trigger("shopguide_drift", extra, SINCE, "shopguide_monitor/scheduled__x")
+    assert drift_event(drift) == DriftEvent("3", SINCE + timedelta(hours=5), ("vocabulary",), extra["reason"])
+    # emitted by hand through the API, without the monitor's fields: names the trigger, states no alarm
+    by_hand = Trigger("shopguide_drift", {"note": "new brand launched"})
+    assert drift_event(by_hand) is None and drift_event(Trigger("x", {"window_end": "never", "alarms": []})) is None
+    events = Trigger("shopguide_user_events", {"landed_until": "T"}, SINCE, "shopguide_features/r")
+    assert trigger_reason("asset_triggered", [drift, events, by_hand]) == (
+        f"asset shopguide_drift from shopguide_monitor/scheduled__x: {extra['reason']}; "
+        'asset shopguide_user_events from shopguide_features/r: {"landed_until": "T"}; '
+        'asset shopguide_drift from the API: {"note": "new brand launched"}'
+    )
+    assert trigger_reason("manual", []) == "manual run"
+    assert trigger_reason("scheduled", []) == "the weekly schedule"
+    assert trigger_reason("backfill", []) == "backfill run"
 
 
 NAMES = [f"synthetic term {i}" for i in range(200)]
@@ -193,6 +242,31 @@ def test_the_decide_step_counts_since_the_champions_snapshot_and_reads_the_monit
     assert drift["facts"]["min_new_feedback"] == load_config("tiny").retrain.min_new_feedback
     # the manual run that asked for the machine's rule: the alarm is new data for it too
     assert retrain.decide(params, "manual", until.isoformat())["go"]
+    assert drift["trigger_reason"] == "the weekly schedule" and drift["facts"]["drift_events"] == []
+
+    # started by the monitor's drift event: the reason comes from the event's extra, the run has no conf
+    window(SINCE + timedelta(hours=6), "")  # the latest window is quiet: the announced drift still counts
+    announced = {
+        "asset": monitor.DRIFT_ASSET,
+        "extra": {
+            "reason": "monitor window X -> Y against @champion v1: vocabulary: ALARM",
+            "alarms": ["vocabulary"],
+            "window_end": (SINCE + timedelta(hours=5)).isoformat(),
+            "model_version": champion,
+        },
+        "timestamp": (SINCE + timedelta(hours=5, minutes=2)).isoformat(),
+        "source": "shopguide_monitor/scheduled__y",
+    }
+    triggered = retrain.decide(params, "asset_triggered", until.isoformat(), [announced])
+    assert triggered["go"] and "the monitor announced drift (vocabulary)" in triggered["reason"], triggered
+    assert triggered["reason"].endswith(f"; started by: {triggered['trigger_reason']}")
+    assert triggered["trigger_reason"] == (
+        "asset shopguide_drift from shopguide_monitor/scheduled__y: monitor window X -> Y against @champion v1: "
+        "vocabulary: ALARM"
+    )
+    assert triggered["facts"]["drift_events"] == [
+        {"model_version": champion, "window_end": (SINCE + timedelta(hours=5)).isoformat(), "alarms": ["vocabulary"]}
+    ]
 
 
 def test_the_features_run_announces_new_user_events_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
