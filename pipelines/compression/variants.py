@@ -160,23 +160,39 @@ def distill_students(
 # stage 2: vocabulary pruning
 
 
-def vocabulary_texts(snapshot: Snapshot) -> list[str]:
-    """The domain's texts: training queries (judged, and the training terms shoppers searched in the logged traffic:
-    a new brand or product line enters the served vocabulary with the next retrain), the whole catalog (it is
-    indexed) and the PriceRunner training titles; never the held-out queries, so their unseen words are a fair test
-    of the pruned tokenizer (the feedback table holds none: pipelines/data/feedback.py drops them)."""
+def vocabulary_texts(snapshot: Snapshot, min_count: int = 1) -> list[str]:
+    """The domain's texts: training queries (judged, and the training terms of the feedback pairs), everything
+    shoppers searched since @champion's snapshot (clicked or not: a new brand or product line the served model
+    splits into pieces enters the vocabulary with the next retrain, the drift-triggered one included), the whole
+    catalog (it is indexed) and the PriceRunner training titles; never the held-out queries, so their unseen words
+    are a fair test of the pruned tokenizer (the feedback and searched tables hold none: pipelines/data/feedback.py
+    drops them).
+
+    Each distinct text appears once, except a searched term, which appears as often as it was searched, up to
+    `min_count` (the pruning's count threshold, compress.vocab_min_count): a word many shoppers typed in one query
+    is kept like a word of `min_count` distinct texts, and the cap keeps every token's verdict (count >= min_count)
+    exactly what the uncapped traffic would give, without tokenizing a busy log query by query."""
     import pandas as pd
 
-    from pipelines.data.feedback import FEEDBACK_TABLE
+    from pipelines.data.feedback import FEEDBACK_TABLE, SEARCHED_TABLE
 
     texts = [
         snapshot.table("judgments_train")["search_term"],
         snapshot.table("catalog")["product_title"],
         snapshot.table("offers_train")["offer_title"],
     ]
-    if (snapshot.path / f"{FEEDBACK_TABLE}.parquet").is_file():  # a snapshot frozen before feedback existed has none
+    # snapshots frozen before feedback (or the searched terms) existed have no such table
+    if (snapshot.path / f"{FEEDBACK_TABLE}.parquet").is_file():
         texts.append(snapshot.table(FEEDBACK_TABLE)["search_term"])
-    return pd.concat(texts).astype(str).drop_duplicates().tolist()
+    searched = (
+        snapshot.table(SEARCHED_TABLE)
+        if (snapshot.path / f"{SEARCHED_TABLE}.parquet").is_file()
+        else pd.DataFrame({"search_term": [], "answers": []})
+    )
+    texts.append(searched["search_term"])
+    domain = pd.concat(texts).astype(str).drop_duplicates().tolist()
+    repeats = searched.set_index(searched["search_term"].astype(str))["answers"].clip(upper=min_count) - 1
+    return domain + [term for term, extra in repeats.items() if extra > 0 for _ in range(int(extra))]
 
 
 def prune_vocabulary(
@@ -190,7 +206,7 @@ def prune_vocabulary(
     models = dict(models)
     pruned: dict[str, Any] = {}
     if needed:
-        texts = vocabulary_texts(Snapshot.open(snapshot_dir))
+        texts = vocabulary_texts(Snapshot.open(snapshot_dir), cfg.compress.vocab_min_count)
         for key in needed:
             source = key.removesuffix("-vocab")
             if source not in models:

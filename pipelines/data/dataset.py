@@ -37,6 +37,7 @@ SNAPSHOT_TABLES = (
     "offers_test",
     "events",
     "feedback_pairs",  # pipelines.data.feedback.FEEDBACK_TABLE
+    "searched_terms",  # pipelines.data.feedback.SEARCHED_TABLE
 )
 
 
@@ -316,10 +317,19 @@ def snapshot_data(
 
     With `feedback`, the logged traffic of [feedback.since, as_of) becomes the `feedback_pairs` table
     (pipelines.data.feedback.read_feedback; the retrain step reads it since the champion's as-of time) and the
-    manifest's `feedback` says how much and what was dropped; without, the table is empty and `feedback` null, so
-    a bench or a test never picks up whatever traffic the local log holds.
+    `searched_terms` table (every term searched in it, clicked or not: read_searched_terms), and the manifest's
+    `feedback` says how much and what was dropped; without, both tables are empty and `feedback` null, so a bench
+    or a test never picks up whatever traffic the local log holds.
     """
-    from pipelines.data.feedback import FEEDBACK_TABLE, empty_pairs, read_feedback, window
+    from pipelines.data.feedback import (
+        FEEDBACK_TABLE,
+        SEARCHED_TABLE,
+        empty_pairs,
+        empty_searched,
+        read_feedback,
+        read_searched_terms,
+        window,
+    )
 
     if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
         source = HOMEDEPOT_FILE
@@ -331,6 +341,7 @@ def snapshot_data(
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
     catalog = catalog_from(judgments)
     pairs, stats = read_feedback(feedback, as_of, catalog) if feedback is not None else (empty_pairs(), None)
+    searched = read_searched_terms(feedback, as_of) if feedback is not None else empty_searched()
     tables = {
         "judgments_train": launch_judgments(train, cfg.judged_at_launch),
         "judgments_heldout": heldout,
@@ -340,6 +351,7 @@ def snapshot_data(
         # the simulated shoppers of the features pipeline click on every training term, judged at launch or not
         "events": simulate_events(train, cfg.event_users, as_of, cfg.event_days, cfg.event_seed),
         FEEDBACK_TABLE: pairs,
+        SEARCHED_TABLE: searched,
     }
     hashes = {}
     for name, df in tables.items():
@@ -359,7 +371,9 @@ def snapshot_data(
             "judged_terms": int(terms[judged].nunique()),
             "click_only_terms": int(terms[~judged].nunique()),
         },
-        "feedback": window(feedback, as_of, stats) if feedback is not None and stats is not None else None,
+        "feedback": {**window(feedback, as_of, stats), "searched_terms": len(searched)}
+        if feedback is not None and stats is not None
+        else None,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return Snapshot(out_dir, digest)

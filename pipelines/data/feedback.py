@@ -12,6 +12,10 @@ import pandas as pd
 from pipelines.data.dataset import is_heldout_term, is_training_term, is_validation_term, normalize_term
 
 FEEDBACK_TABLE = "feedback_pairs"
+# The snapshot's table of what shoppers searched since @champion's snapshot, clicked or not: the served vocabulary
+# covers it after the next retrain (pipelines.compression.variants.vocabulary_texts)
+SEARCHED_TABLE = "searched_terms"
+SEARCHED_COLUMNS = {"search_term": "string", "answers": "int64"}
 POSITIVE_EVENTS = ("click", "add_to_cart", "purchase")
 LABELS = ("positive", "negative")
 # (column, dtype) of the table; the counts say how much traffic stands behind each pair
@@ -176,6 +180,37 @@ def read_feedback(source: FeedbackSource, until: datetime, catalog: pd.DataFrame
     answers = read_request_log(since, until, source.request_log).select(columns).to_pandas()
     events = read_event_log(since, until, source.event_log).select(["request_id", "product_id", "event_type"])
     return feedback_pairs(answers, events.to_pandas(), catalog)
+
+
+def empty_searched() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in SEARCHED_COLUMNS.items()})
+
+
+def searched_terms(answers: pd.DataFrame) -> pd.DataFrame:
+    """The distinct (normalised) search terms of request-log rows (endpoint, query) with how many answers each got,
+    most searched first; held-out terms left out (the fixed test set's words stay a fair test of the pruned
+    vocabulary, as in the feedback pairs) and so are terms longer than MAX_TERM_CHARS.
+
+    Every term counts, with or without a click: a new brand the served model splits into pieces answers badly and
+    gets few clicks, so its words would never reach the vocabulary through the feedback pairs alone."""
+    searches = answers[(answers["endpoint"] == "search") & answers["query"].notna()]
+    terms = searches["query"].map(normalize_term)
+    terms = terms[(terms != "") & (terms.str.len() <= MAX_TERM_CHARS)]
+    terms = terms[~terms.map(is_heldout_term).astype(bool)]
+    if terms.empty:
+        return empty_searched()
+    counted = terms.value_counts().rename_axis("search_term").reset_index(name="answers")
+    counted = counted.sort_values(["answers", "search_term"], ascending=[False, True], kind="stable")
+    return counted.astype(SEARCHED_COLUMNS).reset_index(drop=True)
+
+
+def read_searched_terms(source: FeedbackSource, until: datetime) -> pd.DataFrame:
+    """searched_terms over the answers logged in [source.since, until): the same window as read_feedback's."""
+    from pipelines.data.request_log import read_request_log
+
+    since = source.since if source.since is None or source.since <= until else until
+    answers = read_request_log(since, until, source.request_log).select(["endpoint", "query"]).to_pandas()
+    return searched_terms(answers)
 
 
 def count_new_feedback(source: FeedbackSource, until: datetime) -> int:

@@ -17,6 +17,7 @@ import pandas as pd
 from pipelines.data.dataset import EVENT_TYPES, SNAPSHOT_TABLES, Snapshot, normalize_term
 from pipelines.data.feedback import COLUMNS as FEEDBACK_COLUMNS
 from pipelines.data.feedback import LABELS as FEEDBACK_LABELS
+from pipelines.data.feedback import SEARCHED_COLUMNS
 
 if TYPE_CHECKING:
     from great_expectations import ExpectationSuite
@@ -31,6 +32,7 @@ TABLE_SUITES = {
     "offers_test": "offers",
     "events": "events",
     "feedback_pairs": "feedback",
+    "searched_terms": "searched",
 }
 TERM_COLUMN = "normalized_search_term"
 # GX matches pandas dtypes against these names (numpy names, pandas extension dtype classes, or Python types that
@@ -234,6 +236,24 @@ def feedback_suite() -> ExpectationSuite:
     )
 
 
+def searched_suite() -> ExpectationSuite:
+    """What shoppers searched since @champion's snapshot (pipelines.data.feedback.searched_terms): one row per
+    term, each searched at least once. Empty is valid: no traffic yet."""
+    exp = _gx().expectations
+    columns = list(SEARCHED_COLUMNS)
+    return _suite(
+        "searched",
+        [
+            *_present(columns),
+            *_not_null(columns),
+            exp.ExpectColumnValuesToBeUnique(column="search_term"),
+            exp.ExpectColumnValueLengthsToBeBetween(column="search_term", min_value=1, max_value=MAX_TERM_CHARS),
+            exp.ExpectColumnValuesToBeBetween(column="answers", min_value=1),
+            *_typed({"search_term": STRING_TYPES, "answers": INT_TYPES}),
+        ],
+    )
+
+
 def term_leakage_suite(heldout_terms: Iterable[str]) -> ExpectationSuite:
     """No normalised held-out search term may appear in the training judgments (split is by query, never by row).
 
@@ -274,6 +294,7 @@ SUITES: dict[str, Callable[[], ExpectationSuite]] = {
     "offers": offers_suite,
     "events": events_suite,
     "feedback": feedback_suite,
+    "searched": searched_suite,
 }
 
 
@@ -524,6 +545,10 @@ def _check_leakage(project: _Project, frames: dict[str, pd.DataFrame]) -> list[V
             feedback = frames["feedback_pairs"]
             terms = pd.DataFrame({TERM_COLUMN: feedback["search_term"].map(normalize_term, na_action="ignore")})
             out.append(project.run(terms, suite, "feedback_pairs", name="feedback_term_leakage"))
+        if "search_term" in frames.get("searched_terms", ()):  # nor the searched terms the vocabulary is pruned to
+            searched = frames["searched_terms"]
+            terms = pd.DataFrame({TERM_COLUMN: searched["search_term"].map(normalize_term, na_action="ignore")})
+            out.append(project.run(terms, suite, "searched_terms", name="searched_term_leakage"))
     if all("cluster_id" in frames.get(t, ()) for t in ("offers_train", "offers_test")):
         suite = cluster_leakage_suite(frames["offers_test"]["cluster_id"].dropna())
         out.append(project.run(frames["offers_train"][["cluster_id"]], suite, "offers_train", name="cluster_leakage"))

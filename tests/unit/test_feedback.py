@@ -22,7 +22,14 @@ from pipelines.data.dataset import (
     normalize_term,
     snapshot_data,
 )
-from pipelines.data.feedback import COLUMNS, FEEDBACK_TABLE, MAX_TERM_CHARS, FeedbackSource, feedback_pairs
+from pipelines.data.feedback import (
+    COLUMNS,
+    FEEDBACK_TABLE,
+    MAX_TERM_CHARS,
+    SEARCHED_TABLE,
+    FeedbackSource,
+    feedback_pairs,
+)
 from pipelines.runtime.event_log import SCHEMA as EVENT_SCHEMA
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.logfolder import partition_name, to_batch
@@ -300,16 +307,21 @@ def test_the_snapshot_step_reads_the_traffic_since_the_champions_snapshot(
     _write(tmp_path / "requests", answers, REQUEST_SCHEMA)
     _write(tmp_path / "events", [_click("new", answers[0].ts, products[1], 1)], EVENT_SCHEMA)
 
-    snap = retrain.snapshot({"profile": "tiny"}, f"feedback-{tmp_path.name}", AS_OF.isoformat(), {})
+    why = "asset shopguide_drift from shopguide_monitor/r: monitor window ...: vocabulary: ALARM"
+    snap = retrain.snapshot({"profile": "tiny"}, f"feedback-{tmp_path.name}", AS_OF.isoformat(), {}, why)
     assert _labels(Snapshot.open(snap["snapshot_dir"]).table(FEEDBACK_TABLE)) == {
         (term, products[0]): "negative",
         (term, products[1]): "positive",
     }
     run = c.get_run(snap["mlflow_run_id"])
     assert run.data.tags[registry.DATA_AS_OF_TAG] == snap["data_as_of"] == AS_OF.isoformat()
+    assert run.data.tags[retrain.TRIGGER_REASON_TAG] == why  # decide's trigger_reason, on the run it opens
+    searched = Snapshot.open(snap["snapshot_dir"]).table(SEARCHED_TABLE)
+    assert searched.to_dict("records") == [{"search_term": term, "answers": 1}]  # "before" predates the window
     metrics = run.data.metrics
     assert (metrics["feedback.pairs"], metrics["feedback.positives"], metrics["feedback.negatives"]) == (2, 1, 1)
     assert metrics["feedback.answers"] == 1 and metrics["feedback.dropped_heldout"] == 0
+    assert metrics["feedback.searched_terms"] == 1
     assert run.data.params["feedback.since"] == since.isoformat() and run.data.params["feedback.champion"] == champion
 
 

@@ -61,7 +61,13 @@ def test_shipped_snapshot_passes(snapshot: Snapshot) -> None:
     summary = validate_snapshot(snapshot.path)
     assert summary["success"] is True
     assert summary["hash"] == snapshot.hash
-    assert set(summary["checks"]) == {*SNAPSHOT_TABLES, "term_leakage", "feedback_term_leakage", "cluster_leakage"}
+    assert set(summary["checks"]) == {
+        *SNAPSHOT_TABLES,
+        "term_leakage",
+        "feedback_term_leakage",
+        "searched_term_leakage",
+        "cluster_leakage",
+    }
     assert all(check["failed"] == 0 for check in summary["checks"].values())
     assert summary["checks"]["judgments_train"]["rows"] == len(snapshot.table("judgments_train"))
     assert summary["expectations"] == sum(check["expectations"] for check in summary["checks"].values()) > 50
@@ -76,7 +82,7 @@ def test_data_docs_are_built_in_the_run_folder_and_replaced_on_a_rerun(snapshot:
     html = index.read_text()
     assert all(suite in html for suite in ("judgments", "offers", "events", "term_leakage", "cluster_leakage"))
     pages = list(index.parent.glob("validations/**/*.html"))
-    assert len(pages) == len(SNAPSHOT_TABLES) + 3  # one page per table and per leakage rule, this run's only
+    assert len(pages) == len(SNAPSHOT_TABLES) + 4  # one page per table and per leakage rule, this run's only
 
 
 def test_missing_column_is_one_readable_line(snapshot: Snapshot, tmp_path: Path) -> None:
