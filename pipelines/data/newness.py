@@ -37,13 +37,15 @@ class DriftEvent:
 
 
 def drift_event(trigger: Trigger) -> DriftEvent | None:
-    """The announcement a drift asset event carries; None when its extra is not the monitor's (emitted by hand): it
-    still names the run's trigger, but states no alarm the rule could weigh."""
+    """The announcement a drift asset event carries; None when its extra is not the monitor's (emitted by hand) or
+    names no alarm: it still names the run's trigger, but states nothing the rule could weigh."""
     extra = trigger.extra
     try:
         end = datetime.fromisoformat(str(extra["window_end"]))
         alarms = tuple(str(a) for a in extra["alarms"])
     except (KeyError, TypeError, ValueError):
+        return None
+    if not alarms:  # nothing alarmed: no announcement, whatever sent it
         return None
     version = extra.get("model_version")
     return DriftEvent(None if version is None else str(version), end, alarms, str(extra.get("reason") or ""))

@@ -115,7 +115,8 @@ def test_the_drift_assets_extra_becomes_the_runs_drift_event_and_trigger_reason(
     assert drift_event(drift) == DriftEvent("3", SINCE + timedelta(hours=5), ("vocabulary",), extra["reason"])
     # emitted by hand through the API, without the monitor's fields: names the trigger, states no alarm
     by_hand = Trigger("shopguide_drift", {"note": "new brand launched"})
-    assert drift_event(by_hand) is None and drift_event(Trigger("x", {"window_end": "never", "alarms": []})) is None
+    assert drift_event(by_hand) is None and drift_event(Trigger("x", {"window_end": "never", "alarms": ["a"]})) is None
+    assert drift_event(Trigger("x", {**extra, "alarms": []})) is None
     events = Trigger("shopguide_user_events", {"landed_until": "T"}, SINCE, "shopguide_features/r")
     assert trigger_reason("asset_triggered", [drift, events, by_hand]) == (
         f"asset shopguide_drift from shopguide_monitor/scheduled__x: {extra['reason']}; "
