@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import socket
 import threading
 import time
@@ -23,10 +24,13 @@ from pipelines.config import (
     EvaluateConfig,
     Paths,
     TrainConfig,
+    safe_name,
 )
 
 AS_OF = datetime(2024, 6, 1, 12, 0, tzinfo=UTC)
 RUN_KEY = "integration-serving-champion"
+# the run key the monitor tests register the champion under in a store of their own (monitored_champion)
+MONITORED_RUN_KEY = "monitor-dag-test-champion"
 # Its own registered model: other tests in the session (the DAG end-to-end run) register and promote
 # shopguide-encoder in the same MLflow store, and neither side may move the other's @champion.
 TEST_MODEL_NAME = f"{MODEL_NAME}-serving-test"
@@ -40,6 +44,41 @@ class RegisteredChampion:
     bundle_dir: Path
     snapshot_dir: Path
     as_of: datetime  # the snapshot's event log ends here
+
+
+def monitored_champion(
+    champion: RegisteredChampion, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, data_as_of: datetime | None = None
+) -> tuple[Paths, str]:
+    """A home of its own whose MLflow store holds the champion's bundle as shopguide-encoder@champion (the profile's
+    model name; other tests of the session move the session store's aliases), its snapshot kept in the run store;
+    `data_as_of`: the snapshot's as-of time the retrain's decide counts from (None: the run's start)."""
+    from pipelines.registry.mlflow_client import (
+        CHAMPION,
+        DATA_AS_OF_TAG,
+        end_run,
+        register_bundle,
+        set_alias,
+        start_run,
+    )
+
+    paths = Paths(tmp_path / "home")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for key in (
+        "SHOPGUIDE_REQUEST_LOG_DIR",
+        "SHOPGUIDE_EVENT_LOG_DIR",
+        "SHOPGUIDE_RUN_STORE",
+        "SHOPGUIDE_MONITOR_TEXTFILE",
+    ):
+        monkeypatch.delenv(key, raising=False)
+    lineage = {"run_key": MONITORED_RUN_KEY, "data_snapshot": champion.snapshot_dir.name}
+    if data_as_of is not None:
+        lineage[DATA_AS_OF_TAG] = data_as_of.isoformat()
+    run_id = start_run(paths, MONITORED_RUN_KEY, lineage)
+    version = register_bundle(paths, run_id, champion.bundle_dir, MODEL_NAME, MONITORED_RUN_KEY, lineage)
+    set_alias(paths, MODEL_NAME, CHAMPION, version)
+    end_run(paths, run_id)
+    shutil.copytree(champion.snapshot_dir, paths.runs / safe_name(MONITORED_RUN_KEY) / "data")
+    return paths, version
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,8 @@ and `shopguide monitor`'s table."""
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -17,18 +15,15 @@ import pytest
 from typer.testing import CliRunner
 
 from pipelines.airflow_env import run_dag_test
-from pipelines.config import MODEL_NAME, Paths, safe_name
+from pipelines.config import Paths
 from pipelines.runtime.event_log import SCHEMA as EVENT_SCHEMA
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.logfolder import partition_name, to_batch
 from pipelines.runtime.request_log import SCHEMA as REQUEST_SCHEMA
 from pipelines.runtime.request_log import RequestRecord
-
-if TYPE_CHECKING:
-    from tests.integration.conftest import RegisteredChampion
+from tests.integration.conftest import RegisteredChampion, monitored_champion
 
 END = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
-RUN_KEY = "monitor-dag-test-champion"
 
 
 def _write(folder: Path, records: list, schema, day: datetime) -> None:
@@ -47,27 +42,8 @@ def pa_table(records: list, schema):
 def monitored_home(
     champion: RegisteredChampion, airflow_paths: Paths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> tuple[Paths, str]:
-    """A home of its own whose MLflow store holds the champion's bundle as shopguide-encoder@champion (the profile's
-    model name; other tests of the session move the session store's aliases), its snapshot kept in the run store,
-    and one hour of answers before END plus a few outside it."""
-    from pipelines.registry.mlflow_client import CHAMPION, end_run, register_bundle, set_alias, start_run
-
-    paths = Paths(tmp_path / "home")
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    for key in (
-        "SHOPGUIDE_REQUEST_LOG_DIR",
-        "SHOPGUIDE_EVENT_LOG_DIR",
-        "SHOPGUIDE_RUN_STORE",
-        "SHOPGUIDE_MONITOR_TEXTFILE",
-    ):
-        monkeypatch.delenv(key, raising=False)
-    lineage = {"run_key": RUN_KEY, "data_snapshot": champion.snapshot_dir.name}
-    run_id = start_run(paths, RUN_KEY, lineage)
-    version = register_bundle(paths, run_id, champion.bundle_dir, MODEL_NAME, RUN_KEY, lineage)
-    set_alias(paths, MODEL_NAME, CHAMPION, version)
-    end_run(paths, run_id)
-    shutil.copytree(champion.snapshot_dir, paths.runs / safe_name(RUN_KEY) / "data")
-
+    """monitored_champion with one hour of answers before END plus one outside it, and clicks on ten of them."""
+    paths, version = monitored_champion(champion, tmp_path, monkeypatch)
     terms = sorted(pd.read_parquet(champion.snapshot_dir / "judgments_train.parquet")["search_term"].unique())[:40]
     queries = [str(t) for t in terms] + [f"zorblaxian quuxwidget {i}" for i in range(10)]
     answers = [
@@ -103,6 +79,7 @@ def test_monitor_dag_records_the_window(monitored_home: tuple[Paths, str]) -> No
     from prometheus_client.parser import text_string_to_metric_families
 
     from pipelines.cli import app
+    from pipelines.monitoring.decision import retrain_alarms
     from pipelines.monitoring.records import read_windows, textfile_path
     from pipelines.steps.monitor import EXPERIMENT, REPORT_FILE
 
@@ -118,6 +95,9 @@ def test_monitor_dag_records_the_window(monitored_home: tuple[Paths, str]) -> No
     assert set(measured["drift"]) == {"query_text", "query_embedding", "category"}
     assert "freshness_error" in decision  # no Feast repo in this home: reported, not raised
     assert decision["freshness_error"] and decision["alarms"]["feature_age:no_feature_view_readable"]  # never "fresh"
+    # a stale store asks for no retrain: only a drift or vocabulary alarm announces (test_drift_retrain.py)
+    announced = "success" if retrain_alarms(decision["alarms"]) else "skipped"
+    assert run.task_states["announce_drift"] == announced, (decision["alarms"], run.task_states)
 
     client = MlflowClient(paths.mlflow_tracking_uri)
     exp = client.get_experiment_by_name(EXPERIMENT)
