@@ -43,6 +43,7 @@ def test_retrain_registers_a_complete_champion(pipeline_run, tmp_path):
     assert report["parity_cosine_min"] > 0.95
     client = registry.client(paths)
     run = client.get_run(tags["mlflow_run_id"])
+    assert run.data.tags["trigger_reason"] == "manual run"  # decide's, tagged by snapshot on the run it opens
     assert {
         "finetune.final_loss",
         "evaluate.ndcg_at_10",
