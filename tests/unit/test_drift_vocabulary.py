@@ -24,7 +24,7 @@ from pipelines.data.feedback import (
 from pipelines.runtime.logfolder import partition_name, to_batch
 from pipelines.runtime.request_log import SCHEMA as REQUEST_SCHEMA
 from pipelines.runtime.request_log import RequestRecord
-from tests.conftest import save_tiny_model
+from tests.tiny_bert import save_tiny_model
 
 AS_OF = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 SMALL = {"max_terms": 300, "max_offers": 200, "event_users": 10}
