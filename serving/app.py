@@ -27,7 +27,7 @@ from threadpoolctl import threadpool_limits
 
 from pipelines.runtime import event_log, personalize
 from pipelines.runtime.event_log import EventRecord
-from pipelines.runtime.request_log import RequestRecord
+from pipelines.runtime.request_log import REQUEST_LOG_DIRNAME, RequestRecord
 from serving.events import EventLogFull, EventsRefused, Feedback
 from serving.log_writer import LogSink, LogWriter, SegmentFolderSink
 from serving.logs import configure_logging
@@ -421,11 +421,15 @@ def create_app(
         state._publish(predictor)
     if settings.shadow_alias and predictor is None and settings.bundle_dir is None:
         state.shadow = ShadowRunner(settings.shadow_alias, settings.shadow_fraction, settings.shadow_queue, metrics)
+    request_store = settings.log_store_of(REQUEST_LOG_DIRNAME)
+    event_store = settings.log_store_of(event_log.EVENT_LOG_DIRNAME)
     if settings.request_log_enabled:
-        sink = request_log_sink or ParquetFolderSink(settings.request_log_folder, settings.request_log_roll_seconds)
+        sink = request_log_sink or ParquetFolderSink(
+            settings.request_log_folder, settings.request_log_roll_seconds, store=request_store
+        )
         state.request_log = RequestLog(sink, settings.request_log_queue, settings.request_log_flush_seconds, metrics)
     events_sink = event_log_sink or SegmentFolderSink[EventRecord](
-        settings.event_log_folder, event_log.SCHEMA, settings.request_log_roll_seconds
+        settings.event_log_folder, event_log.SCHEMA, settings.request_log_roll_seconds, store=event_store
     )
     event_writer = state.event_log = LogWriter(
         events_sink, settings.event_log_queue, settings.request_log_flush_seconds, metrics.event_log, "event log"
@@ -436,6 +440,8 @@ def create_app(
         event_writer,
         request_log_folder=settings.request_log_folder,
         event_log_folder=settings.event_log_folder,
+        request_log_store=request_store,
+        event_log_store=event_store,
         window_seconds=settings.events_window_seconds,
         lookup_size=settings.events_lookup_size,
         flush_seconds=settings.request_log_flush_seconds,

@@ -23,7 +23,7 @@ from pipelines.features.push import UserEvent, user_row_with_events
 from pipelines.runtime import event_log, request_log
 from pipelines.runtime.event_log import EventRecord
 from pipelines.runtime.index import ProductIndex
-from pipelines.runtime.logfolder import is_part, is_segment, partitions, read_segment
+from pipelines.runtime.logfolder import LogStore, is_part, is_segment, modified, partitions, read_segment
 from pipelines.runtime.request_log import RequestRecord
 from serving.log_writer import LogWriter
 from serving.metrics import Metrics
@@ -40,6 +40,10 @@ FLUSH_MARGIN_S = 0.5
 REFRESH_INTERVAL_S = 0.25
 # Read-modify-push of a user's online row is serialised per user in this process (striped locks).
 USER_LOCKS = 64
+# A shared log store (SHOPGUIDE_LOG_STORE) gets a writer's part once a roll interval: listed at most this often, and
+# at most every STORE_FORCED_S for a miss that waited (a listing is a request to the store, not a local readdir).
+STORE_REFRESH_S = 5.0
+STORE_FORCED_S = 1.0
 
 RefusalReason = Literal["unknown_request", "user_mismatch", "not_shown", "unknown_product", "timestamp"]
 
@@ -58,14 +62,25 @@ class Answer:
 
 
 class LogTail:
-    """The rows writers (this process and other replicas) add to a log folder, read incrementally: each parquet part
-    once, a segment again whenever it grew. Files last written before the window hold only older rows: skipped."""
+    """The rows writers (this process and other replicas) add to a log folder and its shared store, read
+    incrementally: each parquet part once, a segment again whenever it grew. Files last written before the window
+    hold only older rows: skipped."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, columns: Sequence[str], window: timedelta) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        columns: Sequence[str],
+        window: timedelta,
+        store: LogStore | None = None,
+    ) -> None:
         self.folder, self.schema, self.columns, self.window = folder, schema, list(columns), window
+        self.store = store
         self._read: dict[Path, int] = {}  # file -> its size when read
+        self._stored: set[str] = set()  # the store's parts read (a part never changes)
+        self._store_listed_at = float("-inf")
 
-    def read_new(self, now: datetime) -> pa.Table | None:
+    def read_new(self, now: datetime, force: bool = False) -> pa.Table | None:
         since = now - self.window
         tables: list[pa.Table] = []
         listed: set[Path] = set()
@@ -93,10 +108,40 @@ class LogTail:
                     log.warning("%s: cannot read %s", self.folder, path, exc_info=True)
                 self._read[path] = stat.st_size
         self._read = {p: size for p, size in self._read.items() if p in listed}  # rolled away or out of the window
+        if self.store is not None:
+            due = STORE_FORCED_S if force else STORE_REFRESH_S
+            if time.monotonic() - self._store_listed_at >= due:
+                tables.extend(self._read_store(self.store, since))
         if not tables:
             return None
         table = pa.concat_tables(tables)
         return table.filter(pc.greater_equal(table["ts"], pa.scalar(since, self.schema.field("ts").type)))
+
+    def _read_store(self, store: LogStore, since: datetime) -> list[pa.Table]:
+        """The store's parts not read yet and written within the window (give or take another host's clock)."""
+        self._store_listed_at = time.monotonic()
+        oldest = (since - CLOCK_SKEW).timestamp()
+        listed: set[str] = set()
+        new: list[str] = []
+        for partition in store.partitions(since):
+            for entry in store.parts(partition).values():
+                path, written = entry["name"], modified(entry)
+                listed.add(path)
+                if path not in self._stored and (written is None or written >= oldest):
+                    new.append(path)
+        self._stored = (self._stored & listed) | set(new)
+        if not new:
+            return []
+        try:
+            return [store.read(new, self.schema, self.columns)]
+        except Exception:  # find the unreadable one; it is logged and not retried, like a local file
+            tables = []
+            for path in new:
+                try:
+                    tables.append(store.read([path], self.schema, self.columns))
+                except Exception:
+                    log.warning("%s: cannot read %s", store.url, path, exc_info=True)
+            return tables
 
 
 class TailedIndex(Generic[K, V]):
@@ -136,7 +181,7 @@ class TailedIndex(Generic[K, V]):
                 return
             started = time.monotonic()
             try:
-                table = self.tail.read_new(now)
+                table = self.tail.read_new(now, force)
             except Exception:
                 log.exception("%s: reading the log failed", self.tail.folder)
                 return
@@ -209,6 +254,8 @@ class Feedback:
         *,
         request_log_folder: Path,
         event_log_folder: Path,
+        request_log_store: LogStore | None = None,
+        event_log_store: LogStore | None = None,
         window_seconds: float,
         lookup_size: int,
         flush_seconds: float,
@@ -221,10 +268,12 @@ class Feedback:
         self.miss_wait_s = flush_seconds + FLUSH_MARGIN_S
         answer_columns = ["request_id", "ts", "user_id", "model_version", "product_ids"]
         self.answers: TailedIndex[str, Answer] = TailedIndex(
-            LogTail(request_log_folder, request_log.SCHEMA, answer_columns, self.window), lookup_size, _answers
+            LogTail(request_log_folder, request_log.SCHEMA, answer_columns, self.window, request_log_store),
+            lookup_size,
+            _answers,
         )
         self.seen: TailedIndex[tuple[str, int, str], None] = TailedIndex(
-            LogTail(event_log_folder, event_log.SCHEMA, ["ts", *event_log.EVENT_KEY], self.window),
+            LogTail(event_log_folder, event_log.SCHEMA, ["ts", *event_log.EVENT_KEY], self.window, event_log_store),
             lookup_size,
             _event_keys,
         )

@@ -25,7 +25,9 @@ import pyarrow.parquet as pq
 from pipelines.runtime.logfolder import (
     SEGMENT_PREFIX,
     SEGMENT_SUFFIX,
+    LogStore,
     fsync_dir,
+    is_part,
     is_segment,
     part_for,
     partition_day,
@@ -85,11 +87,20 @@ def _writer_id() -> str:
 
 class SegmentFolderSink(Generic[R]):
     """Hive-partitioned parquet under `folder`, in `schema`: per UTC date an Arrow IPC segment, appended and fsynced
-    on every flush, rolled into a zstd parquet part every `roll_seconds`, at `roll_rows` rows and on close."""
+    on every flush, rolled into a zstd parquet part every `roll_seconds`, at `roll_rows` rows and on close. With a
+    `store`, the parts go there (the segments stay in `folder`: the local disk's fsync keeps a crash's loss small)."""
 
-    def __init__(self, folder: Path, schema: pa.Schema, roll_seconds: float = 60.0, roll_rows: int = ROLL_ROWS) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        schema: pa.Schema,
+        roll_seconds: float = 60.0,
+        roll_rows: int = ROLL_ROWS,
+        store: LogStore | None = None,
+    ) -> None:
         self.folder = folder
         self.schema = schema
+        self.store = store
         self.roll_seconds = roll_seconds
         self.roll_rows = roll_rows
         self.writer_id = _writer_id()
@@ -102,13 +113,32 @@ class SegmentFolderSink(Generic[R]):
         self.recover()
 
     def recover(self) -> int:
-        """Roll every segment no live writer holds (its writer died) into its part; returns how many."""
-        rolled = 0
+        """Roll every segment no live writer holds (its writer died) into its part; returns how many. With a store,
+        also upload the parts the folder holds (written before the store was configured)."""
+        rolled = uploaded = 0
         for partition in sorted(self.folder.glob("date=*")):
             rolled += sum(self._roll_unheld(p) for p in sorted(partition.iterdir()) if is_segment(p))
+            if self.store is not None:
+                uploaded += sum(self._upload(p) for p in sorted(partition.iterdir()) if is_part(p))
         if rolled:
             log.info("%s: rolled %d segment(s) left by a stopped writer", self.folder, rolled)
+        if uploaded:
+            log.info("%s: uploaded %d part(s) to %s", self.folder, uploaded, self.store.url if self.store else "")
         return rolled
+
+    def _upload(self, part: Path) -> bool:
+        """A local part into the store, then removed here (idempotent: another writer may do the same at once)."""
+        assert self.store is not None
+        target = self.store.part_path(part.parent.name, part.name)
+        if not self.store.exists(target):
+            try:
+                table = pq.read_table(part, schema=self.schema)
+            except FileNotFoundError:
+                return False
+            self.store.put(table, target)
+        part.unlink(missing_ok=True)
+        fsync_dir(part.parent)
+        return True
 
     def append(self, records: Sequence[R]) -> None:
         by_day: dict[date, list[R]] = {}
@@ -201,16 +231,19 @@ class SegmentFolderSink(Generic[R]):
             os.close(fd)  # releases the lock
 
     def _roll_file(self, segment: Path) -> None:
-        """Segment -> part of the same name (written aside, fsynced, renamed), then the segment goes; the caller
-        holds the segment's lock. Idempotent: a crash at any point leaves the segment, the part, or both (readers
-        then skip the segment), and the next roll finishes the job."""
-        part = part_for(segment)
-        if not part.exists():
+        """Segment -> part of the same name (written aside, fsynced, renamed; or put into the store), then the segment
+        goes; the caller holds the segment's lock. Idempotent: a crash at any point leaves the segment, the part, or
+        both (readers then skip the segment), and the next roll finishes the job."""
+        part, store = part_for(segment), self.store
+        target = store.part_path(segment.parent.name, part.name) if store is not None else ""
+        if not (store.exists(target) if store is not None else part.exists()):
             try:
                 table = read_segment(segment, self.schema)
             except FileNotFoundError:
                 return  # another writer rolled it
-            if table.num_rows:
+            if table.num_rows and store is not None:
+                store.put(table, target)  # durable there before the segment goes
+            elif table.num_rows:
                 tmp = part.with_name(f".{part.name}.tmp")
                 pq.write_table(table, tmp, compression="zstd")
                 with open(tmp, "rb") as f:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipelines.runtime.logfolder import LogStore
 from pipelines.runtime.request_log import SCHEMA, RequestRecord
 from serving.log_writer import ROLL_ROWS, LogSink, LogWriter, SegmentFolderSink
 from serving.metrics import Metrics
@@ -13,10 +14,13 @@ RequestLogSink = LogSink[RequestRecord]
 
 
 class ParquetFolderSink(SegmentFolderSink[RequestRecord]):
-    """The request log's folder: hive-partitioned parquet parts and fsynced segments in SCHEMA."""
+    """The request log's folder: hive-partitioned parquet parts and fsynced segments in SCHEMA (the parts in `store`
+    when there is one)."""
 
-    def __init__(self, folder: Path, roll_seconds: float = 60.0, roll_rows: int = ROLL_ROWS) -> None:
-        super().__init__(folder, SCHEMA, roll_seconds, roll_rows)
+    def __init__(
+        self, folder: Path, roll_seconds: float = 60.0, roll_rows: int = ROLL_ROWS, store: LogStore | None = None
+    ) -> None:
+        super().__init__(folder, SCHEMA, roll_seconds, roll_rows, store)
 
 
 class RequestLog(LogWriter[RequestRecord]):

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from pipelines.config import MODEL_NAME, FeaturesConfig, Paths
 from pipelines.runtime.encoder import OrtOptimization
 from pipelines.runtime.event_log import EVENT_LOG_DIRNAME
+from pipelines.runtime.logfolder import LogStore
 from pipelines.runtime.request_log import REQUEST_LOG_DIRNAME
 
 
@@ -228,6 +229,14 @@ class Settings(BaseSettings):
         "shutdown): 60 parts per hour and replica at most.",
     )
 
+    log_store: str | None = Field(
+        None,
+        alias="SHOPGUIDE_LOG_STORE",
+        description="Shared store of both logs' rolled parquet parts, any fsspec URL (s3://bucket/logs with the s3 "
+        "extra, file:///shared/logs): the parts go to <URL>/request_log and <URL>/event_log, the open segments stay "
+        "in the local folders. Unset = the local folders alone. pipelines.data reads the same variable.",
+    )
+
     # Feedback events (POST /v1/events): the event log shares the request log's flush and roll intervals.
     event_log_dir: Path | None = Field(
         None,
@@ -323,3 +332,9 @@ class Settings(BaseSettings):
     @property
     def event_log_folder(self) -> Path:
         return self.event_log_dir or self.home / EVENT_LOG_DIRNAME
+
+    def log_store_of(self, log_name: str) -> LogStore | None:
+        """The shared store of the log `log_name` (REQUEST_LOG_DIRNAME, EVENT_LOG_DIRNAME); None when not configured.
+        Raises when fsspec cannot open the URL (s3:// without s3fs): better at start-up than at the first roll."""
+        url = (self.log_store or "").strip()
+        return LogStore.at(url, log_name) if url else None

@@ -30,6 +30,7 @@ _SESSION_HOME = Path(tempfile.mkdtemp(prefix="shopguide-test-")).resolve()
 os.environ["SHOPGUIDE_HOME"] = str(_SESSION_HOME)
 os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_SESSION_HOME / 'mlflow' / 'mlflow.db'}"
 os.environ["AIRFLOW_HOME"] = str(_SESSION_HOME / "airflow")
+os.environ.pop("SHOPGUIDE_LOG_STORE", None)  # a shell pointed at the production profile (`shopguide prod env`)
 os.environ.update(
     {
         "HF_HUB_OFFLINE": "1",

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from pipelines.config import Paths
 from pipelines.runtime.event_log import EVENT_KEY, EVENT_LOG_DIRNAME, SCHEMA
-from pipelines.runtime.logfolder import read_log
+from pipelines.runtime.logfolder import LogStore, read_log
 
 
 def event_log_dir(paths: Paths | None = None) -> Path:
@@ -21,19 +21,26 @@ def event_log_dir(paths: Paths | None = None) -> Path:
     return Path(configured) if configured else (paths or Paths.from_env()).home / EVENT_LOG_DIRNAME
 
 
+def event_log_store() -> LogStore | None:
+    """Where the rolled parts go when SHOPGUIDE_LOG_STORE is set (`event_log` under that URL); None: the folder."""
+    return LogStore.from_env(EVENT_LOG_DIRNAME)
+
+
 def read_event_log(
     start: datetime | None = None,
     end: datetime | None = None,
     folder: Path | None = None,
     deduplicate: bool = True,
+    store: LogStore | None = None,
 ) -> pa.Table:
     """Every accepted event with start <= ts < end (ts: when the service accepted it; None: unbounded), in SCHEMA,
-    ordered by ts.
+    ordered by ts. `folder` and `store` default to the service's (event_log_dir, event_log_store).
 
     With `deduplicate`, each (request_id, product_id, event_type) once, its first acceptance: a replica drops repeats
     it or the log has seen, but two replicas taking the same event within one flush interval both log it.
     """
-    table = read_log(folder if folder is not None else event_log_dir(), SCHEMA, start, end)
+    folder = folder if folder is not None else event_log_dir()
+    table = read_log(folder, SCHEMA, start, end, store if store is not None else event_log_store())
     if not deduplicate or table.num_rows == 0:
         return table
     numbered = table.append_column("_row", pa.array(range(table.num_rows), pa.int64()))
