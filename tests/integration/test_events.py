@@ -97,6 +97,13 @@ def _ids(answer: dict) -> list[int]:
     return [r["product_id"] for r in answer["results"]]
 
 
+def _until(condition: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
 def test_a_click_moves_the_users_next_personalised_answer(
     settings: Settings, predictor: Predictor, metric_value
 ) -> None:
@@ -364,3 +371,33 @@ def test_the_reader_drops_repeats_two_replicas_both_logged(tmp_path: Path) -> No
     # the columns pipelines.features.store builds the feature tables from, with their types
     frame = table.to_pandas()[["user_id", "product_id", "event_type", "event_timestamp"]]
     assert str(frame["event_timestamp"].dtype) == "datetime64[us, UTC]" and frame["user_id"].dtype == "int64"
+
+
+def test_replicas_on_two_hosts_share_answers_and_events_through_the_log_store(
+    settings: Settings, predictor: Predictor, tmp_path: Path
+) -> None:
+    """Two replicas that share no folder (two hosts), only SHOPGUIDE_LOG_STORE: another replica's answer and event
+    are known once its writer rolled them into the store; the shutdown leaves every row there."""
+    from pipelines.data.request_log import read_request_log
+    from pipelines.runtime.logfolder import LogStore
+
+    base = f"file://{tmp_path / 'store'}"
+    requests, events = LogStore.at(base, "request_log"), LogStore.at(base, event_log.EVENT_LOG_DIRNAME)
+
+    def host(name: str) -> TestClient:
+        local = {"request_log_dir": tmp_path / name / "requests", "event_log_dir": tmp_path / name / "events"}
+        return _client(settings, predictor, log_store=base, request_log_roll_seconds=0.2, **local)
+
+    def stored(store: LogStore) -> int:
+        return len([p for p in store.fs.find(store.root) if p.endswith(".parquet")])
+
+    with host("a") as a, host("b") as b:
+        answer = _post(a, "/v1/search", {"query": "door knob", "user_id": NEW_USER})
+        _until(lambda: stored(requests) == 1)
+        assert _post(b, "/v1/events", _event(answer, _ids(answer)[0]), 202)["accepted"] == 1
+        _until(lambda: stored(events) == 1)
+        assert _post(a, "/v1/events", _event(answer, _ids(answer)[0]), 202)["duplicates"] == 1  # b's, via the store
+    assert [p for p in tmp_path.glob("[ab]/**/*") if p.is_file()] == []  # nothing left on either host
+    elsewhere = tmp_path / "worker"
+    assert read_request_log(folder=elsewhere, store=requests)["request_id"].to_pylist() == [answer["request_id"]]
+    assert read_event_log(folder=elsewhere, store=events)["request_id"].to_pylist() == [answer["request_id"]]
