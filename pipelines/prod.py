@@ -143,6 +143,12 @@ class ProdConfig:
     def artifacts_destination(self) -> str:
         return self.get("SHOPGUIDE_ARTIFACTS_DESTINATION") or str(self.dir / "mlflow-artifacts")
 
+    @property
+    def log_store(self) -> str:
+        """Where the replicas' request and event logs roll their parts (pipelines/runtime/logfolder.py): a folder
+        beside the artifacts, not the replicas' own log folders, on one host; object storage on several."""
+        return self.get("SHOPGUIDE_LOG_STORE") or f"file://{self.dir / 'log-store'}"
+
     # Addresses.
     def database(self, name: str) -> str:
         db = f"{self.get('SHOPGUIDE_PG_DB_PREFIX')}{name}"
@@ -285,6 +291,8 @@ def environment(cfg: ProdConfig, secret: Mapping[str, str], base: Mapping[str, s
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
             "SHOPGUIDE_RUN_STORE": RUN_STORE,
             "SHOPGUIDE_SCRATCH": str(cfg.scratch),
+            # the replicas roll their logs' parts into it; the features, retrain and monitor tasks read it
+            "SHOPGUIDE_LOG_STORE": cfg.log_store,
             "SHOPGUIDE_FEAST_ONLINE_STORE": "redis",
             "SHOPGUIDE_REDIS": "{}:{},db={}".format(
                 *cfg.redis_server("FEAST_"), cfg.number("SHOPGUIDE_FEAST_REDIS_DB")
@@ -925,6 +933,8 @@ CLIENT_VARIABLES = (
     "SHOPGUIDE_FEAST_REGISTRY",
     # `shopguide features` in that shell reads and writes the offline tables the workers do
     "SHOPGUIDE_FEAST_OFFLINE",
+    # and reads the request and event logs the replicas wrote
+    "SHOPGUIDE_LOG_STORE",
 )
 
 

@@ -176,7 +176,7 @@ def test_every_process_gets_the_profile_environment(
         assert all(isinstance(v, str) for v in env.values()), f"{name}: unquoted values (compose wants strings)"
         missing = sorted(set(expected) - set(env))
         assert not missing, f"{name} lacks {missing} of pipelines.prod.environment()"
-        differ = {k: (env[k], v) for k, v in expected.items() if env[k] != v}
+        differ = {k: (env[k], v) for k, v in expected.items() if _interpolate(env[k]) != v}
         assert not differ, f"{name}: (compose, profile) differ: {differ}"
         for key, value in env.items():
             assert "127.0.0.1" not in value and "localhost" not in value, f"{name}: {key}={value} is the container"
@@ -189,6 +189,11 @@ def test_the_profile_switches(cfg: ProdConfig, secret: dict[str, str], services:
         assert env["AIRFLOW__CORE__EXECUTOR"] == profile["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor", name
         assert env["SHOPGUIDE_RUN_STORE"] == profile["SHOPGUIDE_RUN_STORE"] == "mlflow-artifacts:/runs", name
         assert env["SHOPGUIDE_DEPLOYMENT"] == profile["SHOPGUIDE_DEPLOYMENT"] == "production", name
+        # the logs' parts go to a store the replicas and the workers share, not a replica's own log folder
+        store = _interpolate(env["SHOPGUIDE_LOG_STORE"])
+        assert store == profile["SHOPGUIDE_LOG_STORE"] == f"file://{IMAGE_HOME}/prod/log-store", name
+        if name.startswith(("replica", "airflow-worker")):
+            assert f"log-store:{IMAGE_HOME}/prod/log-store" in services[name]["volumes"], name
 
 
 def test_secrets_come_from_the_profile_secrets_file(
