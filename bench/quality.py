@@ -2,12 +2,16 @@
 (dense alone and fused with BM25, the weight chosen on validation terms); the out-of-domain check of each encoder.
 
     .venv/bin/python bench/quality.py --profile default      # prints a table, then the JSON
+    .venv/bin/python bench/quality.py --methods full,lora,full+augment,lora+augment   # training recipes side by side
 
 Not part of the test suite. Held-out Home Depot terms (1,326, project md5 rule) over the whole catalog (54,667 titles);
 PriceRunner held-out clusters for categories, against TF-IDF + logistic regression trained on the same split.
 Out of domain (pipelines/evaluation/out_of_domain.py, what gate.max_out_of_domain_drop reads): held-out PriceRunner
 offer titles -> their canonical titles, nDCG@10 and Recall@10 of the base model, the fine-tuned teacher and the served
 INT8 bundle on the same queries; the fine-tuning is on Home Depot only unless the profile mixes PriceRunner in.
+--methods trains one teacher per recipe (train.method full | lora, +augment = train.augment.enabled), each in a fresh
+process (its peak RSS is the training's own), and scores each teacher's held-out and out-of-domain nDCG@10 beside the
+base model; no export, compression or served bundle in that mode.
 """
 
 from __future__ import annotations
@@ -32,6 +36,62 @@ def _retrieval(qrels, run) -> dict:
     return {**ir_metrics(qrels, run), "rerank_ndcg_at_10": rerank_ndcg(qrels, run), **judgment_coverage(qrels, run)}
 
 
+def _train_child(snapshot_dir: str, out_dir: str, train_json: str) -> dict:
+    """One fine-tuning in a fresh process: its result, wall time and the process's peak RSS."""
+    import resource
+
+    from pipelines.config import TrainConfig
+    from pipelines.training.finetune import finetune_encoder
+
+    t0 = time.perf_counter()
+    trained = finetune_encoder(snapshot_dir, out_dir, TrainConfig.model_validate_json(train_json))
+    trained["finetune_seconds"] = round(time.perf_counter() - t0, 1)
+    trained["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # KiB on Linux
+    return trained
+
+
+def method_config(train, method: str):
+    """'full' | 'lora', optionally '+augment': the profile's TrainConfig with that recipe."""
+    name, _, extra = method.partition("+")
+    if name not in {"full", "lora"} or extra not in {"", "augment"}:
+        raise SystemExit(f"unknown method {method!r}: expected full|lora[+augment]")
+    augment = train.augment.model_copy(update={"enabled": extra == "augment"})
+    return train.model_copy(update={"method": name, "augment": augment})
+
+
+def compare_methods(methods: list[str], cfg, snap, qrels, terms, work: Path, result: dict, out_of_domain) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from pipelines.evaluation.evaluate import embedding_run
+    from pipelines.training.finetune import load_finetuned, unit_vectors
+
+    catalog, k = snap.table("catalog"), cfg.evaluate.retrieve_k
+    result["methods"] = {}
+    for method in methods:
+        train = method_config(cfg.train, method)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            trained = pool.submit(
+                _train_child, str(snap.path), str(work / f"finetune-{method}"), train.model_dump_json()
+            ).result()
+        t0 = time.perf_counter()
+        model, _, _ = load_finetuned(trained["model_dir"], cfg.train.max_seq_length)
+        run, _, _ = embedding_run(unit_vectors(model), catalog, terms, k)
+        name = f"teacher_{method}"
+        result["retrieval"][name] = _retrieval(qrels, run)
+        result["seconds"][f"{name}_eval"] = round(time.perf_counter() - t0, 1)
+        out_of_domain(name, unit_vectors(model))
+        keep = ("finetune_seconds", "train_seconds", "peak_rss_mb", "trainable_parameters", "total_parameters")
+        result["methods"][method] = {key: trained.get(key) for key in keep} | {
+            "ndcg_at_10": result["retrieval"][name]["ndcg_at_10"],
+            "ood_ndcg_at_10": result["out_of_domain"].get(name, {}).get("ndcg_at_10"),
+            "val_ndcg_at_10": trained.get("val_ndcg_at_10"),
+            "training": {k2: v for k2, v in trained.items() if k2 not in {"loss_history", "model_dir"}},
+        }
+        print(f"{method}: {json.dumps({k2: v for k2, v in result['methods'][method].items() if k2 != 'training'})}")
+        del model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
@@ -44,6 +104,12 @@ def main() -> None:
     )
     parser.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     parser.add_argument("--json", default=None, help="also write the JSON here")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated training recipes to compare instead of the one-teacher run: full, lora, "
+        "full+augment, lora+augment",
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -99,6 +165,14 @@ def main() -> None:
     result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
     out_of_domain("base_fp32", unit_vectors(base))
     del base
+
+    if args.methods:
+        compare_methods(args.methods.split(","), cfg, snap, qrels, terms, work, result, out_of_domain)
+        _print_methods(result)
+        print(json.dumps(result, indent=2))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return
 
     t0 = time.perf_counter()
     trained = finetune_encoder(snap.path, work / "finetune", cfg.train)
@@ -171,6 +245,24 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def _print_methods(result: dict) -> None:
+    base, ood_base = result["retrieval"]["base_fp32"]["ndcg_at_10"], result["out_of_domain"].get("base_fp32", {})
+    print(f"\n{result['heldout_terms']} held-out terms x {result['catalog']} products; base nDCG@10 {base:.4f}")
+    print(
+        f"{'method':<14} {'nDCG@10':>8} {'val':>7} {'OOD':>7} {'OOD-base':>8} {'train s':>8} {'finetune s':>10} "
+        f"{'trainable':>11} {'of total':>8} {'peak RSS MB':>11}"
+    )
+    for name, m in result["methods"].items():
+        ood = m["ood_ndcg_at_10"]
+        print(
+            f"{name:<14} {m['ndcg_at_10']:>8.4f} {m['val_ndcg_at_10'] or float('nan'):>7.4f} "
+            f"{ood if ood is not None else float('nan'):>7.4f} "
+            f"{(ood - ood_base['ndcg_at_10']) if ood is not None and ood_base else float('nan'):>+8.4f} "
+            f"{m['train_seconds']:>8.1f} {m['finetune_seconds']:>10.1f} {m['trainable_parameters']:>11,} "
+            f"{m['trainable_parameters'] / m['total_parameters']:>8.2%} {m['peak_rss_mb']:>11.0f}"
+        )
 
 
 if __name__ == "__main__":

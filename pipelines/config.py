@@ -45,8 +45,50 @@ class DataConfig(_Section):
     )
 
 
+AUGMENT_KINDS = ("typo", "drop", "unit", "plural")
+
+
+class LoraSettings(_Section):
+    """LoRA (peft) on the encoder's linear layers; merged into the base weights before the encoder is saved."""
+
+    r: int = Field(16, ge=1, le=256, description="Rank of each low-rank update.")
+    alpha: float = Field(32.0, gt=0, le=1024, description="Scale of the update: alpha / r times B @ A.")
+    dropout: float = Field(0.1, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: tuple[str, ...] = Field(
+        ("query", "key", "value", "dense"),
+        min_length=1,
+        description="Linear layers that get an adapter, by the last part of their name (BERT: query, key, value, "
+        "dense = the attention output and both feed-forward layers).",
+    )
+    # LoRA trains a few hundred thousand parameters from a zero update: the full fine-tune's 5e-5 barely moves them
+    learning_rate: float = Field(5e-4, gt=0, lt=1, description="Learning rate of the adapters (replaces train's).")
+
+
+class AugmentConfig(_Section):
+    """Noisy variants of training search terms (pipelines.training.augment), each keeping its original's products."""
+
+    enabled: bool = Field(False, description="Add the variants to the training sets.")
+    share: float = Field(
+        0.3, gt=0, le=1, description="Share of the distinct training terms that get one noisy variant (seeded)."
+    )
+    seed: int = Field(13, description="Same seed, same terms chosen, same variants.")
+    kinds: tuple[Literal["typo", "drop", "unit", "plural"], ...] = Field(
+        AUGMENT_KINDS,
+        min_length=1,
+        description="typo: a keyboard-neighbour substitution; drop: one token left out; unit: unit and number "
+        "spellings (1/2 in. <-> half inch, ft. <-> foot, 2x4 <-> 2 by 4); plural: the last word's number flipped.",
+    )
+
+
 class TrainConfig(_Section):
     base_model: str = Field(PACKAGED_BASE_MODEL, description="Packaged model, a local folder or a hub id.")
+    method: Literal["full", "lora"] = Field(
+        "full",
+        description="Fine-tune every weight, or LoRA adapters (train.lora) merged into the base weights before "
+        "saving: either way the saved encoder is a plain BERT, so export and compression are unchanged.",
+    )
+    lora: LoraSettings = LoraSettings()
+    augment: AugmentConfig = AugmentConfig()
     max_steps: int = Field(
         200, ge=-1, le=100_000, description="Contrastive training steps (0 = base model, -1 = `epochs` over all pairs)."
     )

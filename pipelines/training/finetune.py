@@ -10,9 +10,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from pipelines.config import PACKAGED_BASE_MODEL, TrainConfig
+from pipelines.config import PACKAGED_BASE_MODEL, AugmentConfig, LoraSettings, TrainConfig
 from pipelines.data.dataset import Snapshot, is_training_term, is_validation_cluster, is_validation_term, normalize_term
 from pipelines.runtime.bundle import LABELS_FILE
+from pipelines.training.augment import augment_rows
 from pipelines.training.progress import MetricsSink, progress_callback
 
 if TYPE_CHECKING:
@@ -273,6 +274,81 @@ def training_sets(
     }
 
 
+# the sets whose anchors are search terms (offers and categories anchor on PriceRunner titles)
+AUGMENTED_SETS = ("triplets", "mined", "pairs")
+
+
+def augmented_sets(
+    sets: dict[str, pd.DataFrame], cfg: AugmentConfig, seed: int
+) -> tuple[dict[str, pd.DataFrame], dict[str, int]]:
+    """The sets with the noisy variants of their training terms added (pipelines.training.augment), and counts.
+
+    A variant joins its original's set with the original's positive (and negative): the trainer's NO_DUPLICATES
+    sampler keeps it out of a batch with its original, whose shared product would be a false in-batch negative.
+    """
+    if not cfg.enabled:
+        return sets, {}
+    out, counts = dict(sets), {f"augmented_terms_{kind}": 0 for kind in cfg.kinds}
+    for name in AUGMENTED_SETS:
+        if name not in sets:
+            continue
+        rows, kinds = augment_rows(sets[name], cfg)
+        out[name] = pd.concat([sets[name], rows], ignore_index=True).sample(frac=1.0, random_state=seed)
+        out[name] = out[name].reset_index(drop=True)
+        counts[f"augmented_{name}_rows"] = len(rows)
+        for kind, n in kinds.items():
+            counts[f"augmented_terms_{kind}"] += n
+    return out, counts
+
+
+def parameter_counts(model: SentenceTransformer) -> dict[str, int]:
+    params = list(model.parameters())
+    return {
+        "trainable_parameters": sum(p.numel() for p in params if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in params),
+    }
+
+
+def add_lora(model: SentenceTransformer, cfg: LoraSettings) -> None:
+    """Wrap the encoder's transformer in peft LoRA adapters: the base weights freeze, the low-rank updates train.
+
+    peft's own get_peft_model, not sentence-transformers' add_adapter: that one goes through transformers' PEFT
+    integration, which asks for peft >= 0.22, and the newest peft on the index is 0.21 (2026-12).
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    transformer = model[0]
+    transformer.model = get_peft_model(
+        transformer.model,
+        LoraConfig(
+            task_type=TaskType.FEATURE_EXTRACTION,
+            r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=list(cfg.target_modules),
+        ),
+    )
+
+
+def merge_lora(model: SentenceTransformer) -> None:
+    """Fold the adapters into the base weights (W + alpha/r * B @ A): the transformer is a plain BERT again, so
+    saving, export and compression see exactly what a full fine-tune gives them."""
+    transformer = model[0]
+    transformer.model = transformer.model.merge_and_unload()
+
+
+def _load_best_adapter(model: SentenceTransformer, checkpoint: str | None) -> None:
+    """The trainer's load_best_model_at_end reloads a checkpoint as a whole model, which for an adapter checkpoint
+    needs transformers' PEFT integration (peft >= 0.22): the best adapter weights are set back here instead."""
+    if not checkpoint:
+        return
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    (adapter,) = Path(checkpoint).rglob("adapter_model.safetensors")
+    set_peft_model_state_dict(model[0].model, load_file(str(adapter)))
+
+
 def save_training_sets(sets: dict[str, pd.DataFrame], folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, df in sets.items():
@@ -336,6 +412,7 @@ def train_contrastive(
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
 
     evaluating = evaluator is not None and cfg.eval_steps is not None
+    lora = cfg.method == "lora"
     ranking = MultipleNegativesRankingLoss(model)
     losses = {name: ranking for name in sets}
     if CATEGORY_SET in sets:
@@ -345,7 +422,7 @@ def train_contrastive(
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.lora.learning_rate if lora else cfg.learning_rate,
         learning_rate_mapping={"category_head": cfg.category_head_learning_rate} if CATEGORY_SET in sets else {},
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a ratio of the total steps
         seed=cfg.seed,
@@ -358,7 +435,7 @@ def train_contrastive(
         save_strategy="steps" if evaluating else "no",
         save_steps=cfg.eval_steps,
         save_total_limit=2,
-        load_best_model_at_end=evaluating,
+        load_best_model_at_end=evaluating and not lora,  # lora: _load_best_adapter
         metric_for_best_model="eval_val_cosine_ndcg@10" if evaluating else None,
         report_to="none",
         use_cpu=True,
@@ -374,6 +451,8 @@ def train_contrastive(
         callbacks=[progress_callback("finetune", on_metrics)],
     )
     trainer.train()
+    if evaluating and lora:
+        _load_best_adapter(model, trainer.state.best_model_checkpoint)
     return [{k: v for k, v in e.items() if isinstance(v, int | float)} for e in trainer.state.log_history]
 
 
@@ -458,6 +537,7 @@ def finetune_encoder(
     # no feedback: the very sets of a run before feedback existed
     fit = pd.concat([judgments[~is_val], feedback], ignore_index=True) if len(feedback) else judgments[~is_val]
     sets = training_sets(fit, offers, cfg, snap.table("catalog"), miner)
+    sets, augment_counts = augmented_sets(sets, cfg.augment, cfg.seed)
     save_training_sets(sets, out / SETS_DIR)
     evaluator = (
         validation_evaluator(
@@ -467,12 +547,18 @@ def finetune_encoder(
         else None
     )
     metrics: dict[str, Any] = {f"{name}_rows": len(df) for name, df in sets.items()} | feedback_counts
+    metrics |= augment_counts
     metrics["sets_seconds"] = round(time.perf_counter() - started, 1)
     if evaluator is not None:
         metrics["val_ndcg_at_10_before"] = evaluator(model)["val_cosine_ndcg@10"]
+    if cfg.method == "lora":
+        add_lora(model, cfg.lora)
+    metrics |= parameter_counts(model)
     started = time.perf_counter()
     history = train_contrastive(model, sets, cfg, out, evaluator, on_metrics)
     metrics["train_seconds"] = round(time.perf_counter() - started, 1)
+    if cfg.method == "lora":
+        merge_lora(model)
     if evaluator is not None:
         # no step taken (train_contrastive's own condition): the model is the one just scored
         trained = cfg.max_steps != 0 and bool(sets)
