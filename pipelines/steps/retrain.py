@@ -198,7 +198,14 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
     with task_folders(snap["run_key"], paths) as t:
         result = finetune_encoder(t.stage(snap)["snapshot_dir"], t.output("finetune"), cfg.train, sink)
         result.pop("loss_history")
-        registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=cfg.train.model_dump())
+        # method, trainable_parameters / total_parameters and the augmentation counts are in params and result;
+        # the nested sections (lora, augment) as one param per field: finetune.lora.r, finetune.augment.share
+        train = cfg.train.model_dump()
+        params = {k: v for k, v in train.items() if not isinstance(v, dict)}
+        params |= {
+            f"{k}.{f}": v for k, section in train.items() if isinstance(section, dict) for f, v in section.items()
+        }
+        registry.log_step(paths, snap["mlflow_run_id"], "finetune", result, params=params)
         return t.publish(
             {"model_dir": result["model_dir"], "final_loss": result["final_loss"], "steps": result["steps"]}
         )
