@@ -21,7 +21,7 @@ from pipelines.training.finetune import (
     parameter_counts,
     train_contrastive,
 )
-from tests.conftest import save_tiny_bert
+from tests.tiny_bert import save_tiny_bert
 
 TEXTS = ["cordless drill", "deck screws 3 in.", "white interior paint", "garden hose 50 ft."]
 PAIRS = pd.DataFrame(
