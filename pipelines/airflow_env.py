@@ -190,6 +190,9 @@ class DagTestResult:
     task_states: dict[str, str | None] = field(default_factory=dict)  # "task" or "task[map_index]"
     task_tries: dict[str, int] = field(default_factory=dict)  # attempts so far (1 + retries used), keyed the same
     xcoms: dict[str, Any] = field(default_factory=dict)  # return values, keyed like task_states
+    # values a task pushed under a key of its own (xcom_push), {task: {key: value}}: e.g. decide's "decision", which
+    # a short-circuit that skips pushes instead of a return value
+    pushed: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -231,9 +234,11 @@ def _read_run(dag_id: str, since: datetime) -> dict[str, Any]:
             return {}
         run = max(runs, key=lambda r: r.run_after)
         # Any: get_many is annotated Select[tuple[XComModel]] (SQLAlchemy 2.0 style), rows of tuples to 2.1's stubs.
-        xcoms: list[Any] = list(
-            session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id, key="return_value"))
-        )
+        xcoms: list[Any] = list(session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id)))
+        pushed: dict[str, dict[str, Any]] = {}
+        for x in xcoms:
+            if x.key != "return_value":
+                pushed.setdefault(_key(x.task_id, x.map_index), {})[x.key] = XComModel.deserialize_value(x)
         tis = run.get_task_instances(session=session)
         return {
             "run_id": run.run_id,
@@ -242,7 +247,10 @@ def _read_run(dag_id: str, since: datetime) -> dict[str, Any]:
             "conf": dict(run.conf or {}),
             "task_states": {_key(ti.task_id, ti.map_index): str(ti.state) if ti.state else None for ti in tis},
             "task_tries": {_key(ti.task_id, ti.map_index): ti.try_number for ti in tis},
-            "xcoms": {_key(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in xcoms},
+            "xcoms": {
+                _key(x.task_id, x.map_index): XComModel.deserialize_value(x) for x in xcoms if x.key == "return_value"
+            },
+            "pushed": pushed,
         }
 
 
