@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -15,6 +15,7 @@ import typer
 from pipelines.config import MODEL_NAME, Paths
 
 if TYPE_CHECKING:
+    from pipelines.airflow_env import DagTestResult
     from pipelines.prod import ProdConfig
 
 app = typer.Typer(
@@ -62,7 +63,8 @@ def dag_run_timeout_minutes(profile: str, minutes: float | None) -> float:
     return minutes if minutes is not None else load_config(profile).orchestration.dag_run_timeout_minutes
 
 
-def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool, timeout_minutes: float) -> dict:
+def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool, timeout_minutes: float) -> DagTestResult:
+    """One DAG run under `airflow dags test`, its output streamed; a failed or timed-out run exits the command."""
     from pipelines.airflow_env import DagRunTimeout, run_dag_test
 
     started = time.perf_counter()
@@ -85,7 +87,7 @@ def _run_dag(paths: Paths, dag_id: str, conf: dict, quiet: bool, timeout_minutes
     if not result.ok:
         typer.secho(f"{dag_id} did not succeed; the task log above says why.", fg=typer.colors.RED, err=True)
         raise typer.Exit(1)
-    return result.xcoms
+    return result
 
 
 @app.command()
@@ -148,7 +150,7 @@ def retrain(
             conf["judgments_path"] = str(landed_judgments(judgments, paths.landing))
         except JudgmentsPathError as err:
             raise typer.BadParameter(str(err), param_hint="--judgments") from None
-    xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes))
+    xcoms = _run_dag(paths, "shopguide_retrain", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes)).xcoms
     typer.echo(json.dumps({k: xcoms.get(k) for k in ("decide", "evaluate", "gate", "conclude")}, indent=2))
 
 
@@ -172,23 +174,6 @@ def serve(host: str = "127.0.0.1", port: int = 8000) -> None:
             "warning",
         ],
     )
-
-
-def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the service exited with {proc.returncode} before it was ready")
-        try:
-            r = httpx.get(f"{url}/readyz", timeout=2)
-            if r.status_code == 200:
-                return r.json()
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"the service at {url} was not ready within {timeout} s")
 
 
 def demo_queries(url: str, user_id: int | None) -> None:
@@ -394,9 +379,9 @@ def run(
         f"then the service on 127.0.0.1:{port} (--port to change); home {paths.home}"
     )
     _banner("1/3 features DAG: land + validate the simulated event log, Feast apply + materialize")
-    landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet, limit)
+    landed = _run_dag(paths, "shopguide_features", {"profile": profile}, quiet, limit).xcoms
     _banner("2/3 retrain DAG: snapshot, validate, fine-tune, export ONNX + INT8, index, evaluate, gate, promote")
-    xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet, limit)
+    xcoms = _run_dag(paths, "shopguide_retrain", {"profile": profile}, quiet, limit).xcoms
     report, decision = xcoms.get("evaluate", {}), xcoms.get("gate", {})
     typer.echo(
         json.dumps(
@@ -422,32 +407,16 @@ def run(
         + "\n  ".join(decision.get("reasons", []))
     )
     _banner(f"3/3 serving models:/{MODEL_NAME}@champion on http://127.0.0.1:{port}")
-    url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "serving.app:app",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-        ]
-    )
-    try:
-        ready = _wait_ready(url, proc)
+    from pipelines.service_process import service_process
+
+    with service_process(port=port) as service:
+        ready = service.wait_ready()
         typer.echo(f"ready: {ready}")
         events = landed.get("land_events", {})
-        demo_queries(url, 1 if events.get("users") else None)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        demo_queries(service.url, 1 if events.get("users") else None)
     _banner(f"done in {time.perf_counter() - started:.0f} s")
     typer.echo(f"""Next:
-  serve:      .venv/bin/shopguide serve --port {port}      then open {url}/docs
+  serve:      .venv/bin/shopguide serve --port {port}      then open http://127.0.0.1:{port}/docs
   MLflow UI:  .venv/bin/shopguide mlflow-ui                   then open http://127.0.0.1:5000
   Airflow UI: .venv/bin/shopguide airflow standalone          then open http://127.0.0.1:8080""")
 
@@ -518,6 +487,93 @@ def simulate(
     typer.echo(json.dumps(summary.to_dict(), indent=2) if as_json else summary.table())
     if summary.stopped == "errors":
         raise typer.Exit(1)
+
+
+@app.command()
+def loop(
+    cycles: Annotated[int, typer.Option(min=1, help="Turns of the loop.")] = 2,
+    users: Annotated[
+        int | None, typer.Option(min=1, help="SIMULATED users per cycle (default: the profile's simulate.users).")
+    ] = None,
+    minutes: Annotated[
+        float | None, typer.Option(min=0.001, help="Minutes of simulated traffic per cycle (simulate.minutes).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Cycle n replays with seed + n - 1 (simulate.seed).")] = None,
+    think_seconds: Annotated[
+        float | None, typer.Option(min=0, help="Mean pause after each simulated search (0: flat out).")
+    ] = None,
+    profile: Profile = "default",
+    port: int = 8000,
+    only_with_new_data: Annotated[
+        bool,
+        typer.Option(
+            "--only-with-new-data/--always-train",
+            help="Train only on retrain.min_new_feedback answers with feedback since @champion's snapshot (the "
+            "schedule's rule; else the cycle is skipped and its traffic counts in the next), or every cycle.",
+        ),
+    ] = True,
+    poll_seconds: Annotated[
+        float, typer.Option(min=0.1, help="How often the service re-reads @champion (its hot-swap poll).")
+    ] = 2.0,
+    json_out: Annotated[Path | None, typer.Option(help="Also write the JSON summary to this file.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Airflow logs at WARNING instead of INFO.")] = True,
+    timeout_minutes: TimeoutMinutes = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="SHOPGUIDE_API_KEY", help="Sent as X-API-Key (a service with keys).")
+    ] = None,
+) -> None:
+    """The loop, CYCLES times: serve @champion, SIMULATED shoppers search and click (`shopguide simulate`), the
+    features DAG lands the events, the retrain DAG trains on the feedback, gates the candidate against the champion
+    (paired CI) and promotes it, and the service hot-swaps. Prints per cycle the feedback that entered the snapshot,
+    candidate vs champion and the outcome, then a JSON summary. The traffic is simulated, not real shoppers'."""
+    from pipelines.loop import LoopError, LoopPlan, cycle_table, run_loop, summary, summary_table
+
+    _require_free_port(port)
+    limit = dag_run_timeout_minutes(profile, timeout_minutes)  # an unknown profile fails here, before anything runs
+    paths = Paths.from_env()
+    _env(paths)
+    plan = LoopPlan(
+        profile=profile,
+        cycles=cycles,
+        users=users,
+        minutes=minutes,
+        seed=seed,
+        think_seconds=think_seconds,
+        only_with_new_data=only_with_new_data,
+        port=port,
+        poll_seconds=poll_seconds,
+        api_key=api_key,
+    )
+    sim = plan.config().simulate
+    _banner(
+        f"shopguide loop (profile {profile}): {cycles} cycles of {sim.users} SIMULATED users for {sim.minutes:g} min, "
+        f"then the features and retrain DAGs; home {paths.home}"
+    )
+
+    def show(report) -> None:
+        _banner(f"cycle {report.cycle}/{cycles} done")
+        typer.echo(cycle_table(report, cycles))
+
+    started = time.perf_counter()
+    try:
+        reports = run_loop(
+            plan,
+            paths,
+            lambda dag_id, conf: _run_dag(paths, dag_id, conf, quiet, limit),
+            echo=lambda line: typer.secho(line, bold=True, err=True),
+            on_cycle=show,
+        )
+    except LoopError as err:
+        typer.secho(f"loop stopped: {err}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    result = summary(plan, reports, time.perf_counter() - started)
+    _banner(f"loop done in {result['seconds']:.0f} s (SIMULATED traffic)")
+    typer.echo(summary_table(reports))
+    text = json.dumps(result, indent=2)
+    typer.echo(text)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(text + "\n")
 
 
 prod_app = typer.Typer(
