@@ -20,10 +20,23 @@ from pipelines.loop import (
     summary_table,
 )
 
-RETRAIN_TASKS = (
-    "snapshot validate finetune distill prune export_onnx evaluate_variants select_variant evaluate gate register "
-    "promote_or_keep promote keep_champion conclude"
-).split()
+RETRAIN_TASKS = [
+    "snapshot",
+    "validate",
+    "finetune",
+    "distill",
+    "prune",
+    "export_onnx",
+    "evaluate_variants",
+    "select_variant",
+    "evaluate",
+    "gate",
+    "register",
+    "promote_or_keep",
+    "promote",
+    "keep_champion",
+    "conclude",
+]
 SKIP_REASON = "scheduled run: nothing new to learn, skipped (since @champion 3's snapshot: 12 answers with feedback)"
 DECISION_GO = {"go": True, "reason": "train", "facts": {"champion": "3", "new_feedback": 140}}
 PAIRED = paired_bootstrap({"a": 0.5, "b": 0.7, "c": 0.2}, {"a": 0.4, "b": 0.7, "c": 0.1}, confidence=0.9).to_dict()
@@ -129,7 +142,8 @@ def test_the_cycle_table_of_a_promotion() -> None:
         "cycle 1/2",
         "  served                v3",
         "  SIMULATED traffic     20 users, seed 11, 60 s: 412 searches, 318 events sent (318 accepted), 0 errors",
-        "  feedback in snapshot  187 answers with feedback of 413, 318 events -> 402 pairs (210 positive, 192 negative)",
+        "  feedback in snapshot  187 answers with feedback of 413, 318 events -> 402 pairs (210 positive, 192 "
+        "negative)",
         "  held-out nDCG@10      candidate 0.3321 vs champion v3 0.3290: +0.0031, 95% CI [-0.0042, +0.0101] over 300 "
         "held-out terms",
         "  outcome               PROMOTED: v4 is @champion (was v3); the service answers with v4 after 3.1 s",
