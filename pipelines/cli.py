@@ -489,6 +489,20 @@ def simulate(
         raise typer.Exit(1)
 
 
+def _name_values(pairs: list[str], flag: str) -> dict[str, object]:
+    """NAME=VALUE strings -> {NAME: VALUE}, VALUE parsed as JSON when it is (0.05, true, null), else kept as text."""
+    out: dict[str, object] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise typer.BadParameter(f"{pair!r} is not NAME=VALUE", param_hint=flag)
+        try:
+            out[name.strip()] = json.loads(value)
+        except ValueError:
+            out[name.strip()] = value
+    return out
+
+
 @app.command()
 def loop(
     cycles: Annotated[int, typer.Option(min=1, help="Turns of the loop.")] = 2,
@@ -515,6 +529,13 @@ def loop(
     poll_seconds: Annotated[
         float, typer.Option(min=0.1, help="How often the service re-reads @champion (its hot-swap poll).")
     ] = 2.0,
+    retrain_param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="NAME=VALUE, repeatable: a Param of the retrain DAG's trigger form for every cycle's run (VALUE read "
+            "as JSON, else a string), e.g. max_regression=0.05 or max_steps=20.",
+        ),
+    ] = None,
     json_out: Annotated[Path | None, typer.Option(help="Also write the JSON summary to this file.")] = None,
     quiet: Annotated[bool, typer.Option(help="Airflow logs at WARNING instead of INFO.")] = True,
     timeout_minutes: TimeoutMinutes = None,
@@ -528,6 +549,7 @@ def loop(
     candidate vs champion and the outcome, then a JSON summary. The traffic is simulated, not real shoppers'."""
     from pipelines.loop import LoopError, LoopPlan, cycle_table, run_loop, summary, summary_table
 
+    params = _name_values(retrain_param or [], "--retrain-param")
     _require_free_port(port)
     limit = dag_run_timeout_minutes(profile, timeout_minutes)  # an unknown profile fails here, before anything runs
     paths = Paths.from_env()
@@ -543,6 +565,7 @@ def loop(
         port=port,
         poll_seconds=poll_seconds,
         api_key=api_key,
+        retrain_params=params,
     )
     sim = plan.config().simulate
     _banner(

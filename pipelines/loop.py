@@ -261,6 +261,11 @@ class LoopPlan:
     ready_timeout: float = 180.0
     swap_timeout: float = 120.0
     api_key: str | None = None
+    # more of the retrain DAG's Params (its trigger form), e.g. {"max_regression": 0.05}; Airflow validates them
+    retrain_params: Mapping[str, Any] = field(default_factory=dict)
+
+    def retrain_conf(self) -> dict[str, Any]:
+        return {**self.retrain_params, "profile": self.profile, "only_with_new_data": self.only_with_new_data}
 
     def config(self, cycle: int = 1) -> ShopguideConfig:
         """The profile with this plan's simulate overrides and cycle `cycle`'s seed."""
@@ -326,7 +331,7 @@ def run_cycle(
 
     echo(f"cycle {cycle}/{plan.cycles}: retrain DAG (decide, snapshot with the feedback, train, gate, promote)")
     started = time.perf_counter()
-    run = run_dag(RETRAIN_DAG, {"profile": plan.profile, "only_with_new_data": plan.only_with_new_data})
+    run = run_dag(RETRAIN_DAG, plan.retrain_conf())
     seconds["retrain"] = time.perf_counter() - started
     outcome = read_outcome(run.task_states, run.xcoms, run.pushed)
     feedback = read_feedback(paths, outcome.mlflow_run_id) if outcome.mlflow_run_id else None
@@ -366,10 +371,14 @@ def run_loop(
     if champion is None:
         raise LoopError(f"{model} has no @champion to serve: train one first (`shopguide run` or `shopguide retrain`)")
     env = {"SHOPGUIDE_MODEL_POLL_SECONDS": str(plan.poll_seconds), "SHOPGUIDE_MODEL_NAME": model}
-    echo(f"serving @champion v{champion} on 127.0.0.1:{plan.port} (re-reading the alias every {plan.poll_seconds:g} s)")
+    log = paths.home / "logs" / "loop-service.log"  # its access log would drown the progress lines
+    echo(
+        f"serving @champion v{champion} on 127.0.0.1:{plan.port} (re-reading the alias every {plan.poll_seconds:g} s; "
+        f"its log: {log})"
+    )
     reports: list[CycleReport] = []
     started = time.perf_counter()
-    with service_process(port=plan.port, env=env) as service:
+    with service_process(port=plan.port, env=env, log=log) as service:
         try:
             service.wait_ready(timeout=plan.ready_timeout)
             serve_seconds = time.perf_counter() - started
@@ -389,7 +398,7 @@ def summary(plan: LoopPlan, reports: list[CycleReport], seconds: float) -> dict[
         "simulated": True,
         "profile": plan.profile,
         "cycles": plan.cycles,
-        "plan": asdict(plan) | {"api_key": None},
+        "plan": asdict(plan) | {"api_key": None, "retrain_params": dict(plan.retrain_params)},
         "reports": [r.to_dict() for r in reports],
         "outcomes": [r.retrain.outcome for r in reports],
         "seconds": round(seconds, 1),

@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -49,12 +50,23 @@ class ServiceProcess:
 
 @contextlib.contextmanager
 def service_process(
-    host: str = "127.0.0.1", port: int = 8000, env: Mapping[str, str] | None = None, stop_timeout: float = 30
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    env: Mapping[str, str] | None = None,
+    log: Path | None = None,
+    stop_timeout: float = 30,
 ) -> Iterator[ServiceProcess]:
-    """`uvicorn serving.app:app` on host:port with this process's environment plus `env`; terminated on leaving (a
-    clean shutdown: the service flushes its request and event logs)."""
+    """`uvicorn serving.app:app` on host:port with this process's environment plus `env`, its output appended to
+    `log` (None: this terminal's); terminated on leaving (a clean shutdown: the service flushes its logs)."""
     command = [sys.executable, "-m", "uvicorn", "serving.app:app", "--host", host, "--port", str(port)]
-    proc = subprocess.Popen([*command, "--log-level", "warning"], env={**os.environ, **(env or {})})
+    with contextlib.ExitStack() as files:
+        out = None
+        if log is not None:
+            log.parent.mkdir(parents=True, exist_ok=True)
+            out = files.enter_context(log.open("ab"))
+        proc = subprocess.Popen(
+            [*command, "--log-level", "warning"], env={**os.environ, **(env or {})}, stdout=out, stderr=out
+        )
     try:
         yield ServiceProcess(f"http://{host}:{port}", proc)
     finally:

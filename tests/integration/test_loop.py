@@ -64,6 +64,10 @@ def test_one_cycle_of_the_loop_learns_from_simulated_feedback(loop_home: Paths, 
     out = tmp_path / "loop.json"
     args = ["loop", "--cycles", "1", "--profile", "tiny", "--users", "12", "--minutes", "0.3", "--seed", "3"]
     args += ["--think-seconds", "0", "--port", str(_free_port()), "--poll-seconds", "1", "--json-out", str(out)]
+    # the tiny profile holds 39 held-out terms: the paired CI spans about +-0.03, so at the default allowance
+    # (gate.max_regression 0.01) the gate keeps the champion whatever was learned; at 0.1 the candidate is promoted
+    # unless it is clearly worse, and the hot swap is what this run checks (a lost gate: tests/unit/test_loop.py)
+    args += ["--retrain-param", "max_regression=0.1"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output[-5000:]
     summary = json.loads(out.read_text())
@@ -89,11 +93,10 @@ def test_one_cycle_of_the_loop_learns_from_simulated_feedback(loop_home: Paths, 
     c = retrain["comparison"]
     assert c["terms"] > 0 and c["low"] <= c["difference"] <= c["high"]
     assert {"simulate", "features", "retrain", "serve"} <= set(cycle["seconds"])
-    if retrain["outcome"] == "promoted":  # the service swapped to the new version and answers with it
-        new = retrain["candidate"]
-        assert retrain["champion_after"] == new != champion and cycle["serving_after"] == new
-        assert registry.alias_version(loop_home, MODEL_NAME, registry.CHAMPION) == new
-        assert "swap" in cycle["seconds"] and "PROMOTED" in result.output
-    else:  # the gate refused: the outcome says why and the service keeps the champion
-        assert retrain["outcome"] == "not promoted" and any(r.startswith("FAIL") for r in retrain["reasons"])
-        assert cycle["serving_after"] == champion and "NOT PROMOTED" in result.output
+    assert retrain["outcome"] == "promoted", retrain["reasons"]
+    assert any(r.startswith("ok: ndcg_at_10") and "(lower bound >= -0.1 required)" in r for r in retrain["reasons"])
+    # the service swapped to the new version and answers with it
+    new = retrain["candidate"]
+    assert retrain["champion_after"] == new != champion and cycle["serving_after"] == new
+    assert registry.alias_version(loop_home, MODEL_NAME, registry.CHAMPION) == new
+    assert "swap" in cycle["seconds"] and f"PROMOTED: v{new} is @champion (was v{champion})" in result.output

@@ -199,3 +199,9 @@ def test_each_cycle_replays_other_shoppers() -> None:
     assert (first.users, first.minutes, first.think_seconds, first.seed, second.seed) == (7, 0.5, 0, 40, 41)
     default = LoopPlan(profile="tiny").config(3).simulate
     assert default.seed == LoopPlan(profile="tiny").config(1).simulate.seed + 2 and default.users == 20
+
+
+def test_the_retrain_runs_with_the_plans_params_and_the_loops_rule() -> None:
+    plan = LoopPlan(profile="tiny", retrain_params={"max_regression": 0.05, "profile": "default"})
+    assert plan.retrain_conf() == {"max_regression": 0.05, "profile": "tiny", "only_with_new_data": True}
+    assert LoopPlan(only_with_new_data=False).retrain_conf() == {"profile": "default", "only_with_new_data": False}
