@@ -106,38 +106,45 @@ def validation_offers(offers_train: pd.DataFrame) -> pd.DataFrame:
     return offers_train[offers_train["cluster_id"].map(is_validation_cluster).astype(bool)]
 
 
-class JudgmentsPathError(ValueError):
-    """A judgments_path that is not a regular file inside the landing folder; the message says which rule failed."""
+class LandingPathError(ValueError):
+    """A landed file's path that is not a regular file inside the landing folder; the message says which rule failed."""
+
+
+class JudgmentsPathError(LandingPathError):
+    """A judgments_path that is not a regular file inside the landing folder."""
 
 
 def landed_judgments(path: str | Path, landing: Path) -> Path:
-    """The real path of the judgments file `path` names, which must lie in the `landing` folder.
+    """The real path of the judgments file `path` names, which must lie in the `landing` folder (landed_file)."""
+    return landed_file(path, landing, "judgments_path", JudgmentsPathError)
+
+
+def landed_file(path: str | Path, landing: Path, what: str, error: type[LandingPathError] = LandingPathError) -> Path:
+    """The real path of the file `path` names, which must lie in the `landing` folder.
 
     A relative path is taken under `landing`, an absolute one as is; no `..` component is accepted (even one that
     would stay inside), and after every symlink is resolved the file must still be inside the (resolved) landing
     folder and be a regular file. The caller reads the returned path, not `path`, so a checked name is what is
-    read. Raises JudgmentsPathError naming the landing folder and the rule.
+    read. Raises `error` naming `what` (the Param or option), the landing folder and the rule.
     """
     text = str(path)
     where = f"the landing folder {landing} (SHOPGUIDE_LANDING)"
     if not text.strip():
-        raise JudgmentsPathError(f"judgments_path is empty; give a file in {where}")
+        raise error(f"{what} is empty; give a file in {where}")
     shown = text if len(text) <= 200 else f"{text[:197]}..."  # a path is user input: never echoed whole
     given = Path(text)
     if ".." in given.parts:
-        raise JudgmentsPathError(f"judgments_path {shown!r} contains '..'; give a file in {where}")
+        raise error(f"{what} {shown!r} contains '..'; give a file in {where}")
     root = landing.resolve()
     candidate = given if given.is_absolute() else root / given
     try:
         real = candidate.resolve(strict=True)
     except (OSError, RuntimeError) as err:  # missing, a dangling or looping symlink, unreadable folder
-        raise JudgmentsPathError(f"judgments_path {shown!r}: no such file in {where} ({type(err).__name__})") from None
+        raise error(f"{what} {shown!r}: no such file in {where} ({type(err).__name__})") from None
     if not real.is_relative_to(root):
-        raise JudgmentsPathError(
-            f"judgments_path {shown!r} resolves outside {where}; only files that landed there are read"
-        )
+        raise error(f"{what} {shown!r} resolves outside {where}; only files that landed there are read")
     if not real.is_file():
-        raise JudgmentsPathError(f"judgments_path {shown!r} is not a regular file in {where}")
+        raise error(f"{what} {shown!r} is not a regular file in {where}")
     return real
 
 

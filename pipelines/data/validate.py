@@ -142,7 +142,7 @@ def judgments_suite() -> ExpectationSuite:
 
 
 def catalog_suite() -> ExpectationSuite:
-    """Distinct products: one row per product_uid, each with a title."""
+    """Distinct products: one row per product_uid, each with a title that is more than white space."""
     exp = _gx().expectations
     return _suite(
         "catalog",
@@ -152,6 +152,8 @@ def catalog_suite() -> ExpectationSuite:
             *_not_null(["product_uid", "product_title"]),
             exp.ExpectColumnValuesToBeUnique(column="product_uid"),
             exp.ExpectColumnValueLengthsToBeBetween(column="product_title", min_value=1),
+            # a title of blanks embeds as the empty text: a product no query could find, in every answer's tail
+            exp.ExpectColumnValuesToMatchRegex(column="product_title", regex=r"\S"),
             *_typed({"product_uid": INT_TYPES, "product_title": STRING_TYPES}),
         ],
     )
@@ -530,6 +532,17 @@ def validate_events(df: pd.DataFrame, project_dir: str | Path | None = None) -> 
     data_docs = project.docs()
     _raise_for([summary], data_docs)
     return {"success": True, **_counts([summary])["events"], "data_docs": data_docs}
+
+
+def validate_catalog(df: pd.DataFrame, project_dir: str | Path | None = None) -> dict[str, Any]:
+    """Validate a landed catalog (the catalog DAG) with the snapshot's catalog suite; raises DataValidationError with
+    the summary (duplicate ids, empty titles, ...). With a `project_dir` the GX project and its Data Docs are kept
+    there."""
+    project = _Project(project_dir)
+    summary = project.run(df, catalog_suite(), "catalog")
+    data_docs = project.docs()
+    _raise_for([summary], data_docs)
+    return {"success": True, **_counts([summary])["catalog"], "data_docs": data_docs}
 
 
 def _check_leakage(project: _Project, frames: dict[str, pd.DataFrame]) -> list[ValidationSummary]:

@@ -88,6 +88,18 @@ class LexicalIndex:
         )
         return cls(retriever, weight, candidates)
 
+    def rebuild(self, titles: list[str]) -> LexicalIndex:
+        """The same BM25 (method, k1, b, delta) and fusion weight over another catalog's titles: a catalog refresh
+        keeps the version's ranking rule, only the documents change."""
+        import bm25s
+
+        r = self.retriever
+        retriever = bm25s.BM25(method=r.method, k1=r.k1, b=r.b, delta=r.delta, idf_method=r.idf_method)
+        retriever.index(
+            bm25s.tokenize(titles, stopwords="en", stemmer=_stemmer(), show_progress=False), show_progress=False
+        )
+        return LexicalIndex(retriever, self.weight, self.candidates)
+
     def top_k(self, queries: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(rows, scores) per query, best first: products sharing a term with the query (BM25+ and BM25L give every
         product a small floor score once the query has a known word; the top `candidates` are kept either way).

@@ -14,10 +14,11 @@ from pipelines.config import CONFIG_DIR, OrchestrationConfig, load_config
 # task fails at once. Named, not imported, so that DAG files stay cheap to parse (tests/dags checks each name).
 PERMANENT_ERRORS = frozenset(
     {
-        "pipelines.data.dataset.JudgmentsPathError",  # judgments_path outside the landing folder
+        "pipelines.data.dataset.LandingPathError",  # a judgments or catalog file outside the landing folder
         "pipelines.data.validate.DataValidationError",  # the data broke an expectation
         "pipelines.compression.variants.CompressionFailed",  # no variant qualifies and the fallback is "fail"
         "pipelines.features.store.StaleFeaturesError",  # materialize already ran: a retry cannot freshen the store
+        "pipelines.catalog.index.CatalogIndexError",  # no champion to index for, a catalog that does not fit it
         "pipelines.registry.mlflow_client.PromotionRefused",  # no such version, gate failed, nothing to roll back to
     }
 )
