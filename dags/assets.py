@@ -21,6 +21,10 @@ USER_EVENTS = Asset(name="shopguide_user_events", uri="file://shopguide/user_eve
 # Its name is pipelines.steps.monitor.DRIFT_ASSET (tests/dags checks), which the retrain's decide looks for.
 DRIFT = Asset(name="shopguide_drift", uri="file://shopguide/drift")
 
+# A new catalog file landed in <landing>/catalog/ (`shopguide catalog land`); its event's extra names the file
+# ({"catalog_path": ...}). The catalog DAG runs on it.
+CATALOG = Asset(name="shopguide_catalog", uri="file://shopguide/catalog")
+
 # Every configs/<profile>.yaml is a choice of the DAGs' `profile` Param (a file glob).
 PROFILES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 # The profile of runs nobody filled a form for (the schedule, an Asset event): SHOPGUIDE_PROFILE of the deployment,

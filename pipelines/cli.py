@@ -599,6 +599,56 @@ def loop(
         json_out.write_text(text + "\n")
 
 
+catalog_app = typer.Typer(help="Catalog freshness without retraining: land a new catalog file.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
+
+
+@catalog_app.command("land")
+def catalog_land(
+    file: Annotated[
+        str,
+        typer.Argument(
+            help="The whole catalog: CSV (with a header) or parquet, columns product_uid, "
+            "product_title; products not in it leave the served index."
+        ),
+    ],
+    profile: Profile = "default",
+    run: Annotated[
+        bool,
+        typer.Option(
+            help="Run the catalog DAG on it now (airflow dags test, the embedded default). --no-run only lands the "
+            "file; a deployed Airflow then runs the DAG on a shopguide_catalog asset event naming it."
+        ),
+    ] = True,
+    quiet: bool = False,
+    timeout_minutes: TimeoutMinutes = None,
+) -> None:
+    """Land a catalog file in <landing>/catalog/ and run the catalog DAG on it: validate (GX), embed the new
+    products with @champion's encoder, rebuild the dense + BM25 index, publish it for the same version; a running
+    service swaps it in on its next poll."""
+    from pathlib import Path
+
+    from pipelines.data.catalog import CatalogPathError, catalog_landing, land_catalog
+
+    paths = Paths.from_env()
+    _env(paths)
+    source = Path(file)
+    if not source.is_file():
+        raise typer.BadParameter(f"no such file: {file}", param_hint="FILE")
+    try:
+        landed = land_catalog(source, paths.landing, datetime.now(UTC))
+    except CatalogPathError as err:
+        raise typer.BadParameter(str(err), param_hint="FILE") from None
+    name = landed.relative_to(catalog_landing(paths.landing)).as_posix()
+    typer.echo(f"landed {landed} (catalog_path {name!r})")
+    if not run:
+        typer.echo(f'emit the shopguide_catalog asset event with extra {{"catalog_path": "{name}"}} to index it')
+        return
+    conf = {"profile": profile, "catalog_path": name}
+    xcoms = _run_dag(paths, "shopguide_catalog", conf, quiet, dag_run_timeout_minutes(profile, timeout_minutes)).xcoms
+    typer.echo(json.dumps({k: xcoms.get(k) for k in ("validate", "embed", "build_index", "publish")}, indent=2))
+
+
 prod_app = typer.Typer(
     help="The production profile on this machine: Airflow on Celery, an MLflow server, Feast on PostgreSQL + Redis, "
     "service replicas behind haproxy, all kept by supervisord. Addresses: docker/prod.env (the environment wins).",

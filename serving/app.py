@@ -146,10 +146,12 @@ class ServingState:
                 m.swaps.labels(alias, "ok").inc()
             self._publish(loaded)
             log.info(
-                "serving %s version %s (was %s, source %s, search %s)",
+                "serving %s version %s, catalog index %s (was %s, %s; source %s, search %s)",
                 self.settings.model_name,
                 loaded.version,
+                loaded.index_version or "of the bundle",
                 previous.version if previous else None,
+                previous.index_version if previous else None,
                 loaded.source,
                 loaded.search_kind,
             )
@@ -751,6 +753,7 @@ def create_app(
             categories=len(current.labels),
             variant=current.variant,
             search=current.search_kind,
+            index_version=current.index_version,
             category_rule=current.encoder.category.describe(),
             problem=state.problem,
             shadow=shadow,

@@ -1,4 +1,9 @@
-"""One loaded model version (ONNX encoder + product index) and how the service finds it: registry alias, then cache."""
+"""One loaded model version (ONNX encoder + product index) and how the service finds it: registry alias, then cache.
+
+A version's product index can change without a new version (the catalog DAG publishes one and names it in the
+version's `catalog_index` tag): every poll reads that tag beside the alias, and a new index is downloaded, verified
+against its recorded sha256 manifest, loaded beside the one serving (same encoder) and swapped in like a new version.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -19,9 +25,12 @@ import numpy as np
 from pipelines.registry.mlflow_client import (
     BUNDLE_ARTIFACT,
     BundleMismatch,
+    IndexRecord,
     alias_version,
     download_bundle,
+    download_index,
     missing_files,
+    version_index,
     version_manifest,
 )
 from pipelines.runtime import personalize
@@ -112,6 +121,7 @@ class Predictor:
     backend: InitVar[CatalogSearch | None] = None  # None = brute force
     variant: str | None = None  # encoder.json's quantization, e.g. int8-dynamic-per-channel
     lexical: LexicalIndex | None = None  # hybrid search (BM25 fused with the dense ranking); None = dense only
+    index_version: str | None = None  # the catalog index served (its catalog hash); None = the bundle's own index
     search_backend: CatalogSearch = field(init=False)
 
     def __post_init__(self, backend: CatalogSearch | None) -> None:
@@ -125,12 +135,15 @@ class Predictor:
         source: str = "bundle_dir",
         options: LoadOptions | None = None,
         build_ann: bool = True,
+        index_dir: Path | None = None,
+        index_version: str | None = None,
     ) -> Predictor:
         """Load, check and warm one bundle; raises on anything unservable (missing files, a graph ORT refuses,
         outputs that do not fit the index), so a hot swap never replaces a working model with a broken one.
 
         build_ann=False: an HNSW graph that is not cached yet is left for `upgrade_search` (start-up: serve at
-        once with exact search rather than be unready for the tens of seconds a build takes).
+        once with exact search rather than be unready for the tens of seconds a build takes). index_dir: a
+        published catalog index (a folder holding index/) served instead of the bundle's own.
         """
         options = options or LoadOptions()
         bundle = Path(bundle_dir)
@@ -140,7 +153,8 @@ class Predictor:
         meta = json.loads((bundle / ENCODER_FILE).read_text())
         # Requests already run in parallel: workers that spin between ops would take the other requests' cores.
         encoder = OnnxEncoder.load(bundle, threads=options.threads, optimization=options.optimization, spinning=False)
-        index = ProductIndex.load(bundle)
+        index_from = index_dir or bundle
+        index = ProductIndex.load(index_from)
         predictor = cls(
             encoder,
             index,
@@ -149,16 +163,39 @@ class Predictor:
             source,
             backend=build_search(index, options.ann, options.ann_cache, build_ann),
             variant=meta.get("quantization") or meta.get("variant"),
-            lexical=LexicalIndex.load(bundle),
+            lexical=LexicalIndex.load(index_from),
+            index_version=index_version,
         )
+        return predictor._warmed(index_from)
+
+    def _warmed(self, index_from: Path) -> Predictor:
         # ORT allocates on its first run: pay that here, not on the first request; and prove the graph fits.
-        vec, _ = predictor.encode("warm up")
-        if vec.shape != (index.embeddings.shape[1],) or not np.isfinite(vec).all():
+        vec, _ = self.encode("warm up")
+        if vec.shape != (self.index.embeddings.shape[1],) or not np.isfinite(vec).all():
             raise ModelUnavailable(
-                f"bundle {bundle}: the graph's embedding {vec.shape} does not fit its index {index.embeddings.shape}"
+                f"{index_from}: the graph's embedding {vec.shape} does not fit the index {self.index.embeddings.shape}"
             )
-        predictor.rank(vec, 10, query="warm up")
-        return predictor
+        self.rank(vec, 10, query="warm up")
+        return self
+
+    def with_index(
+        self, index_dir: Path, index_version: str | None, options: LoadOptions, build_ann: bool = True
+    ) -> Predictor:
+        """This version's encoder over another product index (a published catalog index, or index_dir = the bundle
+        for its own): a new Predictor, loaded and warmed beside this one, which keeps serving until it is swapped."""
+        index = ProductIndex.load(index_dir)
+        predictor = Predictor(
+            self.encoder,  # one ORT session for both: InferenceSession.run is thread-safe
+            index,
+            self.version,
+            self.bundle_dir,
+            self.source,
+            backend=build_search(index, options.ann, options.ann_cache, build_ann),
+            variant=self.variant,
+            lexical=LexicalIndex.load(index_dir),
+            index_version=index_version,
+        )
+        return predictor._warmed(index_dir)
 
     @property
     def labels(self) -> list[str]:
@@ -326,6 +363,49 @@ def _download_verified(settings: Settings, version: str) -> Path:
     return bundle
 
 
+# Inside the version's cache folder, so that retention removes them with it: <cache>/<version>/catalog-index/<hash>/
+INDEX_CACHE = "catalog-index"
+# Beside the manifest: the index record the version served when it was last loaded from the registry (absent: the
+# bundle's own index). A start-up from the cache serves that index, verified, or not this version at all: the
+# bundle's own index could hold products the catalog has removed since.
+INDEX_RECORD_SUFFIX = ".index.json"
+
+
+def _index_verified(settings: Settings, version: str, record: IndexRecord) -> Path:
+    """The record's catalog index in the version's cache folder, verified against its manifest; older index
+    versions of that folder are removed (a loaded index lives in memory, nothing reads its files again)."""
+    folder = _cache_dir(settings) / version / INDEX_CACHE
+    index_dir = download_index(settings.paths, record, folder)
+    for other in folder.iterdir():
+        if other.is_dir() and other.name != record.version and not other.name.startswith("."):
+            shutil.rmtree(other, ignore_errors=True)
+    return index_dir
+
+
+def _save_index_record(cache: Path, version: str, record: IndexRecord | None) -> None:
+    target = cache / f"{version}{INDEX_RECORD_SUFFIX}"
+    if record is None:
+        target.unlink(missing_ok=True)
+        return
+    partial = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    partial.write_text(record.to_json())
+    os.replace(partial, target)
+
+
+def cached_index(cache: Path, version: str) -> tuple[Path | None, str | None]:
+    """(index folder, index version) a cached version last served: (None, None) for its bundle's own index.
+    Raises BundleMismatch when a recorded catalog index is missing or differs from its manifest."""
+    where = cache / f"{version}{INDEX_RECORD_SUFFIX}"
+    if not where.is_file():
+        return None, None
+    record = IndexRecord.from_json(where.read_text(), f"cached version {version}")
+    index_dir = cache / version / INDEX_CACHE / record.version
+    mismatches = manifest_mismatches(index_dir, record.manifest) if index_dir.is_dir() else ["missing: the folder"]
+    if mismatches:
+        raise BundleMismatch(f"cached version {version}: its catalog index {record.version}: {mismatches[:3]}")
+    return index_dir, record.version
+
+
 def _remember(cache: Path, alias: str, version: str) -> None:
     partial = _pointer(cache, alias).with_suffix(".json.tmp")
     partial.write_text(json.dumps({"version": version}))
@@ -394,22 +474,39 @@ def resolve(
     paths, cache = settings.paths, _cache_dir(settings)
     # "No such alias" (None) and "registry unreachable" (an error) both mean "use what we have".
     _import_mlflow_http_plugins(paths.mlflow_tracking_uri)
+    record: IndexRecord | None = None
     try:
         version = alias_version(paths, settings.model_name, alias)
+        # the catalog index the version serves now (None: its bundle's own); read on every poll, like the alias
+        record = version_index(paths, settings.model_name, version) if version is not None else None
         unresolved = ""
     except Exception as exc:
         version, unresolved = None, f": {type(exc).__name__}: {exc}"[:300]
+    wanted_index = record.version if record is not None else None
     if version is not None and current is not None and current.version == version:
-        return Resolution(current)
+        if current.index_version == wanted_index:
+            return Resolution(current)
+        try:  # the same encoder over the newly published index, loaded beside the serving one
+            index_dir = _index_verified(settings, version, record) if record is not None else current.bundle_dir
+            predictor = current.with_index(index_dir, wanted_index, options, build_ann)
+        except Exception as exc:
+            problem = f"{alias} -> version {version} catalog index {wanted_index} not loaded: {type(exc).__name__}: "
+            log.warning("cannot load the catalog index %s of version %s: %s", wanted_index, version, exc)
+            return Resolution(current, f"{problem}{exc}"[:400], "load_failed")
+        _save_index_record(cache, version, record)
+        log.info("version %s: catalog index %s -> %s", version, current.index_version, wanted_index)
+        return Resolution(predictor, outcome="loaded")
     if version is not None:
         try:
             bundle = _download_verified(settings, version)
-            predictor = Predictor.load(bundle, version, "registry", options, build_ann)
+            overlay = _index_verified(settings, version, record) if record is not None else None
+            predictor = Predictor.load(bundle, version, "registry", options, build_ann, overlay, wanted_index)
         except Exception as exc:  # a broken artifact store or bundle must not take the serving version down
             problem = f"{alias} -> version {version} not loaded: {type(exc).__name__}: {exc}"[:400]
             outcome = "load_failed"
             log.warning("cannot load %s version %s: %s", settings.model_name, version, exc)
         else:
+            _save_index_record(cache, version, record)
             _remember(cache, alias, version)
             log.info("loaded %s@%s = version %s from the registry", settings.model_name, alias, version)
             return Resolution(predictor, outcome="loaded")
@@ -430,12 +527,15 @@ def resolve(
             continue  # it just failed to load
         try:
             verify_cached(cache, cached_version, bundle)
+            cached_overlay, cached_index_version = cached_index(cache, cached_version)
         except BundleMismatch as exc:
             log.error("refusing cached %s version %s: %s", settings.model_name, cached_version, exc)
             problem = f"refused {exc}; {problem}"  # first: readiness details are cut at 400 characters
             continue
         try:
-            predictor = Predictor.load(bundle, cached_version, "cache", options, build_ann)
+            predictor = Predictor.load(
+                bundle, cached_version, "cache", options, build_ann, cached_overlay, cached_index_version
+            )
         except Exception as exc:
             log.warning("cached %s version %s not loadable: %s", settings.model_name, cached_version, exc)
             continue

@@ -260,6 +260,10 @@ class ModelInfo(BaseModel):
         None, description="Model variant from the bundle's encoder.json (e.g. its quantization)."
     )
     search: Literal["exact", "hnsw"] = Field(description="Catalog search: brute force or HNSW + exact re-scoring.")
+    index_version: str | None = Field(
+        None,
+        description="The catalog index served (the catalog DAG's catalog hash); null = the version's own index.",
+    )
     category_rule: str | None = Field(
         None, description="When the category answer abstains (score and threshold), or why it never does."
     )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pipelines.config import REPO_ROOT, Paths
 from pipelines.runtime.bundle import (
     ENCODER_FILE,
+    INDEX_DIR,
     MODEL_CARD_FILE,
     REPORT_FILE,
     REQUIRED_FILES,
@@ -509,6 +510,125 @@ def version_report(paths: Paths, model_name: str, version: str) -> dict[str, Any
     if not isinstance(report, dict):
         raise ReportUnreadable(f"{REPORT_FILE} of {model_name} version {version} is not a JSON object")
     return report
+
+
+# --- catalog indexes ------------------------------------------------------------------------------------------------
+# A version's product index can be replaced without a new version (the catalog DAG: products arrive and leave). The
+# new index folder (index/embeddings.npy, index/products.parquet, index/bm25/) is logged under the version's own run
+# as `catalog_index/<index version>/`, and ONE version tag, INDEX_TAG, records it as compact JSON: {version, uri,
+# sha256 manifest of its files, products, catalog_hash, published_at, run_key}. One tag, so that a reader never sees
+# the new version beside the old URI: setting it is the atomic step the service watches. INDEX_VERSION_TAG repeats
+# the index version for people (the registry UI); nothing reads it.
+INDEX_TAG = "catalog_index"
+INDEX_VERSION_TAG = "index_version"
+INDEX_ARTIFACT = "catalog_index"
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The catalog index a version serves instead of its bundle's own (what INDEX_TAG holds)."""
+
+    version: str  # the catalog's content hash (pipelines.data.catalog.catalog_hash)
+    uri: str  # artifact URI of the folder holding index/
+    manifest: dict[str, str]  # sha256 of every file, relative to that folder
+    products: int
+    published_at: str
+    run_key: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str, what: str) -> IndexRecord:
+        try:
+            raw = json.loads(text)
+            record = cls(**raw)
+        except (ValueError, TypeError) as err:
+            raise BundleMismatch(f"{what}: its {INDEX_TAG} tag is not an index record: {err}") from err
+        if not record.manifest or not all(isinstance(v, str) for v in record.manifest.values()):
+            raise BundleMismatch(f"{what}: its {INDEX_TAG} tag lists no files")
+        return record
+
+
+def version_index(paths: Paths, model_name: str, version: str) -> IndexRecord | None:
+    """The catalog index `version` serves; None when it serves its bundle's own. Registry errors raise."""
+    mv = client(paths).get_model_version(model_name, str(version))
+    text = mv.tags.get(INDEX_TAG)
+    return None if not text else IndexRecord.from_json(text, f"{model_name} version {version}")
+
+
+def publish_index(
+    paths: Paths,
+    model_name: str,
+    version: str,
+    index_dir: str | Path,
+    index_version: str,
+    products: int,
+    run_key: str,
+) -> IndexRecord:
+    """Log `index_dir` (holding index/) under the version's run and point the version's INDEX_TAG at it: from the
+    next poll the service answers from this index with the same encoder. Neither an alias nor a version is created.
+    Publishing the index version the tag already names changes nothing (a re-run of the same DAG run)."""
+    c = client(paths)
+    folder = Path(index_dir)
+    current = version_index(paths, model_name, version)
+    if current is not None and current.version == index_version:
+        return current
+    mv = c.get_model_version(model_name, str(version))
+    if not mv.run_id:
+        raise ValueError(f"{model_name} version {version} has no source run to log an index under")
+    manifest = bundle_manifest(folder)
+    if not any(f.startswith(f"{INDEX_DIR}/") for f in manifest):
+        raise FileNotFoundError(f"{folder} holds no {INDEX_DIR}/ folder")
+    artifact = f"{INDEX_ARTIFACT}/{index_version}"
+    c.log_artifacts(mv.run_id, str(folder), artifact)
+    record = IndexRecord(
+        version=index_version,
+        uri=f"{c.get_run(mv.run_id).info.artifact_uri}/{artifact}",
+        manifest=manifest,
+        products=products,
+        published_at=datetime.now(UTC).isoformat(),
+        run_key=run_key,
+    )
+    text = record.to_json()
+    if len(text) > _TAG_MAX:
+        raise ValueError(f"the index record of {folder} does not fit a registry tag ({len(text)} characters)")
+    c.set_model_version_tag(model_name, str(version), INDEX_TAG, text)  # the one step readers act on
+    c.set_model_version_tag(model_name, str(version), INDEX_VERSION_TAG, index_version)
+    return record
+
+
+def download_index(paths: Paths, record: IndexRecord, dst: str | Path) -> Path:
+    """The record's index folder in dst/<index version>/, verified file by file against its manifest (a copy there
+    already is checked first and reused); safe for processes sharing `dst` (download_bundle's rename dance)."""
+    import tempfile
+
+    import mlflow
+
+    client(paths)  # the tracking URI an mlflow-artifacts: URI is resolved against
+    parent = Path(dst)
+    parent.mkdir(parents=True, exist_ok=True)
+    target = parent / record.version
+    what = f"catalog index {record.version}"
+    if target.is_dir():
+        if not manifest_mismatches(target, record.manifest):
+            return target
+        log.warning("%s: the copy in %s differs from its record, downloading again", what, target)
+        _discard(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{record.version}.", suffix=".partial", dir=parent))
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=record.uri, dst_path=str(tmp)))
+        bad = manifest_mismatches(local, record.manifest)
+        if bad:
+            raise BundleMismatch(f"{what}: the download differs from its recorded manifest: {_describe(bad)}")
+        try:
+            os.rename(local, target)
+        except OSError:
+            if not target.is_dir() or manifest_mismatches(target, record.manifest):
+                raise
+        return target
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- promotion and rollback -----------------------------------------------------------------------------------------
