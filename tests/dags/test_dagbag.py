@@ -202,3 +202,15 @@ def test_the_monitor_announces_drift_from_a_task_that_can_skip_and_the_retrain_r
     condition = retrain.timetable.asset_condition
     assert type(condition).__name__ == "AssetAny"
     assert sorted(a.name for a in condition.objects) == sorted(["shopguide_user_events", DRIFT_ASSET])
+
+
+def test_catalog_runs_on_the_catalog_asset_and_validates_before_anything_else() -> None:
+    """A landed catalog file (the Asset shopguide_catalog) schedules the catalog DAG; validate is its one root, so a
+    bad catalog stops the run before anything is embedded or published."""
+    from airflow.dag_processing.dagbag import DagBag
+
+    dag = DagBag(dag_folder=DAGS_FOLDER / "catalog.py", safe_mode=False).dags["shopguide_catalog"]
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["shopguide_catalog"]
+    assert [t.task_id for t in dag.roots] == ["validate"] and [t.task_id for t in dag.leaves] == ["publish"]
+    assert dag.get_task("publish").upstream_task_ids == {"validate", "embed", "build_index"}
+    assert dag.max_active_runs == 1

@@ -125,3 +125,24 @@ def test_the_rebuilt_index_reuses_kept_vectors_takes_new_ones_and_drops_removed_
     with pytest.raises(CatalogIndexError, match=r"1 products have no vector.*\[40\]") as refused:
         build_catalog_index(served_dir, catalog, embedded, tmp_path / "out2")
     assert is_permanent(refused.value)
+
+
+def test_a_start_up_from_the_cache_serves_the_last_catalog_index_verified_or_not_that_version(tmp_path: Path) -> None:
+    """The service's cache fallback (registry down): the catalog index a version last served, checked against its
+    record; a tampered or missing one refuses the version instead of reviving the bundle's older catalog."""
+    from pipelines.registry.mlflow_client import BundleMismatch, IndexRecord
+    from pipelines.runtime.bundle import bundle_manifest
+    from serving.predictor import INDEX_CACHE, _save_index_record, cached_index
+
+    cache = tmp_path / "cache"
+    assert cached_index(cache, "3") == (None, None)  # never served a catalog index: the bundle's own
+    folder = cache / "3" / INDEX_CACHE / "abc123"
+    ProductIndex(np.array([1, 2]), np.array(["a", "b"], object), _unit(np.random.default_rng(1), 2)).save(folder)
+    record = IndexRecord("abc123", "file:///nowhere", bundle_manifest(folder), 2, NOW.isoformat(), "run")
+    _save_index_record(cache, "3", record)
+    assert cached_index(cache, "3") == (folder, "abc123")
+    (folder / "index" / "products.parquet").write_bytes(b"tampered")
+    with pytest.raises(BundleMismatch, match="catalog index abc123"):
+        cached_index(cache, "3")
+    _save_index_record(cache, "3", None)  # loaded again with the bundle's own index
+    assert cached_index(cache, "3") == (None, None)
