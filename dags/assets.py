@@ -38,6 +38,11 @@ if DEFAULT_PROFILE not in PROFILES:
 BOUNDS = dag_bounds()
 
 
+def dag_run_key(dag_run: Any) -> str:
+    """A DAG run's key (its working folder, its MLflow run's key): unique per run, stable across task retries."""
+    return f"{dag_run.dag_id}__{dag_run.run_id}"
+
+
 def bounded_task(
     python_callable: Callable[..., Any] | None = None,
     /,

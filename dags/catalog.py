@@ -12,7 +12,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context
 from airflow.sdk.exceptions import AirflowFailException
 
-from dags.assets import BOUNDS, CATALOG, DEFAULT_PROFILE, PROFILES, bounded_task
+from dags.assets import BOUNDS, CATALOG, DEFAULT_PROFILE, PROFILES, bounded_task, dag_run_key
 
 
 @dag(
@@ -54,7 +54,7 @@ def shopguide_catalog():
                 raise AirflowFailException("no catalog_path: set the Param, or emit shopguide_catalog with one")
             path = named[-1].extra["catalog_path"]
         dag_run = ctx["dag_run"]
-        return steps.validate(ctx["params"]["profile"], f"{dag_run.dag_id}__{dag_run.run_id}", path)
+        return steps.validate(ctx["params"]["profile"], dag_run_key(dag_run), path)
 
     @bounded_task
     def embed(validated: dict) -> dict:

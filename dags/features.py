@@ -12,7 +12,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context
 from airflow.sdk.exceptions import AirflowSkipException
 
-from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, PROFILES, USER_EVENTS, bounded_task, dag_run_key
 
 
 @dag(
@@ -59,7 +59,7 @@ def shopguide_features():
         ctx = get_current_context()
         dag_run = ctx["dag_run"]
         as_of = ctx.get("logical_date") or dag_run.run_after
-        return steps.land_events(ctx["params"]["profile"], f"{dag_run.dag_id}__{dag_run.run_id}", as_of)
+        return steps.land_events(ctx["params"]["profile"], dag_run_key(dag_run), as_of)
 
     @bounded_task
     def materialize(landed: dict) -> dict:

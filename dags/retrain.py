@@ -16,7 +16,7 @@ from airflow.sdk import (
     task,
 )
 
-from dags.assets import BOUNDS, DEFAULT_PROFILE, DRIFT, PROFILES, USER_EVENTS, bounded_task
+from dags.assets import BOUNDS, DEFAULT_PROFILE, DRIFT, PROFILES, USER_EVENTS, bounded_task, dag_run_key
 
 PARAMS = {
     "profile": Param(
@@ -101,7 +101,7 @@ def _run() -> tuple[dict, str, str, dict]:
     dag_run = ctx["dag_run"]
     as_of = ctx.get("logical_date") or dag_run.run_after
     lineage = {"airflow_dag_id": dag_run.dag_id, "airflow_run_id": dag_run.run_id}
-    return dict(ctx["params"]), f"{dag_run.dag_id}__{dag_run.run_id}", as_of.isoformat(), lineage
+    return dict(ctx["params"]), dag_run_key(dag_run), as_of.isoformat(), lineage
 
 
 @dag(
