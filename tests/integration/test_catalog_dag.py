@@ -5,7 +5,6 @@ product findable and the removed one in no answer after the swap."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -24,6 +23,7 @@ from pipelines.registry import mlflow_client as registry
 from pipelines.runtime.index import ProductIndex
 from serving.app import create_app
 from serving.settings import Settings
+from tests.search_load import SearchLoad
 
 if TYPE_CHECKING:
     from tests.integration.conftest import RegisteredChampion
@@ -136,46 +136,10 @@ def test_a_bad_catalog_is_refused_before_anything_is_published(store: CatalogSto
     assert store.removed in answer  # still served
 
 
-class Load:
-    """Background clients searching for the removed and the new product, every answer kept with its start time."""
-
-    def __init__(self, url: str, queries: list[str], clients: int = 3) -> None:
-        self.url, self.queries, self.stop = url, queries, threading.Event()
-        self.answers: list[tuple[float, str, list[int]]] = []
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as http:
-            n = i
-            while not self.stop.is_set():
-                n += 1
-                query = self.queries[n % len(self.queries)]
-                started = time.monotonic()
-                try:
-                    r = http.post("/v1/search", json={"query": query, "k": 10})
-                    if r.status_code != 200:
-                        self.failures.append(f"{r.status_code}: {r.text[:200]}")
-                        continue
-                    self.answers.append((started, query, [h["product_id"] for h in r.json()["results"]]))
-                except Exception as exc:  # a reset connection is a failed request too
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
-
 def test_a_new_catalog_is_hot_swapped_in_under_load(store: CatalogStore, served, metric_value) -> None:
     good = _catalog(store)
     new_id = int(good["product_uid"].iloc[-1])
-    with served() as url, Load(url, [store.removed_title, NEW_TITLE, "cordless drill"]) as load:
+    with served() as url, SearchLoad(url, [store.removed_title, NEW_TITLE, "cordless drill"]) as load:
         assert store.removed in _search(url, store.removed_title) and new_id not in _search(url, NEW_TITLE)
         landed_at = time.monotonic()
         name = _land(store, good, "good.csv")
@@ -188,10 +152,10 @@ def test_a_new_catalog_is_hot_swapped_in_under_load(store: CatalogStore, served,
             assert time.monotonic() < deadline, info
             time.sleep(0.05)
         swapped_at = time.monotonic()
-        while len([a for a in load.answers if a[0] > swapped_at]) < 30:
+        while len([a for a in load.answers if a.started > swapped_at]) < 30:
             assert time.monotonic() < swapped_at + 60, load.failures[:3]
             time.sleep(0.05)
-        served_at = min(t for t, q, ids in load.answers if q == NEW_TITLE and ids and ids[0] == new_id)
+        served_at = min(a.started for a in load.answers if a.query == NEW_TITLE and a.product_ids[:1] == [new_id])
         swaps = metric_value(httpx.get(f"{url}/metrics").text, "shopguide_model_swaps_total", result="ok")
     print(
         f"catalog landed -> new product served in {served_at - landed_at:.1f} s (DAG {dag_seconds:.1f} s, "
@@ -204,8 +168,8 @@ def test_a_new_catalog_is_hot_swapped_in_under_load(store: CatalogStore, served,
     assert registry.alias_version(store.paths, MODEL_NAME, registry.CHAMPION) == store.version
     assert len(registry.client(store.paths).search_model_versions(f"name = '{MODEL_NAME}'")) == 1
     assert info["version"] == store.version and info["products"] == len(store.index) and swaps == 1
-    before = [ids for t, q, ids in load.answers if t < landed_at and q == store.removed_title]
-    after = [ids for t, _, ids in load.answers if t > swapped_at]
+    before = [a.product_ids for a in load.answers if a.started < landed_at and a.query == store.removed_title]
+    after = [a.product_ids for a in load.answers if a.started > swapped_at]
     assert before and all(store.removed in ids for ids in before)  # the check below can fail
     assert after and not any(store.removed in ids for ids in after)
-    assert all(ids[0] == new_id for t, q, ids in load.answers if t > swapped_at and q == NEW_TITLE)
+    assert all(a.product_ids[0] == new_id for a in load.answers if a.started > swapped_at and a.query == NEW_TITLE)

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import shutil
 import socket
-import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,6 +16,7 @@ import pytest
 
 from serving.app import create_app
 from serving.settings import Settings
+from tests.search_load import SearchLoad
 
 if TYPE_CHECKING:
     from tests.integration.conftest import RegisteredChampion
@@ -90,63 +89,14 @@ def _metric(url: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-class Load:
-    """Background clients searching without pause; every outcome is kept."""
-
-    def __init__(self, url: str, clients: int = 4) -> None:
-        self.url, self.stop = url, threading.Event()
-        self.versions: Counter[str] = Counter()
-        self.failures: list[str] = []
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
-
-    def _run(self, i: int) -> None:
-        queries = ["cordless drill", "paint", "garden hose", "light bulb", "door knob"]
-        with httpx.Client(base_url=self.url, timeout=30) as http:
-            n = 0
-            while not self.stop.is_set():
-                n += 1
-                try:
-                    r = http.post(
-                        "/v1/search", json={"query": queries[(i + n) % len(queries)], "k": 5, "user_id": n % 7}
-                    )
-                    body = r.json()
-                    if r.status_code != 200:
-                        self.failures.append(f"{r.status_code}: {r.text[:200]}")
-                        continue
-                    if r.headers["x-model-version"] != body["model_version"]:
-                        self.failures.append(f"header {r.headers['x-model-version']} != {body['model_version']}")
-                    self.versions[body["model_version"]] += 1
-                except Exception as exc:  # a reset connection is a failed request too
-                    self.failures.append(repr(exc))
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=30)
-
-    def total(self) -> int:
-        return sum(self.versions.values())
-
-    def wait(self, version: str, answers: int = 10, timeout: float = 90) -> None:
-        """Until `answers` more responses of `version` came back (the first personalised ones wait for the
-        Feast import)."""
-        target = self.versions[version] + answers
-        deadline = time.monotonic() + timeout
-        while self.versions[version] < target:
-            assert time.monotonic() < deadline, (self.versions, self.failures[:3])
-            time.sleep(0.05)
+SWAP_QUERIES = ["cordless drill", "paint", "garden hose", "light bulb", "door knob"]
 
 
 def test_swap_under_load_fails_no_request(
     settings: Settings, champion: RegisteredChampion, newer: str, move_champion, serve
 ) -> None:
     old = champion.version
-    with serve(settings) as url, Load(url) as load:
+    with serve(settings) as url, SearchLoad(url, SWAP_QUERIES, clients=4, k=5, users=7) as load:
         _wait_for(url, old)
         load.wait(old)
         move_champion(newer)
@@ -168,7 +118,7 @@ def test_corrupt_version_is_refused_and_the_old_one_kept(
     shutil.copytree(champion.bundle_dir, bundle)
     (bundle / "model.onnx").write_bytes(b"\x08\x07garbage, not a protobuf" * 1000)
     corrupt = _register(champion, bundle, "integration-serving-corrupt")
-    with serve(settings) as url, Load(url, clients=2) as load:
+    with serve(settings) as url, SearchLoad(url, SWAP_QUERIES, clients=2, k=5, users=7) as load:
         _wait_for(url, champion.version)
         load.wait(champion.version)
         move_champion(corrupt)
@@ -214,7 +164,7 @@ def test_registry_down_during_reloads(
     import os
 
     store = os.environ["MLFLOW_TRACKING_URI"]
-    with serve(settings) as url, Load(url, clients=2) as load:
+    with serve(settings) as url, SearchLoad(url, SWAP_QUERIES, clients=2, k=5, users=7) as load:
         _wait_for(url, champion.version)
         load.wait(champion.version)
         _registry_down(monkeypatch)
