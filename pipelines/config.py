@@ -24,7 +24,31 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class NewArrivalsConfig(_Section):
+    """A slice of the catalog that arrives after launch (bench/new_arrivals.py): a product is a new arrival when its
+    title holds one of `title_words` as a whole word (pipelines.data.dataset.is_new_arrival), a rule on the product,
+    so a whole product line goes at once. The launch snapshot (no @champion yet) holds the new arrivals back from
+    its catalog and from every judgment naming them; a later snapshot lists them in its catalog and its held-out
+    judgments (they arrived), never in its training judgments: nobody judged products the shop did not sell, so
+    what a retrain learns of them comes from the logged traffic's feedback."""
+
+    title_words: tuple[str, ...] = Field(
+        (),
+        description="Lower-case words; a title holding one of them (split at anything but letters and digits) is a "
+        "new arrival. Empty = no slice (every profile's default).",
+    )
+
+    @field_validator("title_words")
+    @classmethod
+    def _plain_words(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        bad = [w for w in value if not re.fullmatch(r"[a-z0-9]+", w)]
+        if bad:
+            raise ValueError(f"new_arrivals.title_words must be lower-case letters and digits only, got {bad}")
+        return tuple(dict.fromkeys(value))
+
+
 class DataConfig(_Section):
+    new_arrivals: NewArrivalsConfig = NewArrivalsConfig()
     judgments_path: str | None = Field(
         None,
         description="Home Depot-format judgments CSV in the landing folder (Paths.landing): a name relative to it or "
@@ -593,9 +617,24 @@ def load_config(profile: str = "default", overrides: dict[str, Any] | None = Non
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise FileNotFoundError(f"unknown config profile {profile!r}; known profiles: {known}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = _profile_values(path)
     raw.setdefault("profile", path.stem)
     return ShopguideConfig.model_validate(_merge(raw, _nest(overrides or {})))
+
+
+def _profile_values(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A profile file's values; `extends: <profile>` starts from that profile's (its own values win), so a scenario
+    profile states only what it changes."""
+    if path.resolve() in seen:
+        raise ValueError(f"profile {path.stem!r} extends itself: {' -> '.join(p.stem for p in (*seen, path))}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    base_path = CONFIG_DIR / f"{base}.yaml"
+    if not base_path.is_file():
+        raise FileNotFoundError(f"profile {path.stem!r} extends {base!r}, which is not in {CONFIG_DIR}")
+    return _merge(_profile_values(base_path, (*seen, path.resolve())), raw)
 
 
 def safe_name(run_id: str) -> str:

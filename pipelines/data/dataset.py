@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -211,6 +213,60 @@ def catalog_from(judgments: pd.DataFrame) -> pd.DataFrame:
     return cat.sort_values("product_uid").reset_index(drop=True)
 
 
+def title_words(title: str) -> set[str]:
+    """A title's words for the new-arrivals rule: lower-cased, split at anything but ASCII letters and digits."""
+    return set(re.findall(r"[a-z0-9]+", title.lower())) if isinstance(title, str) else set()
+
+
+def is_new_arrival(title: str, words: Collection[str]) -> bool:
+    """The new-arrivals rule (data.new_arrivals): the product's title holds one of `words` as a whole word."""
+    return bool(words) and not title_words(title).isdisjoint(words)
+
+
+def new_arrival_ids(catalog: pd.DataFrame, words: Collection[str]) -> set[int]:
+    """The product ids of `catalog` (product_uid, product_title) that are new arrivals; empty without `words`."""
+    if not words:
+        return set()
+    hit = catalog["product_title"].map(lambda t: is_new_arrival(t, words)).astype(bool)
+    return {int(p) for p in catalog.loc[hit, "product_uid"]}
+
+
+def hold_back_new_arrivals(
+    train: pd.DataFrame, heldout: pd.DataFrame, catalog: pd.DataFrame, arrivals: set[int], launch: bool
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(train, heldout, catalog) without what a snapshot may not see of the new arrivals (NewArrivalsConfig): their
+    training judgments always; at launch also their held-out judgments and their catalog rows."""
+    if not arrivals:
+        return train, heldout, catalog
+
+    def drop(frame: pd.DataFrame, column: str) -> pd.DataFrame:
+        return frame[~frame[column].isin(arrivals)].reset_index(drop=True)
+
+    train = drop(train, "product_uid")
+    if launch:
+        return train, drop(heldout, "product_uid"), drop(catalog, "product_uid")
+    return train, heldout, catalog
+
+
+def profile_judgments(cfg: DataConfig, landing: Path | None = None) -> pd.DataFrame:
+    """The judgments a profile's snapshot starts from: the landed judgments_path or the shipped data, `max_terms`."""
+    if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
+        source = HOMEDEPOT_FILE
+    else:
+        source = landed_judgments(cfg.judgments_path, landing or Paths.from_env().landing)
+    return select_terms(load_judgments(source), cfg.max_terms)
+
+
+def write_arrivals_catalog(cfg: DataConfig, path: Path, landing: Path | None = None) -> dict[str, int]:
+    """The shop's catalog once the new arrivals came, as a landable catalog file (pipelines/data/catalog.py: CSV,
+    product_uid and product_title, the WHOLE catalog): the profile's catalog with its new arrivals, which the launch
+    snapshot held back. Returns its product count and how many of them are new arrivals."""
+    catalog = catalog_from(profile_judgments(cfg, landing))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    catalog.to_csv(path, index=False)
+    return {"products": len(catalog), "new_arrivals": len(new_arrival_ids(catalog, cfg.new_arrivals.title_words))}
+
+
 def related_terms(judgments: pd.DataFrame) -> dict[str, list[str]]:
     """Normalised term -> the other terms judged on at least one same product (sorted): the simulated missions' links.
 
@@ -315,12 +371,15 @@ def snapshot_data(
     as_of: datetime,
     landing: Path | None = None,
     feedback: FeedbackSource | None = None,
+    launch: bool = True,
 ) -> Snapshot:
     """Load, split and simulate once per run; later steps read only this snapshot (idempotent for a run).
 
     A configured judgments_path must name a file in the landing folder (`landing`, default Paths.landing): checked
     by landed_judgments before anything is read or written. `data.judged_at_launch` < 1 keeps only that share of the
     training terms' judgments (judged_at_launch); the held-out ones and the catalog are the same at any share.
+    `data.new_arrivals` holds its products back (hold_back_new_arrivals): from the catalog and every judgment when
+    `launch` (the first model, no @champion yet), from the training judgments only afterwards.
 
     With `feedback`, the logged traffic of [feedback.since, as_of) becomes the `feedback_pairs` table
     (pipelines.data.feedback.read_feedback; the retrain step reads it since the champion's as-of time) and the
@@ -338,15 +397,13 @@ def snapshot_data(
         window,
     )
 
-    if not cfg.judgments_path:  # None or "" (an emptied form field): the shipped data
-        source = HOMEDEPOT_FILE
-    else:
-        source = landed_judgments(cfg.judgments_path, landing or Paths.from_env().landing)
+    judgments = profile_judgments(cfg, landing)  # a judgments_path is checked before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    judgments = select_terms(load_judgments(source), cfg.max_terms)
     train, heldout = split_judgments(judgments)
     offers_train, offers_test = split_offers(load_offers(), cfg.max_offers)
     catalog = catalog_from(judgments)
+    arrivals = new_arrival_ids(catalog, cfg.new_arrivals.title_words)
+    train, heldout, catalog = hold_back_new_arrivals(train, heldout, catalog, arrivals, launch)
     pairs, stats = read_feedback(feedback, as_of, catalog) if feedback is not None else (empty_pairs(), None)
     searched = read_searched_terms(feedback, as_of) if feedback is not None else empty_searched()
     tables = {
@@ -380,6 +437,14 @@ def snapshot_data(
         },
         "feedback": {**window(feedback, as_of, stats), "searched_terms": len(searched)}
         if feedback is not None and stats is not None
+        else None,
+        "new_arrivals": {
+            "title_words": list(cfg.new_arrivals.title_words),
+            "products": len(arrivals),
+            "launch": launch,
+            "in_catalog": not launch,
+        }
+        if arrivals
         else None,
     }
     (out_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))

@@ -130,7 +130,7 @@ def snapshot(
     champion = registry.alias_version(paths, cfg.registry.model_name, registry.CHAMPION)
     since = registry.data_as_of(paths, cfg.registry.model_name, champion) if champion else None
     with task_folders(run_key, paths) as t:
-        snap = snapshot_data(cfg.data, t.output("data"), until, feedback=FeedbackSource(since))
+        snap = snapshot_data(cfg.data, t.output("data"), until, feedback=FeedbackSource(since), launch=champion is None)
         feedback = json.loads((snap.path / "manifest.json").read_text())["feedback"]
         tags = {**lineage, "data_snapshot": snap.hash, registry.DATA_AS_OF_TAG: as_of, "profile": cfg.profile}
         if trigger_reason:
