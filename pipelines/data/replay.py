@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import pandas as pd
 
 from pipelines.config import ShopguideConfig
 from pipelines.data.traffic import ShopperModel, user_rng
@@ -29,7 +30,7 @@ class ReplaySummary:
     users: int
     seed: int
     seconds: float = 0.0
-    stopped: str = "minutes"  # minutes | sessions | errors
+    stopped: str = "minutes"  # minutes | sessions | errors | stop
     sessions: int = 0
     searches: int = 0
     click_only_searches: int = 0  # searches for terms whose judgments the first model did not get (judged_at_launch)
@@ -103,13 +104,14 @@ class _Replay:
         seed: int,
         deadline: float,
         sessions_per_user: int | None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.client, self.model, self.seed = client, model, seed
         self.users, self.deadline, self.budget = list(users), deadline, sessions_per_user
         self.cfg = model.cfg
         self.summary = ReplaySummary(users=len(users), seed=seed)
         self.lock = threading.Lock()
-        self.stop = threading.Event()
+        self.stop = stop if stop is not None else threading.Event()
 
     def _error(self, kind: str) -> None:
         with self.lock:
@@ -205,14 +207,16 @@ def replay(
     sessions_per_user: int | None = None,
     progress: Callable[[ReplaySummary], None] | None = None,
     progress_seconds: float = 5.0,
+    stop: threading.Event | None = None,
 ) -> ReplaySummary:
     """Play SIMULATED `users` against the service behind `client` (an httpx.Client with its base URL and API key) for
     `minutes`, or until each user played `sessions_per_user` sessions; `progress` gets the running summary every
     `progress_seconds`. Each user decides with its own generator (traffic.user_rng), so a seed repeats the same
     searches and, for the same answers, the same events; a run cut by the clock ends wherever the clock ran out.
-    Errors are counted, never raised; the run stops after the config's max_errors."""
+    Errors are counted, never raised; the run stops after the config's max_errors, or when `stop` is set (the
+    caller's own end: the workers finish their current request)."""
     started = time.monotonic()
-    run = _Replay(client, model, users, seed, started + minutes * 60, sessions_per_user)
+    run = _Replay(client, model, users, seed, started + minutes * 60, sessions_per_user, stop)
     threads = max(1, min(len(run.users), model.cfg.concurrency))
     shares = [run.users[i::threads] for i in range(threads)]
     with ThreadPoolExecutor(threads, thread_name_prefix="shopguide-simulate") as pool:
@@ -233,6 +237,8 @@ def replay(
     run.summary.seconds = time.monotonic() - started
     if run.summary.stopped != "errors" and not run.stop.is_set():
         run.summary.stopped = "sessions"
+    elif run.summary.stopped != "errors" and stop is not None and time.monotonic() < run.deadline:
+        run.summary.stopped = "stop"  # the caller's event, before the clock ran out
     return run.summary
 
 
@@ -243,14 +249,20 @@ def simulate_traffic(
     api_key: str | None = None,
     progress: Callable[[ReplaySummary], None] | None = None,
     progress_seconds: float = 5.0,
+    judgments: pd.DataFrame | None = None,
+    stop: threading.Event | None = None,
 ) -> ReplaySummary:
-    """`shopguide simulate`: the profile's training terms (shipped Home Depot data, `data.max_terms`), `simulate.users`
-    drawn from the event log's population (`data.event_users`), replayed against the service at `url`."""
+    """`shopguide simulate`: the profile's training terms (shipped Home Depot data, `data.max_terms`; `judgments`: the
+    terms of those rows instead, e.g. the ones a scenario's traffic targets), `simulate.users` drawn from the event
+    log's population (`data.event_users`), replayed against the service at `url` until the time runs out or `stop`
+    is set."""
     from pipelines.data.dataset import load_judgments, select_terms
     from pipelines.data.traffic import draw_users
 
     sim = cfg.simulate
-    model = ShopperModel(select_terms(load_judgments(), cfg.data.max_terms), sim, cfg.data.judged_at_launch)
+    if judgments is None:
+        judgments = select_terms(load_judgments(), cfg.data.max_terms)
+    model = ShopperModel(judgments, sim, cfg.data.judged_at_launch)
     users = draw_users(np.random.default_rng(sim.seed), cfg.data.event_users, sim.users)
     headers = {"X-API-Key": api_key} if api_key else {}
     # one connection per client thread, kept alive (httpx's pool), so the run measures requests, not TCP set-ups
@@ -265,4 +277,5 @@ def simulate_traffic(
             sessions_per_user=sim.sessions_per_user,
             progress=progress,
             progress_seconds=progress_seconds,
+            stop=stop,
         )

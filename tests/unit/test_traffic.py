@@ -221,3 +221,23 @@ def test_replay_is_deterministic_and_sends_the_model_s_events(model: ShopperMode
     assert sa["accepted"] == len(sent) > 0 and sa["errors"] == {}
     answered = {rid: u for u, _, rid in a.searches}
     assert all(answered[e["request_id"]] == e["user_id"] for e in sent)
+
+
+def test_replay_ends_when_the_caller_sets_stop(model: ShopperModel) -> None:
+    import threading
+
+    catalog = sorted({p for term in model.terms[:50] for p in model.relevance[term]})
+    played = copy.copy(model)
+    played.cfg = CFG.model_copy(update={"think_seconds": 0, "concurrency": 2})
+    stop = threading.Event()
+    stand_in = StandIn(catalog)
+
+    def answer_then_stop(request: httpx.Request) -> httpx.Response:
+        if len(stand_in.searches) >= 5:
+            stop.set()  # the caller's own end (bench/new_arrivals.py: its monitor alarmed), long before the clock's
+        return stand_in(request)
+
+    with httpx.Client(transport=httpx.MockTransport(answer_then_stop), base_url="http://sim") as client:
+        summary = replay(client, played, [1, 2, 3, 4], seed=1, minutes=5, stop=stop).to_dict()
+    assert summary["stopped"] == "stop" and summary["seconds"] < 60
+    assert 5 <= summary["searches"] <= 5 + 2  # each of the 2 threads finishes at most its current request
