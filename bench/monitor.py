@@ -7,12 +7,12 @@ Not part of the test suite. The window's answers are built, not served: N search
 Depot training terms drawn with replacement (by their judgment counts, as the SIMULATED shoppers draw them: a window
 of N answers holds fewer distinct queries, and the drift tests see each distinct query once), a click on a fifth of
 them; the reference is the profile's monitor.reference_queries training terms, encoded once per window as the task
-does. `--bundle` is a served bundle folder (its tokenizer and ONNX encoder: the champion's, e.g. one
-bench/new_arrivals.py downloaded under its home's bench/bundles/). Each (N, mode) runs in a fresh process, --repeats
-times, medians reported; peak memory is that process's peak RSS (the imports and the window included) and the
-increase over its RSS just before measure_window. Baseline, in the same run: the same window with the drift tests off
-(min_queries above N: answer health, engagement and the vocabulary misses only), so the drift tests' own cost is the
-difference. Feast's freshness read and the MLflow logging of the DAG's other tasks are not in it.
+does. `--bundle` is a served bundle folder (its tokenizer and ONNX encoder), e.g. the champion bench/new_arrivals.py
+downloaded: <its home>/bench/bundles/<version>/model/artifacts/bundle. Each (N, mode) runs in a fresh process,
+--repeats times, medians reported; peak memory is that process's peak RSS (the imports and the window included) and
+the increase over its RSS just before measure_window. Baseline, in the same run: the same window with the drift tests
+off (min_queries above N: answer health, engagement and the vocabulary misses only), so the drift tests' own cost is
+the difference. Feast's freshness read and the MLflow logging of the DAG's other tasks are not in it.
 """
 
 from __future__ import annotations
