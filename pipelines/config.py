@@ -188,6 +188,36 @@ class TrainConfig(_Section):
         return value
 
 
+class RerankConfig(_Section):
+    """A cross-encoder that reranks the hybrid top N (pipelines.training.reranker): trained from the base model's
+    weights on the training terms' judged pairs, exported to ONNX INT8 into the same bundle as the encoder."""
+
+    enabled: bool = Field(False, description="Train the reranker and put it in the bundle (measured with and without).")
+    top_n: int = Field(
+        20,
+        ge=2,
+        le=200,
+        description="Hybrid results the evaluation reranks for its with-reranker figures (the service's depth is "
+        "search.rerank_top_n).",
+    )
+    max_steps: int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Training steps (0 = the base model's weights, an untrained scoring head: plumbing only).",
+    )
+    batch_size: int = Field(32, ge=2, le=512)
+    learning_rate: float = Field(5e-5, gt=0, lt=1)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    max_seq_length: int = Field(64, ge=16, le=512, description="Tokens of query and title together.")
+    mined_negatives: bool = Field(
+        True,
+        description="Add one BM25-mined never-judged title per training term at label 0 (train.mined_negative_ranks): "
+        "the hybrid top N holds unjudged products, which the held-out evaluation counts as misses.",
+    )
+    parity_pairs: int = Field(64, ge=4, le=4096, description="(query, title) pairs compared between PyTorch and ORT.")
+
+
 class ExportConfig(_Section):
     opset: int = Field(17, ge=14, le=21)
     per_channel: bool = True
@@ -232,6 +262,13 @@ class SearchConfig(_Section):
     bm25_method: Literal["lucene", "robertson", "atire", "bm25l", "bm25+"] = "bm25+"
     bm25_k1: float = Field(0.9, gt=0, le=10)
     bm25_b: float = Field(0.5, ge=0, le=1)
+    rerank_top_n: int = Field(
+        0,
+        ge=0,
+        le=200,
+        description="Hybrid results the service reranks with the version's cross-encoder (needs rerank.enabled); "
+        "0 = off. Stored in the bundle; SHOPGUIDE_RERANK_TOP_N overrides it per service.",
+    )
 
 
 # A compression variant is "<weights>[-vocab]-<graph>": weights = teacher | student<N>[-ffn<M>] (N kept layers, M kept
@@ -570,6 +607,7 @@ class ShopguideConfig(_Section):
     export: ExportConfig = ExportConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     search: SearchConfig = SearchConfig()
+    rerank: RerankConfig = RerankConfig()
     compress: CompressConfig = CompressConfig()
     gate: GateConfig = GateConfig()
     registry: RegistryConfig = RegistryConfig()
@@ -589,6 +627,12 @@ class ShopguideConfig(_Section):
                 "gate.max_out_of_domain_drop needs the out-of-domain check: set evaluate.out_of_domain_queries above "
                 "0, or the gate option to null (off)"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _served_reranker_is_trained(self) -> ShopguideConfig:
+        if self.search.rerank_top_n and not self.rerank.enabled:
+            raise ValueError("search.rerank_top_n serves a reranker: set rerank.enabled true, or rerank_top_n to 0")
         return self
 
 

@@ -12,9 +12,17 @@ import numpy as np
 
 from pipelines.config import ShopguideConfig
 from pipelines.data.dataset import Snapshot
-from pipelines.runtime.bundle import ENCODER_FILE, LABELS_FILE, ONNX_FILE, TOKENIZER_FILE
+from pipelines.runtime.bundle import (
+    ENCODER_FILE,
+    LABELS_FILE,
+    ONNX_FILE,
+    RERANKER_DIR,
+    RERANKER_FILE,
+    TOKENIZER_FILE,
+)
 from pipelines.runtime.encoder import OnnxEncoder
 from pipelines.runtime.index import ProductIndex
+from pipelines.runtime.rerank import RERANKER_INPUTS, RERANKER_OUTPUT, CrossEncoderReranker
 from pipelines.training.finetune import load_finetuned
 
 
@@ -37,7 +45,18 @@ def _pooled_encoder(bert, head):
     return PooledEncoder().eval()
 
 
-def export_to_onnx(module, path: Path, opset: int) -> None:
+ENCODER_INPUTS = ("input_ids", "attention_mask")
+ENCODER_OUTPUTS = ("embedding", "category_logits")
+
+
+def export_to_onnx(
+    module,
+    path: Path,
+    opset: int,
+    inputs: tuple[str, ...] = ENCODER_INPUTS,
+    outputs: tuple[str, ...] = ENCODER_OUTPUTS,
+) -> None:
+    """A module taking (batch, sequence) int64 token tensors named `inputs`, with batch-first `outputs`."""
     import torch
 
     ids = torch.ones((2, 8), dtype=torch.int64)
@@ -45,16 +64,11 @@ def export_to_onnx(module, path: Path, opset: int) -> None:
     # The legacy (TorchScript) exporter fuses cleanly at opset 17; the dynamo one leaves GELU unfused and slower.
     torch.onnx.export(
         module,
-        (ids, torch.ones_like(ids)),
+        tuple(ids if name == "input_ids" else torch.ones_like(ids) for name in inputs),
         str(path),
-        input_names=["input_ids", "attention_mask"],
-        output_names=["embedding", "category_logits"],
-        dynamic_axes={
-            "input_ids": dynamic,
-            "attention_mask": dynamic,
-            "embedding": {0: "batch"},
-            "category_logits": {0: "batch"},
-        },
+        input_names=list(inputs),
+        output_names=list(outputs),
+        dynamic_axes={**dict.fromkeys(inputs, dynamic), **{name: {0: "batch"} for name in outputs}},
         opset_version=opset,
         dynamo=False,
     )
@@ -217,3 +231,92 @@ def build_product_index(bundle_dir: str | Path, snapshot_dir: str | Path, batch_
         "index_seconds": round(seconds, 2),
         "products_per_s": round(len(index) / max(seconds, 1e-9), 1),
     }
+
+
+def _scoring_head(classifier):
+    """BertForSequenceClassification -> its logit, with the token types as an input: the served reranker graph."""
+    import torch
+
+    class ScoringHead(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.classifier = classifier
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            out = self.classifier(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            return out.logits
+
+    return ScoringHead().eval()
+
+
+def reranker_parity_pairs(snapshot: Snapshot, n: int) -> list[tuple[str, str]]:
+    """Held-out terms with judged titles of theirs, fixed order (the parity texts' rule for pairs)."""
+    judged = snapshot.table("judgments_heldout").drop_duplicates("search_term").head(n)
+    return list(zip(judged["search_term"].astype(str), judged["product_title"].astype(str), strict=True))
+
+
+def export_reranker(
+    reranker_dir: str | Path,
+    bundle_dir: str | Path,
+    pairs: list[tuple[str, str]],
+    cfg: ShopguideConfig,
+) -> dict[str, Any]:
+    """The trained cross-encoder into bundle/reranker/ through the encoder's own chain (ONNX export, transformer
+    optimizer, dynamic INT8 per channel), with its tokenizer and reranker.json, and its parity with PyTorch: the
+    logits of `pairs` scored one query's pairs per run, as the service scores them."""
+    import tempfile
+
+    import torch
+
+    from pipelines.training.reranker import load_cross_encoder
+
+    model = load_cross_encoder(str(reranker_dir), cfg.rerank.max_seq_length)
+    classifier = model[0].auto_model
+    config = classifier.config
+    with torch.no_grad():
+        reference = np.asarray(model.predict(pairs, activation_fn=torch.nn.Identity(), batch_size=64), np.float32)
+    out = Path(bundle_dir) / RERANKER_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="shopguide-export-reranker-") as tmp:
+        graph_file = Path(tmp) / "plain.onnx"
+        if cfg.compress.optimize:
+            classifier.set_attn_implementation("eager")  # as for the encoder: fusable attention
+        export_to_onnx(_scoring_head(classifier), graph_file, cfg.export.opset, RERANKER_INPUTS, (RERANKER_OUTPUT,))
+        fused: dict[str, int] = {}
+        if cfg.compress.optimize:
+            fused = optimize_onnx(
+                graph_file, Path(tmp) / "optimized.onnx", config.num_attention_heads, config.hidden_size
+            )
+            graph_file = Path(tmp) / "optimized.onnx"
+        quantize_int8(graph_file, out / ONNX_FILE, cfg.export.per_channel, optimized=cfg.compress.optimize)
+    model.tokenizer.backend_tokenizer.save(str(out / TOKENIZER_FILE))
+    meta = {
+        "max_seq_length": cfg.rerank.max_seq_length,
+        "top_n": cfg.rerank.top_n,
+        "served_top_n": cfg.search.rerank_top_n,
+        "quantization": _quantization_label("int8", cfg.export.per_channel),
+        "inputs": list(RERANKER_INPUTS),
+        "outputs": [RERANKER_OUTPUT],
+        "layers": int(config.num_hidden_layers),
+        "optimized": cfg.compress.optimize,
+    }
+    (out / RERANKER_FILE).write_text(json.dumps(meta))
+    served = CrossEncoderReranker.load(bundle_dir, threads=cfg.export.threads)
+    assert served is not None
+    by_query: dict[str, list[int]] = {}
+    for i, (query, _) in enumerate(pairs):
+        by_query.setdefault(query, []).append(i)
+    scored = np.zeros(len(pairs), np.float32)
+    for query, rows in by_query.items():
+        scored[rows] = served.scores(query, [pairs[i][1] for i in rows])
+    agree = np.corrcoef(reference, scored)[0, 1] if len(pairs) > 1 and reference.std() > 0 else 1.0
+    result = {
+        "reranker_size_mb": (out / ONNX_FILE).stat().st_size / 1e6,
+        "reranker_parity_max_abs_diff": float(np.abs(reference - scored).max()) if len(pairs) else 0.0,
+        "reranker_parity_correlation": float(agree),
+        "reranker_fused_ops": fused,
+    }
+    (out / RERANKER_FILE).write_text(
+        json.dumps({**meta, **{k: v for k, v in result.items() if k != "reranker_fused_ops"}})
+    )
+    return result

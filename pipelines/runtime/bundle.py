@@ -21,6 +21,9 @@ PER_QUERY_FILE = "per_query.json"
 MODEL_CARD_FILE = "model_card.md"
 # The calibrated category-abstention rule (runtime/category.py). Optional: a bundle without it never abstains.
 CATEGORY_FILE = "category.json"
+# The optional cross-encoder reranker (runtime/rerank.py): its own graph, tokenizer and reranker.json in this folder.
+RERANKER_DIR = "reranker"
+RERANKER_FILE = "reranker.json"
 # A version is servable only if its bundle holds all of these.
 REQUIRED_FILES = (
     ONNX_FILE,

@@ -1,0 +1,148 @@
+"""The cross-encoder reranker on a tiny random BERT: its training pairs, training, ONNX INT8 export into a bundle,
+and the runtime's reranking on a real ORT session."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.compression.export import export_reranker, reranker_parity_pairs
+from pipelines.config import DataConfig, RerankConfig, ShopguideConfig
+from pipelines.data.dataset import Snapshot, is_heldout_term, is_training_term, is_validation_term, snapshot_data
+from pipelines.runtime.bundle import ONNX_FILE, RERANKER_DIR, RERANKER_FILE
+from pipelines.runtime.rerank import CrossEncoderReranker
+from pipelines.training.reranker import graded_label, reranker_pairs, train_reranker
+from tests.tiny_bert import save_tiny_bert
+
+
+def _terms(rule, n: int) -> list[str]:
+    found = [t for t in (f"product {i}" for i in range(400)) if rule(t)]
+    return found[:n]
+
+
+def test_pairs_are_the_training_terms_judgments_with_graded_labels() -> None:
+    train, heldout, validation = _terms(is_training_term, 2), _terms(is_heldout_term, 1), _terms(is_validation_term, 1)
+    judgments = pd.DataFrame(
+        {
+            "search_term": [train[0], train[0], train[1], heldout[0], validation[0]],
+            "product_uid": [1, 2, 3, 4, 5],
+            "product_title": ["a drill", "a hose", "a screw", "a lamp", "a saw"],
+            "relevance": [3.0, 1.0, 2.0, 3.0, 3.0],
+        }
+    )
+    pairs = reranker_pairs(judgments, None, RerankConfig(mined_negatives=False), (0, 5), seed=1)
+    by_pair = {(q, t): label for q, t, label in pairs.itertuples(index=False)}
+    assert by_pair == {(train[0], "a drill"): 1.0, (train[0], "a hose"): 0.0, (train[1], "a screw"): 0.5}
+    assert graded_label(pd.Series([1.0, 2.33, 3.0])).round(3).tolist() == [0.0, 0.665, 1.0]
+
+
+def test_mined_negatives_join_at_label_zero_and_were_never_judged_for_their_term() -> None:
+    train = _terms(is_training_term, 2)
+    judgments = pd.DataFrame(
+        {
+            "search_term": [train[0], train[1]],
+            "product_uid": [1, 2],
+            "product_title": ["cordless drill 20v", "garden hose 50 ft"],
+            "relevance": [3.0, 3.0],
+        }
+    )
+    catalog = pd.DataFrame(
+        {
+            "product_uid": [1, 2, 3, 4, 5],
+            "product_title": ["cordless drill 20v", "garden hose 50 ft", "drill bit set", "hose reel", "lamp"],
+        }
+    )
+    # the terms are "product N": rename them so BM25 has words to match
+    judgments["search_term"] = ["cordless drill", "garden hose"]
+    judged = judgments.assign(search_term=train)
+    catalog_terms = catalog.assign(product_title=catalog["product_title"] + " product")
+    pairs = reranker_pairs(judged, catalog_terms, RerankConfig(mined_negatives=True), (0, 5), seed=1)
+    negatives = pairs[pairs["label"] == 0.0]
+    assert len(negatives) == 2
+    judged_titles = set(catalog_terms["product_title"].iloc[:2])
+    for query, title, _ in negatives.itertuples(index=False):
+        assert title not in judged_titles or (query, title) not in set(zip(train, judged_titles, strict=False))
+    assert set(pairs["query"]) == set(train)
+
+
+@pytest.fixture(scope="module")
+def snapshot_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("snap")
+    snapshot_data(DataConfig(max_terms=30, max_offers=200, event_users=10), out, datetime(2026, 1, 1, tzinfo=UTC))
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(snapshot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A tiny BERT trained as a cross-encoder for a few steps and exported into a bundle folder."""
+    base = tmp_path_factory.mktemp("tiny")
+    save_tiny_bert(base)
+    cfg = ShopguideConfig.model_validate(
+        {
+            "rerank": {
+                "enabled": True,
+                "max_steps": 30,
+                "batch_size": 16,
+                "learning_rate": 3e-3,
+                "max_seq_length": 24,
+                "top_n": 5,
+            },
+            "search": {"rerank_top_n": 4},
+        }
+    )
+    trained = train_reranker(snapshot_dir, tmp_path_factory.mktemp("rr"), cfg.rerank, str(base), seed=3)
+    out = tmp_path_factory.mktemp("bundle")
+    pairs = reranker_parity_pairs(Snapshot.open(snapshot_dir), 8)
+    exported = export_reranker(trained["reranker_dir"], out, pairs, cfg)
+    return out, trained, exported
+
+
+def test_training_takes_its_steps_on_the_snapshots_training_pairs(bundle: tuple[Path, dict, dict]) -> None:
+    _, trained, _ = bundle
+    assert trained["steps"] == 30 and trained["final_loss"] is not None
+    assert trained["pairs"] > trained["pairs_negative"] > 0  # judged pairs plus one mined negative per term
+
+
+def test_export_writes_an_int8_graph_with_token_types_and_parity(bundle: tuple[Path, dict, dict]) -> None:
+    import onnx
+
+    out, _, exported = bundle
+    graph = onnx.load(str(out / RERANKER_DIR / ONNX_FILE)).graph
+    assert [i.name for i in graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [o.name for o in graph.output] == ["logits"]
+    assert any(n.op_type in {"DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul"} for n in graph.node)
+    meta = json.loads((out / RERANKER_DIR / RERANKER_FILE).read_text())
+    assert meta["top_n"] == 5 and meta["served_top_n"] == 4 and meta["max_seq_length"] == 24
+    # a random tiny BERT is hard on INT8; the logits still follow PyTorch's
+    assert exported["reranker_parity_correlation"] > 0.9, exported
+
+
+def test_rerank_orders_the_head_by_the_sessions_scores_and_keeps_the_tail(bundle: tuple[Path, dict, dict]) -> None:
+    out, _, _ = bundle
+    reranker = CrossEncoderReranker.load(out)
+    assert reranker is not None and reranker.top_n == 4 and reranker.measured_top_n == 5
+    query = "cordless drill"
+    titles = ["dewalt 20v cordless drill", "garden hose 50 ft", "led bulb", "3 in deck screws", "white paint", "saw"]
+    logits = reranker.scores(query, titles[:4])
+    assert len(set(np.round(logits, 6))) == 4  # distinct scores, so the order below is decided by them
+    # feed the head worst first (by the session's own scores): reranking must reverse it
+    head = np.argsort(logits, kind="stable")
+    rows = np.concatenate([head, [4, 5]]).astype(np.int64)
+    fused = np.linspace(1.0, 0.5, 6).astype(np.float32)
+    listed = [titles[r] for r in rows]
+    new_rows, new_scores = reranker.rerank(query, rows, fused, listed, top_n=4)
+    np.testing.assert_array_equal(new_rows[:4], head[::-1])
+    np.testing.assert_array_equal(new_rows[4:], [4, 5])  # below the top n: order and fused scores kept
+    np.testing.assert_allclose(new_scores[4:], fused[4:])
+    expected = 1 / (1 + np.exp(-np.sort(logits)[::-1]))
+    np.testing.assert_allclose(new_scores[:4], expected, rtol=1e-5)
+    assert list(new_scores[:4]) == sorted(new_scores[:4], reverse=True)
+
+
+def test_a_bundle_without_a_reranker_loads_none(tmp_path: Path) -> None:
+    assert CrossEncoderReranker.load(tmp_path) is None
