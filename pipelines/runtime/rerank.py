@@ -78,7 +78,8 @@ class CrossEncoderReranker:
         self, query: str, rows: np.ndarray, scores: np.ndarray, titles: list[str], top_n: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """A ranked list (rows, scores, the rows' titles) with its first top_n reordered by the cross-encoder, best
-        first, scored sigmoid(logit) in [0, 1]; the rest keeps its order and its scores. Ties keep the list's order."""
+        first, scored sigmoid(logit) in [0, 1]; the rest keeps its order, its scores capped at the head's lowest so
+        the list's scores still fall. Ties keep the list's order."""
         n = min(top_n, len(rows))
         if n == 0:
             return rows, scores
@@ -87,7 +88,7 @@ class CrossEncoderReranker:
         head = sigmoid(logits[order]).astype(np.float32)
         return (
             np.concatenate([np.asarray(rows)[:n][order], np.asarray(rows)[n:]]),
-            np.concatenate([head, np.asarray(scores, np.float32)[n:]]),
+            np.concatenate([head, np.minimum(np.asarray(scores, np.float32)[n:], head[-1])]),
         )
 
     def latency_ms(self, queries: list[str], titles: list[list[str]], top_n: int) -> dict[str, float]:

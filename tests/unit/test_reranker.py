@@ -11,13 +11,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines.compression.export import export_reranker, reranker_parity_pairs
-from pipelines.config import DataConfig, RerankConfig, ShopguideConfig
+from pipelines.compression.export import build_product_index, export_bundle, export_reranker, reranker_parity_pairs
+from pipelines.config import DataConfig, EvaluateConfig, RerankConfig, SearchConfig, ShopguideConfig, TrainConfig
 from pipelines.data.dataset import Snapshot, is_heldout_term, is_training_term, is_validation_term, snapshot_data
+from pipelines.evaluation.evaluate import evaluate_bundle, read_per_query
+from pipelines.evaluation.fusion import build_lexical_index
 from pipelines.runtime.bundle import ONNX_FILE, RERANKER_DIR, RERANKER_FILE
 from pipelines.runtime.rerank import CrossEncoderReranker
 from pipelines.training.reranker import graded_label, reranker_pairs, train_reranker
-from tests.tiny_bert import save_tiny_bert
+from tests.tiny_bert import save_tiny_bert, save_tiny_model
 
 
 def _terms(rule, n: int) -> list[str]:
@@ -97,6 +99,11 @@ def bundle(snapshot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     )
     trained = train_reranker(snapshot_dir, tmp_path_factory.mktemp("rr"), cfg.rerank, str(base), seed=3)
     out = tmp_path_factory.mktemp("bundle")
+    # a whole servable bundle around it: the tiny encoder, its product index and BM25 fused at a fixed weight
+    encoder = save_tiny_model(tmp_path_factory.mktemp("encoder"), ["a", "b"])
+    export_bundle(encoder, snapshot_dir, out, cfg.model_copy(update={"train": TrainConfig(max_seq_length=16)}))
+    build_product_index(out, snapshot_dir)
+    build_lexical_index(out, snapshot_dir, SearchConfig(lexical_weight=0.6), EvaluateConfig())
     pairs = reranker_parity_pairs(Snapshot.open(snapshot_dir), 8)
     exported = export_reranker(trained["reranker_dir"], out, pairs, cfg)
     return out, trained, exported
@@ -137,12 +144,38 @@ def test_rerank_orders_the_head_by_the_sessions_scores_and_keeps_the_tail(bundle
     listed = [titles[r] for r in rows]
     new_rows, new_scores = reranker.rerank(query, rows, fused, listed, top_n=4)
     np.testing.assert_array_equal(new_rows[:4], head[::-1])
-    np.testing.assert_array_equal(new_rows[4:], [4, 5])  # below the top n: order and fused scores kept
-    np.testing.assert_allclose(new_scores[4:], fused[4:])
+    np.testing.assert_array_equal(new_rows[4:], [4, 5])  # below the top n: the fused order kept
     expected = 1 / (1 + np.exp(-np.sort(logits)[::-1]))
     np.testing.assert_allclose(new_scores[:4], expected, rtol=1e-5)
-    assert list(new_scores[:4]) == sorted(new_scores[:4], reverse=True)
+    np.testing.assert_allclose(new_scores[4:], np.minimum(fused[4:], expected[-1]), rtol=1e-5)
+    assert list(new_scores) == sorted(new_scores, reverse=True)
 
 
 def test_a_bundle_without_a_reranker_loads_none(tmp_path: Path) -> None:
     assert CrossEncoderReranker.load(tmp_path) is None
+
+
+def _serve_top_n(bundle_dir: Path, top_n: int) -> None:
+    path = bundle_dir / RERANKER_DIR / RERANKER_FILE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "served_top_n": top_n}))
+
+
+@pytest.mark.parametrize("served", [0, 5])
+def test_evaluation_reports_without_and_with_and_scores_what_is_served(
+    bundle: tuple[Path, dict, dict], snapshot_dir: Path, served: int
+) -> None:
+    out, _, _ = bundle
+    _serve_top_n(out, served)
+    cfg = EvaluateConfig(max_category_offers=50, latency_queries=10, out_of_domain_queries=0)
+    report = evaluate_bundle(out, snapshot_dir, cfg, calibrate=False)
+    assert report["rerank_top_n"] == 5 and report["rerank_served_top_n"] == served
+    assert report["unreranked_ndcg_at_10"] > 0  # BM25 finds judged products: the figures below are not all zeros
+    for metric in ("ndcg_at_10", "mrr_at_10", "judged_at_10", "condensed_ndcg_at_10"):
+        assert 0 <= report[f"reranked_{metric}"] <= 1
+        # the version's own figures are those of the ranking it serves: reranked at 5, or the hybrid one
+        assert report[metric] == pytest.approx(report[f"{'reranked' if served else 'unreranked'}_{metric}"])
+    # reordering inside the top 5 cannot change which products are in the top 10
+    assert report["reranked_judged_at_10"] == pytest.approx(report["unreranked_judged_at_10"])
+    per_query = read_per_query(out)
+    assert np.mean(list(per_query.values())) == pytest.approx(report["ndcg_at_10"])
+    assert report["rerank_latency_p50_ms"] > 0
