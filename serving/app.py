@@ -536,8 +536,11 @@ def create_app(
             t = _stage(ctx, metrics, "features", t)
             if reason is not None:
                 metrics.features_fallbacks.labels("/v1/search", reason).inc()
-        hits = predictor.rank(query_vec, body.k, user_vec, settings.personalization_weight, body.query)
-        _stage(ctx, metrics, "rank", t)
+        hits = predictor.candidates(query_vec, body.k, user_vec, settings.personalization_weight, body.query)
+        t = _stage(ctx, metrics, "rank", t)
+        if predictor.reranks:
+            hits = predictor.rerank(body.query, hits, body.k)
+            _stage(ctx, metrics, "rerank", t)
         ctx.answer = RequestRecord(
             request_id=ctx.request_id,
             ts=ctx.received,
@@ -754,6 +757,7 @@ def create_app(
             variant=current.variant,
             search=current.search_kind,
             index_version=current.index_version,
+            rerank_top_n=current.rerank_top_n,
             category_rule=current.encoder.category.describe(),
             problem=state.problem,
             shadow=shadow,

@@ -66,7 +66,7 @@ class Metrics:
         )
         self.stage = Histogram(
             "shopguide_stage_duration_seconds",
-            "Time per serving stage (encode, features, rank, queue; push: an events request's online update).",
+            "Time per serving stage (encode, features, rank, rerank, queue; push: an events request's online update).",
             ["stage"],
             buckets=LATENCY_BUCKETS,
             registry=r,

@@ -39,6 +39,7 @@ from pipelines.runtime.category import CategoryAnswer
 from pipelines.runtime.encoder import OnnxEncoder, OrtOptimization
 from pipelines.runtime.index import ProductIndex
 from pipelines.runtime.lexical import LexicalIndex
+from pipelines.runtime.rerank import CrossEncoderReranker, served_top_n
 from pipelines.runtime.search import AnnOptions, CatalogSearch, ExactSearch, build_search, wants_ann
 from serving.settings import Settings
 
@@ -106,6 +107,7 @@ class LoadOptions:
     optimization: OrtOptimization = "all"
     ann: AnnOptions = field(default_factory=lambda: AnnOptions(min_products=0))  # min_products 0: exact search
     ann_cache: Path | None = None  # where built HNSW graphs are kept (None: rebuilt on every load)
+    rerank_top_n: int | None = None  # hybrid results the cross-encoder reranks; None = the version's own setting
 
 
 @dataclass
@@ -122,6 +124,8 @@ class Predictor:
     variant: str | None = None  # encoder.json's quantization, e.g. int8-dynamic-per-channel
     lexical: LexicalIndex | None = None  # hybrid search (BM25 fused with the dense ranking); None = dense only
     index_version: str | None = None  # the catalog index served (its catalog hash); None = the bundle's own index
+    reranker: CrossEncoderReranker | None = None  # the version's cross-encoder, loaded only when it reranks
+    rerank_top_n: int = 0  # results of the hybrid ranking it reorders per search; 0 = no reranking
     search_backend: CatalogSearch = field(init=False)
 
     def __post_init__(self, backend: CatalogSearch | None) -> None:
@@ -165,6 +169,7 @@ class Predictor:
             variant=meta.get("quantization") or meta.get("variant"),
             lexical=LexicalIndex.load(index_from),
             index_version=index_version,
+            **_reranking(bundle, options),
         )
         return predictor._warmed(index_from)
 
@@ -194,6 +199,8 @@ class Predictor:
             variant=self.variant,
             lexical=LexicalIndex.load(index_dir),
             index_version=index_version,
+            reranker=self.reranker,  # the version's, like the encoder
+            rerank_top_n=self.rerank_top_n,
         )
         return predictor._warmed(index_dir)
 
@@ -265,11 +272,47 @@ class Predictor:
         weight: float = 0.0,
         query: str | None = None,
     ) -> list[Hit]:
+        """The answer's top k: `candidates`, then `rerank` when the version reranks (the service calls the two
+        apart, to time each)."""
+        if query is None:
+            return self.candidates(query_vec, k, user_vector, weight)
+        return self.rerank(query, self.candidates(query_vec, k, user_vector, weight, query), k)
+
+    @property
+    def reranks(self) -> bool:
+        return self.reranker is not None and self.rerank_top_n > 0
+
+    def rerank(self, query: str, hits: list[Hit], k: int) -> list[Hit]:
+        """The first rerank_top_n hits reordered by the cross-encoder (scored sigmoid(logit), pipelines.runtime.rerank),
+        the rest in their order: the top k. Without reranking, the first k hits as they are."""
+        if not self.reranks or not hits:
+            return hits[:k]
+        assert self.reranker is not None
+        rows, scores = self.reranker.rerank(
+            query,
+            np.arange(len(hits)),
+            np.asarray([h.score for h in hits], np.float32),
+            [h.title for h in hits],
+            self.rerank_top_n,
+        )
+        return [Hit(hits[r].product_id, hits[r].title, float(s)) for r, s in zip(rows[:k], scores[:k], strict=True)]
+
+    def candidates(
+        self,
+        query_vec: np.ndarray,
+        k: int,
+        user_vector: np.ndarray | None = None,
+        weight: float = 0.0,
+        query: str | None = None,
+    ) -> list[Hit]:
         """Top k by cos(q, p) + weight * cos(u, p), fused with BM25 on the query text when the version has a
-        lexical index (scores are then the fused ones, in [0, 1]).
+        lexical index (scores are then the fused ones, in [0, 1]); at least rerank_top_n deep when the version
+        reranks a query's results.
 
         All vectors are unit length, so that sum is (q + weight * u) . p: one matmul over the catalog, not two.
         """
+        if query is not None and self.reranks:
+            k = max(k, self.rerank_top_n)
         vec = query_vec if user_vector is None or weight == 0 else query_vec + weight * user_vector
         if self.lexical is not None and query is not None:
             # the same candidate depth as evaluation: min-max normalisation, hence the ranking, depends on it
@@ -281,6 +324,20 @@ class Predictor:
             Hit(int(self.index.product_ids[r]), str(self.index.titles[r]), float(s))
             for r, s in zip(rows, scores, strict=True)
         ]
+
+
+def _reranking(bundle: Path, options: LoadOptions) -> dict[str, object]:
+    """The version's reranker and depth: options.rerank_top_n (the service's setting) or the bundle's own, the
+    cross-encoder loaded only when that depth is above 0 (a bundle without one serves the hybrid ranking)."""
+    own = served_top_n(bundle)
+    top_n = options.rerank_top_n if options.rerank_top_n is not None else (own or 0)
+    if own is None or top_n == 0:
+        if top_n:
+            log.warning("%s has no reranker: serving without (rerank_top_n %d asked for)", bundle, top_n)
+        return {"reranker": None, "rerank_top_n": 0}
+    # one intra-op thread and no spinning, as the encoder: requests already run in parallel
+    reranker = CrossEncoderReranker.load(bundle, options.threads, options.optimization, spinning=False)
+    return {"reranker": reranker, "rerank_top_n": top_n}
 
 
 def local_version(bundle_dir: Path) -> str:
@@ -439,7 +496,13 @@ def load_options(settings: Settings) -> LoadOptions:
         connectivity=settings.ann_connectivity,
         expansion_search=settings.ann_ef_search,
     )
-    return LoadOptions(settings.ort_threads, settings.ort_optimization, ann, settings.paths.serving_cache / "ann")
+    return LoadOptions(
+        settings.ort_threads,
+        settings.ort_optimization,
+        ann,
+        settings.paths.serving_cache / "ann",
+        settings.rerank_top_n,
+    )
 
 
 @dataclass(frozen=True)

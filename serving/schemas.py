@@ -264,6 +264,9 @@ class ModelInfo(BaseModel):
         None,
         description="The catalog index served (the catalog DAG's catalog hash); null = the version's own index.",
     )
+    rerank_top_n: int = Field(
+        0, description="Search results the version's cross-encoder reranks (0 = none: the hybrid ranking as is)."
+    )
     category_rule: str | None = Field(
         None, description="When the category answer abstains (score and threshold), or why it never does."
     )

@@ -149,6 +149,14 @@ class Settings(BaseSettings):
         alias="SHOPGUIDE_BLAS_THREADS",
         description="BLAS (numpy) threads of the service process; 0 = the library's default (one per core).",
     )
+    rerank_top_n: int | None = Field(
+        None,
+        ge=0,
+        le=200,
+        alias="SHOPGUIDE_RERANK_TOP_N",
+        description="Hybrid results /v1/search reranks with the version's cross-encoder (0 = off); unset = the "
+        "version's own search.rerank_top_n. A version without a reranker serves its hybrid ranking either way.",
+    )
     ann_min_products: int = Field(
         20_000,
         ge=0,
@@ -297,7 +305,7 @@ class Settings(BaseSettings):
                 "X-API-Key): refusing to start an open production service"
             )
 
-    @field_validator("shadow_alias", mode="before")
+    @field_validator("shadow_alias", "rerank_top_n", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value

@@ -24,6 +24,12 @@ def sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-x))
 
 
+def served_top_n(bundle_dir: str | Path) -> int | None:
+    """The depth a bundle's reranker is served at by default (0 = not served); None: the bundle has no reranker."""
+    path = Path(bundle_dir) / RERANKER_DIR / RERANKER_FILE
+    return int(json.loads(path.read_text()).get("served_top_n", 0)) if path.is_file() else None
+
+
 @dataclass
 class CrossEncoderReranker:
     """Scores (query, title) pairs with the bundle's cross-encoder graph and reorders a ranked list's head by them."""

@@ -16,6 +16,7 @@ from pipelines.config import DataConfig, EvaluateConfig, RerankConfig, SearchCon
 from pipelines.data.dataset import Snapshot, is_heldout_term, is_training_term, is_validation_term, snapshot_data
 from pipelines.evaluation.evaluate import evaluate_bundle, read_per_query
 from pipelines.evaluation.fusion import build_lexical_index
+from pipelines.registry.mlflow_client import write_model_card
 from pipelines.runtime.bundle import ONNX_FILE, RERANKER_DIR, RERANKER_FILE
 from pipelines.runtime.rerank import CrossEncoderReranker
 from pipelines.training.reranker import graded_label, reranker_pairs, train_reranker
@@ -106,6 +107,8 @@ def bundle(snapshot_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     build_lexical_index(out, snapshot_dir, SearchConfig(lexical_weight=0.6), EvaluateConfig())
     pairs = reranker_parity_pairs(Snapshot.open(snapshot_dir), 8)
     exported = export_reranker(trained["reranker_dir"], out, pairs, cfg)
+    report = evaluate_bundle(out, snapshot_dir, EvaluateConfig(max_category_offers=50, latency_queries=10))
+    write_model_card(out, report, None, {"passed": True, "reasons": ["test"]}, {})  # servable: every file there
     return out, trained, exported
 
 
@@ -179,3 +182,43 @@ def test_evaluation_reports_without_and_with_and_scores_what_is_served(
     per_query = read_per_query(out)
     assert np.mean(list(per_query.values())) == pytest.approx(report["ndcg_at_10"])
     assert report["rerank_latency_p50_ms"] > 0
+
+
+@pytest.mark.parametrize("top_n", [None, 0, 4])
+def test_the_service_reranks_the_hybrid_top_n_by_the_cross_encoder(
+    bundle: tuple[Path, dict, dict], tmp_path: Path, top_n: int | None
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from serving.app import create_app
+    from serving.predictor import LoadOptions, Predictor
+    from serving.settings import Settings
+
+    out, _, _ = bundle
+    _serve_top_n(out, 3)  # the version's own depth, which SHOPGUIDE_RERANK_TOP_N (top_n) overrides unless unset
+    depth = 3 if top_n is None else top_n
+    query = "deck screws"
+    hybrid = Predictor.load(out, options=LoadOptions(rerank_top_n=0))
+    assert not hybrid.reranks
+    vec, _ = hybrid.encode(query)
+    candidates = hybrid.candidates(vec, 6, query=query)
+    reranker = CrossEncoderReranker.load(out)
+    assert reranker is not None
+    head = candidates[:depth]
+    logits = reranker.scores(query, [h.title for h in head])
+    expected = [head[i].product_id for i in np.argsort(-logits, kind="stable")] + [
+        h.product_id for h in candidates[depth:]
+    ]
+    settings = Settings(
+        home=tmp_path, bundle_dir=out, model_poll_seconds=0, rerank_top_n=top_n, request_log_enabled=False
+    )
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/v1/model").json()["rerank_top_n"] == depth
+        answer = client.post("/v1/search", json={"query": query, "k": 5}).json()
+        metrics = client.get("/metrics").text
+    assert [h["product_id"] for h in answer["results"]] == expected[:5]
+    scores = [h["score"] for h in answer["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert ('stage="rerank"' in metrics) == (depth > 0)
+    if depth:  # the test means something only if reranking moved a product
+        assert expected[:depth] != [h.product_id for h in head]
