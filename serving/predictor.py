@@ -169,8 +169,8 @@ class Predictor:
             variant=meta.get("quantization") or meta.get("variant"),
             lexical=LexicalIndex.load(index_from),
             index_version=index_version,
-            **_reranking(bundle, options),
         )
+        predictor.reranker, predictor.rerank_top_n = _reranking(bundle, options)
         return predictor._warmed(index_from)
 
     def _warmed(self, index_from: Path) -> Predictor:
@@ -326,7 +326,7 @@ class Predictor:
         ]
 
 
-def _reranking(bundle: Path, options: LoadOptions) -> dict[str, object]:
+def _reranking(bundle: Path, options: LoadOptions) -> tuple[CrossEncoderReranker | None, int]:
     """The version's reranker and depth: options.rerank_top_n (the service's setting) or the bundle's own, the
     cross-encoder loaded only when that depth is above 0 (a bundle without one serves the hybrid ranking)."""
     own = served_top_n(bundle)
@@ -334,10 +334,10 @@ def _reranking(bundle: Path, options: LoadOptions) -> dict[str, object]:
     if own is None or top_n == 0:
         if top_n:
             log.warning("%s has no reranker: serving without (rerank_top_n %d asked for)", bundle, top_n)
-        return {"reranker": None, "rerank_top_n": 0}
+        return None, 0
     # one intra-op thread and no spinning, as the encoder: requests already run in parallel
     reranker = CrossEncoderReranker.load(bundle, options.threads, options.optimization, spinning=False)
-    return {"reranker": reranker, "rerank_top_n": top_n}
+    return reranker, top_n
 
 
 def local_version(bundle_dir: Path) -> str:
