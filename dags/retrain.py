@@ -1,8 +1,8 @@
 """Retrain: decide (anything new to learn since @champion's snapshot? if not, every later task is skipped and the run
 ends in seconds) -> snapshot -> validate -> fine-tune -> compress (distill -> prune -> export -> evaluate variants ->
-select) -> evaluate -> gate (vs @champion re-evaluated on the same snapshot) -> register -> branch: promote |
-keep_champion -> conclude. A lost gate ends the run successfully with the outcome "not promoted"; only errors fail a
-run."""
+select), train_reranker (trains only with rerank.enabled) -> evaluate -> gate (vs @champion re-evaluated on the same
+snapshot) -> register -> branch: promote | keep_champion -> conclude. A lost gate ends the run successfully with the
+outcome "not promoted"; only errors fail a run."""
 
 from __future__ import annotations
 
@@ -167,6 +167,12 @@ def shopguide_retrain():
         return finetune(_run()[0], snap)
 
     @bounded_task
+    def train_reranker(snap: dict, trained: dict) -> dict:
+        from pipelines.steps.retrain import train_reranker
+
+        return train_reranker(_run()[0], snap)
+
+    @bounded_task
     def distill(snap: dict, trained: dict) -> dict:
         from pipelines.steps.retrain import distill
 
@@ -197,10 +203,10 @@ def shopguide_retrain():
         return select_variant(_run()[0], snap, evaluated)
 
     @bounded_task
-    def evaluate(snap: dict, selected: dict) -> dict:
+    def evaluate(snap: dict, selected: dict, reranker: dict) -> dict:
         from pipelines.steps.retrain import evaluate
 
-        return evaluate(_run()[0], snap, selected)
+        return evaluate(_run()[0], snap, selected, reranker)
 
     @bounded_task
     def gate(snap: dict, report: dict) -> dict:
@@ -246,7 +252,8 @@ def shopguide_retrain():
     trained = finetune(snap, validate(snap))
     exported = export_onnx(snap, prune(snap, distill(snap, trained)))
     selected = select_variant(snap, evaluate_variants(snap, exported))
-    report = evaluate(snap, selected)
+    # after the encoder's training (2 cores: not beside it); trains only with rerank.enabled, else hands on {}
+    report = evaluate(snap, selected, train_reranker(snap, trained))
     decision = gate(snap, report)
     registered = register(snap, selected, report, decision)
     branch = promote_or_keep(decision, registered)

@@ -211,6 +211,31 @@ def finetune(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
         )
 
 
+def train_reranker(params: dict[str, Any], snap: dict[str, Any]) -> dict[str, Any]:
+    """The cross-encoder reranker from the base model's weights on the snapshot's training judgments, when
+    rerank.enabled; {"enabled": false} otherwise (the evaluate step then bundles none)."""
+    from pipelines.registry import mlflow_client as registry
+    from pipelines.training.reranker import train_reranker as train
+
+    cfg = config_from_params(params)
+    if not cfg.rerank.enabled:
+        return {"enabled": False}
+    paths = Paths.from_env()
+    sink = registry.metrics_sink(paths, snap["mlflow_run_id"])  # rerank.loss as it trains
+    with task_folders(snap["run_key"], paths) as t:
+        result = train(
+            t.stage(snap)["snapshot_dir"],
+            t.output("reranker"),
+            cfg.rerank,
+            cfg.train.base_model,
+            cfg.train.mined_negative_ranks,
+            cfg.train.seed,
+            sink,
+        )
+        registry.log_step(paths, snap["mlflow_run_id"], "rerank", result, params=cfg.rerank.model_dump())
+        return t.publish({"enabled": True, "reranker_dir": result["reranker_dir"]})
+
+
 def _flat(prefix_rows: dict[str, dict[str, Any]]) -> dict[str, float]:
     """{name: {metric: value}} -> {name.metric: value} for MLflow, numbers only."""
     return {
@@ -340,19 +365,35 @@ def select_variant(params: dict[str, Any], snap: dict[str, Any], evaluated: dict
         }
 
 
-def evaluate(params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any]) -> dict[str, Any]:
+def evaluate(
+    params: dict[str, Any], snap: dict[str, Any], exported: dict[str, Any], reranker: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The selected bundle on the held-out terms and offers: its report, plus `per_query_url`, the per-term nDCG@10
-    the gate pairs with the champion's (a small file of its own, so the gate stages no bundle)."""
+    the gate pairs with the champion's (a small file of its own, so the gate stages no bundle). A trained reranker
+    (train_reranker's output) is exported into the bundle first, so it is registered with the same version and the
+    report holds the figures without and with it."""
     from pipelines.runtime.bundle import PER_QUERY_FILE
 
     cfg = config_from_params(params)
     with task_folders(snap["run_key"]) as t:
         t.extend(BUNDLES)  # the selected bundle gets its BM25 index, category calibration and error sample
-        local = t.stage({"snap": snap, "selected": exported})
+        local = t.stage({"snap": snap, "selected": exported, "reranker": reranker or {}})
+        if local["reranker"].get("enabled"):
+            _bundle_reranker(cfg, snap["mlflow_run_id"], local)
         report = _evaluate(cfg, snap["mlflow_run_id"], local["snap"]["snapshot_dir"], local["selected"])
         per_query = t.output(HELDOUT) / PER_QUERY_FILE
         shutil.copyfile(Path(local["selected"]["bundle_dir"]) / PER_QUERY_FILE, per_query)
         return t.publish({**report, "per_query_url": str(per_query)})
+
+
+def _bundle_reranker(cfg: ShopguideConfig, mlflow_run: str, local: dict[str, Any]) -> None:
+    from pipelines.compression.export import export_reranker, reranker_parity_pairs
+    from pipelines.data.dataset import Snapshot
+    from pipelines.registry import mlflow_client as registry
+
+    pairs = reranker_parity_pairs(Snapshot.open(local["snap"]["snapshot_dir"]), cfg.rerank.parity_pairs)
+    exported = export_reranker(local["reranker"]["reranker_dir"], local["selected"]["bundle_dir"], pairs, cfg)
+    registry.log_step(Paths.from_env(), mlflow_run, "rerank_export", exported)
 
 
 def _evaluate(cfg: ShopguideConfig, mlflow_run: str, snapshot_dir: str, exported: dict[str, Any]) -> dict[str, Any]:
