@@ -12,6 +12,9 @@ INT8 bundle on the same queries; the fine-tuning is on Home Depot only unless th
 --methods trains one teacher per recipe (train.method full | lora, +augment = train.augment.enabled), each in a fresh
 process (its peak RSS is the training's own), and scores each teacher's held-out and out-of-domain nDCG@10 beside the
 base model; no export, compression or served bundle in that mode.
+With --set rerank.enabled=true the served bundle also gets the cross-encoder reranker (pipelines/training/reranker.py,
+trained from the base model's weights): the served hybrid row is then the same run without and with its top
+rerank.top_n reordered (nDCG@10, MRR@10, Judged@10, nDCG'@10), and `reranker` holds its training, parity and latency.
 """
 
 from __future__ import annotations

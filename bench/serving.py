@@ -21,7 +21,8 @@ Servers:
 
 With --compare-env SHOPGUIDE_X=V (and --repeats N), the shopguide service is also run with those settings,
 alternating with the plain one N times each; each entry holds the medians and the runs, `compare` the ratios. The
-request log's cost, for example: --compare-env SHOPGUIDE_REQUEST_LOG_ENABLED=false --repeats 3.
+request log's cost, for example: --compare-env SHOPGUIDE_REQUEST_LOG_ENABLED=false --repeats 3; the reranker's (a
+bundle with reranker/): --env SHOPGUIDE_RERANK_TOP_N=0 --compare-env SHOPGUIDE_RERANK_TOP_N=20 --repeats 3.
 
 Without --bundle, one is built from the shipped data (the base MiniLM at 0 training steps on the whole catalog, the
 steps of tests/integration/conftest.py; ~5-10 min on 2 cores). A snapshot's simulated event log is materialized into
