@@ -113,18 +113,23 @@ def main() -> None:
         help="comma-separated training recipes to compare instead of the one-teacher run: full, lora, "
         "full+augment, lora+augment",
     )
+    parser.add_argument(
+        "--served-only",
+        action="store_true",
+        help="skip the PyTorch fp32 rows (base model, fine-tuned teacher, its category head, TF-IDF): BM25 and the "
+        "served bundle only (with rerank.enabled: without and with the reranker)",
+    )
     args = parser.parse_args()
 
-    import numpy as np
     import yaml
 
     from pipelines.compression.export import build_product_index, export_bundle, export_reranker, reranker_parity_pairs
     from pipelines.config import load_config
     from pipelines.data.dataset import Snapshot, snapshot_data
-    from pipelines.evaluation.evaluate import bm25_run, category_baseline, embedding_run, evaluate_bundle, heldout_qrels
+    from pipelines.evaluation.evaluate import bm25_run, evaluate_bundle, heldout_qrels
     from pipelines.evaluation.fusion import build_lexical_index
     from pipelines.evaluation.out_of_domain import bundle_encoders, out_of_domain_task, score_out_of_domain
-    from pipelines.training.finetune import finetune_encoder, load_encoder, load_finetuned, unit_vectors
+    from pipelines.training.finetune import finetune_encoder
     from pipelines.training.reranker import train_reranker
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -162,13 +167,8 @@ def main() -> None:
     result["retrieval"]["bm25_stemmed"] = _retrieval(qrels, bm25_run(catalog, terms, k, stem=True))
     result["seconds"]["bm25"] = round(time.perf_counter() - t0, 1)
 
-    t0 = time.perf_counter()
-    base = load_encoder(cfg.train.base_model, cfg.train.max_seq_length)
-    run, _, _ = embedding_run(unit_vectors(base), catalog, terms, k)
-    result["retrieval"]["base_fp32"] = _retrieval(qrels, run)
-    result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
-    out_of_domain("base_fp32", unit_vectors(base))
-    del base
+    if not args.served_only:
+        base_row(cfg, catalog, qrels, terms, k, result, out_of_domain)
 
     if args.methods:
         compare_methods(args.methods.split(","), cfg, snap, qrels, terms, work, result, out_of_domain)
@@ -183,26 +183,8 @@ def main() -> None:
     result["seconds"]["finetune"] = round(time.perf_counter() - t0, 1)
     result["training"] = {k2: v for k2, v in trained.items() if k2 not in {"loss_history", "model_dir"}}
 
-    t0 = time.perf_counter()
-    model, head, labels = load_finetuned(trained["model_dir"], cfg.train.max_seq_length)
-    run, _, _ = embedding_run(unit_vectors(model), catalog, terms, k)
-    result["retrieval"]["finetuned_fp32"] = _retrieval(qrels, run)
-    offers_test = snap.table("offers_test")
-    import torch
-
-    with torch.no_grad():
-        emb = torch.from_numpy(unit_vectors(model)(offers_test["offer_title"].astype(str).tolist()))
-        predicted = np.asarray(labels)[head(emb).argmax(1).numpy()]
-    from sklearn.metrics import accuracy_score, f1_score
-
-    truth = offers_test["category_label"].astype(str).to_numpy()
-    result["category"]["finetuned_head_fp32"] = {
-        "category_accuracy": float(accuracy_score(truth, predicted)),
-        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
-    }
-    result["seconds"]["finetuned_eval"] = round(time.perf_counter() - t0, 1)
-    out_of_domain("finetuned_fp32", unit_vectors(model))
-    result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
+    if not args.served_only:
+        teacher_rows(trained["model_dir"], cfg, snap, qrels, terms, k, result, out_of_domain)
 
     t0 = time.perf_counter()
     exported = export_bundle(trained["model_dir"], snap.path, work / "bundle", cfg)
@@ -270,6 +252,50 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def base_row(cfg, catalog, qrels, terms, k, result: dict, out_of_domain) -> None:
+    """The base model in PyTorch fp32 over the whole catalog (and out of domain)."""
+    from pipelines.evaluation.evaluate import embedding_run
+    from pipelines.training.finetune import load_encoder, unit_vectors
+
+    t0 = time.perf_counter()
+    base = load_encoder(cfg.train.base_model, cfg.train.max_seq_length)
+    run, _, _ = embedding_run(unit_vectors(base), catalog, terms, k)
+    result["retrieval"]["base_fp32"] = _retrieval(qrels, run)
+    result["seconds"]["base_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain("base_fp32", unit_vectors(base))
+    del base
+
+
+def teacher_rows(model_dir, cfg, snap, qrels, terms, k, result: dict, out_of_domain) -> None:
+    """The fine-tuned teacher in PyTorch fp32: retrieval, its category head, out of domain; the TF-IDF baseline."""
+    import numpy as np
+
+    from pipelines.evaluation.evaluate import category_baseline, embedding_run
+    from pipelines.training.finetune import load_finetuned, unit_vectors
+
+    catalog = snap.table("catalog")
+    t0 = time.perf_counter()
+    model, head, labels = load_finetuned(model_dir, cfg.train.max_seq_length)
+    run, _, _ = embedding_run(unit_vectors(model), catalog, terms, k)
+    result["retrieval"]["finetuned_fp32"] = _retrieval(qrels, run)
+    offers_test = snap.table("offers_test")
+    import torch
+
+    with torch.no_grad():
+        emb = torch.from_numpy(unit_vectors(model)(offers_test["offer_title"].astype(str).tolist()))
+        predicted = np.asarray(labels)[head(emb).argmax(1).numpy()]
+    from sklearn.metrics import accuracy_score, f1_score
+
+    truth = offers_test["category_label"].astype(str).to_numpy()
+    result["category"]["finetuned_head_fp32"] = {
+        "category_accuracy": float(accuracy_score(truth, predicted)),
+        "category_macro_f1": float(f1_score(truth, predicted, average="macro")),
+    }
+    result["seconds"]["finetuned_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain("finetuned_fp32", unit_vectors(model))
+    result["category"]["tfidf_logreg"] = category_baseline(snap.table("offers_train"), offers_test)
 
 
 def _print_methods(result: dict) -> None:
