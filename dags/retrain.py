@@ -39,6 +39,14 @@ PARAMS = {
         "Asset's runs do: at least retrain.min_new_feedback answers with feedback, a drift or vocabulary-miss alarm "
         "of the monitor, or a judgments file. Off: a manual run always trains.",
     ),
+    "judged_at_launch": Param(
+        None,
+        type=["null", "number"],
+        minimum=0,
+        maximum=1,
+        description="Share of the training terms whose judgments the snapshot keeps (a young shop's first model); "
+        "the others reach training only through the logged feedback. Empty = the profile's value (1.0: all).",
+    ),
     "max_steps": Param(
         None,
         type=["null", "integer"],

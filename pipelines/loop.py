@@ -251,9 +251,14 @@ class LoopPlan:
     profile: str = "default"
     cycles: int = 2
     users: int | None = None
+    # users of cycle n (cycle_users[n - 1]) instead of `users`: bench/feedback_curve.py adds traffic in steps
+    cycle_users: tuple[int, ...] = ()
     minutes: float | None = None
     seed: int | None = None
     think_seconds: float | None = None
+    sessions_per_user: int | None = None  # each simulated user stops after this many sessions (an exact volume)
+    # the snapshot's data.judged_at_launch (the retrain Param of that name; the simulator counts click-only searches)
+    judged_at_launch: float | None = None
     # the schedule's rule: train only on enough new feedback (retrain.min_new_feedback), else the cycle is "skipped"
     only_with_new_data: bool = True
     port: int = 8000
@@ -264,13 +269,31 @@ class LoopPlan:
     # more of the retrain DAG's Params (its trigger form), e.g. {"max_regression": 0.05}; Airflow validates them
     retrain_params: Mapping[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.cycle_users and len(self.cycle_users) != self.cycles:
+            raise ValueError(f"cycle_users has {len(self.cycle_users)} values for {self.cycles} cycles")
+
     def retrain_conf(self) -> dict[str, Any]:
-        return {**self.retrain_params, "profile": self.profile, "only_with_new_data": self.only_with_new_data}
+        launch = {"judged_at_launch": self.judged_at_launch} if self.judged_at_launch is not None else {}
+        return {
+            **self.retrain_params,
+            **launch,
+            "profile": self.profile,
+            "only_with_new_data": self.only_with_new_data,
+        }
 
     def config(self, cycle: int = 1) -> ShopguideConfig:
-        """The profile with this plan's simulate overrides and cycle `cycle`'s seed."""
-        flags = {"users": self.users, "minutes": self.minutes, "think_seconds": self.think_seconds}
+        """The profile with this plan's simulate overrides and cycle `cycle`'s users and seed."""
+        users = self.cycle_users[cycle - 1] if self.cycle_users else self.users
+        flags = {
+            "users": users,
+            "minutes": self.minutes,
+            "think_seconds": self.think_seconds,
+            "sessions_per_user": self.sessions_per_user,
+        }
         overrides: dict[str, Any] = {f"simulate.{k}": v for k, v in flags.items() if v is not None}
+        if self.judged_at_launch is not None:
+            overrides["data.judged_at_launch"] = self.judged_at_launch
         seed = self.seed if self.seed is not None else load_config(self.profile).simulate.seed
         overrides["simulate.seed"] = seed + cycle - 1
         return load_config(self.profile, overrides)

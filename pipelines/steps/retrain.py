@@ -30,6 +30,7 @@ HELDOUT = "heldout"
 # DAG Params that may override the config, and where they land (everything else comes from configs/<profile>.yaml).
 PARAM_FIELDS = {
     "judgments_path": "data.judgments_path",
+    "judged_at_launch": "data.judged_at_launch",
     "max_steps": "train.max_steps",
     "feedback_weight": "train.feedback_weight",
     "auto_promote": "registry.auto_promote",
