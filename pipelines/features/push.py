@@ -3,6 +3,8 @@ view's PushSource (online only, see feature_repo/definitions.py)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,6 +23,12 @@ from pipelines.features.store import (
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+
+# Feast's SQLite online store writes through ONE connection per store object, shared by every thread (its
+# `with conn:` transactions), so two pushes at once broke each other: "cannot start a transaction within a
+# transaction", "database is locked", a SystemError (~6% of pushes at 8 threads). SQLite takes one writer at a time
+# anyway, so this process's pushes to it go one by one; Redis' client is a thread-safe pool and keeps its concurrency.
+_SQLITE_PUSHES = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -88,4 +96,5 @@ def push_user_rows(store: FeatureStore, rows: Mapping[int, Mapping[str, Any]], a
     )
     frame = frame.astype({c: "int64" for c in ("user_id", *USER_COLUMNS[:-1])})
     frame["event_timestamp"] = pd.to_datetime(frame["event_timestamp"], utc=True)
-    store.push(USER_PUSH_SOURCE, frame, to=PushMode.ONLINE)
+    with _SQLITE_PUSHES if store.config.online_store.type == "sqlite" else contextlib.nullcontext():
+        store.push(USER_PUSH_SOURCE, frame, to=PushMode.ONLINE)
