@@ -205,3 +205,23 @@ def test_the_retrain_runs_with_the_plans_params_and_the_loops_rule() -> None:
     plan = LoopPlan(profile="tiny", retrain_params={"max_regression": 0.05, "profile": "default"})
     assert plan.retrain_conf() == {"max_regression": 0.05, "profile": "tiny", "only_with_new_data": True}
     assert LoopPlan(only_with_new_data=False).retrain_conf() == {"profile": "default", "only_with_new_data": False}
+
+
+def test_a_plan_can_add_other_users_each_cycle_from_a_launch_share() -> None:
+    """bench/feedback_curve.py's plan: cycle n plays cycle_users[n - 1] users, each for a fixed number of sessions,
+    and the snapshot and the simulator see the same judged_at_launch (the retrain Param of that name)."""
+    plan = LoopPlan(profile="tiny", cycles=3, cycle_users=(50, 150, 600), sessions_per_user=2, judged_at_launch=0.3)
+    sims = [plan.config(n).simulate for n in (1, 2, 3)]
+    assert [s.users for s in sims] == [50, 150, 600] and {s.sessions_per_user for s in sims} == {2}
+    assert plan.config(2).data.judged_at_launch == 0.3 and plan.retrain_conf()["judged_at_launch"] == 0.3
+    assert LoopPlan(profile="tiny").config(1).data.judged_at_launch == 1.0
+    assert "judged_at_launch" not in LoopPlan(profile="tiny").retrain_conf()
+    with pytest.raises(ValueError, match="3 values for 2 cycles"):
+        LoopPlan(cycles=2, cycle_users=(1, 2, 3))
+
+
+def test_the_judged_at_launch_param_reaches_the_snapshots_config() -> None:
+    from pipelines.steps.retrain import config_from_params
+
+    assert config_from_params({"profile": "tiny", "judged_at_launch": 0.3}).data.judged_at_launch == 0.3
+    assert config_from_params({"profile": "tiny", "judged_at_launch": None}).data.judged_at_launch == 1.0
