@@ -20,9 +20,10 @@ Servers:
                  catalog matrix: what a first, unoptimised service looks like
 
 With --compare-env SHOPGUIDE_X=V (and --repeats N), the shopguide service is also run with those settings,
-alternating with the plain one N times each; each entry holds the medians and the runs, `compare` the ratios. The
-request log's cost, for example: --compare-env SHOPGUIDE_REQUEST_LOG_ENABLED=false --repeats 3; the reranker's (a
-bundle with reranker/): --env SHOPGUIDE_RERANK_TOP_N=0 --compare-env SHOPGUIDE_RERANK_TOP_N=20 --repeats 3.
+alternating with the plain one N times each (ABBA: each repeat reverses the order); each entry holds the medians and
+the runs, `compare` the ratios. The request log's cost, for example: --compare-env SHOPGUIDE_REQUEST_LOG_ENABLED=false
+--repeats 3; the reranker's (a bundle with reranker/): --env SHOPGUIDE_RERANK_TOP_N=0 --compare-env
+SHOPGUIDE_RERANK_TOP_N=20 --repeats 3.
 
 Without --bundle, one is built from the shipped data (the base MiniLM at 0 training steps on the whole catalog, the
 steps of tests/integration/conftest.py; ~5-10 min on 2 cores). A snapshot's simulated event log is materialized into
@@ -500,9 +501,13 @@ def main() -> None:
                 **dict(e.split("=", 1) for e in args.compare_env),
             }
         runs: dict[str, list[dict]] = {name: [] for name in variants}
-        for _ in range(args.repeats):  # alternating, so that drift in the machine's load hits both alike
-            for name, extra in variants.items():
+        # alternating, in ABBA order (each repeat reverses the last), so that a drift in the machine's load hits
+        # both alike instead of always favouring the variant that runs second
+        order = list(variants.items())
+        for _ in range(args.repeats):
+            for name, extra in order:
                 runs[name].append(bench_shopguide(bundle, env, extra, terms, users, work, args))
+            order.reverse()
         for name, entries in runs.items():
             result["servers"][name] = median_entry(entries)
         if args.compare_env:
