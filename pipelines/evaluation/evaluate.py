@@ -188,13 +188,18 @@ def error_sample(
     return out
 
 
+def titles_by_id(index: ProductIndex) -> dict[str, str]:
+    """The index's titles keyed by product id as a run names them (str)."""
+    return dict(zip(map(str, index.product_ids), map(str, index.titles), strict=True))
+
+
 def reranked_run(
-    reranker: CrossEncoderReranker, index: ProductIndex, run: dict[str, dict[str, float]], top_n: int
+    reranker: CrossEncoderReranker, titles: dict[str, str], run: dict[str, dict[str, float]], top_n: int
 ) -> dict[str, dict[str, float]]:
     """Each term's ranked list (a run's dicts are best first) with its first top_n reordered by the reranker, one
-    ORT run per term as the service does. Scores are the new ranks (list length down to 1): the reranked head and
-    the fused tail are on different scales, and ir-measures ranks by score."""
-    titles = dict(zip(map(str, index.product_ids), map(str, index.titles), strict=True))
+    ORT run per term as the service does; `titles`: titles_by_id of the run's index. Scores are the new ranks (list
+    length down to 1): the reranked head and the fused tail are on different scales, and ir-measures ranks by
+    score."""
     out: dict[str, dict[str, float]] = {}
     for term, docs in run.items():
         ids = list(docs)
@@ -207,7 +212,7 @@ def reranked_run(
 
 def rerank_report(
     reranker: CrossEncoderReranker,
-    index: ProductIndex,
+    titles: dict[str, str],
     qrels: dict[str, dict[str, int]],
     run: dict[str, dict[str, float]],
     latency_queries: int,
@@ -215,12 +220,11 @@ def rerank_report(
     """The held-out figures without and with the bundle's reranker at the depth it was measured for (its top_n),
     on the same hybrid run: nDCG@10, MRR@10, Judged@10 and nDCG'@10, and the latency of scoring one term's top_n."""
     top_n = reranker.measured_top_n
-    reranked = reranked_run(reranker, index, qrels_terms_run(qrels, run), top_n)
+    reranked = reranked_run(reranker, titles, qrels_terms_run(qrels, run), top_n)
     out: dict[str, Any] = {"rerank_top_n": top_n, "rerank_served_top_n": reranker.top_n}
     for name, r in (("unreranked", run), ("reranked", reranked)):
         figures = {**ir_metrics(qrels, r), **judgment_coverage(qrels, r)}
         out |= {f"{name}_{k}": v for k, v in figures.items() if k != "recall_at_100"}
-    titles = dict(zip(map(str, index.product_ids), map(str, index.titles), strict=True))
     terms = [t for t in sorted(run) if run[t]][:latency_queries]
     out |= reranker.latency_ms(terms, [[titles[d] for d in run[t]] for t in terms], top_n)
     return out
@@ -261,9 +265,10 @@ def evaluate_bundle(
     run = run_from_lists(index, terms, dense, lex, lexical.weight if lexical else 0.0, cfg.retrieve_k)
     reranker = CrossEncoderReranker.load(bundle)
     if reranker is not None:  # with and without, same run; the figures below are of what the version serves
-        report.update(rerank_report(reranker, index, qrels, run, cfg.latency_queries))
+        titles = titles_by_id(index)  # once: the catalog's titles, for both reranked runs and the latency
+        report.update(rerank_report(reranker, titles, qrels, run, cfg.latency_queries))
         if reranker.top_n:
-            run = reranked_run(reranker, index, run, reranker.top_n)
+            run = reranked_run(reranker, titles, run, reranker.top_n)
     report.update(ir_metrics(qrels, run))
     report.update(judgment_coverage(qrels, run))
     if lexical is not None:  # what the fusion adds over the dense ranking alone, same graph, same run
@@ -284,8 +289,7 @@ def evaluate_bundle(
     report.update(extra or {})
     (bundle / REPORT_FILE).write_text(json.dumps(report, indent=2))
     (bundle / PER_QUERY_FILE).write_text(json.dumps({"ndcg_at_10": per_query_ndcg(qrels, run)}, indent=0))
-    titles = dict(zip(map(str, index.product_ids), index.titles, strict=True))
-    (bundle / ERRORS_FILE).write_text(json.dumps(error_sample(qrels, run, titles), indent=2))
+    (bundle / ERRORS_FILE).write_text(json.dumps(error_sample(qrels, run, titles_by_id(index)), indent=2))
     return report
 
 
