@@ -10,8 +10,8 @@ Out of domain (pipelines/evaluation/out_of_domain.py, what gate.max_out_of_domai
 offer titles -> their canonical titles, nDCG@10 and Recall@10 of the base model, the fine-tuned teacher and the served
 INT8 bundle on the same queries; the fine-tuning is on Home Depot only unless the profile mixes PriceRunner in.
 --methods trains one teacher per recipe (train.method full | lora, +augment = train.augment.enabled), each in a fresh
-process (its peak RSS is the training's own), and scores each teacher's held-out and out-of-domain nDCG@10 beside the
-base model; no export, compression or served bundle in that mode.
+process (its peak RSS is the training's own), scores each teacher's held-out and out-of-domain nDCG@10 beside the
+base model, then exports it as the served INT8 bundle (dense: its share of the teacher; hybrid: as served).
 With --set rerank.enabled=true the served bundle also gets the cross-encoder reranker (pipelines/training/reranker.py,
 trained from the base model's weights): the served hybrid row is then the same run without and with its top
 rerank.top_n reordered (nDCG@10, MRR@10, Judged@10, nDCG'@10), and `reranker` holds its training, parity and latency.
@@ -84,15 +84,24 @@ def compare_methods(methods: list[str], cfg, snap, qrels, terms, work: Path, res
         result["retrieval"][name] = _retrieval(qrels, run)
         result["seconds"][f"{name}_eval"] = round(time.perf_counter() - t0, 1)
         out_of_domain(name, unit_vectors(model))
+        del model
+        served = served_rows(
+            trained["model_dir"], cfg, snap, work / f"bundle-{method}", f"served_{method}", result, out_of_domain
+        )
         keep = ("finetune_seconds", "train_seconds", "peak_rss_mb", "trainable_parameters", "total_parameters")
         result["methods"][method] = {key: trained.get(key) for key in keep} | {
             "ndcg_at_10": result["retrieval"][name]["ndcg_at_10"],
             "ood_ndcg_at_10": result["out_of_domain"].get(name, {}).get("ndcg_at_10"),
             "val_ndcg_at_10": trained.get("val_ndcg_at_10"),
+            # the served INT8 bundle of this teacher: dense alone (its share of the teacher) and as served (hybrid)
+            "served_dense_ndcg_at_10": served.get("dense_ndcg_at_10", served["ndcg_at_10"]),
+            "served_share_of_teacher": served.get("dense_ndcg_at_10", served["ndcg_at_10"])
+            / result["retrieval"][name]["ndcg_at_10"],
+            "served_ndcg_at_10": served.get("unreranked_ndcg_at_10", served["ndcg_at_10"]),
+            "served_ood_ndcg_at_10": result["out_of_domain"].get(f"served_{method}", {}).get("ndcg_at_10"),
             "training": {k2: v for k2, v in trained.items() if k2 not in {"loss_history", "model_dir"}},
         }
         print(f"{method}: {json.dumps({k2: v for k2, v in result['methods'][method].items() if k2 != 'training'})}")
-        del model
 
 
 def main() -> None:
@@ -123,14 +132,11 @@ def main() -> None:
 
     import yaml
 
-    from pipelines.compression.export import build_product_index, export_bundle, export_reranker, reranker_parity_pairs
     from pipelines.config import load_config
     from pipelines.data.dataset import Snapshot, snapshot_data
-    from pipelines.evaluation.evaluate import bm25_run, evaluate_bundle, heldout_qrels
-    from pipelines.evaluation.fusion import build_lexical_index
-    from pipelines.evaluation.out_of_domain import bundle_encoders, out_of_domain_task, score_out_of_domain
+    from pipelines.evaluation.evaluate import bm25_run, heldout_qrels
+    from pipelines.evaluation.out_of_domain import out_of_domain_task, score_out_of_domain
     from pipelines.training.finetune import finetune_encoder
-    from pipelines.training.reranker import train_reranker
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     cfg = load_config(args.profile, overrides)
@@ -186,44 +192,7 @@ def main() -> None:
     if not args.served_only:
         teacher_rows(trained["model_dir"], cfg, snap, qrels, terms, k, result, out_of_domain)
 
-    t0 = time.perf_counter()
-    exported = export_bundle(trained["model_dir"], snap.path, work / "bundle", cfg)
-    build_product_index(work / "bundle", snap.path)
-    result["hybrid"] = build_lexical_index(work / "bundle", snap.path, cfg.search, cfg.evaluate)
-    if cfg.rerank.enabled:  # the reranker in the same bundle: evaluate_bundle reports without and with it
-        t1 = time.perf_counter()
-        reranker = train_reranker(
-            snap.path,
-            work / "reranker",
-            cfg.rerank,
-            cfg.train.base_model,
-            cfg.train.mined_negative_ranks,
-            cfg.train.seed,
-        )
-        result["seconds"]["rerank_train"] = round(time.perf_counter() - t1, 1)
-        pairs = reranker_parity_pairs(snap, cfg.rerank.parity_pairs)
-        result["reranker"] = reranker | export_reranker(reranker["reranker_dir"], work / "bundle", pairs, cfg)
-        result["seconds"]["rerank_train_export"] = round(time.perf_counter() - t1, 1)
-    served = evaluate_bundle(
-        work / "bundle",
-        snap.path,
-        cfg.evaluate.model_copy(update={"max_category_offers": None}),
-        exported["parity"]["cosine_min"],
-    )
-    served_name = "served_int8_hybrid" if result["hybrid"]["lexical"] else "served_int8"
-    if "dense_ndcg_at_10" in served:
-        result["retrieval"]["served_int8_dense"] = {"ndcg_at_10": served["dense_ndcg_at_10"]}
-    figures = ("ndcg_at_10", "mrr_at_10", "recall_at_100", "judged_at_10", "condensed_ndcg_at_10")
-    # with a reranker: the same hybrid run without it and with its top N reordered (Recall@100: the same 100)
-    result["retrieval"][served_name] = {m: served.get(f"unreranked_{m}", served[m]) for m in figures}
-    if "rerank_top_n" in served:
-        result["retrieval"][f"{served_name}_reranked_top{served['rerank_top_n']}"] = {
-            m: served.get(f"reranked_{m}", served[m]) for m in figures
-        }
-        result["reranker"] |= {k: v for k, v in served.items() if k.startswith("rerank_")}
-    result["category"]["served_int8"] = {m: served[m] for m in ("category_accuracy",) if m in served}
-    result["seconds"]["export_index_eval"] = round(time.perf_counter() - t0, 1)
-    out_of_domain("served_int8", *bundle_encoders(work / "bundle", cfg.evaluate.batch_size))
+    served_rows(trained["model_dir"], cfg, snap, work / "bundle", "served_int8", result, out_of_domain)
 
     print(f"\nprofile {cfg.profile} {overrides or ''}: {len(terms)} held-out terms x {len(catalog)} products")
     print(
@@ -252,6 +221,58 @@ def main() -> None:
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
+
+
+def served_rows(model_dir, cfg, snap, bundle: Path, prefix: str, result: dict, out_of_domain) -> dict:
+    """The teacher exported as the served INT8 bundle (ONNX, graph optimization, INT8, product index, BM25 fusion;
+    with rerank.enabled the cross-encoder too), scored as served: the dense and hybrid rows under `prefix`, with and
+    without the reranker, and out of domain. Returns evaluate_bundle's report."""
+    from pipelines.compression.export import build_product_index, export_bundle, export_reranker, reranker_parity_pairs
+    from pipelines.evaluation.evaluate import evaluate_bundle
+    from pipelines.evaluation.fusion import build_lexical_index
+    from pipelines.evaluation.out_of_domain import bundle_encoders
+    from pipelines.training.reranker import train_reranker
+
+    t0 = time.perf_counter()
+    exported = export_bundle(model_dir, snap.path, bundle, cfg)
+    build_product_index(bundle, snap.path)
+    result.setdefault("hybrid", {})[prefix] = build_lexical_index(bundle, snap.path, cfg.search, cfg.evaluate)
+    if cfg.rerank.enabled:  # the reranker in the same bundle: evaluate_bundle reports without and with it
+        t1 = time.perf_counter()
+        if "reranker_training" not in result:  # trained once from the base model's weights, whatever the encoder
+            result["reranker_training"] = train_reranker(
+                snap.path,
+                bundle.parent / "reranker",
+                cfg.rerank,
+                cfg.train.base_model,
+                cfg.train.mined_negative_ranks,
+                cfg.train.seed,
+            )
+            result["seconds"]["rerank_train"] = round(time.perf_counter() - t1, 1)
+        pairs = reranker_parity_pairs(snap, cfg.rerank.parity_pairs)
+        reranker_dir = result["reranker_training"]["reranker_dir"]
+        result.setdefault("reranker", {})[prefix] = export_reranker(reranker_dir, bundle, pairs, cfg)
+    served = evaluate_bundle(
+        bundle,
+        snap.path,
+        cfg.evaluate.model_copy(update={"max_category_offers": None}),
+        exported["parity"]["cosine_min"],
+    )
+    if "dense_ndcg_at_10" in served:
+        result["retrieval"][f"{prefix}_dense"] = {"ndcg_at_10": served["dense_ndcg_at_10"]}
+    name = f"{prefix}_hybrid" if result["hybrid"][prefix]["lexical"] else prefix
+    figures = ("ndcg_at_10", "mrr_at_10", "recall_at_100", "judged_at_10", "condensed_ndcg_at_10")
+    # with a reranker: the same hybrid run without it and with its top N reordered (Recall@100: the same 100)
+    result["retrieval"][name] = {m: served.get(f"unreranked_{m}", served[m]) for m in figures}
+    if "rerank_top_n" in served:
+        result["retrieval"][f"{name}_reranked_top{served['rerank_top_n']}"] = {
+            m: served.get(f"reranked_{m}", served[m]) for m in figures
+        }
+        result["reranker"][prefix] |= {k: v for k, v in served.items() if k.startswith("rerank_")}
+    result["category"][prefix] = {m: served[m] for m in ("category_accuracy",) if m in served}
+    result["seconds"][f"{prefix}_export_index_eval"] = round(time.perf_counter() - t0, 1)
+    out_of_domain(prefix, *bundle_encoders(bundle, cfg.evaluate.batch_size))
+    return served
 
 
 def base_row(cfg, catalog, qrels, terms, k, result: dict, out_of_domain) -> None:
@@ -303,7 +324,7 @@ def _print_methods(result: dict) -> None:
     print(f"\n{result['heldout_terms']} held-out terms x {result['catalog']} products; base nDCG@10 {base:.4f}")
     print(
         f"{'method':<14} {'nDCG@10':>8} {'val':>7} {'OOD':>7} {'OOD-base':>8} {'train s':>8} {'finetune s':>10} "
-        f"{'trainable':>11} {'of total':>8} {'peak RSS MB':>11}"
+        f"{'trainable':>11} {'of total':>8} {'peak RSS MB':>11} {'served':>7} {'share':>6} {'hybrid':>7}"
     )
     for name, m in result["methods"].items():
         ood = m["ood_ndcg_at_10"]
@@ -312,7 +333,8 @@ def _print_methods(result: dict) -> None:
             f"{ood if ood is not None else float('nan'):>7.4f} "
             f"{(ood - ood_base['ndcg_at_10']) if ood is not None and ood_base else float('nan'):>+8.4f} "
             f"{m['train_seconds']:>8.1f} {m['finetune_seconds']:>10.1f} {m['trainable_parameters']:>11,} "
-            f"{m['trainable_parameters'] / m['total_parameters']:>8.2%} {m['peak_rss_mb']:>11.0f}"
+            f"{m['trainable_parameters'] / m['total_parameters']:>8.2%} {m['peak_rss_mb']:>11.0f} "
+            f"{m['served_dense_ndcg_at_10']:>7.4f} {m['served_share_of_teacher']:>6.1%} {m['served_ndcg_at_10']:>7.4f}"
         )
 
 
