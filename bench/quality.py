@@ -102,6 +102,19 @@ def compare_methods(methods: list[str], cfg, snap, qrels, terms, work: Path, res
             "training": {k2: v for k2, v in trained.items() if k2 not in {"loss_history", "model_dir"}},
         }
         print(f"{method}: {json.dumps({k2: v for k2, v in result['methods'][method].items() if k2 != 'training'})}")
+    paired_vs_first(methods, work, result)
+
+
+def paired_vs_first(methods: list[str], work: Path, result: dict) -> None:
+    """Each recipe's served hybrid nDCG@10 against the first recipe's, paired on the same held-out terms: the mean
+    difference and its bootstrap 95% interval (what the promotion gate reads), so a gap is read against its noise."""
+    from pipelines.evaluation.evaluate import read_per_query
+    from pipelines.evaluation.paired import paired_bootstrap
+
+    first = read_per_query(work / f"bundle-{methods[0]}")
+    for method in methods[1:]:
+        paired = paired_bootstrap(read_per_query(work / f"bundle-{method}"), first)
+        result["methods"][method][f"served_vs_{methods[0]}"] = paired.to_dict()
 
 
 def main() -> None:
@@ -336,6 +349,10 @@ def _print_methods(result: dict) -> None:
             f"{m['trainable_parameters'] / m['total_parameters']:>8.2%} {m['peak_rss_mb']:>11.0f} "
             f"{m['served_dense_ndcg_at_10']:>7.4f} {m['served_share_of_teacher']:>6.1%} {m['served_ndcg_at_10']:>7.4f}"
         )
+    for name, m in result["methods"].items():
+        for key, p in m.items():
+            if key.startswith("served_vs_"):
+                print(f"{name} {key}: {p['mean_difference']:+.4f} [{p['low']:+.4f}, {p['high']:+.4f}] (hybrid nDCG@10)")
 
 
 if __name__ == "__main__":
