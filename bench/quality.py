@@ -11,7 +11,8 @@ offer titles -> their canonical titles, nDCG@10 and Recall@10 of the base model,
 INT8 bundle on the same queries; the fine-tuning is on Home Depot only unless the profile mixes PriceRunner in.
 --methods trains one teacher per recipe (train.method full | lora, +augment = train.augment.enabled), each in a fresh
 process (its peak RSS is the training's own), scores each teacher's held-out and out-of-domain nDCG@10 beside the
-base model, then exports it as the served INT8 bundle (dense: its share of the teacher; hybrid: as served).
+base model, then exports it as the served INT8 bundle (dense: its share of the teacher; hybrid: as served), and pairs
+each recipe's served hybrid nDCG@10 with the first recipe's on the same terms (bootstrap 95% interval).
 With --set rerank.enabled=true the served bundle also gets the cross-encoder reranker (pipelines/training/reranker.py,
 trained from the base model's weights): the served hybrid row is then the same run without and with its top
 rerank.top_n reordered (nDCG@10, MRR@10, Judged@10, nDCG'@10), and `reranker` holds its training, parity and latency.
@@ -190,6 +191,11 @@ def main() -> None:
         base_row(cfg, catalog, qrels, terms, k, result, out_of_domain)
 
     if args.methods:
+        if not args.served_only:  # the category baseline the README's table quotes beside the served bundles
+            from pipelines.evaluation.evaluate import category_baseline
+
+            offers = snap.table("offers_train"), snap.table("offers_test")
+            result["category"]["tfidf_logreg"] = category_baseline(*offers)
         compare_methods(args.methods.split(","), cfg, snap, qrels, terms, work, result, out_of_domain)
         _print_methods(result)
         print(json.dumps(result, indent=2))
@@ -349,6 +355,7 @@ def _print_methods(result: dict) -> None:
             f"{m['trainable_parameters'] / m['total_parameters']:>8.2%} {m['peak_rss_mb']:>11.0f} "
             f"{m['served_dense_ndcg_at_10']:>7.4f} {m['served_share_of_teacher']:>6.1%} {m['served_ndcg_at_10']:>7.4f}"
         )
+    print("category accuracy: " + ", ".join(f"{n} {m['category_accuracy']:.4f}" for n, m in result["category"].items()))
     for name, m in result["methods"].items():
         for key, p in m.items():
             if key.startswith("served_vs_"):
